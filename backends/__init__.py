@@ -1,0 +1,1 @@
+"""Compute backends (PyTorch, MLX). Each lives in its own subpackage; none imports another."""

@@ -1,0 +1,26 @@
+"""nf4core: the backend-neutral executable specification of the NF4 format (numpy only).
+
+The format is bitsandbytes' 4-bit NormalFloat with optional double quantization, bit for bit.
+"""
+
+from .codebooks import (
+    DYNAMIC_MAP_SIGNED,
+    NF4_CODE,
+    dynamic_map_from_definition,
+    nf4_code_from_normal_quantiles,
+)
+from .errors import NF4FormatError
+from .tensor import FORMAT_VERSION, DoubleQuantAbsmax, NF4Tensor, dequantize, quantize
+
+__all__ = [
+    "DYNAMIC_MAP_SIGNED",
+    "FORMAT_VERSION",
+    "NF4_CODE",
+    "DoubleQuantAbsmax",
+    "NF4FormatError",
+    "NF4Tensor",
+    "dequantize",
+    "dynamic_map_from_definition",
+    "nf4_code_from_normal_quantiles",
+    "quantize",
+]

@@ -1,0 +1,5 @@
+"""Errors raised for malformed inputs and files."""
+
+
+class NF4FormatError(ValueError):
+    """A quantized state dict or file does not follow the bitsandbytes NF4 layout."""
