@@ -10,16 +10,20 @@ from .codebooks import (
     nf4_code_from_normal_quantiles,
 )
 from .errors import NF4FormatError
+from .lora_init import lora_init
+from .model_config import ModelConfig
 from .tensor import FORMAT_VERSION, DoubleQuantAbsmax, NF4Tensor, dequantize, quantize
 
 __all__ = [
     "DYNAMIC_MAP_SIGNED",
     "FORMAT_VERSION",
+    "ModelConfig",
     "NF4_CODE",
     "DoubleQuantAbsmax",
     "NF4FormatError",
     "NF4Tensor",
     "dequantize",
+    "lora_init",
     "dynamic_map_from_definition",
     "nf4_code_from_normal_quantiles",
     "quantize",

@@ -1,0 +1,89 @@
+"""`ModelConfig`: the architecture of a Llama-family model, whatever file it came from."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+CONFIG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters of a Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM, TinyLlama).
+
+    Field names follow Hugging Face's config.json. `attention_bias` is True for Qwen2 (q/k/v biases).
+    """
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # e.g. {"rope_type": "llama3", "factor": 8.0, ...}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    extra: dict = field(default_factory=dict)  # config.json keys we keep but do not use
+    config_version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"architecture {self.architecture!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads"):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must divide by num_attention_heads when head_dim is unset")
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf_config(cls, config: dict) -> "ModelConfig":
+        """From a Hugging Face config.json dict; ValueError names an unsupported model_type."""
+        model_type = config.get("model_type")
+        if model_type not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"model_type {model_type!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        known = {f for f in cls.__dataclass_fields__ if f not in ("architecture", "extra")}
+        values = {k: config[k] for k in known if k in config and config[k] is not None}
+        values.setdefault("num_key_value_heads", config.get("num_attention_heads"))
+        if model_type == "qwen2":
+            values["attention_bias"] = True
+        extra = {k: v for k, v in config.items() if k not in known and k != "model_type"}
+        return cls(architecture=model_type, extra=extra, **values)
+
+    def to_hf_config(self) -> dict:
+        """A config.json dict that transformers reads back to the same model."""
+        config = {**self.extra, **asdict(self)}
+        for internal in ("extra", "architecture", "config_version"):
+            config.pop(internal)
+        if config["head_dim"] is None:
+            config["head_dim"] = self.resolved_head_dim
+        if self.architecture == "qwen2":
+            config.pop("attention_bias")
+        arch_class = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                      "qwen2": "Qwen2ForCausalLM"}[self.architecture]  # fmt: skip
+        config.update(model_type=self.architecture, architectures=[arch_class])
+        return config
