@@ -1,0 +1,53 @@
+"""Which implementation an op uses, decided per call: the Triton kernels or the torch reference.
+
+`auto` (default) takes the kernels for CUDA tensors when triton is importable. The environment
+variable NF4_QLORA_KERNELS (auto | reference | triton) or the `force_path` context manager overrides
+it; `triton` on CPU tensors needs TRITON_INTERPRET=1 (the interpreter runs the kernel source).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from typing import Iterator
+
+import torch
+
+PATHS = ("auto", "reference", "triton")
+_forced: list[str] = []
+
+
+def _requested() -> str:
+    path = _forced[-1] if _forced else os.environ.get("NF4_QLORA_KERNELS", "auto")
+    if path not in PATHS:
+        raise ValueError(f"NF4_QLORA_KERNELS must be one of {PATHS}, got {path!r}")
+    return path
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """True when an op on tensor `t` should run the Triton kernel."""
+    path = _requested()
+    if path == "reference":
+        return False
+    if path == "triton":
+        if not triton_available():
+            raise RuntimeError("NF4_QLORA_KERNELS=triton but triton is not installed")
+        return True
+    return t.device.type == "cuda" and triton_available()
+
+
+@contextlib.contextmanager
+def force_path(path: str) -> Iterator[None]:
+    """Force `reference`, `triton` or `auto` inside the block (nests; thread-unsafe by design)."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    _forced.append(path)
+    try:
+        yield
+    finally:
+        _forced.pop()

@@ -1,0 +1,39 @@
+"""NF4 ops with per-call dispatch between the Triton kernels and the torch reference."""
+
+from __future__ import annotations
+
+import torch
+
+from . import ops_reference
+from .dispatch import use_triton
+from .nf4_weight import NF4Weight
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _impl(t: torch.Tensor, dtype: torch.dtype):
+    if dtype in _TRITON_DTYPES and use_triton(t):
+        from . import ops_triton  # imports no triton until a kernel is launched
+
+        return ops_triton
+    return ops_reference
+
+
+def dequantize(w: NF4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """W in `dtype` and its original shape, bit-exact with nf4core.dequantize on every path."""
+    return _impl(w.packed, dtype).dequantize(w, dtype)
+
+
+def block_absmax(w: NF4Weight) -> torch.Tensor:
+    """float32 (n_blocks,) block scales, bit-exact with NF4Tensor.block_absmax()."""
+    return _impl(w.packed, torch.float32).block_absmax(w)
+
+
+def linear(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
+    """x (..., in) @ W^T -> (..., out) in x's dtype (fused kernel or dequantize-then-matmul)."""
+    return _impl(x.reshape(-1, x.shape[-1]), x.dtype).linear(x, w)
+
+
+def linear_grad_input(grad_out: torch.Tensor, w: NF4Weight) -> torch.Tensor:
+    """dY (..., out) @ W -> (..., in) in dY's dtype."""
+    return _impl(grad_out.reshape(-1, grad_out.shape[-1]), grad_out.dtype).linear_grad_input(grad_out, w)
