@@ -45,6 +45,10 @@ class NF4Weight:
         if self.packed.numel() != (self.numel + 1) // 2:
             raise ValueError(f"packed holds {self.packed.numel()} bytes; shape {self.shape} needs "
                              f"{(self.numel + 1) // 2}")
+        for name in ("absmax", "nested_scales", "nested_quant_map", "quant_map"):
+            t = getattr(self, name)
+            if t is not None and t.dtype != torch.float32:
+                raise ValueError(f"{name} must be float32, got {t.dtype}")
         if (self.absmax is None) == (self.nested_codes is None):
             raise ValueError("exactly one of absmax and nested_codes must be given")
         scales = self.absmax if self.absmax is not None else self.nested_codes

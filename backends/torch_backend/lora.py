@@ -1,0 +1,185 @@
+"""`LoRALinear` in PEFT's convention, and helpers to add, export and merge adapters in a model."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nf4core
+
+from .nf4_linear import NF4Linear
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """rank r, alpha, dropout on the adapter input, rsLoRA scaling (alpha/sqrt(r) instead of alpha/r),
+    which modules get adapters (last name component, or a regex over the full name), and the seed of
+    the A initialisation (nf4core.lora_init)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    target_regex: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"LoRA rank must be a positive int, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"LoRA alpha must be positive, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if self.target_regex is not None:
+            re.compile(self.target_regex)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def targets(self, name: str) -> bool:
+        if self.target_regex is not None:
+            return re.fullmatch(self.target_regex, name) is not None
+        return name.rsplit(".", 1)[-1] in self.target_modules
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + scale * dropout(x) @ A^T @ B^T with A (r, in) and B (out, r) trainable.
+
+    `lora_A` and `lora_B` are bias-free nn.Linear modules, so state-dict keys are PEFT's
+    (`<m>.lora_A.weight`, `<m>.lora_B.weight`). Adapters are held in `adapter_dtype` and cast to the
+    input's dtype in forward; with float32 adapters that is the FP32 master copy itself.
+    """
+
+    def __init__(self, base: nn.Module, a: torch.Tensor, b: torch.Tensor, scale: float,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        rank, in_features = a.shape
+        if (base.in_features, base.out_features) != (in_features, b.shape[0]) or b.shape[1] != rank:
+            raise ValueError(f"adapter shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit a "
+                             f"base of {base.in_features} -> {base.out_features}")
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.lora_A = nn.Linear(in_features, rank, bias=False, device=a.device, dtype=a.dtype)
+        self.lora_B = nn.Linear(rank, b.shape[0], bias=False, device=b.device, dtype=b.dtype)
+        with torch.no_grad():
+            self.lora_A.weight.copy_(a)
+            self.lora_B.weight.copy_(b)
+        self.scale = float(scale)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.in_features, self.out_features = in_features, b.shape[0]
+
+    @classmethod
+    def from_base(cls, base: nn.Module, name: str, config: LoRAConfig,
+                  adapter_dtype: torch.dtype = torch.float32) -> "LoRALinear":
+        """Wrap `base` (NF4Linear or nn.Linear) with adapters initialised by nf4core.lora_init(name)."""
+        a, b = nf4core.lora_init(name, base.in_features, base.out_features, config.rank, config.seed)
+        device = base.bias.device if getattr(base, "bias", None) is not None else _device_of(base)
+        to = dict(device=device, dtype=adapter_dtype)
+        return cls(base, torch.from_numpy(a).to(**to), torch.from_numpy(b).to(**to), config.scale,
+                   config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        y = self.base(x)
+        a = self.lora_A.weight.to(x.dtype)  # (r, in)
+        b = self.lora_B.weight.to(x.dtype)  # (out, r)
+        return y + F.linear(F.linear(self.dropout(x), a), b) * self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * B @ A in float32, (out, in)."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scale
+
+    def merge(self, requantize: bool = False, blocksize: int = 64, double_quant: bool = True
+              ) -> nn.Module:
+        """The base with the adapter folded in: a dense float32 nn.Linear, or an NF4Linear re-quantized
+        by nf4core when `requantize`."""
+        if isinstance(self.base, NF4Linear):
+            w = self.base.dequantize(torch.float32)
+        else:
+            w = self.base.weight.detach().float()
+        merged = w + self.delta_weight().detach()
+        bias = getattr(self.base, "bias", None)
+        if requantize:
+            t = nf4core.quantize(merged.cpu().numpy(), blocksize=blocksize, double_quant=double_quant)
+            b = None if bias is None else bias.detach().float().cpu()
+            return NF4Linear.from_nf4(t, b).to(merged.device)
+        dense = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
+                          device=merged.device, dtype=torch.float32)
+        with torch.no_grad():
+            dense.weight.copy_(merged)
+            if bias is not None:
+                dense.bias.copy_(bias.float())
+        dense.requires_grad_(False)
+        return dense
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for t in list(module.buffers()) + list(module.parameters()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig, adapter_dtype: torch.dtype = torch.float32
+               ) -> list[str]:
+    """Freeze `model` and wrap every targeted linear in a LoRALinear; returns the wrapped names.
+
+    The module's qualified name (e.g. "model.layers.0.self_attn.q_proj") seeds its A, so adapters are
+    identical on every backend that names modules like Hugging Face.
+    """
+    model.requires_grad_(False)
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, (NF4Linear, nn.Linear)) and config.targets(n)]  # fmt: skip
+    if not names:
+        raise ValueError(f"no linear module matches the LoRA targets {config.target_modules}")
+    for name in names:
+        _set_submodule(model, name, LoRALinear.from_base(model.get_submodule(name), name, config,
+                                                         adapter_dtype))  # fmt: skip
+    return names
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter weights under PEFT's key names ("base_model.model.<m>.lora_A.weight")."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = module.lora_A.weight.detach()
+            out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = module.lora_B.weight.detach()
+    return out
+
+
+def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor | np.ndarray]) -> None:
+    """Copy adapters saved by `lora_state_dict` (or PEFT) into the model's LoRALinear modules."""
+    expected = lora_state_dict(model)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise KeyError(f"adapter state lacks {len(missing)} keys, e.g. {missing[0]}")
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(torch.as_tensor(np.asarray(state[key]) if not isinstance(state[key], torch.Tensor)
+                                         else state[key]))
+
+
+def merge_lora(model: nn.Module, requantize: bool = False, blocksize: int = 64,
+               double_quant: bool = True) -> nn.Module:
+    """Replace every LoRALinear of `model` by its merged base (in place); returns the model."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            _set_submodule(model, name, module.merge(requantize, blocksize, double_quant))
+    return model

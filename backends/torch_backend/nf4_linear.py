@@ -1,0 +1,114 @@
+"""`NF4Linear`: a frozen linear layer whose weight is NF4; autograd that never keeps W dequantized."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+import nf4core
+
+from . import ops
+from .nf4_weight import NF4Weight
+
+_BUFFERS = ("packed", "absmax", "nested_codes", "nested_scales", "nested_quant_map", "quant_map")
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """y = x @ W^T. Saves no tensor: backward dequantizes W again (or runs the fused dY @ W kernel),
+    so the dequantized weight exists only inside each of the two calls. W gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
+        ctx.weight = weight  # packed codes and scales only: ~4.1 bits per weight
+        return ops.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_x = ops.linear_grad_input(grad_out, ctx.weight) if ctx.needs_input_grad[0] else None
+        return grad_x, None
+
+
+def nf4_linear(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Functional form: x (..., in) -> (..., out), computed in x's dtype."""
+    y = _NF4Matmul.apply(x, weight)
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer with an NF4 weight (bitsandbytes layout) and an optional dense bias.
+
+    The NF4 data are buffers, so `module.to(device)` moves them like any module; computation happens
+    in the input's dtype.
+    """
+
+    def __init__(self, weight: NF4Weight, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if len(weight.shape) != 2:
+            raise ValueError(f"NF4Linear needs a 2-D weight, got shape {weight.shape}")
+        for name in _BUFFERS:
+            self.register_buffer(name, getattr(weight, name))
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.out_features, self.in_features = weight.shape
+        self._meta = dict(nested_offset=weight.nested_offset, nested_blocksize=weight.nested_blocksize,
+                          shape=weight.shape, dtype=weight.dtype, blocksize=weight.blocksize)  # fmt: skip
+
+    @property
+    def weight(self) -> NF4Weight:
+        """The NF4 weight as it is now (on the module's current device)."""
+        return NF4Weight(**{name: getattr(self, name) for name in _BUFFERS}, **self._meta)
+
+    @classmethod
+    def from_nf4(cls, t: nf4core.NF4Tensor, bias: np.ndarray | torch.Tensor | None = None
+                 ) -> "NF4Linear":
+        """From an `nf4core.NF4Tensor` of shape (out, in), bit for bit (on the CPU)."""
+        if bias is not None and not isinstance(bias, torch.Tensor):
+            bias = torch.from_numpy(np.asarray(bias, dtype=np.float32))
+        return cls(NF4Weight.from_nf4(t), bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True
+                    ) -> "NF4Linear":
+        """Quantize a dense `nn.Linear` with nf4core (the weight goes through the host once)."""
+        w = linear.weight.detach().float().cpu().numpy()
+        t = nf4core.quantize(w, blocksize=blocksize, double_quant=double_quant)
+        bias = None if linear.bias is None else linear.bias.detach().float().cpu()
+        return cls.from_nf4(t, bias).to(linear.weight.device)
+
+    def to_nf4(self) -> nf4core.NF4Tensor:
+        return self.weight.to_nf4()
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense weight (out, in) in `dtype`, bit-exact with nf4core.dequantize."""
+        return ops.dequantize(self.weight, dtype)
+
+    def get_extra_state(self) -> dict:
+        """The scalar metadata (blocksize, shape, dtype, nested offset) travels in the state dict."""
+        return {**self._meta, "shape": list(self._meta["shape"]), "format_version": 1}
+
+    def set_extra_state(self, state: dict) -> None:
+        meta = {k: state[k] for k in self._meta}
+        meta["shape"] = tuple(meta["shape"])
+        if meta["shape"] != self._meta["shape"]:
+            raise ValueError(f"state dict holds an NF4 weight of shape {meta['shape']}, "
+                             f"this layer has {self._meta['shape']}")
+        self._meta = meta
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
+        """Module.to/cuda/half/...: NF4 data follow the device but keep their dtypes (a cast would
+        change the format's numbers); the bias is cast like any buffer."""
+        before = {n: getattr(self, n) for n in _BUFFERS if getattr(self, n) is not None}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = getattr(self, name)
+            if new.dtype != old.dtype:
+                setattr(self, name, old.to(new.device))
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        return nf4_linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        dq = "double-quant" if self.nested_codes is not None else "plain absmax"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"blocksize={self._meta['blocksize']}, {dq}, bias={self.bias is not None}")
