@@ -1,0 +1,69 @@
+"""Token generation with the KV cache: greedy or temperature / top-p sampling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from .model import CausalLM
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """temperature 0 is greedy; top_p < 1 keeps the smallest set of tokens with that probability."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+
+
+def _pick(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator) -> int:
+    """One token id from logits (V,)."""
+    if cfg.temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)
+    if cfg.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, 0) - sorted_p < cfg.top_p  # always keeps the top token
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+
+
+@torch.no_grad()
+def generate_tokens(model: CausalLM, prompt: Sequence[int], cfg: SamplingConfig) -> Iterator[int]:
+    """Yield new token ids one by one (stops at an EOS id, which is yielded, or max_new_tokens)."""
+    if not prompt:
+        raise ValueError("the prompt must hold at least one token")
+    was_training = model.training
+    model.eval()
+    try:
+        device = model.inv_freq.device
+        cache = model.new_cache(1, len(prompt) + cfg.max_new_tokens)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        logits = model(torch.tensor([list(prompt)], device=device), cache)[0, -1]
+        for _ in range(cfg.max_new_tokens):
+            token = _pick(logits, cfg, gen)
+            yield token
+            if token in cfg.eos_token_ids:
+                return
+            logits = model(torch.tensor([[token]], device=device), cache)[0, -1]
+    finally:
+        model.train(was_training)
+
+
+def generate(model: CausalLM, prompt: Sequence[int], cfg: SamplingConfig) -> list[int]:
+    """The new token ids as a list (see `generate_tokens`)."""
+    return list(generate_tokens(model, prompt, cfg))

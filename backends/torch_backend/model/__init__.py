@@ -1,0 +1,5 @@
+"""The Llama-family model in torch: `CausalLM.from_state(config, tensors)`."""
+
+from .llama import CausalLM, causal_lm_loss
+
+__all__ = ["CausalLM", "causal_lm_loss"]

@@ -1,0 +1,149 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM) with Hugging Face module names."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from nf4core import ModelConfig
+
+from ..kv_cache import KVCache
+from .attention import Attention
+from .layers import MLP, RMSNorm, make_linear
+from .rope import inverse_frequencies, rope_cos_sin
+
+ATTENTION_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, self_attn: Attention, mlp: MLP, input_layernorm: RMSNorm,
+                 post_attention_layernorm: RMSNorm) -> None:
+        super().__init__()
+        self.self_attn, self.mlp = self_attn, mlp
+        self.input_layernorm, self.post_attention_layernorm = input_layernorm, post_attention_layernorm
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:  # (B, T, C)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, embed_tokens: nn.Embedding, layers: list[DecoderLayer], norm: RMSNorm) -> None:
+        super().__init__()
+        self.embed_tokens, self.layers, self.norm = embed_tokens, nn.ModuleList(layers), norm
+
+
+class CausalLM(nn.Module):
+    """A Llama-family causal LM. Linear layers of the blocks are NF4Linear (frozen) unless built dense;
+    embeddings, norms and lm_head stay dense. Module names match Hugging Face's, so LoRA names and
+    PEFT keys do too. Computes in `compute_dtype` (BF16 on GPUs, FP32 on CPUs by default)."""
+
+    def __init__(self, config: ModelConfig, model: Decoder, lm_head: nn.Module,
+                 compute_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.config, self.model, self.lm_head = config, model, lm_head
+        self.compute_dtype = compute_dtype
+        self.gradient_checkpointing = False
+        self.register_buffer("inv_freq", inverse_frequencies(config), persistent=False)
+
+    @classmethod
+    def from_state(cls, config: ModelConfig, tensors: Mapping[str, object], quantize: bool = True,
+                   blocksize: int = 64, double_quant: bool = True,
+                   compute_dtype: torch.dtype = torch.float32) -> "CausalLM":
+        """Build from Hugging Face-named tensors (numpy arrays, torch tensors or nf4core.NF4Tensor).
+
+        Block linears given as NF4Tensor are used as they are; dense ones are quantized one at a time
+        when `quantize` (else kept dense in `compute_dtype`). Tied embeddings ignore lm_head.weight.
+        """
+        get = _Getter(tensors)
+        dense = dict(dtype=compute_dtype)
+        heads, kv, hd = config.num_attention_heads, config.num_key_value_heads, config.resolved_head_dim
+        layers = []
+        for i in range(config.num_hidden_layers):
+            p = f"model.layers.{i}."
+
+            def lin(name: str, bias: bool = False) -> nn.Module:
+                b = get.array(f"{name}.bias") if bias else None
+                return make_linear(get.raw(f"{name}.weight"), b, quantize, blocksize, double_quant,
+                                   compute_dtype)
+
+            qkv_bias = config.attention_bias
+            attn = Attention(*(lin(f"{p}self_attn.{n}", qkv_bias and n != "o_proj") for n in ATTENTION_PROJ),
+                             heads, kv, hd, i)  # fmt: skip
+            mlp = MLP(*(lin(f"{p}mlp.{n}") for n in MLP_PROJ))
+            norms = (RMSNorm(get.tensor(f"{p}{n}.weight", **dense), config.rms_norm_eps)
+                     for n in ("input_layernorm", "post_attention_layernorm"))  # fmt: skip
+            layers.append(DecoderLayer(attn, mlp, *norms))
+        embed = nn.Embedding.from_pretrained(get.tensor("model.embed_tokens.weight", **dense))
+        decoder = Decoder(embed, layers, RMSNorm(get.tensor("model.norm.weight", **dense),
+                                                 config.rms_norm_eps))  # fmt: skip
+        lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, **dense)
+        if config.tie_word_embeddings:  # a saved lm_head.weight is then the same tensor
+            lm_head.weight = embed.weight  # one tensor, as in the checkpoint
+        else:
+            lm_head.weight = nn.Parameter(get.tensor("lm_head.weight", **dense))
+        lm_head.requires_grad_(False)
+        return cls(config, decoder, lm_head, compute_dtype)
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> final normalised hidden states (B, T, C) in the compute dtype."""
+        t = input_ids.shape[1]
+        past = cache.length if cache is not None else 0
+        positions = torch.arange(past, past + t, device=input_ids.device)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, self.compute_dtype)  # (T, D)
+        x = self.model.embed_tokens(input_ids).to(self.compute_dtype)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, cache)
+        if cache is not None:
+            cache.advance(t)
+        return self.model.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab) in the compute dtype."""
+        return self.lm_head(self.hidden_states(input_ids, cache))
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        c = self.config
+        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, c.resolved_head_dim,
+                       max_len, self.compute_dtype, self.inv_freq.device)  # fmt: skip
+
+
+class _Getter:
+    def __init__(self, tensors: Mapping[str, object]) -> None:
+        self.tensors = tensors
+
+    def raw(self, name: str) -> object:
+        if name not in self.tensors:
+            raise KeyError(f"model state lacks {name!r}")
+        return self.tensors[name]
+
+    def array(self, name: str) -> np.ndarray:
+        value = self.raw(name)
+        if isinstance(value, torch.Tensor):
+            return value.detach().float().cpu().numpy()
+        return np.asarray(value, dtype=np.float32)
+
+    def tensor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        return torch.from_numpy(self.array(name)).to(dtype)
+
+
+def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor,
+                   loss_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy (float32) and the number of counted targets.
+
+    logits (B, T, V), input_ids (B, T); loss_mask (B, T) marks the tokens that count as targets
+    (position t is predicted from t-1; position 0 never counts)."""
+    targets = input_ids[:, 1:]  # (B, T-1)
+    mask = torch.ones_like(targets, dtype=torch.bool) if loss_mask is None else loss_mask[:, 1:].bool()
+    losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")
+    return torch.where(mask.flatten(), losses, 0.0).sum(), mask.sum()
