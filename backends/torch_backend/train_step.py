@@ -1,0 +1,110 @@
+"""One QLoRA optimizer step: masked next-token loss over accumulated micro-batches, clipping,
+the learning-rate schedule and paged AdamW over the trainable (adapter) parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .model import causal_lm_loss
+from .paged_adamw import PagedAdamW
+from .schedule import ScheduleConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimizer and step settings. `max_grad_norm` <= 0 disables clipping; `paged` None pages the
+    optimizer state of CUDA parameters only."""
+
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    grad_accum_steps: int = 1
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    paged: bool | None = None
+    page_bytes: int = 64 << 20
+
+    def __post_init__(self) -> None:
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        object.__setattr__(self, "betas", tuple(self.betas))
+
+
+@dataclass(frozen=True)
+class Batch:
+    """input_ids (B, T) int64; loss_mask (B, T) bool marks target tokens (None: all but the first)."""
+
+    input_ids: torch.Tensor
+    loss_mask: torch.Tensor | None = None
+
+    def n_targets(self) -> int:
+        if self.loss_mask is None:
+            return self.input_ids.shape[0] * (self.input_ids.shape[1] - 1)
+        return int(self.loss_mask[:, 1:].sum())
+
+
+@dataclass(frozen=True)
+class StepStats:
+    loss: float  # mean loss per target token over the step's micro-batches
+    learning_rate: float
+    grad_norm: float  # before clipping
+    tokens: int  # target tokens in the step
+
+
+class Trainer:
+    """Trains the parameters of `model` that require grad (the adapters) with PagedAdamW."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig) -> None:
+        self.model, self.cfg = model, cfg
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters (apply LoRA first)")
+        self.optimizer = PagedAdamW(self.params, lr=cfg.learning_rate, betas=cfg.betas, eps=cfg.eps,
+                                    weight_decay=cfg.weight_decay, page_bytes=cfg.page_bytes,
+                                    paged=cfg.paged)  # fmt: skip
+        self.step_index = 0
+
+    def train_step(self, micro_batches: Sequence[Batch]) -> StepStats:
+        """Accumulate gradients over `micro_batches` (normalised by their total target count, so the
+        result equals one big batch), clip, and take one optimizer step."""
+        if len(micro_batches) != self.cfg.grad_accum_steps:
+            raise ValueError(f"expected {self.cfg.grad_accum_steps} micro-batches, "
+                             f"got {len(micro_batches)}")
+        self.model.train()
+        total = sum(b.n_targets() for b in micro_batches)
+        if total == 0:
+            raise ValueError("no target tokens in this step (check the loss masks)")
+        loss_sum = 0.0
+        for batch in micro_batches:
+            logits = self.model(batch.input_ids)
+            summed, _ = causal_lm_loss(logits, batch.input_ids, batch.loss_mask)
+            (summed / total).backward()
+            loss_sum += float(summed.detach())
+        clip = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        lr = self.cfg.learning_rate * self.cfg.schedule.factor(self.step_index)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_index += 1
+        return StepStats(loss=loss_sum / total, learning_rate=lr, grad_norm=grad_norm, tokens=total)
+
+    @torch.no_grad()
+    def evaluate(self, batches: Sequence[Batch]) -> float:
+        """Mean loss per target token, no gradients."""
+        was = self.model.training
+        self.model.eval()
+        total, loss = 0, 0.0
+        for batch in batches:
+            summed, n = causal_lm_loss(self.model(batch.input_ids), batch.input_ids, batch.loss_mask)
+            loss, total = loss + float(summed), total + int(n)
+        self.model.train(was)
+        return loss / max(total, 1)
