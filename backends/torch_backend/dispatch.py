@@ -26,7 +26,11 @@ def _requested() -> str:
 
 
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """Whether triton can be imported (checked without importing it)."""
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # e.g. sys.modules["triton"] is None
+        return False
 
 
 def use_triton(t: torch.Tensor) -> bool:

@@ -1,7 +1,8 @@
 """Find and load the Triton kernel sources of `cuda/` by file path (it is not a Python package).
 
 Search order: $NF4_QLORA_KERNEL_DIR, the repository checkout (`<repo>/cuda`), then the installed copy
-(`<prefix>/share/nf4-qlora/cuda`, shipped by pyproject's data-files). Loading imports triton, so it
+(`<prefix>/share/nf4-qlora/cuda`, shipped by pyproject's data-files; prefix = the environment's, or the
+one this module was installed under with `pip install --prefix`). Loading imports triton, so it
 happens only when a kernel is first called, never when the backend is imported.
 """
 
@@ -14,8 +15,8 @@ import sysconfig
 from pathlib import Path
 from types import ModuleType
 
-KERNEL_FILES = ("nf4_dequant.py", "nf4_matmul.py", "nf4_gemv.py")
-_MARKER = "nf4_dequant.py"
+KERNEL_FILES = ("nf4_kernels.py",)
+_MARKER = "nf4_kernels.py"
 _loaded: dict[tuple[str, str], ModuleType] = {}
 
 
@@ -26,8 +27,13 @@ def candidate_dirs() -> list[Path]:
     repo = Path(__file__).resolve().parents[2]
     if (repo / "pyproject.toml").is_file():  # a checkout, not site-packages (whose cuda/ is NVIDIA's)
         dirs.append(repo / "cuda")
-    for prefix in {sysconfig.get_path("data"), sys.prefix, sys.base_prefix}:
-        dirs.append(Path(prefix) / "share" / "nf4-qlora" / "cuda")
+    here = Path(__file__).resolve()
+    install_prefix = here.parents[5] if len(here.parents) > 5 else None  # <prefix>/lib/pythonX.Y/site-packages/backends/torch_backend
+    for prefix in (sysconfig.get_path("data"), sys.prefix, sys.base_prefix, install_prefix):
+        if prefix is not None:
+            d = Path(prefix) / "share" / "nf4-qlora" / "cuda"
+            if d not in dirs:
+                dirs.append(d)
     return dirs
 
 

@@ -28,7 +28,7 @@ def block_absmax(w: NF4Weight) -> torch.Tensor:
     """float32 (n_blocks,); multiply and add rounded separately (no FMA), bit-exact with nf4core."""
     if w.absmax is not None:
         return w.absmax
-    kernels = load_kernel_module("nf4_dequant.py")
+    kernels = load_kernel_module("nf4_kernels.py")
     out = torch.empty(w.n_blocks, dtype=torch.float32, device=w.device)
     extra = {} if _interpreting() else {"enable_fp_fusion": False}
     grid = (_cdiv(w.n_blocks, _ELEMENTS_PER_PROGRAM),)
@@ -39,7 +39,7 @@ def block_absmax(w: NF4Weight) -> torch.Tensor:
 
 
 def dequantize(w: NF4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    kernels = load_kernel_module("nf4_dequant.py")
+    kernels = load_kernel_module("nf4_kernels.py")
     absmax = block_absmax(w)
     out = torch.empty(w.numel, dtype=dtype, device=w.device)
     grid = (_cdiv(w.numel, _ELEMENTS_PER_PROGRAM),)
@@ -56,7 +56,7 @@ def _tiles(m: int) -> dict:
 
 def _matmul(a: torch.Tensor, w: NF4Weight, transposed: bool) -> torch.Tensor:
     """(M, R) @ W^T (transposed) or @ W; W's shape (N, R) or (R, N)."""
-    kernels = load_kernel_module("nf4_matmul.py")
+    kernels = load_kernel_module("nf4_kernels.py")
     out_rows, in_cols = w.shape
     n = out_rows if transposed else in_cols
     m, r = a.shape
@@ -65,13 +65,15 @@ def _matmul(a: torch.Tensor, w: NF4Weight, transposed: bool) -> torch.Tensor:
     grid = (_cdiv(m, t["BM"]), _cdiv(n, t["BN"]))
     kernels.nf4_matmul_kernel[grid](a, w.packed, block_absmax(w), w.quant_map, c, m, n, r,
                                     a.stride(0), a.stride(1), c.stride(0), c.stride(1), in_cols,
-                                    w.blocksize, W_TRANSPOSED=transposed, **t)  # fmt: skip
+                                    w.blocksize, W_TRANSPOSED=transposed,
+                                    DOT_FP32=_interpreting() and a.dtype == torch.bfloat16,
+                                    **t)  # fmt: skip
     return c
 
 
 def gemv(x2d: torch.Tensor, w: NF4Weight) -> torch.Tensor:
     """x (M, K) @ W^T for small M with the GEMV kernel -> (M, N)."""
-    kernels = load_kernel_module("nf4_gemv.py")
+    kernels = load_kernel_module("nf4_kernels.py")
     n, k = w.shape
     m = x2d.shape[0]
     x2d = x2d if x2d.stride(1) == 1 else x2d.contiguous()
