@@ -18,25 +18,38 @@ def block_absmax(w: NF4Weight) -> torch.Tensor:
     """
     if w.absmax is not None:
         return w.absmax
-    nested_block = torch.arange(w.n_blocks, device=w.device) // w.nested_blocksize  # (n_blocks,)
-    scaled = w.nested_quant_map[w.nested_codes.long()] * w.nested_scales[nested_block]
-    offset = torch.tensor(w.nested_offset, dtype=torch.float32, device=w.device)
-    return scaled + offset
+    nb = w.nested_blocksize
+    values = torch.index_select(w.nested_quant_map, 0, w.nested_codes.int())  # (n_blocks,)
+    scaled = torch.empty_like(values)
+    _scale_blocks(values, w.nested_scales, nb, out=scaled)
+    return scaled + torch.tensor(w.nested_offset, dtype=torch.float32, device=w.device)
+
+
+def _scale_blocks(values: torch.Tensor, scales: torch.Tensor, blocksize: int, out: torch.Tensor
+                  ) -> None:
+    """out[e] = values[e] * scales[e // blocksize] (float32, one rounding); out may be values."""
+    full = values.numel() - values.numel() % blocksize
+    torch.mul(values[:full].view(-1, blocksize), scales[: full // blocksize, None],
+              out=out[:full].view(-1, blocksize))
+    if full < values.numel():
+        torch.mul(values[full:], scales[-1], out=out[full:])
+
+
+def _byte_pairs(quant_map: torch.Tensor) -> torch.Tensor:
+    """(256,) int64: the two float32 code values of every byte value (high nibble first), bit-packed
+    so one gather decodes a whole byte."""
+    byte = torch.arange(256, device=quant_map.device)
+    pairs = torch.stack([quant_map[byte >> 4], quant_map[byte & 0x0F]], dim=1).contiguous()
+    return pairs.view(torch.int64).view(256)
 
 
 def dequantize(w: NF4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The weight in its original shape: quant_map[code] * absmax in float32, then cast to dtype."""
     absmax = block_absmax(w)
-    # byte -> the two float32 values it codes (high nibble first): (256, 2)
-    byte = torch.arange(256, device=w.device)
-    pairs = torch.stack([w.quant_map[byte >> 4], w.quant_map[byte & 0x0F]], dim=1)
-    values = pairs[w.packed.long()].reshape(-1)[: w.numel]  # (numel,) float32
-    full = w.numel - w.numel % w.blocksize
-    out = torch.empty_like(values)
-    out[:full].view(-1, w.blocksize).copy_(values[:full].view(-1, w.blocksize) * absmax[: full // w.blocksize, None])
-    if full < w.numel:
-        out[full:] = values[full:] * absmax[-1]
-    return out.to(dtype).reshape(w.shape)
+    decoded = torch.index_select(_byte_pairs(w.quant_map), 0, w.packed.int())  # (n_bytes,) pairs
+    values = decoded.view(torch.float32)[: w.numel]  # (numel,) code values
+    _scale_blocks(values, absmax, w.blocksize, out=values)
+    return values.to(dtype).reshape(w.shape)
 
 
 def linear(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:

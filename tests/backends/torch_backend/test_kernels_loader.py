@@ -62,7 +62,9 @@ def test_non_editable_install_ships_and_finds_the_kernels(tmp_path):
     assert any(n.endswith("data/share/nf4-qlora/cuda/nf4_kernels.py") for n in names), names
     assert not any(n.startswith("cuda/") for n in names)  # no top-level `cuda` package
     prefix = tmp_path / "prefix"
-    subprocess.run(pip + ["install", "--no-deps", "--no-index", "--prefix", str(prefix), str(wheel)],
+    # --ignore-installed: never uninstall the developer's own (editable) install of the project
+    subprocess.run(pip + ["install", "--no-deps", "--no-index", "--ignore-installed", "--prefix",
+                          str(prefix), str(wheel)],
                    check=True, cwd=tmp_path)  # fmt: skip
     (site,) = prefix.glob("lib/python*/site-packages")
     code = ("import backends.torch_backend.kernels as k, pathlib, sys\n"
