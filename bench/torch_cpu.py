@@ -91,7 +91,10 @@ def bench_linear(repeat: int, tokens_list=(1, 32, 512)) -> list[dict]:
 
         t_nf4 = median_seconds(step(nf4), repeat)
         t_dense = median_seconds(step(dense), repeat)
-        rows.append(dict(tokens=tokens, nf4_seconds=t_nf4, fp32_seconds=t_dense, ratio=t_nf4 / t_dense))
+        x = x.detach().bfloat16().requires_grad_()
+        t_nf4_bf16 = median_seconds(step(nf4), repeat)
+        rows.append(dict(tokens=tokens, nf4_seconds=t_nf4, fp32_seconds=t_dense, ratio=t_nf4 / t_dense,
+                         nf4_bf16_seconds=t_nf4_bf16))
     return rows
 
 
@@ -116,7 +119,8 @@ def _train_step_child(kind: str, steps: int) -> dict:
             state[p + name + ".weight"] = rng.standard_normal(shape, np.float32) / np.sqrt(shape[1])
         state[p + "input_layernorm.weight"] = np.ones(c, np.float32)
         state[p + "post_attention_layernorm.weight"] = np.ones(c, np.float32)
-    model = CausalLM.from_state(cfg, state, quantize=(kind == "qlora"))
+    dtype = torch.bfloat16 if kind.endswith("bf16") else torch.float32
+    model = CausalLM.from_state(cfg, state, quantize=kind.startswith("qlora"), compute_dtype=dtype)
     del state
     apply_lora(model, LoRAConfig(rank=16, alpha=32))
     model.gradient_checkpointing = True
@@ -133,7 +137,7 @@ def _train_step_child(kind: str, steps: int) -> dict:
 
 def bench_train(steps: int) -> list[dict]:
     rows = []
-    for kind in ("qlora", "lora_fp32_base"):
+    for kind in ("qlora", "lora_fp32_base", "qlora_bf16"):
         out = subprocess.run([sys.executable, __file__, "--child", kind, "--steps", str(steps)],
                              capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -162,15 +166,17 @@ def to_markdown(r: dict) -> str:
         else:
             lines.append(f"| {d['impl']} | {d['seconds']:.4f} | {d['GB_per_s_output']:.2f} | {d['ratio']:.2f} |")
     lines += ["", "NF4Linear 4096x4096 forward + input-grad backward vs frozen FP32 nn.Linear:", "",
-              "| tokens | NF4Linear s | FP32 nn.Linear s | NF4 / FP32 |", "|---|---|---|---|"]
+              "| tokens | NF4Linear FP32 s | FP32 nn.Linear s | NF4 / FP32 | NF4Linear BF16 compute s |",
+              "|---|---|---|---|---|"]
     for d in r["linear"]:
-        lines.append(f"| {d['tokens']} | {d['nf4_seconds']:.4f} | {d['fp32_seconds']:.4f} | {d['ratio']:.2f} |")
+        lines.append(f"| {d['tokens']} | {d['nf4_seconds']:.4f} | {d['fp32_seconds']:.4f} | "
+                     f"{d['ratio']:.2f} | {d['nf4_bf16_seconds']:.4f} |")
     if r.get("train"):
-        q, l = r["train"]
+        q, l, qb = r["train"]
         lines += ["", "Training step (8 layers, hidden 1024, vocab 8192, LoRA r=16 on all 7 projections, "
                   "batch 4x256, gradient checkpointing), each in its own process:", "",
                   "| base | s / step | tokens/s | peak RSS MB | base weights MB |", "|---|---|---|---|---|"]
-        for d in (q, l):
+        for d in (q, l, qb):
             lines.append(f"| {d['kind']} | {d['seconds_per_step']:.2f} | {d['tokens_per_s']:.0f} | "
                          f"{d['peak_rss_mb']:.0f} | {d['base_weight_mb']:.0f} |")
         lines.append(f"\nQLoRA / LoRA-FP32: time {q['time_ratio']:.2f}, peak RSS {q['peak_rss_ratio']:.2f}")

@@ -70,10 +70,11 @@ def nf4_dequant_kernel(packed_ptr, absmax_ptr, quant_map_ptr, out_ptr, numel, bl
 @triton.jit
 def nf4_matmul_kernel(a_ptr, packed_ptr, absmax_ptr, quant_map_ptr, c_ptr, M, N, R,
                       stride_am, stride_ar, stride_cm, stride_cn, w_cols, blocksize,
-                      W_TRANSPOSED: tl.constexpr, DOT_FP32: tl.constexpr, BM: tl.constexpr,
-                      BN: tl.constexpr, BR: tl.constexpr):
+                      W_TRANSPOSED: tl.constexpr, DOT_FP32: tl.constexpr,
+                      PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
     # DOT_FP32: feed the dot float32 copies of the (already rounded) operands: the launcher sets it
     # only under the interpreter, whose dot cannot multiply bfloat16; the products are the same.
+    # PRECISION: "ieee" for float32 operands (no TF32 rounding), the default otherwise.
     rm = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)  # (BM,)
     rn = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)  # (BN,)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -91,7 +92,7 @@ def nf4_matmul_kernel(a_ptr, packed_ptr, absmax_ptr, quant_map_ptr, c_ptr, M, N,
         if DOT_FP32:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         else:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
     c_mask = (rm < M)[:, None] & (rn < N)[None, :]
     c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
     tl.store(c_ptrs, _round_to(acc, c_ptr.dtype.element_ty), mask=c_mask)

@@ -67,6 +67,7 @@ def _matmul(a: torch.Tensor, w: NF4Weight, transposed: bool) -> torch.Tensor:
                                     a.stride(0), a.stride(1), c.stride(0), c.stride(1), in_cols,
                                     w.blocksize, W_TRANSPOSED=transposed,
                                     DOT_FP32=_interpreting() and a.dtype == torch.bfloat16,
+                                    PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
                                     **t)  # fmt: skip
     return c
 
