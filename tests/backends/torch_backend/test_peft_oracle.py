@@ -1,0 +1,42 @@
+"""Our adapters, exported under PEFT's key names, load into peft on the transformers model and give
+the same logits (peft is the oracle of the adapter convention: A/B shapes, scale, rsLoRA)."""
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+from backends.torch_backend.lora import LoRAConfig, apply_lora, lora_state_dict  # noqa: E402
+from backends.torch_backend.model import CausalLM  # noqa: E402
+from tests.backends.torch_backend.test_model import load_dequantized_into  # noqa: E402
+from tests.backends.torch_backend.tiny_models import hf_model, state_of  # noqa: E402
+
+
+@pytest.mark.parametrize("arch,rslora", [("llama", False), ("qwen2", True)])
+def test_adapters_load_into_peft_with_identical_logits(arch, rslora):
+    hf, cfg = hf_model(arch, seed=5)
+    ours = CausalLM.from_state(cfg, state_of(hf), quantize=True)
+    load_dequantized_into(hf, ours)
+    lora_cfg = LoRAConfig(rank=4, alpha=12.0, rslora=rslora, seed=3)
+    apply_lora(ours, lora_cfg)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)  # B = 0 would make every adapter invisible
+    peft_model = peft.get_peft_model(hf, peft.LoraConfig(
+        r=4, lora_alpha=12.0, use_rslora=rslora, lora_dropout=0.0,
+        target_modules=list(lora_cfg.target_modules)))  # fmt: skip
+    result = peft.set_peft_model_state_dict(peft_model, lora_state_dict(ours))
+    assert not result.unexpected_keys
+    assert not [k for k in result.missing_keys if "lora_" in k]
+    ids = torch.randint(0, cfg.vocab_size, (2, 13), generator=torch.Generator().manual_seed(1))
+    ours.eval()
+    with torch.no_grad():
+        want = peft_model(ids).logits
+        got = ours(ids)
+        base = peft_model.get_base_model()
+        with peft_model.disable_adapter():
+            plain = base(ids).logits
+    assert not torch.allclose(want, plain, atol=1e-3)  # the adapters matter
+    assert torch.allclose(got, want, atol=2e-4, rtol=1e-4), (got - want).abs().max()
