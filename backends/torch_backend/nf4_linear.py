@@ -76,7 +76,16 @@ class NF4Linear(nn.Module):
         return cls.from_nf4(t, bias).to(linear.weight.device)
 
     def to_nf4(self) -> nf4core.NF4Tensor:
+        """The weight as an `nf4core.NF4Tensor` on the host, bit for bit."""
         return self.weight.to_nf4()
+
+    def bnb_state_dict(self, prefix: str) -> dict[str, np.ndarray]:
+        """bitsandbytes' state-dict entries for a module named `prefix` (`<prefix>.weight`,
+        `.absmax`, `.quant_map`, nested data, quant_state JSON), plus `<prefix>.bias` if any."""
+        out = self.to_nf4().to_state_dict(prefix)
+        if self.bias is not None:
+            out[f"{prefix}.bias"] = self.bias.detach().float().cpu().numpy()
+        return out
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense weight (out, in) in `dtype`, bit-exact with nf4core.dequantize."""

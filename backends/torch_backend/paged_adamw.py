@@ -86,7 +86,7 @@ class PagedAdamW(torch.optim.Optimizer):
                 if self._is_paged(p):
                     self._update_paged(p, state, coeffs)
                 else:
-                    _adamw(p.view(-1), p.grad.view(-1), state["exp_avg"], state["exp_avg_sq"],
+                    _adamw(p.view(-1), p.grad.reshape(-1), state["exp_avg"], state["exp_avg_sq"],
                            state.get("master"), coeffs)  # fmt: skip
         return loss
 
@@ -104,7 +104,7 @@ class PagedAdamW(torch.optim.Optimizer):
         size = pages.shape[-1]
         chunks = [(s, min(s + size, p.numel())) for s in range(0, p.numel(), size)]
         streams = _Streams(p.device)
-        flat, grad = p.view(-1), p.grad.view(-1)
+        flat, grad = p.view(-1), p.grad.reshape(-1)
 
         def load(i: int) -> None:
             s, e = chunks[i]

@@ -119,3 +119,13 @@ def test_module_to_moves_buffers_and_state_dict_round_trips(rng):
     layer.to(torch.float64)  # casts the bias; the NF4 data keep their dtypes (bit-exactness)
     assert layer.packed.dtype == torch.uint8 and layer.quant_map.dtype == torch.float32
     assert torch.equal(layer.dequantize(), before)
+
+
+def test_bnb_state_dict_reads_back_through_nf4core(rng):
+    _, t = quantized(rng, (6, 64))
+    layer = NF4Linear.from_nf4(t, np.arange(6, dtype=np.float32))
+    state = layer.bnb_state_dict("model.layers.0.mlp.up_proj")
+    assert state["model.layers.0.mlp.up_proj.weight"].shape == (6 * 64 // 2, 1)
+    back = nf4core.NF4Tensor.from_state_dict(state, "model.layers.0.mlp.up_proj")
+    assert np.array_equal(bits(nf4core.dequantize(back)), bits(layer.dequantize()))
+    assert np.array_equal(state["model.layers.0.mlp.up_proj.bias"], np.arange(6))
