@@ -9,13 +9,24 @@ from .codebooks import (
     dynamic_map_from_definition,
     nf4_code_from_normal_quantiles,
 )
-from .errors import NF4FormatError
+from .default_model import DefaultModelMissing, default_model_path
+from .errors import ModelLoadError, NF4FormatError
 from .lora_init import lora_init
 from .model_config import ModelConfig
+from .quantize_model import quantize_model
+from .sources import ModelSource, open_model
 from .tensor import FORMAT_VERSION, DoubleQuantAbsmax, NF4Tensor, dequantize, quantize
+from .tokenizer import Tokenizer
 
 __all__ = [
     "DYNAMIC_MAP_SIGNED",
+    "DefaultModelMissing",
+    "ModelLoadError",
+    "ModelSource",
+    "Tokenizer",
+    "default_model_path",
+    "open_model",
+    "quantize_model",
     "FORMAT_VERSION",
     "ModelConfig",
     "NF4_CODE",
