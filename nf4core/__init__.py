@@ -13,7 +13,7 @@ from .default_model import DefaultModelMissing, default_model_path
 from .errors import ModelLoadError, NF4FormatError
 from .lora_init import lora_init
 from .model_config import ModelConfig
-from .quantize_model import quantize_model
+from .model_quantize import quantize_model
 from .sources import ModelSource, open_model
 from .tensor import FORMAT_VERSION, DoubleQuantAbsmax, NF4Tensor, dequantize, quantize
 from .tokenizer import Tokenizer

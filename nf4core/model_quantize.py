@@ -59,7 +59,7 @@ def quantize_model(source: str | os.PathLike | ModelSource, out_dir: str | os.Pa
     the tokenizer files; it must be absent or empty, and appears only once complete. Returns it.
     """
     options = QuantizeOptions(blocksize, double_quant)
-    src = source if isinstance(source, ModelSource) else open_model(source)
+    src = open_model(source) if isinstance(source, (str, os.PathLike)) else source
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out}: exists and is not an empty directory")
