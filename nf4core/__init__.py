@@ -9,8 +9,10 @@ from .codebooks import (
     dynamic_map_from_definition,
     nf4_code_from_normal_quantiles,
 )
+from .dataset import Batch, DataConfig, Dataset, Example, batches, load_dataset
 from .default_model import DefaultModelMissing, default_model_path
 from .errors import ModelLoadError, NF4FormatError
+from .jsonl import DataFormatError
 from .lora_init import lora_init
 from .model_config import ModelConfig
 from .model_quantize import quantize_model
@@ -20,7 +22,14 @@ from .tokenizer import Tokenizer
 
 __all__ = [
     "DYNAMIC_MAP_SIGNED",
+    "Batch",
+    "DataConfig",
+    "DataFormatError",
+    "Dataset",
     "DefaultModelMissing",
+    "Example",
+    "batches",
+    "load_dataset",
     "ModelLoadError",
     "ModelSource",
     "Tokenizer",

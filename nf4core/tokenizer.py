@@ -217,3 +217,10 @@ def _sentencepiece_bpe(tokens: list[str], scores: list[float] | None, types: lis
         decode.append(decoders.Strip(" ", 1, 0))
     backend.decoder = decoders.Sequence(decode)
     return backend
+
+
+def encode_with_offsets(tokenizer: Tokenizer, text: str, add_special_tokens: bool = True
+                        ) -> tuple[list[int], list[tuple[int, int]]]:  # fmt: skip
+    """Token ids and, for each, its (start, end) character span in `text` ((0, 0) for added ones)."""
+    encoding = tokenizer.backend.encode(text, add_special_tokens=add_special_tokens)
+    return encoding.ids, encoding.offsets
