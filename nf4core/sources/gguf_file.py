@@ -33,6 +33,7 @@ _LAYER_NAMES = {
 }  # fmt: skip
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
                  "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+_DEQUANT_CHUNK = 1 << 22  # elements dequantized per step
 _LAYER = re.compile(r"blk\.(\d+)\.(.+)")
 LLAMA3_CANDIDATES = tuple({"rope_type": "llama3", "factor": f, "low_freq_factor": 1.0,
                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -89,7 +90,13 @@ class GGUFSource(ModelSource):
             raise ModelLoadError(f"{self.path}: file not found") from None
         except Exception as exc:  # the gguf package raises ValueError, struct/numpy errors, ...
             raise ModelLoadError(f"{self.path}: not a readable GGUF file: {exc}") from None
-        self.metadata = {k: f for k, f in self._reader.fields.items()}
+        try:
+            self.metadata = {k: f.contents() for k, f in self._reader.fields.items()}
+        except Exception as exc:
+            raise ModelLoadError(f"{self.path}: metadata is unreadable: {exc}") from None
+        # The reader's parsed fields (one numpy array per vocabulary entry) weigh more than the
+        # values: keep the values, drop the fields.
+        self._reader.fields.clear()
         self._tensors = {}
         for t in self._reader.tensors:
             name = hf_name(t.name)
@@ -108,15 +115,11 @@ class GGUFSource(ModelSource):
         self._check_layout(shapes, str(self.path))
 
     def _get(self, key: str, default: object = KeyError) -> object:
-        field = self.metadata.get(key)
-        if field is None:
+        if key not in self.metadata:
             if default is KeyError:
                 raise ModelLoadError(f"{self.path}: missing metadata key {key!r}")
             return default
-        try:
-            return field.contents()
-        except Exception as exc:
-            raise ModelLoadError(f"{self.path}: metadata key {key!r} is unreadable: {exc}") from None
+        return self.metadata[key]
 
     def _config(self) -> ModelConfig:
         a = self.arch
@@ -174,11 +177,17 @@ class GGUFSource(ModelSource):
         if name not in self.tensor_names():
             raise KeyError(f"{self.path}: the model has no tensor {name!r}")
         t = self._tensors[name]
+        shape = expected_shapes(self.config)[name]
+        values = np.empty(shape, np.float32)
+        rows = t.data.reshape(shape[0] if len(shape) > 1 else 1, -1)
+        flat = values.reshape(rows.shape[0], -1)
+        step = max(1, _DEQUANT_CHUNK // flat.shape[1])  # rows at a time: small temporaries
         try:
-            values = gguf.quants.dequantize(t.data, t.tensor_type)
+            for start in range(0, rows.shape[0], step):
+                part = gguf.quants.dequantize(rows[start : start + step], t.tensor_type)
+                flat[start : start + step] = part.reshape(-1, flat.shape[1])
         except Exception as exc:
             raise ModelLoadError(f"{self.path}: tensor {t.name!r} cannot be decoded: {exc}") from None
-        values = np.asarray(values, dtype=np.float32).reshape(expected_shapes(self.config)[name])
         if self.arch in _PERMUTED_ARCHS:
             if ".self_attn.q_proj." in name:
                 values = unpermute_rope_rows(values, self.config.num_attention_heads)

@@ -128,9 +128,9 @@ class SafetensorsWriter:
         dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
         if dtype not in _NAMES:
             raise TypeError(f"{name}: dtype {array.dtype} cannot be stored in safetensors")
-        data = array.astype(dtype, copy=False).tobytes()
-        self._data.write(data)
-        end = self._offset + len(data)
+        array = array.astype(dtype, copy=False)
+        self._data.write(array.reshape(-1).view(np.uint8).data)  # no copy of the tensor's bytes
+        end = self._offset + array.nbytes
         self._header[name] = {"dtype": _NAMES[dtype], "shape": list(array.shape),
                               "data_offsets": [self._offset, end]}  # fmt: skip
         self._offset = end
