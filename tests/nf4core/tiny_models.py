@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import gguf
 import numpy as np
@@ -89,7 +90,8 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def write_gguf(path: Path, config: dict, weights: dict[str, np.ndarray], qtype: str = "F32",
                tokenizer: tokenizers.Tokenizer | None = None, arch: str | None = None,
-               extra_tensors: dict[str, np.ndarray] | None = None) -> Path:  # fmt: skip
+               extra_tensors: dict[str, np.ndarray] | None = None,
+               add_metadata: Callable[[gguf.GGUFWriter], None] | None = None) -> Path:  # fmt: skip
     """A GGUF file as llama.cpp's converter writes it: q/k rows permuted for Llama-type models,
     2-D weights in `qtype`, 1-D tensors in F32."""
     arch = arch or config["model_type"]
@@ -121,6 +123,8 @@ def write_gguf(path: Path, config: dict, weights: dict[str, np.ndarray], qtype: 
                                                                 config["eos_token_id"])
         w.add_add_bos_token(False)
         w.add_chat_template(CHATML)
+    if add_metadata is not None:
+        add_metadata(w)
     qt = gguf.GGMLQuantizationType[qtype]
     for name, value in weights.items():
         value = np.asarray(value, dtype=np.float32)
@@ -139,3 +143,32 @@ def write_gguf(path: Path, config: dict, weights: dict[str, np.ndarray], qtype: 
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def sentencepiece_vocab() -> tuple[list[str], list[float], list[int]]:
+    """A tiny SentencePiece-style vocabulary as Llama 2 GGUFs store it: <unk>, <s>, </s>, 256 byte
+    tokens, then pieces ("▁" marks a space) with decreasing scores. Returns tokens, scores, types."""
+    words = sorted({w for line in CORPUS for w in line.replace("\n", " ").split(" ") if w})
+    pieces: list[str] = []
+    for word in ["\u2581" + w for w in words]:
+        for end in range(1, len(word) + 1):
+            for start in range(0, end):
+                piece = word[start:end]
+                if piece not in pieces and len(piece) <= 4:
+                    pieces.append(piece)
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    scores = [0.0, 0.0, 0.0] + [0.0] * 256 + [-float(i) for i in range(len(pieces))]
+    return tokens, scores, types
+
+
+def add_sentencepiece_metadata(w: gguf.GGUFWriter) -> None:
+    tokens, scores, types = sentencepiece_vocab()
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_add_bos_token(True)
+    w.add_unk_token_id(0)
+    w.add_add_space_prefix(True)
