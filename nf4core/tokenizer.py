@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
@@ -91,7 +91,7 @@ class Tokenizer:
         write_text_atomic(directory / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
 
     @classmethod
-    def from_hf_dir(cls, directory: str | Path) -> "Tokenizer":
+    def from_hf_dir(cls, directory: str | Path) -> Tokenizer:
         """From tokenizer.json (+ tokenizer_config.json and chat_template.jinja when present)."""
         directory = Path(directory)
         path = directory / "tokenizer.json"
@@ -121,7 +121,7 @@ class Tokenizer:
             raise ModelLoadError(f"{config_path}: {exc}") from None
 
     @classmethod
-    def from_gguf(cls, path: str | Path, get: Callable[[str, object], object]) -> "Tokenizer":
+    def from_gguf(cls, path: str | Path, get: Callable[[str, object], object]) -> Tokenizer:
         """Rebuilt from a GGUF file's `tokenizer.ggml.*` metadata (`get(key, default)` reads it)."""
         kind = get("tokenizer.ggml.model", None)
         tokens = get("tokenizer.ggml.tokens", None)

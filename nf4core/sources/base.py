@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,22 +25,28 @@ class ModelSource(ABC):
     path: Path
     config: ModelConfig
 
+    @functools.cached_property
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        return expected_shapes(self.config)
+
     def tensor_names(self) -> list[str]:
         """The model's tensors by Hugging Face name, in checkpoint order (tied lm_head excluded)."""
-        return list(expected_shapes(self.config))
+        return list(self._shapes)
 
     def tensor_shape(self, name: str) -> tuple[int, ...]:
-        shapes = expected_shapes(self.config)
-        if name not in shapes:
+        self._check_name(name)
+        return self._shapes[name]
+
+    def _check_name(self, name: str) -> None:
+        if name not in self._shapes:
             raise KeyError(f"{self.path}: the model has no tensor {name!r}")
-        return shapes[name]
 
     @abstractmethod
     def read(self, name: str) -> np.ndarray | NF4Tensor:
         """One tensor: a numpy array, or an NF4Tensor where the checkpoint stores it as NF4."""
 
     @abstractmethod
-    def tokenizer(self) -> "Tokenizer":
+    def tokenizer(self) -> Tokenizer:
         """The model's tokenizer, with its special tokens and chat template."""
 
     @property

@@ -17,7 +17,6 @@ import numpy as np
 from ..errors import ModelLoadError
 from ..model_config import ModelConfig
 from .base import ModelSource, normalized
-from .layout import expected_shapes
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 _PERMUTED_ARCHS = ("llama", "mistral")  # Qwen2 uses NeoX-style RoPE: llama.cpp keeps its rows
@@ -126,8 +125,7 @@ class GGUFSource(ModelSource):
         embed = self._tensors.get("model.embed_tokens.weight")
         if embed is None:
             raise ModelLoadError(f"{self.path}: missing tensor 'token_embd.weight'")
-        tokens = self._get("tokenizer.ggml.tokens", None)
-        vocab = self._get(f"{a}.vocab_size", None) or (len(tokens) if tokens else int(embed.shape[1]))
+        vocab = self._get(f"{a}.vocab_size", None) or int(embed.shape[1])  # shape is (in, out)
         heads = int(self._get(f"{a}.attention.head_count"))
         hidden = int(self._get(f"{a}.embedding_length"))
         head_dim = int(self._get(f"{a}.attention.key_length", hidden // heads))
@@ -174,10 +172,9 @@ class GGUFSource(ModelSource):
 
     def read(self, name: str) -> np.ndarray:
         """One tensor dequantized to float32, in Hugging Face layout (q/k rows un-permuted)."""
-        if name not in self.tensor_names():
-            raise KeyError(f"{self.path}: the model has no tensor {name!r}")
+        self._check_name(name)
         t = self._tensors[name]
-        shape = expected_shapes(self.config)[name]
+        shape = self._shapes[name]
         values = np.empty(shape, np.float32)
         rows = t.data.reshape(shape[0] if len(shape) > 1 else 1, -1)
         flat = values.reshape(rows.shape[0], -1)

@@ -98,8 +98,7 @@ class HFDirSource(ModelSource):
 
     def read(self, name: str) -> np.ndarray | NF4Tensor:
         """One tensor as stored (float32/float16/bfloat16), mapped read-only from its file."""
-        if name not in self.tensor_names():
-            raise KeyError(f"{self.path}: the model has no tensor {name!r}")
+        self._check_name(name)
         return self._file(name).read(name)
 
     @property

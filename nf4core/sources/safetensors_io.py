@@ -154,7 +154,7 @@ class SafetensorsWriter:
     def abort(self) -> None:
         self._data.close()
 
-    def __enter__(self) -> "SafetensorsWriter":
+    def __enter__(self) -> SafetensorsWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -8,7 +8,15 @@ import json
 import numpy as np
 import pytest
 
-from nf4core import NF4Tensor, default_model_path, dequantize, open_model, quantize_model
+from nf4core import (
+    DataConfig,
+    NF4Tensor,
+    default_model_path,
+    dequantize,
+    load_dataset,
+    open_model,
+    quantize_model,
+)
 from nf4core.sources import GGUFSource, expected_shapes
 
 pytestmark = pytest.mark.slow
@@ -70,6 +78,16 @@ def test_tokenizer_matches_transformers(source):
         assert prompt == theirs.apply_chat_template(MESSAGES, tokenize=False,
                                                     add_generation_prompt=generation)
     assert ours.encode(prompt)[:3] == [1, 9690, 198]  # <|im_start|> system \n
+
+
+def test_chat_record_masks_the_assistant_turn(source, tmp_path):
+    tokenizer = source.tokenizer()
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": MESSAGES + [{"role": "assistant", "content": "6."}]}))
+    train, _ = load_dataset(DataConfig(path), tokenizer)
+    [example] = train.examples
+    masked = tokenizer.decode(example.input_ids[example.loss_mask].tolist())
+    assert masked == "4.<|im_end|>\n6.<|im_end|>\n"
 
 
 def test_quantized_default_model_loads_in_transformers(source, tmp_path):

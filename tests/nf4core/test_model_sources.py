@@ -11,7 +11,7 @@ import pytest
 
 from nf4core import ModelLoadError, open_model
 from nf4core.dtypes import bfloat16
-from nf4core.sources import BnbDirSource, GGUFSource, HFDirSource
+from nf4core.sources import GGUFSource, HFDirSource
 from nf4core.sources.gguf_file import llama3_rope_factors, unpermute_rope_rows
 
 from .tiny_models import hf_config, random_weights, tiny_tokenizer, write_gguf, write_hf_dir

@@ -6,8 +6,14 @@ import pytest
 
 from nf4core import open_model
 
-from .tiny_models import (CORPUS, add_sentencepiece_metadata, hf_config, random_weights,
-                          sentencepiece_vocab, write_gguf)  # fmt: skip
+from .tiny_models import (
+    CORPUS,
+    add_sentencepiece_metadata,
+    hf_config,
+    random_weights,
+    sentencepiece_vocab,  # fmt: skip
+    write_gguf,
+)
 
 transformers = pytest.importorskip("transformers")
 

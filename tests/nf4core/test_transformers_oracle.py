@@ -11,11 +11,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 bnb = pytest.importorskip("bitsandbytes")
 
-from safetensors import safe_open  # noqa: E402
+from safetensors import safe_open
 
-import nf4core  # noqa: E402
-from nf4core import NF4Tensor, dequantize, open_model, quantize_model  # noqa: E402
-from nf4core.sources import BnbDirSource  # noqa: E402
+import nf4core
+from nf4core import NF4Tensor, dequantize, open_model, quantize_model
+from nf4core.sources import BnbDirSource
 
 # Rows are whole blocks: bitsandbytes 0.50.2's CPU path (dequantize_4bit without double quant, and
 # the forward) mishandles rows that are not a whole number of blocks.

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import gguf
 import numpy as np
@@ -152,7 +152,7 @@ def sentencepiece_vocab() -> tuple[list[str], list[float], list[int]]:
     pieces: list[str] = []
     for word in ["\u2581" + w for w in words]:
         for end in range(1, len(word) + 1):
-            for start in range(0, end):
+            for start in range(end):
                 piece = word[start:end]
                 if piece not in pieces and len(piece) <= 4:
                     pieces.append(piece)
