@@ -16,8 +16,9 @@ from .atomic import current_umask, write_text_atomic
 from .dtypes import float_dtype
 from .errors import ModelLoadError
 from .sources import ModelSource, is_quantized_linear, open_model
+from .sources.hf_dir import read_json
 from .sources.safetensors_io import SafetensorsWriter
-from .tensor import NF4Tensor, quantize
+from .tensor import FORMAT_VERSION, NF4Tensor, quantize
 from .validation import check_blocksize
 
 
@@ -70,7 +71,7 @@ def quantize_model(source: str | os.PathLike | ModelSource, out_dir: str | os.Pa
         stored_double_quant = _write_weights(src, staging / "model.safetensors", options)
         _write_config(src, staging, stored_double_quant)
         try:
-            src.tokenizer().save(staging)
+            src.save_tokenizer(staging)
         except ModelLoadError as exc:  # a model without a usable tokenizer still quantizes
             warnings.warn(f"no tokenizer saved: {exc}", stacklevel=2)
         if out.exists():
@@ -86,7 +87,8 @@ def _write_weights(src: ModelSource, path: Path, options: QuantizeOptions) -> bo
     """Stream every tensor into `path`; returns whether the NF4 weights are double-quantized."""
     dtype = float_dtype(src.dtype)
     double_quant = options.double_quant
-    with SafetensorsWriter(path, metadata={"format": "pt"}) as writer:
+    metadata = {"format": "pt", "producer": "nf4core", "nf4core_format_version": str(FORMAT_VERSION)}
+    with SafetensorsWriter(path, metadata=metadata) as writer:
         for name in src.tensor_names():
             value = src.read(name)
             if isinstance(value, NF4Tensor):  # already NF4: never requantized
@@ -112,5 +114,10 @@ def _write_config(src: ModelSource, directory: Path, double_quant: bool) -> None
                   quantization_config=quantization_config(src.dtype, double_quant))  # fmt: skip
     config.setdefault("hidden_act", "silu")
     write_text_atomic(directory / "config.json", json.dumps(config, indent=2) + "\n")
-    generation = {k: config[k] for k in ("bos_token_id", "eos_token_id") if config.get(k) is not None}
+    original = Path(src.path) / "generation_config.json"
+    if original.is_file():  # a Hugging Face source: keep its sampling defaults
+        generation = read_json(original)
+    else:
+        generation = {k: config[k] for k in ("bos_token_id", "eos_token_id")
+                      if config.get(k) is not None}  # fmt: skip
     write_text_atomic(directory / "generation_config.json", json.dumps(generation, indent=2) + "\n")

@@ -184,6 +184,8 @@ def _byte_level_bpe(path: str | Path, tokens: list[str], merges: list[str] | Non
         backend.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(_SPLIT_PRE[pre]), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])  # fmt: skip
+        if pre == "qwen2":  # Qwen2's tokenizer.json normalizes to NFC first
+            backend.normalizer = normalizers.NFC()
     else:
         raise ModelLoadError(f"{path}: pre-tokenizer {pre!r} is not supported (supported: "
                              f"{', '.join(sorted({*_GPT2_PRE, 'smollm', *_SPLIT_PRE}))})")

@@ -49,6 +49,10 @@ class ModelSource(ABC):
     def tokenizer(self) -> Tokenizer:
         """The model's tokenizer, with its special tokens and chat template."""
 
+    def save_tokenizer(self, directory: Path) -> None:
+        """Write the tokenizer files a Hugging Face directory of this model needs."""
+        self.tokenizer().save(directory)
+
     @property
     def dtype(self) -> str:
         """The 16-bit dtype the model's unquantized tensors are kept in ("bfloat16" or "float16")."""

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_file
 from ..errors import ModelLoadError
 from ..model_config import ModelConfig
 from ..tensor import NF4Tensor
@@ -14,6 +16,8 @@ from .base import ModelSource, normalized
 from .safetensors_io import SafetensorsFile
 
 INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")
 _PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
 
 
@@ -110,3 +114,11 @@ class HFDirSource(ModelSource):
         from ..tokenizer import Tokenizer
 
         return Tokenizer.from_hf_dir(self.path)
+
+    def save_tokenizer(self, directory: Path) -> None:
+        """Copy the tokenizer files as they are (after checking that they load)."""
+        self.tokenizer()
+        for name in TOKENIZER_FILES:
+            if (self.path / name).is_file():
+                with open(self.path / name, "rb") as src, atomic_file(directory / name) as dst:
+                    shutil.copyfileobj(src, dst)

@@ -78,7 +78,9 @@ def test_quantized_directory_contents(tmp_path):
             assert value.dtype == bfloat16
             np.testing.assert_array_equal(value, w)
     file = SafetensorsFile(out / "model.safetensors")
-    assert file.metadata == {"format": "pt"}
+    assert file.metadata["format"] == "pt" and file.metadata["nf4core_format_version"] == "1"
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # copied as they were
+        assert (out / name).read_bytes() == (tmp_path / "hf" / name).read_bytes()
     assert "model.layers.0.mlp.up_proj.weight.nested_absmax" in file
     assert reread.tokenizer().encode("Hello world!") == tiny_tokenizer().encode("Hello world!").ids
 

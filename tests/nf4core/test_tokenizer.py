@@ -11,7 +11,8 @@ from .tiny_models import (
     add_sentencepiece_metadata,
     hf_config,
     random_weights,
-    sentencepiece_vocab,  # fmt: skip
+    sentencepiece_vocab,
+    tiny_tokenizer,
     write_gguf,
 )
 
@@ -50,3 +51,21 @@ def test_sentencepiece_dummy_prefix_is_always_added(tmp_path):
     assert ours.decode(ours.encode(" hello world", add_special_tokens=False)) == " hello world"
     after_special = ours.encode("</s>hello", add_special_tokens=False)
     assert after_special[0] == 2 and tokens[after_special[1]].startswith("\u2581")
+
+
+@pytest.mark.parametrize("pre,pieces", [
+    ("default", ["a", "Ġ12345"]),  # GPT-2: a run of digits with its space
+    ("smollm", ["a", "Ġ", "1", "2", "3", "4", "5"]),  # single digits, split before ByteLevel
+    ("llama-bpe", ["a", "Ġ", "123", "45"]),  # Llama 3: up to three digits
+    ("qwen2", ["a", "Ġ", "1", "2", "3", "4", "5"]),
+])  # fmt: skip
+def test_gguf_pre_tokenizers_split_as_their_models_do(tmp_path, monkeypatch, pre, pieces):
+    import gguf
+
+    config = hf_config("llama")
+    monkeypatch.setattr(gguf.GGUFWriter, "add_tokenizer_pre",
+                        lambda self, _: self.add_string("tokenizer.ggml.pre", pre))
+    path = write_gguf(tmp_path / "m.gguf", config, random_weights(config), tokenizer=tiny_tokenizer())
+    backend = open_model(path).tokenizer().backend
+    assert [p for p, _ in backend.pre_tokenizer.pre_tokenize_str("a 12345")] == pieces
+    assert (backend.normalizer is not None) == (pre == "qwen2")  # Qwen2 normalizes to NFC
