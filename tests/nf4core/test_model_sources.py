@@ -88,6 +88,15 @@ def test_gguf_llama3_rope_scaling_is_recognised(tmp_path):
                       extra_tensors={"rope_freqs.weight": freqs})
     source = open_model(path)
     assert source.config.rope_scaling == scaling
+    hf = open_model(write_hf_dir(tmp_path / "hf", {**config, "rope_scaling": scaling},
+                                 random_weights(config)))  # fmt: skip
+    assert core(source.config) == core(hf.config)
+    # transformers >= 5 writes the same as rope_parameters
+    v5 = {k: v for k, v in config.items() if k != "rope_theta"}
+    v5["rope_parameters"] = {**scaling, "rope_theta": 500000.0}
+    hf5 = open_model(write_hf_dir(tmp_path / "hf5", v5, random_weights(config)))
+    assert core(hf5.config) == core(hf.config)
+    assert "rope_parameters" not in hf5.config.extra
     assert "rope_freqs.weight" not in source.tensor_names()
     bad = write_gguf(tmp_path / "bad.gguf", config, random_weights(config),
                      extra_tensors={"rope_freqs.weight": freqs * 1.5})
