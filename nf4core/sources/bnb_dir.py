@@ -44,13 +44,15 @@ class BnbDirSource(HFDirSource):
     def _layout_shapes(self, available: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         """Packed weights take the shape their quant state records."""
         shapes = dict(available)
-        for name in available:
-            if name.endswith(".weight") and f"{name}.{QUANT_STATE_SUFFIX}nf4" in available:
-                shapes[name] = self.read(name).shape
-            elif name.endswith(".weight") and any(
-                    k.startswith(f"{name}.{QUANT_STATE_SUFFIX}") for k in available):  # fmt: skip
-                raise ModelLoadError(f"{self._file(name).path}: {name!r} is not stored as nf4 "
-                                     "(fp4 and other 4-bit types are not supported)")  # fmt: skip
+        marker = f".{QUANT_STATE_SUFFIX}"
+        for key in available:
+            name, found, quant_type = key.partition(marker)
+            if not found:
+                continue
+            if quant_type != "nf4":
+                raise ModelLoadError(f"{self._file(key).path}: {name!r} is stored as "
+                                     f"{quant_type!r}, not nf4 (not supported)")  # fmt: skip
+            shapes[name] = self.read(name).shape
         return shapes
 
     def is_nf4(self, name: str) -> bool:

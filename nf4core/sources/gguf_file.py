@@ -88,7 +88,8 @@ class GGUFSource(ModelSource):
         except FileNotFoundError:
             raise ModelLoadError(f"{self.path}: file not found") from None
         except Exception as exc:  # the gguf package raises ValueError, struct/numpy errors, ...
-            raise ModelLoadError(f"{self.path}: not a readable GGUF file: {exc}") from None
+            raise ModelLoadError(f"{self.path}: not a readable GGUF file (truncated or corrupt?): "
+                                 f"{exc}") from None
         try:
             self.metadata = {k: f.contents() for k, f in self._reader.fields.items()}
         except Exception as exc:
@@ -131,7 +132,7 @@ class GGUFSource(ModelSource):
         head_dim = int(self._get(f"{a}.attention.key_length", hidden // heads))
         rope_theta = _f32(self._get(f"{a}.rope.freq_base", 10000.0))
         values = dict(
-            architecture="qwen2" if a == "qwen2" else a,
+            architecture=a,
             vocab_size=int(vocab),
             hidden_size=hidden,
             intermediate_size=int(self._get(f"{a}.feed_forward_length")),

