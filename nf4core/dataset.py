@@ -97,7 +97,8 @@ def _chat_tokens(record: Record, tokenizer: Tokenizer) -> tuple[list[int], list[
             raise DataFormatError(f"{record.where}: the chat template does not render this "
                                   "conversation as a sequence of turns; cannot mask the prompt")
         spans.append((len(start), len(end)))
-    ids, offsets = encode_with_offsets(tokenizer, text)
+    # the template writes the special tokens it wants (a BOS included), as transformers assumes
+    ids, offsets = encode_with_offsets(tokenizer, text, add_special_tokens=False)
     mask = [any(a <= s < b for a, b in spans) and e > s for s, e in offsets]
     return ids, mask
 

@@ -21,6 +21,7 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")  # fmt: skip
 _SPLIT_PRE = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}
 _GPT2_PRE = ("default", "gpt-2", "gpt2")
+_IGNORE_MERGES = ("llama-bpe", "llama3")
 _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4
 SPIECE_SPACE = "\u2581"
 
@@ -144,16 +145,21 @@ class Tokenizer:
         backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
                                     for i, t in enumerate(types) if t == _TOKEN_CONTROL])  # fmt: skip
 
-        def token(key: str) -> str | None:
+        def token_id(key: str) -> int | None:
             index = get(f"tokenizer.ggml.{key}_token_id", None)
-            return tokens[index] if index is not None and 0 <= index < len(tokens) else None
+            return index if index is not None and 0 <= index < len(tokens) else None
+
+        def token(key: str) -> str | None:
+            index = token_id(key)
+            return None if index is None else tokens[index]
 
         bos, eos = token("bos"), token("eos")
         add_bos = bool(get("tokenizer.ggml.add_bos_token", default_add_bos)) and bos is not None
         add_eos = bool(get("tokenizer.ggml.add_eos_token", False)) and eos is not None
         single = ([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else [])
         pair = single + ([f"{bos}:1"] if add_bos else []) + ["$B:1"] + ([f"{eos}:1"] if add_eos else [])
-        specials = [(t, tokens.index(t)) for t in {bos, eos} if t is not None and (add_bos or add_eos)]
+        specials = ([(bos, token_id("bos"))] if add_bos else []) + (
+            [(eos, token_id("eos"))] if add_eos and not (add_bos and eos == bos) else [])
         backend.post_processor = processors.TemplateProcessing(single=single, pair=pair,
                                                                special_tokens=specials)  # fmt: skip
         return cls(backend, bos, eos, token("padding"), token("unknown"),
@@ -173,7 +179,8 @@ def _byte_level_bpe(path: str | Path, tokens: list[str], merges: list[str] | Non
         raise ModelLoadError(f"{path}: byte-level BPE tokenizer without tokenizer.ggml.merges")
     vocab = {token: i for i, token in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges]
-    backend = tokenizers.Tokenizer(models.BPE(vocab, pairs, ignore_merges=False))
+    # Llama 3's tokenizer.json takes a pre-token found whole in the vocabulary without merging
+    backend = tokenizers.Tokenizer(models.BPE(vocab, pairs, ignore_merges=pre in _IGNORE_MERGES))
     if pre in _GPT2_PRE:
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     elif pre == "smollm":
