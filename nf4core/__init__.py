@@ -15,7 +15,7 @@ from .errors import ModelLoadError, NF4FormatError
 from .jsonl import DataFormatError
 from .lora_init import lora_init
 from .model_config import ModelConfig
-from .model_quantize import quantize_model
+from .model_quantize import iter_quantized, quantize_model
 from .sources import ModelSource, open_model
 from .tensor import FORMAT_VERSION, DoubleQuantAbsmax, NF4Tensor, dequantize, quantize
 from .tokenizer import Tokenizer
@@ -41,6 +41,7 @@ __all__ = [
     "default_model_path",
     "dequantize",
     "dynamic_map_from_definition",
+    "iter_quantized",
     "load_dataset",
     "lora_init",
     "nf4_code_from_normal_quantiles",

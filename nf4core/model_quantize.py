@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,24 +84,41 @@ def quantize_model(source: str | os.PathLike | ModelSource, out_dir: str | os.Pa
     return out
 
 
+def iter_quantized(source: str | os.PathLike | ModelSource, blocksize: int = 64,
+                   double_quant: bool = True) -> Iterator[tuple[str, NF4Tensor | np.ndarray]]:  # fmt: skip
+    """Every tensor of a model, one at a time, as it is kept in the NF4 model: (name, NF4Tensor) for
+    the attention and MLP weights (quantized here, or as stored when the source holds NF4), else
+    (name, 16-bit array in the source's dtype). For quantizing on load: drop each value before
+    asking for the next, and no two source tensors are ever held in full precision at once."""
+    options = QuantizeOptions(blocksize, double_quant)
+    src = open_model(source) if isinstance(source, (str, os.PathLike)) else source
+    dtype = float_dtype(src.dtype)
+    for name in src.tensor_names():
+        value = src.read(name)
+        if isinstance(value, NF4Tensor):  # already NF4: never requantized
+            out = value
+        elif is_quantized_linear(name):
+            out = quantize(np.asarray(value).astype(dtype, copy=False), options.blocksize,
+                           options.double_quant)  # fmt: skip
+        else:
+            out = np.asarray(value).astype(dtype, copy=False)
+        del value  # the next read must not overlap this tensor
+        yield name, out
+        del out
+
+
 def _write_weights(src: ModelSource, path: Path, options: QuantizeOptions) -> bool:
     """Stream every tensor into `path`; returns whether the NF4 weights are double-quantized."""
-    dtype = float_dtype(src.dtype)
     double_quant = options.double_quant
     metadata = {"format": "pt", "producer": "nf4core", "nf4core_format_version": str(FORMAT_VERSION)}
     with SafetensorsWriter(path, metadata=metadata) as writer:
-        for name in src.tensor_names():
-            value = src.read(name)
-            if isinstance(value, NF4Tensor):  # already NF4: never requantized
-                entries = value.to_state_dict(name.removesuffix(".weight"))
+        for name, value in iter_quantized(src, options.blocksize, options.double_quant):
+            if isinstance(value, NF4Tensor):
                 double_quant = value.double_quant is not None
-            elif is_quantized_linear(name):
-                nf4 = quantize(np.asarray(value).astype(dtype, copy=False), options.blocksize,
-                               options.double_quant)  # fmt: skip
-                entries = nf4.to_state_dict(name.removesuffix(".weight"))
+                entries = value.to_state_dict(name.removesuffix(".weight"))
             else:
-                entries = {name: np.asarray(value).astype(dtype, copy=False)}
-            del value  # the next read must not overlap this tensor
+                entries = {name: value}
+            del value
             for key, array in entries.items():
                 writer.add(key, array)
             del entries

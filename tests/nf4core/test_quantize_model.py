@@ -9,7 +9,7 @@ import weakref
 import numpy as np
 import pytest
 
-from nf4core import NF4Tensor, dequantize, open_model, quantize, quantize_model
+from nf4core import NF4Tensor, dequantize, iter_quantized, open_model, quantize, quantize_model
 from nf4core.dtypes import bfloat16
 from nf4core.sources import is_quantized_linear
 from nf4core.sources.safetensors_io import SafetensorsFile
@@ -121,3 +121,21 @@ def test_refuses_a_non_empty_output_directory(tmp_path):
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
     with pytest.raises(ValueError, match="blocksize 48 is not allowed"):
         quantize_model(hf, tmp_path / "other", blocksize=48)
+
+
+def test_iter_quantized_for_quantize_on_load(tmp_path):
+    config = hf_config("qwen2", tie=True)
+    weights = random_weights(config, seed=4)
+    tracking = TrackingSource(open_model(write_hf_dir(tmp_path / "hf", config, weights)))
+    names = []
+    for name, value in iter_quantized(tracking, blocksize=32, double_quant=False):
+        names.append(name)
+        if is_quantized_linear(name):
+            assert isinstance(value, NF4Tensor) and value.blocksize == 32 and value.absmax is not None
+            np.testing.assert_array_equal(value.packed, quantize(weights[name].astype(bfloat16),
+                                                                 32, double_quant=False).packed)
+        else:
+            assert value.dtype == bfloat16  # float32 sources are kept in bfloat16
+            np.testing.assert_array_equal(value, weights[name].astype(bfloat16))
+        del value
+    assert names == list(weights) and tracking.max_alive == 1
