@@ -1,4 +1,5 @@
-"""Tokenizers rebuilt from GGUF metadata against transformers' own GGUF tokenizer conversion."""
+"""Tokenizers rebuilt from GGUF metadata: SentencePiece and byte-level BPE, with transformers' own
+GGUF tokenizer conversion as the oracle where it follows the models' rules."""
 
 from __future__ import annotations
 
@@ -16,13 +17,12 @@ from .tiny_models import (
     write_gguf,
 )
 
-transformers = pytest.importorskip("transformers")
-
 TEXTS = ["The quick brown fox", "hello world", "unknown ünïcode ✓ and bytes",
          "numbers 12345", "two  spaces\nnewline"]  # fmt: skip
 
 
 def test_sentencepiece_gguf_matches_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
     config = hf_config("llama", vocab=len(sentencepiece_vocab()[0]))
     path = write_gguf(tmp_path / "spm.gguf", config, random_weights(config),
                       add_metadata=add_sentencepiece_metadata)  # fmt: skip
