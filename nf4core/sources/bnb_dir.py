@@ -58,6 +58,9 @@ class BnbDirSource(HFDirSource):
     def is_nf4(self, name: str) -> bool:
         return f"{name}.{QUANT_STATE_SUFFIX}nf4" in self._where
 
+    def _is_packed(self, name: str) -> bool:
+        return self.is_nf4(name)
+
     def read(self, name: str) -> np.ndarray | NF4Tensor:
         """An NF4Tensor for a weight stored as NF4 (bytes as saved), else the array as stored."""
         if not self.is_nf4(name):

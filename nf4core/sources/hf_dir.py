@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_file
+from ..dtypes import FLOAT_DTYPES
 from ..errors import ModelLoadError
 from ..model_config import ModelConfig
 from ..tensor import NF4Tensor
@@ -55,6 +56,14 @@ class HFDirSource(ModelSource):
         self._where: dict[str, str] = self._tensor_map()
         available = {name: self._file(name).shape(name) for name in self._where}
         self._check_layout(self._layout_shapes(available), str(self.path))
+        for name in self.tensor_names():
+            dtype = self._file(name).dtype(name)
+            if not self._is_packed(name) and dtype.name not in FLOAT_DTYPES:
+                raise ModelLoadError(f"{self._file(name).path}: tensor {name!r} is {dtype.name}; "
+                                     "expected float32, float16 or bfloat16")  # fmt: skip
+
+    def _is_packed(self, name: str) -> bool:
+        return False
 
     def _check_quantization(self, qconfig: object) -> None:
         if qconfig is not None:

@@ -185,3 +185,12 @@ def test_bnb_fp4_tensor_is_refused(tmp_path):
     with pytest.raises(ModelLoadError, match=r"model.safetensors: 'model.layers.0.self_attn.k_proj."
                                              r"weight' is stored as 'fp4', not nf4"):  # fmt: skip
         open_model(out)
+
+
+def test_integer_weights_are_refused(tmp_path):
+    config = hf_config("llama")
+    weights = random_weights(config)
+    weights["model.layers.0.mlp.gate_proj.weight"] = np.ones((96, 64), np.int8)
+    with pytest.raises(ModelLoadError, match=r"model.safetensors: tensor 'model.layers.0.mlp.gate_proj."
+                                             r"weight' is int8; expected float32"):  # fmt: skip
+        open_model(write_hf_dir(tmp_path / "hf", config, weights))
