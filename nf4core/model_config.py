@@ -69,6 +69,7 @@ class ModelConfig:
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         known = {f for f in cls.__dataclass_fields__ if f not in ("architecture", "extra")}
+        config = _legacy_rope_keys(config)
         values = {k: config[k] for k in known if k in config and config[k] is not None}
         values.setdefault("num_key_value_heads", config.get("num_attention_heads"))
         if model_type == "qwen2":
@@ -88,3 +89,18 @@ class ModelConfig:
                       "qwen2": "Qwen2ForCausalLM"}[self.architecture]  # fmt: skip
         config.update(model_type=self.architecture, architectures=[arch_class])
         return config
+
+
+def _legacy_rope_keys(config: dict) -> dict:
+    """transformers >= 5 writes `rope_parameters` ({"rope_theta", "rope_type", ...}) instead of
+    `rope_theta` and `rope_scaling`; map it back to those two fields."""
+    params = config.get("rope_parameters")
+    if not isinstance(params, dict):
+        return config
+    config = {k: v for k, v in config.items() if k != "rope_parameters"}
+    rest = {k: v for k, v in params.items() if k != "rope_theta"}
+    if "rope_theta" in params and config.get("rope_theta") is None:
+        config["rope_theta"] = params["rope_theta"]
+    if rest.get("rope_type", "default") != "default" and config.get("rope_scaling") is None:
+        config["rope_scaling"] = rest
+    return config
