@@ -9,22 +9,43 @@ from .codebooks import (
     dynamic_map_from_definition,
     nf4_code_from_normal_quantiles,
 )
-from .errors import NF4FormatError
+from .dataset import Batch, DataConfig, Dataset, Example, batches, load_dataset
+from .default_model import DefaultModelMissing, default_model_path
+from .errors import ModelLoadError, NF4FormatError
+from .jsonl import DataFormatError
 from .lora_init import lora_init
 from .model_config import ModelConfig
+from .model_quantize import iter_quantized, quantize_model
+from .sources import ModelSource, open_model
 from .tensor import FORMAT_VERSION, DoubleQuantAbsmax, NF4Tensor, dequantize, quantize
+from .tokenizer import Tokenizer
 
 __all__ = [
     "DYNAMIC_MAP_SIGNED",
     "FORMAT_VERSION",
-    "ModelConfig",
     "NF4_CODE",
+    "Batch",
+    "DataConfig",
+    "DataFormatError",
+    "Dataset",
+    "DefaultModelMissing",
     "DoubleQuantAbsmax",
+    "Example",
+    "ModelConfig",
+    "ModelLoadError",
+    "ModelSource",
     "NF4FormatError",
     "NF4Tensor",
+    "Tokenizer",
+    "batches",
+    "default_model_path",
     "dequantize",
-    "lora_init",
     "dynamic_map_from_definition",
+    "iter_quantized",
+    "load_dataset",
+    "lora_init",
     "nf4_code_from_normal_quantiles",
+    "open_model",
     "quantize",
+    "quantize_model",
 ]

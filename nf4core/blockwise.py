@@ -40,7 +40,7 @@ def block_absmax(flat: np.ndarray, blocksize: int) -> np.ndarray:
     if full < flat.size:
         tail = flat[full:]
         parts.append(np.maximum(tail.max(keepdims=True), -tail.min(keepdims=True)))
-    return np.concatenate(parts).astype(np.float32, copy=False)
+    return np.abs(np.concatenate(parts).astype(np.float32, copy=False))  # an all-zero block: +0.0
 
 
 def nf4_absmax(flat: np.ndarray, blocksize: int) -> np.ndarray:
@@ -96,6 +96,15 @@ def _pair_table(quant_map: np.ndarray) -> np.ndarray:
     return pairs.view(np.uint64).reshape(256)
 
 
+def scale_blocks(values: np.ndarray, absmax: np.ndarray, blocksize: int) -> None:
+    """values[i] *= absmax[i // blocksize], in place, in float32 (one rounding per element)."""
+    full = values.size - values.size % blocksize
+    blocks = values[:full].reshape(-1, blocksize)  # a view: scaling it scales `values`
+    blocks *= absmax[: full // blocksize, None]
+    if full < values.size:
+        values[full:] *= absmax[full // blocksize]
+
+
 def decode_nf4(
     packed: np.ndarray, absmax: np.ndarray, numel: int, blocksize: int, quant_map: np.ndarray
 ) -> np.ndarray:
@@ -103,17 +112,13 @@ def decode_nf4(
     pairs = _pair_table(quant_map)
     out = np.empty(packed.size, dtype=np.uint64)  # one uint64 = the float32 pair of one byte
     values = out.view(np.float32)
-    full = numel - numel % blocksize
 
-    def decode_blocks(start: int, stop: int) -> None:  # element range of whole blocks
-        np.take(pairs, packed[start // 2 : stop // 2], out=out[start // 2 : stop // 2], mode="clip")
-        blocks = values[start:stop].reshape(-1, blocksize)
-        blocks *= absmax[start // blocksize : stop // blocksize, None]
+    def decode_blocks(start: int, stop: int) -> None:  # whole blocks, and the partial one last
+        byte_range = slice(start // 2, (stop + 1) // 2)
+        np.take(pairs, packed[byte_range], out=out[byte_range], mode="clip")  # "clip": 2x faster
+        scale_blocks(values[start:stop], absmax[start // blocksize :], blocksize)
 
-    for_each_slice(full, _chunk_elements(blocksize), decode_blocks)
-    if full < numel:
-        np.take(pairs, packed[full // 2 :], out=out[full // 2 :], mode="clip")
-        values[full:] *= absmax[-1]
+    for_each_slice(numel, _chunk_elements(blocksize), decode_blocks)
     return values[:numel]
 
 
@@ -156,5 +161,6 @@ def dequantize_dynamic_blockwise(
     codes: np.ndarray, absmax: np.ndarray, blocksize: int, quant_map: np.ndarray
 ) -> np.ndarray:
     """float32: quant_map[code] * absmax[block], rounded once."""
-    scale = np.repeat(absmax, blocksize)[: codes.size]
-    return quant_map[codes] * scale
+    values = quant_map[codes]
+    scale_blocks(values, absmax, blocksize)
+    return values

@@ -22,7 +22,7 @@ class ModelConfig:
     num_hidden_layers: int
     num_attention_heads: int
     num_key_value_heads: int
-    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    head_dim: int | None = None  # None becomes hidden_size // num_attention_heads
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # e.g. {"rope_type": "llama3", "factor": 8.0, ...}
@@ -50,12 +50,14 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
-        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
-            raise ValueError("hidden_size must divide by num_attention_heads when head_dim is unset")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError("hidden_size must divide by num_attention_heads when head_dim is unset")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
 
     @property
     def resolved_head_dim(self) -> int:
-        return self.head_dim or self.hidden_size // self.num_attention_heads
+        return self.head_dim
 
     @classmethod
     def from_hf_config(cls, config: dict) -> "ModelConfig":
@@ -67,11 +69,13 @@ class ModelConfig:
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         known = {f for f in cls.__dataclass_fields__ if f not in ("architecture", "extra")}
+        config = _legacy_rope_keys(config)
         values = {k: config[k] for k in known if k in config and config[k] is not None}
         values.setdefault("num_key_value_heads", config.get("num_attention_heads"))
         if model_type == "qwen2":
             values["attention_bias"] = True
-        extra = {k: v for k, v in config.items() if k not in known and k != "model_type"}
+        generated = ("model_type", "architectures")  # to_hf_config writes these from `architecture`
+        extra = {k: v for k, v in config.items() if k not in known and k not in generated}
         return cls(architecture=model_type, extra=extra, **values)
 
     def to_hf_config(self) -> dict:
@@ -79,11 +83,24 @@ class ModelConfig:
         config = {**self.extra, **asdict(self)}
         for internal in ("extra", "architecture", "config_version"):
             config.pop(internal)
-        if config["head_dim"] is None:
-            config["head_dim"] = self.resolved_head_dim
         if self.architecture == "qwen2":
             config.pop("attention_bias")
         arch_class = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                       "qwen2": "Qwen2ForCausalLM"}[self.architecture]  # fmt: skip
         config.update(model_type=self.architecture, architectures=[arch_class])
         return config
+
+
+def _legacy_rope_keys(config: dict) -> dict:
+    """transformers >= 5 writes `rope_parameters` ({"rope_theta", "rope_type", ...}) instead of
+    `rope_theta` and `rope_scaling`; map it back to those two fields."""
+    params = config.get("rope_parameters")
+    if not isinstance(params, dict):
+        return config
+    config = {k: v for k, v in config.items() if k != "rope_parameters"}
+    rest = {k: v for k, v in params.items() if k != "rope_theta"}
+    if "rope_theta" in params and config.get("rope_theta") is None:
+        config["rope_theta"] = params["rope_theta"]
+    if rest.get("rope_type", "default") != "default" and config.get("rope_scaling") is None:
+        config["rope_scaling"] = rest
+    return config

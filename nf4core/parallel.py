@@ -9,6 +9,15 @@ from typing import Callable
 _pool: ThreadPoolExecutor | None = None
 
 
+def _forget_pool() -> None:  # a forked child inherits the pool object but not its threads
+    global _pool
+    _pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _workers() -> int:
     try:
         return len(os.sched_getaffinity(0))

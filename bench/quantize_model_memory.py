@@ -1,0 +1,90 @@
+"""Peak resident memory of quantizing the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) to an
+NF4 bitsandbytes directory: nf4core.quantize_model vs transformers + bitsandbytes doing the same,
+each in its own fresh process. transformers refuses a BitsAndBytesConfig together with a GGUF file,
+so the peer takes the two steps a user would: load the GGUF (de-quantized to bfloat16) and save it
+as a Hugging Face directory, then load that with load_in_4bit (nf4, double quant) and save it.
+
+    python bench/quantize_model_memory.py          # prints a table and the ratios
+
+Each child reports its own VmHWM (peak RSS) and its RSS after imports, so import costs are visible.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+
+CHILD = r"""
+import json, sys, time
+def status():
+    with open("/proc/self/status") as f:
+        d = dict(line.split(":", 1) for line in f)
+    return {k: int(d[k].split()[0]) // 1024 for k in ("VmRSS", "VmHWM")}
+which, out = sys.argv[1], sys.argv[2]
+import nf4core
+if which == "peer":
+    import torch, transformers
+before = status()
+path = nf4core.default_model_path()
+start = time.perf_counter()
+if which == "nf4core":
+    nf4core.quantize_model(path, out)
+else:
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+        dtype=torch.bfloat16)
+    # save_pretrained refuses a model loaded from GGUF: write its state dict and config directly
+    import os, safetensors.torch
+    os.makedirs(out + "-bf16")
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    safetensors.torch.save_file(state, out + "-bf16/model.safetensors", metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    with open(out + "-bf16/config.json", "w") as f:
+        json.dump(config, f)
+    del model, state
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out + "-bf16",
+        quantization_config=config, device_map="cpu")
+    model.save_pretrained(out)
+seconds = time.perf_counter() - start
+after = status()
+print(json.dumps({"imports_rss_mib": before["VmRSS"], "peak_rss_mib": after["VmHWM"],
+                  "seconds": round(seconds, 1)}))
+"""
+
+
+def run(which: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "out")
+        proc = subprocess.run([sys.executable, "-c", CHILD, which, out], capture_output=True,
+                              text=True, check=False)  # fmt: skip
+        if proc.returncode:
+            return {"error": proc.stderr.strip().splitlines()[-1]}
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        result["output_mib"] = round(sum(os.path.getsize(os.path.join(out, f))
+                                         for f in os.listdir(out)) / 2**20, 1)  # fmt: skip
+        return result
+
+
+def main() -> None:
+    import nf4core
+
+    path = nf4core.default_model_path()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}")
+    print(f"model: {path.name} ({path.stat().st_size / 2**20:.1f} MiB)")
+    ours = run("nf4core")
+    peer = run("peer")
+    for name, result in (("nf4core.quantize_model", ours), ("transformers+bitsandbytes", peer)):
+        print(f"{name:28s} {json.dumps(result)}")
+    if "error" not in ours and "error" not in peer:
+        print(f"ratio peak RSS (ours / peer): {ours['peak_rss_mib'] / peer['peak_rss_mib']:.2f}")
+        print(f"ratio time (ours / peer): {ours['seconds'] / peer['seconds']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

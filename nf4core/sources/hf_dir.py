@@ -1,0 +1,133 @@
+"""A Hugging Face model directory: config.json, *.safetensors (one file or an index), tokenizer.json."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ..atomic import atomic_file
+from ..dtypes import FLOAT_DTYPES
+from ..errors import ModelLoadError
+from ..model_config import ModelConfig
+from ..tensor import NF4Tensor
+from .base import ModelSource, normalized
+from .safetensors_io import SafetensorsFile
+
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")
+_PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: file not found") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def config_from_json(path: Path, raw: dict) -> ModelConfig:
+    if raw.get("mlp_bias"):
+        raise ModelLoadError(f"{path}: mlp_bias=true is not supported")
+    try:
+        return normalized(ModelConfig.from_hf_config(raw))
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: {exc}") from None
+
+
+class HFDirSource(ModelSource):
+    """A Hugging Face directory with 16/32-bit weights in safetensors."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.raw_config = read_json(self.path / "config.json")
+        self._check_quantization(self.raw_config.get("quantization_config"))
+        self.config = config_from_json(self.path / "config.json", self.raw_config)
+        self._files: dict[str, SafetensorsFile] = {}
+        self._where: dict[str, str] = self._tensor_map()
+        available = {name: self._file(name).shape(name) for name in self._where}
+        self._check_layout(self._layout_shapes(available), str(self.path))
+        for name in self.tensor_names():
+            dtype = self._file(name).dtype(name)
+            if not self._is_packed(name) and dtype.name not in FLOAT_DTYPES:
+                raise ModelLoadError(f"{self._file(name).path}: tensor {name!r} is {dtype.name}; "
+                                     "expected float32, float16 or bfloat16")  # fmt: skip
+
+    def _is_packed(self, name: str) -> bool:
+        return False
+
+    def _check_quantization(self, qconfig: object) -> None:
+        if qconfig is not None:
+            raise ModelLoadError(f"{self.path / 'config.json'}: has a quantization_config; "
+                                 "open it with open_model to read it as a quantized checkpoint")
+
+    def _layout_shapes(self, available: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        return available
+
+    def _tensor_map(self) -> dict[str, str]:
+        """Tensor name -> the safetensors file (relative to the directory) that holds it."""
+        index = self.path / INDEX_FILE
+        if index.exists():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ModelLoadError(f"{index}: has no 'weight_map' object")
+            for file in sorted(set(weight_map.values())):
+                if not (self.path / file).is_file():
+                    raise ModelLoadError(f"{index}: names shard {file!r}, which is missing")
+            return dict(weight_map)
+        shards = sorted(p.name for p in self.path.glob("*.safetensors"))
+        if not shards:
+            pickled = [f for f in _PICKLE_FILES if (self.path / f).exists()]
+            hint = (f" (found {pickled[0]}: pickled checkpoints are never loaded; convert it to "
+                    "safetensors)") if pickled else ""  # fmt: skip
+            raise ModelLoadError(f"{self.path}: no *.safetensors weights{hint}")
+        where: dict[str, str] = {}
+        for shard in shards:
+            for name in self._open(shard).names():
+                where[name] = shard
+        return where
+
+    def _open(self, file: str) -> SafetensorsFile:
+        if file not in self._files:
+            self._files[file] = SafetensorsFile(self.path / file)
+        return self._files[file]
+
+    def _file(self, name: str) -> SafetensorsFile:
+        if name not in self._where:
+            raise KeyError(f"{self.path}: the checkpoint has no tensor {name!r}")
+        file = self._open(self._where[name])
+        if name not in file:
+            raise ModelLoadError(f"{file.path}: missing tensor {name!r} (listed in {INDEX_FILE})")
+        return file
+
+    def read(self, name: str) -> np.ndarray | NF4Tensor:
+        """One tensor as stored (float32/float16/bfloat16), mapped read-only from its file."""
+        self._check_name(name)
+        return self._file(name).read(name)
+
+    @property
+    def dtype(self) -> str:
+        declared = self.raw_config.get("torch_dtype") or self.raw_config.get("dtype")
+        return declared if declared in ("bfloat16", "float16") else "bfloat16"
+
+    def tokenizer(self):
+        from ..tokenizer import Tokenizer
+
+        return Tokenizer.from_hf_dir(self.path)
+
+    def save_tokenizer(self, directory: Path) -> None:
+        """Copy the tokenizer files as they are (after checking that they load)."""
+        self.tokenizer()
+        for name in TOKENIZER_FILES:
+            if (self.path / name).is_file():
+                with open(self.path / name, "rb") as src, atomic_file(directory / name) as dst:
+                    shutil.copyfileobj(src, dst)

@@ -1,0 +1,48 @@
+"""The tensors a Llama-family checkpoint must hold, by Hugging Face name, with their shapes."""
+
+from __future__ import annotations
+
+import re
+
+from ..model_config import ModelConfig
+
+LINEAR_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+_LINEAR_WEIGHT = re.compile(r"model\.layers\.\d+\.(%s)\.weight" % "|".join(
+    re.escape(m) for m in LINEAR_MODULES))  # fmt: skip
+
+
+def is_quantized_linear(name: str) -> bool:
+    """True for the attention and MLP projection weights, the tensors stored as NF4."""
+    return _LINEAR_WEIGHT.fullmatch(name) is not None
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the model needs, in checkpoint order, with its shape (out, in) for weights.
+
+    `lm_head.weight` is absent when the embeddings are tied.
+    """
+    h, inter, hd = config.hidden_size, config.intermediate_size, config.resolved_head_dim
+    q_out, kv_out = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, h)}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "self_attn.q_proj.weight"] = (q_out, h)
+        shapes[p + "self_attn.k_proj.weight"] = (kv_out, h)
+        shapes[p + "self_attn.v_proj.weight"] = (kv_out, h)
+        shapes[p + "self_attn.o_proj.weight"] = (h, q_out)
+        if config.attention_bias:
+            shapes[p + "self_attn.q_proj.bias"] = (q_out,)
+            shapes[p + "self_attn.k_proj.bias"] = (kv_out,)
+            shapes[p + "self_attn.v_proj.bias"] = (kv_out,)
+            if config.architecture != "qwen2":  # Llama's attention_bias also covers o_proj
+                shapes[p + "self_attn.o_proj.bias"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        shapes[p + "mlp.gate_proj.weight"] = (inter, h)
+        shapes[p + "mlp.up_proj.weight"] = (inter, h)
+        shapes[p + "mlp.down_proj.weight"] = (h, inter)
+    shapes["model.norm.weight"] = (h,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, h)
+    return shapes
