@@ -33,10 +33,9 @@ import torch.nn.functional as F  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
 import nf4core  # noqa: E402
-from _timing import median_seconds  # noqa: E402
+from bench._timing import median_seconds  # noqa: E402
 from backends.torch_backend import dispatch, ops_reference, ops_triton  # noqa: E402
 from backends.torch_backend.nf4_linear import NF4Linear  # noqa: E402
 from backends.torch_backend.nf4_weight import NF4Weight  # noqa: E402

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -25,25 +24,17 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import nf4core  # noqa: E402
-from _timing import median_seconds  # noqa: E402
+from bench._timing import median_seconds  # noqa: E402
+from bench.machine import describe  # noqa: E402
 from backends.torch_backend import ops_reference  # noqa: E402
 from backends.torch_backend.nf4_linear import NF4Linear  # noqa: E402
 from backends.torch_backend.nf4_weight import NF4Weight  # noqa: E402
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return f"{describe()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def bench_dequant(repeat: int) -> list[dict]:

@@ -13,13 +13,12 @@ from .model import CausalLM, causal_lm_loss
 from .nf4_linear import NF4Linear, nf4_linear
 from .nf4_weight import NF4Weight
 from .paged_adamw import PagedAdamW
-from .precision import default_compute_dtype
 from .schedule import ScheduleConfig
 from .train_step import Batch, StepStats, TrainConfig, Trainer
 
 __all__ = [
     "Batch", "CausalLM", "KVCache", "LoRAConfig", "LoRALinear", "NF4Linear", "NF4Weight",
     "PagedAdamW", "SamplingConfig", "ScheduleConfig", "StepStats", "TrainConfig", "Trainer",
-    "apply_lora", "causal_lm_loss", "default_compute_dtype", "force_path", "generate",
+    "apply_lora", "causal_lm_loss", "force_path", "generate",
     "generate_tokens", "load_lora_state_dict", "lora_state_dict", "merge_lora", "nf4_linear",
 ]  # fmt: skip
