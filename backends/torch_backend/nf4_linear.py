@@ -63,7 +63,7 @@ class NF4Linear(nn.Module):
                  ) -> "NF4Linear":
         """From an `nf4core.NF4Tensor` of shape (out, in), bit for bit (on the CPU)."""
         if bias is not None and not isinstance(bias, torch.Tensor):
-            bias = torch.from_numpy(np.asarray(bias, dtype=np.float32))
+            bias = torch.from_numpy(np.array(bias, dtype=np.float32))
         return cls(NF4Weight.from_nf4(t), bias)
 
     @classmethod

@@ -59,4 +59,4 @@ def _as_numpy(a: object) -> np.ndarray:
     if isinstance(a, torch.Tensor):
         return a.detach().float().cpu().numpy()
     a = np.asarray(a)
-    return a if a.dtype == np.float32 else a.astype(np.float32)
+    return a if a.dtype == np.float32 and a.flags.writeable else a.astype(np.float32)

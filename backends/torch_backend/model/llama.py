@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from nf4core import ModelConfig
+from nf4core import ModelConfig, ModelSource
 
 from ..kv_cache import KVCache
 from .attention import Attention
@@ -92,6 +92,17 @@ class CausalLM(nn.Module):
         lm_head.requires_grad_(False)
         return cls(config, decoder, lm_head, compute_dtype)
 
+    @classmethod
+    def from_source(cls, source: "ModelSource", quantize: bool = True, blocksize: int = 64,
+                    double_quant: bool = True, compute_dtype: torch.dtype = torch.float32
+                    ) -> "CausalLM":
+        """Build from `nf4core.open_model(path)`: tensors are read (and quantized) one at a time; NF4
+        weights of a bitsandbytes directory are used without requantizing."""
+        from .source import SourceTensors
+
+        return cls.from_state(source.config, SourceTensors(source), quantize, blocksize,
+                              double_quant, compute_dtype)  # fmt: skip
+
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """input_ids (B, T) -> final normalised hidden states (B, T, C) in the compute dtype."""
         t = input_ids.shape[1]
@@ -131,7 +142,7 @@ class _Getter:
         value = self.raw(name)
         if isinstance(value, torch.Tensor):
             return value.detach().float().cpu().numpy()
-        return np.asarray(value, dtype=np.float32)
+        return np.array(value, dtype=np.float32)  # a copy: sources may hand out read-only views
 
     def tensor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         return torch.from_numpy(self.array(name)).to(dtype)
