@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -39,15 +40,40 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Batch:
-    """input_ids (B, T) int64; loss_mask (B, T) bool marks target tokens (None: all but the first)."""
+    """input_ids (B, T) int64; loss_mask (B, T) bool marks target tokens (None: all but the first);
+    position_ids and segment_ids (B, T) for packed rows (segment 0 is padding), or None."""
 
     input_ids: torch.Tensor
     loss_mask: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+    segment_ids: torch.Tensor | None = None
+
+    @classmethod
+    def from_numpy(cls, batch: object, device: torch.device | str = "cpu") -> "Batch":
+        """From an `nf4core.Batch` (numpy input_ids, loss_mask, position_ids, segment_ids). Rows of
+        one example each (right-padded) keep the plain causal path, which is faster; packed rows
+        carry positions and segments."""
+
+        def put(a, dtype):  # noqa: ANN001, ANN202
+            return torch.from_numpy(np.asarray(a)).to(device=device, dtype=dtype)
+
+        ids, mask = put(batch.input_ids, torch.long), put(batch.loss_mask, torch.bool)
+        if np.asarray(batch.segment_ids).max(initial=0) <= 1:
+            return cls(ids, mask)
+        return cls(ids, mask, put(batch.position_ids, torch.long), put(batch.segment_ids, torch.long))
+
+    def target_mask(self) -> torch.Tensor:
+        """(B, T-1) bool: which next-token predictions count (see causal_lm_loss)."""
+        ids = self.input_ids
+        mask = torch.ones_like(ids[:, 1:], dtype=torch.bool) if self.loss_mask is None \
+            else self.loss_mask[:, 1:].bool()
+        if self.segment_ids is not None:
+            seg = self.segment_ids
+            mask = mask & (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
+        return mask
 
     def n_targets(self) -> int:
-        if self.loss_mask is None:
-            return self.input_ids.shape[0] * (self.input_ids.shape[1] - 1)
-        return int(self.loss_mask[:, 1:].sum())
+        return int(self.target_mask().sum())
 
 
 @dataclass(frozen=True)
@@ -83,8 +109,9 @@ class Trainer:
             raise ValueError("no target tokens in this step (check the loss masks)")
         loss_sum = 0.0
         for batch in micro_batches:
-            logits = self.model(batch.input_ids)
-            summed, _ = causal_lm_loss(logits, batch.input_ids, batch.loss_mask)
+            logits = self.model(batch.input_ids, position_ids=batch.position_ids,
+                                segment_ids=batch.segment_ids)
+            summed, _ = causal_lm_loss(logits, batch.input_ids, batch.loss_mask, batch.segment_ids)
             (summed / total).backward()
             loss_sum += float(summed.detach())
         clip = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
@@ -104,7 +131,9 @@ class Trainer:
         self.model.eval()
         total, loss = 0, 0.0
         for batch in batches:
-            summed, n = causal_lm_loss(self.model(batch.input_ids), batch.input_ids, batch.loss_mask)
+            logits = self.model(batch.input_ids, position_ids=batch.position_ids,
+                                segment_ids=batch.segment_ids)
+            summed, n = causal_lm_loss(logits, batch.input_ids, batch.loss_mask, batch.segment_ids)
             loss, total = loss + float(summed), total + int(n)
         self.model.train(was)
         return loss / max(total, 1)

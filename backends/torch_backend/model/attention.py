@@ -21,7 +21,8 @@ class Attention(nn.Module):
         self.layer_index = layer_index
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, C); `mask` (B, 1, T, T) bool replaces the causal mask (packed sequences)."""
         b, t, _ = x.shape  # (B, T, C)
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -31,7 +32,9 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.update(self.layer_index, k, v)  # (B, H_kv, past + T, D)
-        mask, causal = None, past == 0 and t > 1
+        causal = mask is None and past == 0 and t > 1
+        if mask is not None and past > 0:
+            raise ValueError("a segment mask cannot be combined with cached positions")
         if past > 0 and t > 1:  # a chunk after cached positions: query i sees keys <= past + i
             keys = torch.arange(past + t, device=x.device)
             mask = keys[None, :] <= (past + torch.arange(t, device=x.device))[:, None]  # (T, S)

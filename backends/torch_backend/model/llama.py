@@ -29,8 +29,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm, self.post_attention_layernorm = input_layernorm, post_attention_layernorm
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None) -> torch.Tensor:  # (B, T, C)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+                cache: KVCache | None = None, mask: torch.Tensor | None = None
+                ) -> torch.Tensor:  # (B, T, C)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -103,25 +104,34 @@ class CausalLM(nn.Module):
         return cls.from_state(source.config, SourceTensors(source), quantize, blocksize,
                               double_quant, compute_dtype)  # fmt: skip
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> final normalised hidden states (B, T, C) in the compute dtype."""
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                      position_ids: torch.Tensor | None = None,
+                      segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> final normalised hidden states (B, T, C) in the compute dtype.
+
+        position_ids (B, T) restart RoPE positions per packed example; segment_ids (B, T) (0 on
+        padding) keep attention within an example."""
         t = input_ids.shape[1]
         past = cache.length if cache is not None else 0
-        positions = torch.arange(past, past + t, device=input_ids.device)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, self.compute_dtype)  # (T, D)
+        if position_ids is None:
+            position_ids = torch.arange(past, past + t, device=input_ids.device)  # (T,)
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids, self.compute_dtype)  # (..., T, D)
+        mask = None if segment_ids is None else segment_mask(segment_ids)
         x = self.model.embed_tokens(input_ids).to(self.compute_dtype)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, cache, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, cache, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, cache)
+                x = layer(x, cos, sin, cache, mask)
         if cache is not None:
             cache.advance(t)
         return self.model.norm(x)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, vocab) in the compute dtype."""
-        return self.lm_head(self.hidden_states(input_ids, cache))
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                position_ids: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab) in the compute dtype (see `hidden_states`)."""
+        return self.lm_head(self.hidden_states(input_ids, cache, position_ids, segment_ids))
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         c = self.config
@@ -148,13 +158,27 @@ class _Getter:
         return torch.from_numpy(self.array(name)).to(dtype)
 
 
+def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) bool: query i sees key j <= i of its own segment; padding (0) sees itself only."""
+    t = segment_ids.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=segment_ids.device).tril()  # (T, T)
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
+    real = (segment_ids != 0)[:, :, None]
+    eye = torch.eye(t, dtype=torch.bool, device=segment_ids.device)
+    return ((same & real & causal) | eye)[:, None]
+
+
 def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor,
-                   loss_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   loss_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy (float32) and the number of counted targets.
 
     logits (B, T, V), input_ids (B, T); loss_mask (B, T) marks the tokens that count as targets
-    (position t is predicted from t-1; position 0 never counts)."""
+    (position t is predicted from t-1; position 0 never counts); with segment_ids (B, T), the first
+    token of a packed example is not predicted from the previous example."""
     targets = input_ids[:, 1:]  # (B, T-1)
     mask = torch.ones_like(targets, dtype=torch.bool) if loss_mask is None else loss_mask[:, 1:].bool()
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
     losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")
     return torch.where(mask.flatten(), losses, 0.0).sum(), mask.sum()

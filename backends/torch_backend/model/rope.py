@@ -37,14 +37,18 @@ def _llama3(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (T, head_dim) for integer positions (T,), computed in float32 then cast."""
-    freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]  # (T, D/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (T, D)
+    """cos, sin (*positions.shape, head_dim) for integer positions ((T,) or (B, T)), computed in
+    float32 then cast."""
+    freqs = positions.float()[..., None] * inv_freq.to(positions.device)  # (..., T, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (..., T, D)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D) rotated by position: x * cos + rotate_half(x) * sin."""
+    """x (B, H, T, D) rotated by position: x * cos + rotate_half(x) * sin; cos/sin (T, D) or
+    (B, T, D)."""
+    if cos.dim() == 3:  # per-row positions: broadcast over heads
+        cos, sin = cos[:, None], sin[:, None]
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
