@@ -1,0 +1,61 @@
+"""The embedded SmolLM2-135M-Instruct (GGUF Q4_1) on the torch backend: quantized to NF4 on load,
+logits equal transformers on the same dequantized weights, it answers a chat prompt, and a few QLoRA
+steps lower the loss on a fixed example. Skipped when the model package is not installed."""
+
+import numpy as np
+import pytest
+import torch
+
+import nf4core
+from backends.torch_backend.generate import SamplingConfig, generate
+from backends.torch_backend.lora import LoRAConfig, apply_lora
+from backends.torch_backend.model import CausalLM
+from backends.torch_backend.nf4_linear import NF4Linear
+from backends.torch_backend.schedule import ScheduleConfig
+from backends.torch_backend.train_step import Batch, TrainConfig, Trainer
+
+pytestmark = pytest.mark.slow
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    try:
+        source = nf4core.open_model(nf4core.default_model_path())
+    except (FileNotFoundError, nf4core.DefaultModelMissing) as exc:
+        pytest.skip(str(exc))
+    return source, CausalLM.from_source(source)
+
+
+def test_logits_match_transformers(loaded):
+    source, ours = loaded
+    hf_cfg = transformers.AutoConfig.for_model(**source.config.to_hf_config())
+    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager").eval()
+    state = {n: torch.from_numpy(np.array(source.read(n), dtype=np.float32))
+             for n in source.tensor_names() if "layers" not in n or "norm" in n}  # fmt: skip
+    state.update({f"{n}.weight": m.dequantize() for n, m in ours.named_modules()
+                  if isinstance(m, NF4Linear)})  # fmt: skip
+    hf.load_state_dict(state, strict=False)
+    if source.config.tie_word_embeddings:
+        hf.tie_weights()
+    ids = torch.tensor([source.tokenizer().encode("The capital of France is")])
+    with torch.no_grad():
+        want, got = hf(ids).logits, ours(ids)
+    assert torch.allclose(got, want, atol=1e-3, rtol=1e-3), (got - want).abs().max()
+
+
+def test_chat_answer_and_short_training(loaded):
+    source, ours = loaded
+    tok = source.tokenizer()
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     add_generation_prompt=True)  # fmt: skip
+    ids = tok.encode(prompt)
+    eos = tuple(i for i in (tok.eos_token_id, tok.token_id("<|im_end|>")) if i is not None)
+    answer = tok.decode(generate(ours, ids, SamplingConfig(max_new_tokens=12, eos_token_ids=eos)))
+    assert "Paris" in answer, answer
+    apply_lora(ours, LoRAConfig(rank=8, alpha=16, target_modules=("q_proj", "v_proj")))
+    trainer = Trainer(ours, TrainConfig(learning_rate=2e-3, schedule=ScheduleConfig(
+        "constant", total_steps=4)))  # fmt: skip
+    text = torch.tensor([tok.encode("The answer to everything is forty-two, said the computer.")])
+    losses = [trainer.train_step([Batch(text)]).loss for _ in range(4)]
+    assert losses[-1] < losses[0], losses
