@@ -54,6 +54,7 @@ def test_gguf_gives_the_same_model_as_the_hf_dir(tmp_path):
         assert torch.allclose(from_gguf(ids), from_hf(ids), atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:no tokenizer saved")
 def test_bnb_dir_loads_nf4_without_requantizing(hf_dir, tmp_path):
     bnb_dir = nf4core.quantize_model(hf_dir, tmp_path / "bnb", blocksize=128)
     source = nf4core.open_model(bnb_dir)

@@ -13,6 +13,7 @@ from tests.backends.torch_backend.test_model import load_dequantized_into  # noq
 from tests.backends.torch_backend.tiny_models import hf_model, state_of  # noqa: E402
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 @pytest.mark.parametrize("arch,rslora", [("llama", False), ("qwen2", True)])
 def test_adapters_load_into_peft_with_identical_logits(arch, rslora):
     hf, cfg = hf_model(arch, seed=5)
