@@ -61,6 +61,8 @@ def _matmul(a: torch.Tensor, w: NF4Weight, transposed: bool) -> torch.Tensor:
     n = out_rows if transposed else in_cols
     m, r = a.shape
     c = torch.empty(m, n, dtype=a.dtype, device=a.device)
+    if m == 0:
+        return c
     t = _tiles(m)
     grid = (_cdiv(m, t["BM"]), _cdiv(n, t["BN"]))
     kernels.nf4_matmul_kernel[grid](a, w.packed, block_absmax(w), w.quant_map, c, m, n, r,
@@ -79,6 +81,8 @@ def gemv(x2d: torch.Tensor, w: NF4Weight) -> torch.Tensor:
     m = x2d.shape[0]
     x2d = x2d if x2d.stride(1) == 1 else x2d.contiguous()
     y = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
+    if m == 0:
+        return y
     bn, bk = (16, 32) if _interpreting() else (32, 256)
     kernels.nf4_gemv_kernel[(_cdiv(n, bn), m)](x2d, w.packed, block_absmax(w), w.quant_map, y, n, k,
                                                x2d.stride(0), y.stride(0), w.blocksize,

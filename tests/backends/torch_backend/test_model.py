@@ -101,3 +101,16 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 7 * 2 * 2 // 2
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+
+
+def test_generation_stops_at_eos_and_validates(pair):
+    _, ours = pair
+    prompt = [3, 17, 42, 5]
+    first = generate(ours, prompt, SamplingConfig(max_new_tokens=1))[0]
+    assert generate(ours, prompt, SamplingConfig(max_new_tokens=5, eos_token_ids=(first,))) == [first]
+    assert generate(ours, prompt, SamplingConfig(max_new_tokens=0)) == []
+    for bad in (dict(max_new_tokens=-1), dict(temperature=-1.0), dict(top_p=0.0)):
+        with pytest.raises(ValueError):
+            SamplingConfig(**bad)
+    with pytest.raises(ValueError, match="prompt"):
+        generate(ours, [], SamplingConfig())

@@ -110,3 +110,9 @@ def test_nf4_linear_uses_the_kernels_when_forced(weight, monkeypatch):
                                                                           lora.lora_A.weight.grad, rtol=1e-4, atol=1e-3)
     with force_path("triton"):
         assert torch.equal(ops.dequantize(NF4Weight.from_nf4(t)), torch.from_numpy(nf4core.dequantize(t)))
+
+
+def test_empty_batch(weight):
+    _, w = weight
+    assert ops_triton.linear(torch.randn(0, 100), w).shape == (0, 37)
+    assert ops_triton.linear_grad_input(torch.randn(2, 0, 37), w).shape == (2, 0, 100)
