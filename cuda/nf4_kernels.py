@@ -14,8 +14,9 @@ Computes, for an NF4 weight W in bitsandbytes' layout:
                       row), the 4-bit weight streamed once per row, no tensor-core tile padding.
 Layout: W flattened row-major with `w_cols` columns; element e's code is in byte e // 2, the HIGH nibble
   for even e; its scale is absmax[e // blocksize] (float32; reconstructed first when double-quantized).
-  Any M, N, K (no multiple-of-tile requirement). Rounding to bfloat16 is done explicitly
-  (round-to-nearest-even on the bits), because Triton's interpreter truncates instead.
+  Any M, N, K (no multiple-of-tile requirement). Blocksizes are compile-time constants (powers of
+  two, so the block index is a shift); each blocksize in use compiles once. Rounding to bfloat16 is
+  done explicitly (round-to-nearest-even on the bits), because Triton's interpreter truncates.
 Test: pytest tests/backends/torch_backend/test_triton_kernels.py runs every kernel under
   TRITON_INTERPRET=1 on CPU tensors (dequant bit-exact vs nf4core; matmuls within the dtype tolerance of
   dequantize-then-matmul in float32); on an NVIDIA GPU: python bench/gpu_check.py.
@@ -37,40 +38,40 @@ def _round_to(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _decode(packed_ptr, absmax_ptr, quant_map_ptr, flat, mask, blocksize):
+def _decode(packed_ptr, absmax_ptr, quant_map_ptr, flat, mask, BLOCKSIZE: tl.constexpr):
     """float32 values of the flat element indices `flat` (any shape); 0 where masked."""
     byte = tl.load(packed_ptr + flat // 2, mask=mask, other=0).to(tl.int32)
     code = (byte >> ((1 - (flat % 2)) * 4).to(tl.int32)) & 0xF
     value = tl.load(quant_map_ptr + code, mask=mask, other=0.0)
-    scale = tl.load(absmax_ptr + flat // blocksize, mask=mask, other=0.0)
+    scale = tl.load(absmax_ptr + flat // BLOCKSIZE, mask=mask, other=0.0)
     return value * scale
 
 
 @triton.jit
 def nf4_absmax_kernel(codes_ptr, scales_ptr, nested_map_ptr, offset, out_ptr, n_blocks,
-                      nested_blocksize, BLOCK: tl.constexpr):
+                      NESTED_BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_blocks
     code = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.int32)
     value = tl.load(nested_map_ptr + code, mask=mask, other=0.0)
-    scale = tl.load(scales_ptr + offs // nested_blocksize, mask=mask, other=0.0)
+    scale = tl.load(scales_ptr + offs // NESTED_BLOCKSIZE, mask=mask, other=0.0)
     scaled = value * scale
     tl.store(out_ptr + offs, scaled + offset, mask=mask)
 
 
 @triton.jit
-def nf4_dequant_kernel(packed_ptr, absmax_ptr, quant_map_ptr, out_ptr, numel, blocksize,
-                       BLOCK: tl.constexpr):
+def nf4_dequant_kernel(packed_ptr, absmax_ptr, quant_map_ptr, out_ptr, numel,
+                       BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    values = _decode(packed_ptr, absmax_ptr, quant_map_ptr, offs, mask, blocksize)
+    values = _decode(packed_ptr, absmax_ptr, quant_map_ptr, offs, mask, BLOCKSIZE)
     tl.store(out_ptr + offs, _round_to(values, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def nf4_matmul_kernel(a_ptr, packed_ptr, absmax_ptr, quant_map_ptr, c_ptr, M, N, R,
-                      stride_am, stride_ar, stride_cm, stride_cn, w_cols, blocksize,
-                      W_TRANSPOSED: tl.constexpr, DOT_FP32: tl.constexpr,
+                      stride_am, stride_ar, stride_cm, stride_cn, w_cols,
+                      BLOCKSIZE: tl.constexpr, W_TRANSPOSED: tl.constexpr, DOT_FP32: tl.constexpr,
                       PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
     # DOT_FP32: feed the dot float32 copies of the (already rounded) operands: the launcher sets it
     # only under the interpreter, whose dot cannot multiply bfloat16; the products are the same.
@@ -87,7 +88,7 @@ def nf4_matmul_kernel(a_ptr, packed_ptr, absmax_ptr, quant_map_ptr, c_ptr, M, N,
         else:
             flat = rr[:, None] * w_cols + rn[None, :]  # (BR, BN): W[r, n]
         b_mask = (rr < R)[:, None] & (rn < N)[None, :]
-        b = _round_to(_decode(packed_ptr, absmax_ptr, quant_map_ptr, flat, b_mask, blocksize),
+        b = _round_to(_decode(packed_ptr, absmax_ptr, quant_map_ptr, flat, b_mask, BLOCKSIZE),
                       a_ptr.dtype.element_ty)
         if DOT_FP32:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
@@ -100,7 +101,7 @@ def nf4_matmul_kernel(a_ptr, packed_ptr, absmax_ptr, quant_map_ptr, c_ptr, M, N,
 
 @triton.jit
 def nf4_gemv_kernel(x_ptr, packed_ptr, absmax_ptr, quant_map_ptr, y_ptr, N, K, stride_xm, stride_ym,
-                    blocksize, BN: tl.constexpr, BK: tl.constexpr):
+                    BLOCKSIZE: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     rn = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)  # (BN,)
     m = tl.program_id(1).to(tl.int64)
     acc = tl.zeros((BN, BK), dtype=tl.float32)
@@ -109,7 +110,7 @@ def nf4_gemv_kernel(x_ptr, packed_ptr, absmax_ptr, quant_map_ptr, y_ptr, N, K, s
         x = tl.load(x_ptr + m * stride_xm + rk, mask=rk < K, other=0.0).to(tl.float32)
         mask = (rn < N)[:, None] & (rk < K)[None, :]
         w = _decode(packed_ptr, absmax_ptr, quant_map_ptr, rn[:, None] * K + rk[None, :], mask,
-                    blocksize)  # (BN, BK)
+                    BLOCKSIZE)  # (BN, BK)
         w = _round_to(w, x_ptr.dtype.element_ty).to(tl.float32)
         acc += w * x[None, :]
     y = tl.sum(acc, axis=1)

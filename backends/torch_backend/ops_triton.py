@@ -33,8 +33,9 @@ def block_absmax(w: NF4Weight) -> torch.Tensor:
     extra = {} if _interpreting() else {"enable_fp_fusion": False}
     grid = (_cdiv(w.n_blocks, _ELEMENTS_PER_PROGRAM),)
     kernels.nf4_absmax_kernel[grid](w.nested_codes, w.nested_scales, w.nested_quant_map,
-                                    w.nested_offset, out, w.n_blocks, w.nested_blocksize,
-                                    BLOCK=_ELEMENTS_PER_PROGRAM, **extra)  # fmt: skip
+                                    w.nested_offset, out, w.n_blocks,
+                                    NESTED_BLOCKSIZE=w.nested_blocksize, BLOCK=_ELEMENTS_PER_PROGRAM,
+                                    **extra)  # fmt: skip
     return out
 
 
@@ -43,8 +44,8 @@ def dequantize(w: NF4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor
     absmax = block_absmax(w)
     out = torch.empty(w.numel, dtype=dtype, device=w.device)
     grid = (_cdiv(w.numel, _ELEMENTS_PER_PROGRAM),)
-    kernels.nf4_dequant_kernel[grid](w.packed, absmax, w.quant_map, out, w.numel, w.blocksize,
-                                     BLOCK=_ELEMENTS_PER_PROGRAM)  # fmt: skip
+    kernels.nf4_dequant_kernel[grid](w.packed, absmax, w.quant_map, out, w.numel,
+                                     BLOCKSIZE=w.blocksize, BLOCK=_ELEMENTS_PER_PROGRAM)  # fmt: skip
     return out.reshape(w.shape)
 
 
@@ -67,7 +68,7 @@ def _matmul(a: torch.Tensor, w: NF4Weight, transposed: bool) -> torch.Tensor:
     grid = (_cdiv(m, t["BM"]), _cdiv(n, t["BN"]))
     kernels.nf4_matmul_kernel[grid](a, w.packed, block_absmax(w), w.quant_map, c, m, n, r,
                                     a.stride(0), a.stride(1), c.stride(0), c.stride(1), in_cols,
-                                    w.blocksize, W_TRANSPOSED=transposed,
+                                    BLOCKSIZE=w.blocksize, W_TRANSPOSED=transposed,
                                     DOT_FP32=_interpreting() and a.dtype == torch.bfloat16,
                                     PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
                                     **t)  # fmt: skip
@@ -85,8 +86,8 @@ def gemv(x2d: torch.Tensor, w: NF4Weight) -> torch.Tensor:
         return y
     bn, bk = (16, 32) if _interpreting() else (32, 256)
     kernels.nf4_gemv_kernel[(_cdiv(n, bn), m)](x2d, w.packed, block_absmax(w), w.quant_map, y, n, k,
-                                               x2d.stride(0), y.stride(0), w.blocksize,
-                                               BN=bn, BK=bk)  # fmt: skip
+                                               x2d.stride(0), y.stride(0),
+                                               BLOCKSIZE=w.blocksize, BN=bn, BK=bk)  # fmt: skip
     return y
 
 
