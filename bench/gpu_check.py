@@ -27,19 +27,19 @@ SMOKE = "--smoke" in sys.argv
 if SMOKE:  # must precede the first triton import
     os.environ["TRITON_INTERPRET"] = "1"
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import nf4core  # noqa: E402
-from bench._timing import median_seconds  # noqa: E402
-from backends.torch_backend import dispatch, ops_reference, ops_triton  # noqa: E402
-from backends.torch_backend.nf4_linear import NF4Linear  # noqa: E402
-from backends.torch_backend.nf4_weight import NF4Weight  # noqa: E402
-from backends.torch_backend.paged_adamw import PagedAdamW  # noqa: E402
+import nf4core
+from backends.torch_backend import dispatch, ops_reference, ops_triton
+from backends.torch_backend.nf4_linear import NF4Linear
+from backends.torch_backend.nf4_weight import NF4Weight
+from backends.torch_backend.paged_adamw import PagedAdamW
+from bench._timing import median_seconds
 
 DEVICE = torch.device("cpu" if SMOKE else "cuda")
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}  # relative to max |ref|

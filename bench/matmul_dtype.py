@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._timing import median_seconds  # noqa: E402
+from bench._timing import median_seconds
 
 
 def main() -> None:

@@ -25,12 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import nf4core  # noqa: E402
-from bench._timing import median_seconds  # noqa: E402
-from bench.machine import describe  # noqa: E402
-from backends.torch_backend import ops_reference  # noqa: E402
-from backends.torch_backend.nf4_linear import NF4Linear  # noqa: E402
-from backends.torch_backend.nf4_weight import NF4Weight  # noqa: E402
+import nf4core
+from backends.torch_backend import ops_reference
+from backends.torch_backend.nf4_linear import NF4Linear
+from backends.torch_backend.nf4_weight import NF4Weight
+from bench._timing import median_seconds
+from bench.machine import describe
 
 
 def machine() -> str:

@@ -8,7 +8,14 @@ Importing this package imports torch, never triton.
 from .dispatch import force_path
 from .generate import SamplingConfig, generate, generate_tokens
 from .kv_cache import KVCache
-from .lora import LoRAConfig, LoRALinear, apply_lora, load_lora_state_dict, lora_state_dict, merge_lora
+from .lora import (
+    LoRAConfig,
+    LoRALinear,
+    apply_lora,
+    load_lora_state_dict,
+    lora_state_dict,
+    merge_lora,
+)
 from .model import CausalLM, causal_lm_loss
 from .nf4_linear import NF4Linear, nf4_linear
 from .nf4_weight import NF4Weight

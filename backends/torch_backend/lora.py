@@ -83,7 +83,7 @@ class LoRALinear(nn.Module):
 
     @classmethod
     def from_base(cls, base: nn.Module, name: str, config: LoRAConfig,
-                  adapter_dtype: torch.dtype = torch.float32) -> "LoRALinear":
+                  adapter_dtype: torch.dtype = torch.float32) -> LoRALinear:
         """Wrap `base` (NF4Linear or nn.Linear) with adapters initialised by nf4core.lora_init(name)."""
         a, b = nf4core.lora_init(name, base.in_features, base.out_features, config.rank, config.seed)
         device = base.bias.device if getattr(base, "bias", None) is not None else _device_of(base)

@@ -60,7 +60,7 @@ class NF4Linear(nn.Module):
 
     @classmethod
     def from_nf4(cls, t: nf4core.NF4Tensor, bias: np.ndarray | torch.Tensor | None = None
-                 ) -> "NF4Linear":
+                 ) -> NF4Linear:
         """From an `nf4core.NF4Tensor` of shape (out, in), bit for bit (on the CPU)."""
         if bias is not None and not isinstance(bias, torch.Tensor):
             bias = torch.from_numpy(np.array(bias, dtype=np.float32))
@@ -68,7 +68,7 @@ class NF4Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True
-                    ) -> "NF4Linear":
+                    ) -> NF4Linear:
         """Quantize a dense `nn.Linear` with nf4core (the weight goes through the host once)."""
         w = linear.weight.detach().float().cpu().numpy()
         t = nf4core.quantize(w, blocksize=blocksize, double_quant=double_quant)
@@ -103,7 +103,7 @@ class NF4Linear(nn.Module):
                              f"this layer has {self._meta['shape']}")
         self._meta = meta
 
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
+    def _apply(self, fn, recurse: bool = True):
         """Module.to/cuda/half/...: NF4 data follow the device but keep their dtypes (a cast would
         change the format's numbers); the bias is cast like any buffer."""
         before = {n: getattr(self, n) for n in _BUFFERS if getattr(self, n) is not None}

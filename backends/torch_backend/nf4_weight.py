@@ -84,7 +84,7 @@ class NF4Weight:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     @classmethod
-    def from_nf4(cls, t: NF4Tensor, device: torch.device | str | None = None) -> "NF4Weight":
+    def from_nf4(cls, t: NF4Tensor, device: torch.device | str | None = None) -> NF4Weight:
         """Copy an `nf4core.NF4Tensor` onto `device` (default CPU) without changing a bit."""
 
         def put(a: np.ndarray | None) -> torch.Tensor | None:
@@ -116,7 +116,7 @@ class NF4Weight:
                          shape=self.shape, dtype=self.dtype, blocksize=self.blocksize,
                          quant_map=host(self.quant_map))  # fmt: skip
 
-    def to(self, device: torch.device | str) -> "NF4Weight":
+    def to(self, device: torch.device | str) -> NF4Weight:
         """A copy on `device` (self is unchanged; no other side effect)."""
 
         def move(x: torch.Tensor | None) -> torch.Tensor | None:

@@ -15,7 +15,7 @@ never holds more optimizer state than that. On the CPU the same chunked code run
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -67,7 +67,7 @@ class PagedAdamW(torch.optim.Optimizer):
         return state
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: ANN001 - torch's signature
+    def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -98,7 +98,7 @@ class PagedAdamW(torch.optim.Optimizer):
             self._pages[key] = torch.empty(2, n_state, elements, dtype=torch.float32, device=device)
         return self._pages[key]
 
-    def _update_paged(self, p: torch.Tensor, state: dict, coeffs: "_Coefficients") -> None:
+    def _update_paged(self, p: torch.Tensor, state: dict, coeffs: _Coefficients) -> None:
         host = [state[k] for k in _STATE_KEYS if k in state]  # (numel,) each, on the host
         pages = self._page_buffer(p.device, len(host))
         size = pages.shape[-1]
@@ -149,10 +149,10 @@ class PagedAdamW(torch.optim.Optimizer):
 
 
 class _Coefficients:
-    __slots__ = ("lr", "beta1", "beta2", "eps", "decay", "step_size", "bc2_sqrt")
+    __slots__ = ("bc2_sqrt", "beta1", "beta2", "decay", "eps", "lr", "step_size")
 
     @classmethod
-    def of(cls, group: dict, step: int) -> "_Coefficients":
+    def of(cls, group: dict, step: int) -> _Coefficients:
         c = cls()
         c.lr, (c.beta1, c.beta2), c.eps = group["lr"], group["betas"], group["eps"]
         c.decay = 1 - group["lr"] * group["weight_decay"]
@@ -186,7 +186,7 @@ class _Streams:
             self.copy.wait_stream(self.compute)  # gradients and parameters are ready
             self.events: dict[tuple[str, int], torch.cuda.Event] = {}
 
-    def _record(self, kind: str, i: int, stream) -> None:  # noqa: ANN001
+    def _record(self, kind: str, i: int, stream) -> None:
         event = torch.cuda.Event()
         event.record(stream)
         self.events[(kind, i)] = event

@@ -3,8 +3,8 @@ the learning-rate schedule and paged AdamW over the trainable (adapter) paramete
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -49,12 +49,12 @@ class Batch:
     segment_ids: torch.Tensor | None = None
 
     @classmethod
-    def from_numpy(cls, batch: object, device: torch.device | str = "cpu") -> "Batch":
+    def from_numpy(cls, batch: object, device: torch.device | str = "cpu") -> Batch:
         """From an `nf4core.Batch` (numpy input_ids, loss_mask, position_ids, segment_ids). Rows of
         one example each (right-padded) keep the plain causal path, which is faster; packed rows
         carry positions and segments."""
 
-        def put(a, dtype):  # noqa: ANN001, ANN202
+        def put(a, dtype):
             return torch.from_numpy(np.asarray(a)).to(device=device, dtype=dtype)
 
         ids, mask = put(batch.input_ids, torch.long), put(batch.loss_mask, torch.bool)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -57,7 +57,7 @@ class CausalLM(nn.Module):
     @classmethod
     def from_state(cls, config: ModelConfig, tensors: Mapping[str, object], quantize: bool = True,
                    blocksize: int = 64, double_quant: bool = True,
-                   compute_dtype: torch.dtype = torch.float32) -> "CausalLM":
+                   compute_dtype: torch.dtype = torch.float32) -> CausalLM:
         """Build from Hugging Face-named tensors (numpy arrays, torch tensors or nf4core.NF4Tensor).
 
         Block linears given as NF4Tensor are used as they are; dense ones are quantized one at a time
@@ -94,9 +94,9 @@ class CausalLM(nn.Module):
         return cls(config, decoder, lm_head, compute_dtype)
 
     @classmethod
-    def from_source(cls, source: "ModelSource", quantize: bool = True, blocksize: int = 64,
+    def from_source(cls, source: ModelSource, quantize: bool = True, blocksize: int = 64,
                     double_quant: bool = True, compute_dtype: torch.dtype = torch.float32
-                    ) -> "CausalLM":
+                    ) -> CausalLM:
         """Build from `nf4core.open_model(path)`: tensors are read (and quantized) one at a time; NF4
         weights of a bitsandbytes directory are used without requantizing."""
         from .source import SourceTensors

@@ -3,7 +3,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import nf4core  # noqa: E402
+import nf4core
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 

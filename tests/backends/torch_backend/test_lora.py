@@ -7,7 +7,12 @@ from torch import nn
 
 import nf4core
 from backends.torch_backend.lora import (
-    LoRAConfig, LoRALinear, apply_lora, load_lora_state_dict, lora_state_dict, merge_lora,
+    LoRAConfig,
+    LoRALinear,
+    apply_lora,
+    load_lora_state_dict,
+    lora_state_dict,
+    merge_lora,
 )  # fmt: skip
 from backends.torch_backend.nf4_linear import NF4Linear
 from tests.backends.torch_backend.conftest import bits, quantized

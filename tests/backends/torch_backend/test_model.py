@@ -1,23 +1,22 @@
 """Our model against transformers on the same (dequantized) weights, the KV cache, checkpointing."""
 
-import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
-from backends.torch_backend.generate import SamplingConfig, generate  # noqa: E402
-from backends.torch_backend.lora import LoRAConfig, apply_lora  # noqa: E402
-from backends.torch_backend.model import CausalLM  # noqa: E402
-from backends.torch_backend.nf4_linear import NF4Linear  # noqa: E402
-from tests.backends.torch_backend.tiny_models import hf_model, state_of  # noqa: E402
+from backends.torch_backend.generate import SamplingConfig, generate
+from backends.torch_backend.lora import LoRAConfig, apply_lora
+from backends.torch_backend.model import CausalLM
+from backends.torch_backend.nf4_linear import NF4Linear
+from tests.backends.torch_backend.tiny_models import hf_model, state_of
 
 
 def load_dequantized_into(hf, ours: CausalLM) -> None:
     """Give the transformers model exactly the weights our NF4 layers hold."""
     dense = {f"{name}.weight": m.dequantize() for name, m in ours.named_modules()
              if isinstance(m, NF4Linear)}  # fmt: skip
-    missing, unexpected = hf.load_state_dict(dense, strict=False)
+    _missing, unexpected = hf.load_state_dict(dense, strict=False)
     assert not unexpected and len(dense) == 7 * ours.config.num_hidden_layers
 
 

@@ -8,12 +8,12 @@ import torch
 pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
-import nf4core  # noqa: E402
-from backends.torch_backend.model import CausalLM  # noqa: E402
-from backends.torch_backend.nf4_linear import NF4Linear  # noqa: E402
-from tests.backends.torch_backend.conftest import bits  # noqa: E402
-from tests.backends.torch_backend.test_model import load_dequantized_into  # noqa: E402
-from tests.nf4core.tiny_models import hf_config, random_weights, write_gguf, write_hf_dir  # noqa: E402
+import nf4core
+from backends.torch_backend.model import CausalLM
+from backends.torch_backend.nf4_linear import NF4Linear
+from tests.backends.torch_backend.conftest import bits
+from tests.backends.torch_backend.test_model import load_dequantized_into
+from tests.nf4core.tiny_models import hf_config, random_weights, write_gguf, write_hf_dir
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 32}

@@ -7,10 +7,10 @@ import torch
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from backends.torch_backend.lora import LoRAConfig, apply_lora, lora_state_dict  # noqa: E402
-from backends.torch_backend.model import CausalLM  # noqa: E402
-from tests.backends.torch_backend.test_model import load_dequantized_into  # noqa: E402
-from tests.backends.torch_backend.tiny_models import hf_model, state_of  # noqa: E402
+from backends.torch_backend.lora import LoRAConfig, apply_lora, lora_state_dict
+from backends.torch_backend.model import CausalLM
+from tests.backends.torch_backend.test_model import load_dequantized_into
+from tests.backends.torch_backend.tiny_models import hf_model, state_of
 
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")

@@ -15,7 +15,10 @@ from backends.torch_backend.lora import LoRAConfig, LoRALinear
 from backends.torch_backend.nf4_linear import NF4Linear
 from backends.torch_backend.nf4_weight import NF4Weight
 from tests.backends.torch_backend.conftest import (
-    BLOCKSIZES, TRITON_INTERPRETER_READY, bits, quantized,
+    BLOCKSIZES,
+    TRITON_INTERPRETER_READY,
+    bits,
+    quantized,
 )  # fmt: skip
 
 pytest.importorskip("triton")
