@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .model import causal_lm_loss
+from .lora import load_lora_state_dict, lora_state_dict
+from .model.llama import causal_lm_loss, target_mask
 from .paged_adamw import PagedAdamW
 from .schedule import ScheduleConfig
 
@@ -62,18 +63,8 @@ class Batch:
             return cls(ids, mask)
         return cls(ids, mask, put(batch.position_ids, torch.long), put(batch.segment_ids, torch.long))
 
-    def target_mask(self) -> torch.Tensor:
-        """(B, T-1) bool: which next-token predictions count (see causal_lm_loss)."""
-        ids = self.input_ids
-        mask = torch.ones_like(ids[:, 1:], dtype=torch.bool) if self.loss_mask is None \
-            else self.loss_mask[:, 1:].bool()
-        if self.segment_ids is not None:
-            seg = self.segment_ids
-            mask = mask & (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
-        return mask
-
     def n_targets(self) -> int:
-        return int(self.target_mask().sum())
+        return int(target_mask(self.input_ids, self.loss_mask, self.segment_ids).sum())
 
 
 @dataclass(frozen=True)
@@ -123,6 +114,19 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step_index += 1
         return StepStats(loss=loss_sum / total, learning_rate=lr, grad_norm=grad_norm, tokens=total)
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume: step, optimizer state (host tensors) and adapter weights."""
+        return {"format_version": 1, "step_index": self.step_index,
+                "optimizer": self.optimizer.state_dict(), "adapters": lora_state_dict(self.model)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from `state_dict()`: the following steps equal those of an uninterrupted run."""
+        if state.get("format_version") != 1:
+            raise ValueError(f"unknown trainer state version {state.get('format_version')!r}")
+        load_lora_state_dict(self.model, state["adapters"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_index = int(state["step_index"])
 
     @torch.no_grad()
     def evaluate(self, batches: Sequence[Batch]) -> float:

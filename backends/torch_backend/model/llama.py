@@ -168,6 +168,19 @@ def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return ((same & real & causal) | eye)[:, None]
 
 
+def target_mask(input_ids: torch.Tensor, loss_mask: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T-1) bool: which next-token predictions count. Target t counts where loss_mask[t] (all but
+    the first token without a mask) and, in packed rows, where t and t-1 are in the same example."""
+    if loss_mask is None:
+        mask = torch.ones_like(input_ids[:, 1:], dtype=torch.bool)
+    else:
+        mask = loss_mask[:, 1:].bool()
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
+    return mask
+
+
 def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor,
                    loss_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,8 +190,6 @@ def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor,
     (position t is predicted from t-1; position 0 never counts); with segment_ids (B, T), the first
     token of a packed example is not predicted from the previous example."""
     targets = input_ids[:, 1:]  # (B, T-1)
-    mask = torch.ones_like(targets, dtype=torch.bool) if loss_mask is None else loss_mask[:, 1:].bool()
-    if segment_ids is not None:
-        mask = mask & (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
+    mask = target_mask(input_ids, loss_mask, segment_ids)
     losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")
     return torch.where(mask.flatten(), losses, 0.0).sum(), mask.sum()

@@ -93,3 +93,24 @@ def test_trainer_rejects_a_model_without_adapters():
     model = CausalLM.from_state(CFG, tiny_state(), quantize=True)
     with pytest.raises(ValueError, match="trainable"):
         Trainer(model, TrainConfig())
+
+
+def test_resume_from_a_saved_trainer_state_equals_an_uninterrupted_run(tmp_path):
+    def trainer_for():
+        torch.manual_seed(0)
+        model = CausalLM.from_state(CFG, tiny_state(), quantize=True)
+        apply_lora(model, LoRAConfig(rank=4, alpha=8))
+        return Trainer(model, TrainConfig(learning_rate=1e-2, schedule=ScheduleConfig(
+            "linear", warmup_steps=1, total_steps=6)))  # fmt: skip
+
+    ids, mask = data()
+    batch = [Batch(ids, mask)]
+    straight = trainer_for()
+    want = [straight.train_step(batch).loss for _ in range(6)]
+    first = trainer_for()
+    got = [first.train_step(batch).loss for _ in range(3)]
+    torch.save(first.state_dict(), tmp_path / "trainer.pt")
+    resumed = trainer_for()  # fresh adapters and optimizer
+    resumed.load_state_dict(torch.load(tmp_path / "trainer.pt", weights_only=False))
+    got += [resumed.train_step(batch).loss for _ in range(3)]
+    assert got == want
