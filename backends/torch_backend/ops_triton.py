@@ -13,6 +13,9 @@ from .kernels import load_kernel_module
 from .nf4_weight import NF4Weight
 
 GEMV_MAX_ROWS = 8  # at most this many rows take the GEMV kernel in the forward
+# Compiler options of the double-quant absmax kernel on GPUs: multiply and add stay two roundings
+# (tests/backends/torch_backend/test_triton_aot.py checks the PTX has no fma).
+ABSMAX_COMPILE_OPTIONS = {"enable_fp_fusion": False}
 _ELEMENTS_PER_PROGRAM = 1024
 
 
@@ -30,7 +33,7 @@ def block_absmax(w: NF4Weight) -> torch.Tensor:
         return w.absmax
     kernels = load_kernel_module("nf4_kernels.py")
     out = torch.empty(w.n_blocks, dtype=torch.float32, device=w.device)
-    extra = {} if _interpreting() else {"enable_fp_fusion": False}
+    extra = {} if _interpreting() else ABSMAX_COMPILE_OPTIONS
     grid = (_cdiv(w.n_blocks, _ELEMENTS_PER_PROGRAM),)
     kernels.nf4_absmax_kernel[grid](w.nested_codes, w.nested_scales, w.nested_quant_map,
                                     w.nested_offset, out, w.n_blocks,
