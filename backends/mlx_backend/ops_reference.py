@@ -1,0 +1,58 @@
+"""Plain-mlx reference ops on an `NF4Weight`: the twin of every Metal kernel (and the CPU path).
+
+Each result equals nf4core's numpy spec: dequantize bit for bit, matmuls up to float rounding.
+"""
+
+from __future__ import annotations
+
+from ._mlx import mx
+from .nf4_weight import NF4Weight
+
+
+def reconstruct_absmax(w: NF4Weight) -> mx.array:
+    """float32 (n_blocks,) block scales; for double quant: map[code] * scale, round, + offset, round.
+
+    Note (FMA): the product and the sum are two mlx ops. Outside `mx.compile`, and on CPUs (whose
+    compiled kernels write each op as its own statement), nothing fuses them into an FMA. On a Metal
+    GPU the dispatcher uses the two-launch kernel in metal/nf4_absmax.metal instead, so a fused
+    elementwise Metal kernel never sees this pair.
+    """
+    if w.absmax is not None:
+        return w.absmax
+    nested = mx.repeat(w.dq_scales, w.dq_blocksize)[: w.n_blocks]  # (n_blocks,)
+    scaled = mx.take(w.dq_quant_map, w.dq_codes.astype(mx.uint32)) * nested
+    return scaled + mx.array(w.dq_offset, dtype=mx.float32)
+
+
+def decode_codes(packed: mx.array) -> mx.array:
+    """uint32 (2 * bytes,) codes in element order: high nibble first (bitsandbytes' order)."""
+    high = mx.right_shift(packed, 4)
+    low = mx.bitwise_and(packed, 15)
+    return mx.stack([high, low], axis=-1).reshape(-1).astype(mx.uint32)
+
+
+def dequantize_with_absmax(w: NF4Weight, absmax: mx.array, dtype: mx.Dtype = mx.float32) -> mx.array:
+    """The weight in `dtype` and its shape: float32 quant_map[code] * absmax[block], one rounding."""
+    values = mx.take(w.quant_map, decode_codes(w.packed))  # (2 * bytes,) float32
+    padded = w.n_blocks * w.blocksize
+    if values.size < padded:
+        values = mx.concatenate([values, mx.zeros((padded - values.size,), dtype=mx.float32)])
+    blocks = values[:padded].reshape(w.n_blocks, w.blocksize) * absmax[:, None]
+    return blocks.reshape(-1)[: w.numel].astype(dtype).reshape(w.shape)
+
+
+def dequantize(w: NF4Weight, dtype: mx.Dtype = mx.float32) -> mx.array:
+    """The weight in `dtype`, bit-exact with `nf4core.dequantize(t, dtype)`."""
+    return dequantize_with_absmax(w, reconstruct_absmax(w), dtype)
+
+
+def matmul(x: mx.array, w: NF4Weight, absmax: mx.array | None = None) -> mx.array:
+    """x @ W^T for x (..., in) and W (out, in): (..., out), in x's dtype."""
+    absmax = reconstruct_absmax(w) if absmax is None else absmax
+    return x @ dequantize_with_absmax(w, absmax, x.dtype).T
+
+
+def matmul_t(g: mx.array, w: NF4Weight, absmax: mx.array | None = None) -> mx.array:
+    """g @ W for g (..., out): (..., in), the input gradient of `matmul`."""
+    absmax = reconstruct_absmax(w) if absmax is None else absmax
+    return g @ dequantize_with_absmax(w, absmax, g.dtype)
