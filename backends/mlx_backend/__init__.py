@@ -8,7 +8,6 @@ usable. Nothing here probes a device at import time.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 
 _EXPORTS = {
     "NF4Weight": "nf4_weight",
@@ -35,8 +34,12 @@ __all__ = ["is_available", *_EXPORTS]
 
 
 def is_available() -> bool:
-    """True when the mlx package can be imported (the CPU path then always works)."""
-    return importlib.util.find_spec("mlx") is not None
+    """True when mlx can be imported (the CPU path then always works). Imports mlx, probes nothing."""
+    try:
+        importlib.import_module("mlx.core")
+    except ImportError:
+        return False
+    return True
 
 
 def __getattr__(name: str):
