@@ -106,7 +106,7 @@ class LoRALinear(nn.Module):
         return merged
 
 
-def apply_lora(model: nn.Module, config: LoRAConfig, prefix: str = "model") -> list[str]:
+def apply_lora(model: nn.Module, config: LoRAConfig, prefix: str = "") -> list[str]:
     """Freeze `model` and wrap every targeted linear (matched by its last name) in a LoRALinear.
 
     Adapters are named by their Hugging Face module path (e.g. model.layers.0.self_attn.q_proj), which
@@ -132,7 +132,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig, prefix: str = "model") -> l
     return wrapped
 
 
-def lora_state_dict(model: nn.Module, prefix: str = "model") -> dict[str, np.ndarray]:
+def lora_state_dict(model: nn.Module, prefix: str = "") -> dict[str, np.ndarray]:
     """Adapter weights under PEFT's keys: base_model.model.<module>.lora_A.weight / lora_B.weight."""
     out = {}
     for path, module in model.named_modules():
