@@ -26,7 +26,7 @@ def _hf_logits(config, tensors, tokens):
     hf_config = transformers.AutoConfig.for_model(**config.to_hf_config())
     hf_config._attn_implementation = "eager"
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config, torch_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all("lm_head" in k or "rotary" in k for k in missing), missing
