@@ -6,7 +6,6 @@ Only called on a Metal device (see dispatch.py). Each op has a twin in ops_refer
 from __future__ import annotations
 
 import functools
-import inspect
 
 from ._mlx import mx
 from .metal_sources import KERNELS, load_source
@@ -19,16 +18,12 @@ _GROUP = 256
 @functools.lru_cache(maxsize=None)
 def _kernel(name: str):
     spec = KERNELS[name]
-    kwargs = {}
-    if "compile_options" in inspect.signature(mx.fast.metal_kernel).parameters:
-        kwargs["compile_options"] = {"math_mode": "safe"}  # IEEE arithmetic, no fast-math rewrites
-    return mx.fast.metal_kernel(
-        name=name,
-        input_names=spec.input_names,
-        output_names=spec.output_names,
-        source=load_source(name),
-        **kwargs,
-    )
+    args = dict(name=name, input_names=spec.input_names, output_names=spec.output_names,
+                source=load_source(name))  # fmt: skip
+    try:  # IEEE arithmetic, no fast-math rewrites (mlx >= 0.29 takes compile_options)
+        return mx.fast.metal_kernel(**args, compile_options={"math_mode": "safe"})
+    except TypeError:
+        return mx.fast.metal_kernel(**args)
 
 
 def _dims(*values: int) -> mx.array:

@@ -115,3 +115,37 @@ def test_lora_config_validation():
         LoRAConfig(r=0)
     with pytest.raises(ValueError, match="dropout"):
         LoRAConfig(dropout=1.5)
+
+
+def test_backward_does_not_keep_dequantized_weights():
+    """Peak memory of a forward+backward through 16 NF4 layers stays a few weights' worth;
+    keeping each layer's dequantized weight for backward (plain autodiff) needs all 16."""
+    from backends.mlx_backend import ops_reference
+
+    n, n_layers = 256, 16
+    rng = np.random.default_rng(0)
+    layers = [NF4Linear.from_dense((rng.standard_normal((n, n)) * 0.04).astype(np.float32))
+              for _ in range(n_layers)]  # fmt: skip
+    x = mx.ones((4, n))
+    weight_bytes = n * n * 4
+
+    def ours(v):
+        for layer in layers:
+            v = layer(v)
+        return v.sum()
+
+    def plain_autodiff(v):
+        for layer in layers:
+            v = v @ ops_reference.dequantize(layer.nf4).T
+        return v.sum()
+
+    def peak(fn):
+        mx.eval(x)
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        start = mx.get_active_memory()
+        mx.eval(mx.grad(fn)(x))
+        return (mx.get_peak_memory() - start) / weight_bytes
+
+    assert peak(ours) < n_layers / 2
+    assert peak(plain_autodiff) > 0.75 * n_layers  # the measurement can tell the difference
