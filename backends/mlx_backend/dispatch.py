@@ -26,6 +26,11 @@ def metal_usable() -> bool:
     return bool(mx.metal.is_available()) and mx.default_device() == mx.gpu
 
 
+def default_compute_dtype() -> str:
+    """"bfloat16" on a Metal GPU, "float32" on the CPU (most CPUs run bfloat16 matmuls slowly)."""
+    return "bfloat16" if metal_usable() else "float32"
+
+
 def requested_path() -> str:
     path = _forced.get() or os.environ.get(ENV_VAR, "auto")
     if path not in PATHS:

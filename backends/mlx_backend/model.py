@@ -13,6 +13,7 @@ from nf4core import ModelConfig, NF4Tensor
 
 from ._mlx import mx, mx_dtype, nn
 from .attention import Attention, KVCache, causal_mask
+from .dispatch import default_compute_dtype
 from .nf4_linear import NF4Linear
 from .rope import RoPE
 
@@ -117,13 +118,14 @@ class LlamaModel(nn.Module):
     @classmethod
     def from_state(cls, config: ModelConfig, tensors: dict, quantize: bool = True,
                    blocksize: int = 64, double_quant: bool = True,
-                   compute_dtype: str = "float32") -> "LlamaModel":  # fmt: skip
+                   compute_dtype: str = "auto") -> "LlamaModel":  # fmt: skip
         """Build from Hugging Face-named tensors (numpy arrays, or NF4Tensors for the linears).
 
         Dense linear weights are quantized with nf4core (one tensor at a time) when `quantize`;
-        embeddings, norms and lm_head stay dense in `compute_dtype`. Every loaded module is frozen.
+        embeddings, norms and lm_head stay dense in `compute_dtype` ("auto": bfloat16 on a Metal
+        GPU, float32 on the CPU); activations follow that dtype. Every loaded module is frozen.
         """
-        dtype = mx_dtype(compute_dtype)
+        dtype = mx_dtype(default_compute_dtype() if compute_dtype == "auto" else compute_dtype)
         model = cls(config)
         missing = []
 

@@ -32,12 +32,14 @@ def decode_codes(packed: mx.array) -> mx.array:
 
 
 def pair_table(quant_map: mx.array) -> mx.array:
-    """float32 (256, 2): the two code values a packed byte stands for, high nibble first.
+    """uint64 (256,): the two float32 code values a packed byte stands for, high nibble first.
 
-    Looking bytes up in it decodes without a per-element code array (a quarter of the transient).
+    Gathering one 8-byte entry per packed byte decodes two elements at once, with no per-element
+    code array (half the time of a per-element lookup on the CPU, a quarter of the transient memory).
     """
     byte = mx.arange(256, dtype=mx.uint32)
-    return mx.stack([mx.take(quant_map, byte >> 4), mx.take(quant_map, byte & 15)], axis=1)
+    pairs = mx.stack([mx.take(quant_map, byte >> 4), mx.take(quant_map, byte & 15)], axis=1)
+    return pairs.view(mx.uint64).reshape(256)  # (256, 2) float32 -> one uint64 per row
 
 
 def dequantize_with_absmax(w: NF4Weight, absmax: mx.array, dtype: mx.Dtype = mx.float32,
@@ -47,7 +49,7 @@ def dequantize_with_absmax(w: NF4Weight, absmax: mx.array, dtype: mx.Dtype = mx.
     `after`: an array this dequantization must wait for (see `matmul`).
     """
     packed = w.packed if after is None else mx.depends(w.packed, after)
-    values = mx.take(pair_table(w.quant_map), packed, axis=0).reshape(-1)  # (2 * bytes,) float32
+    values = mx.take(pair_table(w.quant_map), packed).view(mx.float32)  # (2 * bytes,)
     padded = w.n_blocks * w.blocksize
     if values.size < padded:
         values = mx.concatenate([values, mx.zeros((padded - values.size,), dtype=mx.float32)])

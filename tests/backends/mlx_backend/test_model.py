@@ -104,3 +104,14 @@ def test_missing_tensor_is_named():
     del tensors["model.layers.1.mlp.up_proj.weight"]
     with pytest.raises(KeyError, match="model.layers.1.mlp.up_proj.weight"):
         LlamaModel.from_state(config, tensors)
+
+
+def test_bfloat16_compute_close_to_float32():
+    config = tiny_config("llama")
+    tensors = random_tensors(config, seed=7)
+    tokens = mx.array(np.random.default_rng(8).integers(0, config.vocab_size, size=(1, 16)))
+    f32 = LlamaModel.from_state(config, tensors, compute_dtype="float32")(tokens)
+    bf16 = LlamaModel.from_state(config, tensors, compute_dtype="bfloat16")(tokens)
+    assert bf16.dtype == mx.bfloat16
+    diff = np.abs(np.array(bf16.astype(mx.float32)) - np.array(f32))
+    assert diff.max() < 0.1 * np.abs(np.array(f32)).max()
