@@ -37,8 +37,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=4096, help="square weight for dequantize")
     parser.add_argument("--linear", type=int, default=2048, help="square weight for the linear")
     parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--no-step", dest="step", action="store_false",
+                        help="skip the QLoRA training-step comparison")
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     print(f"machine: {machine()}; mlx {mx.__version__}, torch {torch.__version__}, "
           f"torch threads {torch.get_num_threads()}")  # fmt: skip
 
@@ -106,6 +107,16 @@ def main() -> None:
 
     s_torch_b = median_seconds(torch_fb)
     results.append((f"NF4 linear fwd+input grad ({m}x{k})", s_mlx_b, s_torch_b, "torch dequant+linear"))
+
+    if args.step:
+        from mlx_step import small_config, step_tokens_per_second
+
+        cfg = small_config(hidden=256, layers=4, vocab=2048)
+        q_tps, q_peak = step_tokens_per_second(cfg, True, batch=2, seq=128, compute_dtype="float32")
+        d_tps, d_peak = step_tokens_per_second(cfg, False, batch=2, seq=128, compute_dtype="float32")
+        print(f"\nQLoRA step, {cfg.num_hidden_layers}x{cfg.hidden_size} Llama, 2x128 tokens, r=16, fp32: "
+              f"NF4 base {q_tps:.0f} tok/s (peak {q_peak / 2**20:.0f} MiB), dense fp32 base "
+              f"{d_tps:.0f} tok/s (peak {d_peak / 2**20:.0f} MiB); NF4/dense speed {q_tps / d_tps:.2f}")
 
     print("\n| op | MLX (ours) | peer | peer time | ours / peer |")
     print("|---|---|---|---|---|")

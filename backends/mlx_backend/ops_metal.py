@@ -5,13 +5,16 @@ Only called on a Metal device (see dispatch.py). Each op has a twin in ops_refer
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 from ._mlx import mx
 from .metal_sources import KERNELS, load_source
 from .nf4_weight import NF4Weight
 
-GEMV_MAX_ROWS = 8  # rows of x up to which the matrix-vector kernel beats the tiled-by-thread one
+GEMV_MAX_ROWS = 8  # rows of x up to which the matrix-vector kernel is used
+FUSED_MAX_ROWS = 64  # above this, "auto" dequantizes (kernel) and uses MLX's tuned GEMM
+STRATEGIES = ("auto", "fused", "dequant")
 _GROUP = 256
 
 
@@ -32,9 +35,10 @@ def _dims(*values: int) -> mx.array:
 
 def _run(name, inputs, template, grid, shape, dtype):
     group = (min(_GROUP, grid[0]), max(1, min(_GROUP // min(_GROUP, grid[0]), grid[1])), 1)
+    extra = {"template": template} if template else {}
     return _kernel(name)(
-        inputs=inputs, template=template, grid=grid, threadgroup=group,
-        output_shapes=[shape], output_dtypes=[dtype],
+        inputs=inputs, grid=grid, threadgroup=group, output_shapes=[shape], output_dtypes=[dtype],
+        **extra,
     )[0]  # fmt: skip
 
 
@@ -49,6 +53,11 @@ def reconstruct_absmax(w: NF4Weight) -> mx.array:
     return _run("nf4_absmax_offset", [scaled, offset, _dims(n)], [], (n, 1, 1), (n,), mx.float32)
 
 
+def _after(w: NF4Weight, x: mx.array) -> NF4Weight:
+    """`w` whose packed codes wait for x (one dequantized weight alive at a time; ops_reference)."""
+    return dataclasses.replace(w, packed=mx.depends(w.packed, x))
+
+
 def dequantize(w: NF4Weight, dtype: mx.Dtype = mx.float32, absmax: mx.array | None = None):
     absmax = reconstruct_absmax(w) if absmax is None else absmax
     out = _run("nf4_dequant", [w.packed, absmax, w.quant_map, _dims(w.numel)],
@@ -56,13 +65,28 @@ def dequantize(w: NF4Weight, dtype: mx.Dtype = mx.float32, absmax: mx.array | No
     return out.reshape(w.shape)
 
 
-def matmul(x: mx.array, w: NF4Weight, absmax: mx.array | None = None) -> mx.array:
-    """x @ W^T, x (..., K), W (N, K): the GEMV kernel for at most 8 rows, else one thread per output."""
+def _strategy(strategy: str, m: int) -> str:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+    if strategy == "auto":
+        return "fused" if m <= FUSED_MAX_ROWS else "dequant"
+    return strategy
+
+
+def matmul(x: mx.array, w: NF4Weight, absmax: mx.array | None = None,
+           strategy: str = "auto") -> mx.array:  # fmt: skip
+    """x @ W^T, x (..., K), W (N, K): GEMV kernel up to 8 rows, the fused kernel up to 64, then
+    (by default) the dequantize kernel and MLX's GEMM. Note (trade-off): the fused kernels are one
+    thread per output, simple and checked by the shim, but not tiled; a large batch is compute-bound,
+    where MLX's tuned GEMM on a transient dequantized weight wins. bench/metal_check.py measures both.
+    """
     absmax = reconstruct_absmax(w) if absmax is None else absmax
     n, k = w.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)  # (M, K)
     m = x2.shape[0]
+    if _strategy(strategy, m) == "dequant":
+        return x @ dequantize(_after(w, x), x.dtype, absmax).T
     inputs = [x2, w.packed, absmax, w.quant_map, _dims(m, n, k)]
     if m <= GEMV_MAX_ROWS:
         template = [("T", x.dtype), ("BS", w.blocksize), ("ROWS", GEMV_MAX_ROWS)]
@@ -73,13 +97,16 @@ def matmul(x: mx.array, w: NF4Weight, absmax: mx.array | None = None) -> mx.arra
     return y.reshape(*lead, n)
 
 
-def matmul_t(g: mx.array, w: NF4Weight, absmax: mx.array | None = None) -> mx.array:
-    """g @ W, g (..., N), W (N, K): the input gradient of `matmul`."""
+def matmul_t(g: mx.array, w: NF4Weight, absmax: mx.array | None = None,
+             strategy: str = "auto") -> mx.array:  # fmt: skip
+    """g @ W, g (..., N), W (N, K): the input gradient of `matmul` (same strategies)."""
     absmax = reconstruct_absmax(w) if absmax is None else absmax
     n, k = w.shape
     lead = g.shape[:-1]
     g2 = g.reshape(-1, n)  # (M, N)
     m = g2.shape[0]
+    if _strategy(strategy, m) == "dequant":
+        return g @ dequantize(_after(w, g), g.dtype, absmax)
     inputs = [g2, w.packed, absmax, w.quant_map, _dims(m, n, k)]
     dx = _run("nf4_matmul_t", inputs, [("T", g.dtype), ("BS", w.blocksize)], (k, m, 1), (m, k),
               g.dtype)  # fmt: skip

@@ -62,7 +62,8 @@ def dequantize(w: NF4Weight, dtype: mx.Dtype = mx.float32) -> mx.array:
     return dequantize_with_absmax(w, reconstruct_absmax(w), dtype)
 
 
-def matmul(x: mx.array, w: NF4Weight, absmax: mx.array | None = None) -> mx.array:
+def matmul(x: mx.array, w: NF4Weight, absmax: mx.array | None = None,
+           strategy: str = "dequant") -> mx.array:  # fmt: skip
     """x @ W^T for x (..., in) and W (out, in): (..., out), in x's dtype.
 
     Note (memory): a dequantization depends only on constants, so MLX's scheduler may run those of
@@ -73,7 +74,9 @@ def matmul(x: mx.array, w: NF4Weight, absmax: mx.array | None = None) -> mx.arra
     return x @ dequantize_with_absmax(w, absmax, x.dtype, after=x).T
 
 
-def matmul_t(g: mx.array, w: NF4Weight, absmax: mx.array | None = None) -> mx.array:
-    """g @ W for g (..., out): (..., in), the input gradient of `matmul`."""
+def matmul_t(g: mx.array, w: NF4Weight, absmax: mx.array | None = None,
+             strategy: str = "dequant") -> mx.array:  # fmt: skip
+    """g @ W for g (..., out): (..., in), the input gradient of `matmul`. (`strategy` exists for
+    signature parity with ops_metal; the reference always dequantizes.)"""
     absmax = reconstruct_absmax(w) if absmax is None else absmax
     return g @ dequantize_with_absmax(w, absmax, g.dtype, after=g)

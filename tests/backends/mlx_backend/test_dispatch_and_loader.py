@@ -98,3 +98,23 @@ def test_metal_kernels_match_reference(double_quant):
                                        np.array(ops_reference.matmul(x, w)), rtol=1e-4, atol=1e-4)
             np.testing.assert_allclose(np.array(ops_metal.matmul_t(g, w)),
                                        np.array(ops_reference.matmul_t(g, w)), rtol=1e-4, atol=1e-4)
+
+
+def test_every_kernel_builds_from_its_file():
+    """mx.fast.metal_kernel accepts each body (it compiles on first call, on a Metal device only)."""
+    from backends.mlx_backend import ops_metal
+
+    for name in KERNELS:
+        assert callable(ops_metal._kernel(name))
+    with pytest.raises(ValueError, match="strategy"):
+        ops_metal._strategy("tiled", 4)
+    assert ops_metal._strategy("auto", 8) == "fused" and ops_metal._strategy("auto", 65) == "dequant"
+
+
+def test_metal_check_script_skips_without_metal():
+    if dispatch.metal_usable():
+        pytest.skip("this machine has Metal: run bench/metal_check.py itself")
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "metal_check.py")],
+                         capture_output=True, text=True, cwd=REPO / "bench")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "SKIPPED" in out.stdout
