@@ -64,7 +64,10 @@ def _candidates() -> list[Path]:
     dirs = []
     if os.environ.get(ENV_DIR):
         dirs.append(Path(os.environ[ENV_DIR]))
-    dirs.append(Path(__file__).resolve().parents[2] / "metal")  # a source checkout
+    here = Path(__file__).resolve()
+    dirs.append(here.parents[2] / "metal")  # a source checkout
+    if len(here.parents) > 5:  # <prefix>/lib/pythonX.Y/site-packages/backends/mlx_backend/
+        dirs.append(here.parents[5] / SHARE_SUBDIR)  # installed with --prefix or --user
     prefixes = [sys.prefix, sysconfig.get_path("data")]
     if site.ENABLE_USER_SITE:
         prefixes.append(site.getuserbase())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -55,8 +56,11 @@ def test_loader_finds_checkout_and_install_prefix(tmp_path):
 
 def test_wheel_ships_the_metal_sources(tmp_path):
     """A non-editable install gets the .metal files as data under share/nf4-qlora/metal."""
+    source = tmp_path / "src"  # build a copy: setuptools writes build/ and *.egg-info in place
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "build", "*.egg-info", "__pycache__", ".pytest_cache", "runs"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(tmp_path), str(REPO)], check=True, capture_output=True)  # fmt: skip
+                    "-q", "-w", str(tmp_path), str(source)], check=True, capture_output=True)  # fmt: skip
     (wheel,) = tmp_path.glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for spec in KERNELS.values():
