@@ -16,6 +16,8 @@ _EXPORTS = {
     "LoRAConfig": "lora",
     "apply_lora": "lora",
     "lora_state_dict": "lora",
+    "save_peft_adapter": "adapters",
+    "load_peft_weights": "adapters",
     "LlamaModel": "model",
     "KVCache": "attention",
     "TrainConfig": "train_step",
