@@ -29,6 +29,8 @@ _EXPORTS = {
     "MemoryPlan": "memory",
     "ModelWontFitError": "memory",
     "check_fits": "memory",
+    "plan_from_config": "memory",
+    "plan_training": "memory",
     "set_memory_limit": "memory",
 }
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
+import numpy as np
 from mlx.utils import tree_flatten
 
+from nf4core import ModelConfig
+from nf4core.dtypes import float_dtype
+
 from ._mlx import mx, nn
+from .lora import LoRAConfig
 from .nf4_linear import NF4Linear
 from .paged_optimizer import BYTES_PER_ELEMENT
 
@@ -48,15 +54,57 @@ def plan_training(model: nn.Module, batch_size: int, seq_len: int, checkpointing
     if optimizer_budget is not None:
         state = min(state, optimizer_budget)
     config = getattr(model, "config", None)
-    activations = 0
-    if config is not None:
-        tokens = batch_size * seq_len
-        per_layer = tokens * 4 * (10 * config.hidden_size + 3 * config.intermediate_size)
-        per_layer += batch_size * config.num_attention_heads * seq_len * seq_len * 4
-        layers = config.num_hidden_layers
-        kept = tokens * config.hidden_size * 4 * layers + per_layer if checkpointing else per_layer * layers
-        activations = kept + tokens * config.vocab_size * 4 * 2  # logits and their gradient
+    activations = 0 if config is None else _activations(config, batch_size, seq_len, checkpointing)
     return MemoryPlan(base, adapters, state, activations)
+
+
+def _activations(config: ModelConfig, batch_size: int, seq_len: int, checkpointing: bool) -> int:
+    """A rough upper estimate in float32: what autodiff keeps per layer, plus the logits."""
+    tokens = batch_size * seq_len
+    per_layer = tokens * 4 * (10 * config.hidden_size + 3 * config.intermediate_size)
+    per_layer += batch_size * config.num_attention_heads * seq_len * seq_len * 4  # scores
+    layers = config.num_hidden_layers
+    if checkpointing:  # block inputs for every layer, one layer's internals at a time
+        kept = tokens * config.hidden_size * 4 * layers + per_layer
+    else:
+        kept = per_layer * layers
+    return kept + tokens * config.vocab_size * 4 * 2  # logits and their gradient
+
+
+def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(out, in) of each linear of one decoder layer, by its Hugging Face name."""
+    c, d = config, config.resolved_head_dim
+    q, kv = c.num_attention_heads * d, c.num_key_value_heads * d
+    return {"q_proj": (q, c.hidden_size), "k_proj": (kv, c.hidden_size),
+            "v_proj": (kv, c.hidden_size), "o_proj": (c.hidden_size, q),
+            "gate_proj": (c.intermediate_size, c.hidden_size),
+            "up_proj": (c.intermediate_size, c.hidden_size),
+            "down_proj": (c.hidden_size, c.intermediate_size)}  # fmt: skip
+
+
+def plan_from_config(config: ModelConfig, lora: LoRAConfig, batch_size: int, seq_len: int,
+                     checkpointing: bool = False, compute_dtype: str = "float32",
+                     blocksize: int = 64, double_quant: bool = True,
+                     optimizer_budget: int | None = None) -> MemoryPlan:  # fmt: skip
+    """The same estimate as `plan_training`, before loading anything (for a "won't fit" up front)."""
+    dense_bytes = np.dtype(float_dtype(compute_dtype)).itemsize
+    bits = 4 + 8 / blocksize + 32 / (blocksize * 256) if double_quant else 4 + 32 / blocksize
+    shapes = linear_shapes(config)
+    layers = config.num_hidden_layers
+    tables = 16 * 4 + (256 * 4 if double_quant else 0)  # each weight holds its code tables
+    nf4 = sum(math.ceil(o * i * bits / 8) + tables for o, i in shapes.values()) * layers
+    dense = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
+    dense += config.hidden_size * (2 * layers + 1)
+    if config.attention_bias:
+        dense += sum(shapes[n][0] for n in ("q_proj", "k_proj", "v_proj")) * layers
+    n_adapter = sum(lora.r * (o + i) for n, (o, i) in shapes.items() if n in lora.target_modules)
+    n_adapter *= layers
+    adapters = n_adapter * np.dtype(float_dtype(lora.dtype)).itemsize
+    state = n_adapter * BYTES_PER_ELEMENT
+    if optimizer_budget is not None:
+        state = min(state, optimizer_budget)
+    return MemoryPlan(nf4 + dense * dense_bytes, adapters, state,
+                      _activations(config, batch_size, seq_len, checkpointing))
 
 
 def available_memory() -> tuple[int, str]:

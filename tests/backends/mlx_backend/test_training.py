@@ -9,7 +9,9 @@ mx = pytest.importorskip("mlx.core")
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 from backends.mlx_backend.lora import LoRAConfig, apply_lora, lora_state_dict  # noqa: E402
-from backends.mlx_backend.memory import ModelWontFitError, check_fits, plan_training  # noqa: E402
+from backends.mlx_backend.memory import (  # noqa: E402
+    ModelWontFitError, check_fits, plan_from_config, plan_training,
+)
 from backends.mlx_backend.model import LlamaModel  # noqa: E402
 from backends.mlx_backend.paged_optimizer import PagedAdamWConfig  # noqa: E402
 from backends.mlx_backend.schedule import ScheduleConfig  # noqa: E402
@@ -107,5 +109,9 @@ def test_wont_fit_message():
     with pytest.raises(ModelWontFitError, match=r"needs about .* GiB .* memory limit"):
         check_fits(plan, limit_bytes=1 << 20)
     check_fits(plan, limit_bytes=plan.total + 1)
+    before_loading = plan_from_config(model.config, LoRAConfig(r=4), 4, 512, checkpointing=False)
+    assert before_loading.adapters == plan.adapters
+    assert before_loading.activations == plan.activations
+    assert abs(before_loading.base_weights - plan.base_weights) < 0.02 * plan.base_weights
     with pytest.raises(ModelWontFitError, match="Try a smaller batch size"):
         Trainer(model, TrainConfig(memory_limit_bytes=1 << 20))
