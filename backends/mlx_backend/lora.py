@@ -61,12 +61,29 @@ class LoRALinear(nn.Module):
         if lora_A.shape != (r, in_features) or lora_B.shape != (out_features, r):
             raise ValueError(f"adapter shapes {lora_A.shape}, {lora_B.shape} do not fit a "
                              f"({out_features}, {in_features}) layer")  # fmt: skip
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
         base.freeze()
         self.base = base
         self.lora_A = lora_A
         self.lora_B = lora_B
         self.scale = scale
-        self.dropout = nn.Dropout(dropout)
+        self.dropout_p = dropout
+        self.set_dropout_key(None)
+
+    def set_dropout_key(self, key: mx.array | None) -> None:
+        """Draw the dropout mask from `key` (uint32 (2,)) instead of the global generator.
+
+        Note: gradient checkpointing recomputes a block in the backward pass; a mask drawn from the
+        global generator would differ the second time, so the model hands each block a key.
+        """
+        object.__setattr__(self, "_dropout_key", key)  # a plain attribute, never a parameter
+
+    def _dropout(self, x: mx.array) -> mx.array:
+        if not self.training or self.dropout_p == 0.0:
+            return x
+        keep = mx.random.bernoulli(1.0 - self.dropout_p, x.shape, key=self._dropout_key)
+        return x * keep.astype(x.dtype) * (1.0 / (1.0 - self.dropout_p))
 
     @classmethod
     def from_base(cls, base: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
@@ -82,7 +99,7 @@ class LoRALinear(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:  # (..., in) -> (..., out)
         y = self.base(x)
-        z = (self.dropout(x) @ self.lora_A.T.astype(x.dtype)) @ self.lora_B.T.astype(x.dtype)
+        z = (self._dropout(x) @ self.lora_A.T.astype(x.dtype)) @ self.lora_B.T.astype(x.dtype)
         return y + (self.scale * z).astype(y.dtype)
 
     def delta_weight(self, dtype: mx.Dtype = mx.float32) -> mx.array:

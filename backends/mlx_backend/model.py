@@ -14,6 +14,7 @@ from nf4core import ModelConfig, NF4Tensor
 from ._mlx import mx, mx_dtype, nn
 from .attention import Attention, KVCache, causal_mask
 from .dispatch import default_compute_dtype
+from .lora import LoRALinear
 from .nf4_linear import NF4Linear
 from .rope import RoPE
 
@@ -62,22 +63,48 @@ class DecoderStack(nn.Module):
         h = self.embed_tokens(tokens)  # (B, T, C)
         offset = 0 if cache is None else cache[0].offset
         mask = causal_mask(tokens.shape[1], offset, h.dtype)
+        keys = self._dropout_keys()
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and cache is None:
-                h = _checkpointed(layer, h, mask)
+                h = _checkpointed(layer, h, mask, keys[i])
             else:
-                h = layer(h, mask, None if cache is None else cache[i])
+                h = _with_dropout_key(layer, keys[i], h, mask, None if cache is None else cache[i])
         return self.norm(h)
 
+    def _dropout_keys(self) -> list[mx.array | None]:
+        """One key per block from the global generator when some LoRA dropout is active."""
+        active = self.training and any(
+            isinstance(m, LoRALinear) and m.dropout_p > 0 for _, m in self.named_modules())
+        if not active:
+            return [None] * len(self.layers)
+        base = mx.random.randint(0, 2**31 - 1, shape=(2,), dtype=mx.uint32)
+        return list(mx.random.split(base, len(self.layers)))
 
-def _checkpointed(layer: nn.Module, h: mx.array, mask: mx.array | None) -> mx.array:
-    """Run one block under mx.checkpoint: its activations are recomputed in the backward pass."""
 
-    def run(params, x):
+def _with_dropout_key(layer: nn.Module, key: mx.array | None, *args) -> mx.array:
+    loras = [m for _, m in layer.named_modules() if isinstance(m, LoRALinear)]
+    sub = [None] * len(loras) if key is None else list(mx.random.split(key, max(len(loras), 1)))
+    for module, k in zip(loras, sub):
+        module.set_dropout_key(k)
+    try:
+        return layer(*args)
+    finally:
+        for module in loras:
+            module.set_dropout_key(None)
+
+
+def _checkpointed(layer: nn.Module, h: mx.array, mask: mx.array | None,
+                  key: mx.array | None) -> mx.array:  # fmt: skip
+    """Run one block under mx.checkpoint: its activations are recomputed in the backward pass,
+    with the same dropout masks (drawn from `key`, an input of the checkpointed function)."""
+
+    def run(params, x, *key_arg):
         layer.update(params)
-        return layer(x, mask)
+        key_in = mx.stop_gradient(key_arg[0]) if key_arg else None  # keys have no gradient
+        return _with_dropout_key(layer, key_in, x, mask)
 
-    return mx.checkpoint(run)(layer.trainable_parameters(), h)
+    key_args = () if key is None else (key,)
+    return mx.checkpoint(run)(layer.trainable_parameters(), h, *key_args)
 
 
 class LlamaModel(nn.Module):

@@ -75,10 +75,13 @@ def test_kv_cache_matches_full_forward():
     assert len(new) == 4
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_gradient_checkpointing_gives_the_same_gradients(dropout):
+    """With LoRA dropout too: the recomputed block must draw the same masks."""
     config = tiny_config("qwen2")
     model = LlamaModel.from_state(config, random_tensors(config, seed=5))
-    apply_lora(model, LoRAConfig(r=4, seed=1))
+    apply_lora(model, LoRAConfig(r=4, seed=1, dropout=dropout))
+    model.train()
     nonzero_b = [(k, mx.full(v.shape, 0.01)) for k, v in tree_flatten(model.trainable_parameters())
                  if k.endswith("lora_B")]  # so that every adapter gets a gradient
     model.update(tree_unflatten(nonzero_b))
@@ -89,13 +92,19 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         return model(tokens).astype(mx.float32).square().mean()
 
     params = model.trainable_parameters()
+    mx.random.seed(0)
     plain = tree_flatten(mx.grad(loss)(params))
     model.set_gradient_checkpointing(True)
+    mx.random.seed(0)
     checkpointed = tree_flatten(mx.grad(loss)(params))
     assert [k for k, _ in plain] == [k for k, _ in checkpointed] and len(plain) == 2 * 7 * 2
     for (_, a), (_, b) in zip(plain, checkpointed):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-6)
     assert any(float(mx.abs(g).max()) > 0 for _, g in plain)
+    if dropout:  # the masks really are active
+        train_loss = loss(params).item()
+        model.eval()
+        assert loss(params).item() != train_loss
 
 
 def test_missing_tensor_is_named():
