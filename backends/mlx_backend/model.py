@@ -130,17 +130,22 @@ class LlamaModel(nn.Module):
         return KVCache.for_model(self.config.num_hidden_layers)
 
     def generate(self, prompt: list[int], max_new_tokens: int, eos: int | None = None) -> list[int]:
-        """Greedy decoding with the KV cache; returns the new tokens."""
-        cache = self.make_cache()
-        logits = self(mx.array([prompt]), cache)
-        out: list[int] = []
-        for _ in range(max_new_tokens):
-            token = int(mx.argmax(logits[0, -1]).item())
-            out.append(token)
-            if token == eos:
-                break
-            logits = self(mx.array([[token]]), cache)
-        return out
+        """Greedy decoding with the KV cache (dropout off); returns the new tokens."""
+        was_training = self.training
+        self.eval()
+        try:
+            cache = self.make_cache()
+            logits = self(mx.array([prompt]), cache)
+            out: list[int] = []
+            for _ in range(max_new_tokens):
+                token = int(mx.argmax(logits[0, -1]).item())
+                out.append(token)
+                if token == eos:
+                    break
+                logits = self(mx.array([[token]]), cache)
+            return out
+        finally:
+            self.train(was_training)
 
     @classmethod
     def from_state(cls, config: ModelConfig, tensors: dict, quantize: bool = True,
