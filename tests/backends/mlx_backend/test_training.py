@@ -115,3 +115,20 @@ def test_wont_fit_message():
     assert abs(before_loading.base_weights - plan.base_weights) < 0.02 * plan.base_weights
     with pytest.raises(ModelWontFitError, match="Try a smaller batch size"):
         Trainer(model, TrainConfig(memory_limit_bytes=1 << 20))
+
+
+def test_bfloat16_run_with_checkpointing_trains():
+    """bfloat16 compute and adapters (as on a Mac), float32 masters, gradient checkpointing."""
+    config = tiny_config("qwen2")
+    model = LlamaModel.from_state(config, random_tensors(config), compute_dtype="bfloat16")
+    apply_lora(model, LoRAConfig(r=4, dtype="bfloat16"))
+    tokens, mask = _data()
+    trainer = Trainer(model, TrainConfig(schedule=ScheduleConfig(learning_rate=2e-2),
+                                         gradient_checkpointing=True))  # fmt: skip
+    batch = Batch.from_tokens(tokens, mask)
+    before = trainer.evaluate(batch)
+    for _ in range(6):
+        trainer.step([batch])
+    assert trainer.evaluate(batch) < 0.5 * before
+    assert model.model.layers[0].self_attn.q_proj.lora_A.dtype == mx.bfloat16
+    assert trainer.optimizer.state_dict()[0]["model.layers.0.self_attn.q_proj.lora_A.master"].dtype == np.float32
