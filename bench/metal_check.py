@@ -20,16 +20,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+import mlx.core as mx
 import numpy as np
-
-import nf4core
 from bench_util import machine, median_seconds
 
-import mlx.core as mx  # noqa: E402
-
-from backends.mlx_backend import dispatch, ops_reference  # noqa: E402
-from backends.mlx_backend.nf4_linear import NF4Linear  # noqa: E402
-from backends.mlx_backend.nf4_weight import NF4Weight  # noqa: E402
+import nf4core
+from backends.mlx_backend import dispatch, ops_reference
+from backends.mlx_backend.nf4_linear import NF4Linear
+from backends.mlx_backend.nf4_weight import NF4Weight
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}  # relative to the output's scale
@@ -121,11 +119,11 @@ def bench_matmul(ops, n: int, k: int, rows: tuple[int, ...]) -> None:
           "| ours/affine | ours/bf16 |")
     for m in rows:
         x = mx.array(rng.standard_normal((m, k)).astype(np.float32)).astype(mx.bfloat16)
-        s_ours = timed(lambda: ops.matmul(x, w))
-        s_fused = timed(lambda: ops.matmul(x, w, strategy="fused"))
-        s_aff = timed(lambda: mx.quantized_matmul(x, wq, scales, biases, transpose=True,
+        s_ours = timed(lambda x=x: ops.matmul(x, w))
+        s_fused = timed(lambda x=x: ops.matmul(x, w, strategy="fused"))
+        s_aff = timed(lambda x=x: mx.quantized_matmul(x, wq, scales, biases, transpose=True,
                                                   group_size=64, bits=4))  # fmt: skip
-        s_bf16 = timed(lambda: x @ wb.T)
+        s_bf16 = timed(lambda x=x: x @ wb.T)
         print(f"  | {m} | {s_ours * 1e3:.3f} ms | {s_fused * 1e3:.3f} ms | {s_aff * 1e3:.3f} ms "
               f"| {s_bf16 * 1e3:.3f} ms "
               f"| {s_ours / s_aff:.2f} | {s_ours / s_bf16:.2f} |")

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 
+import mlx.core as mx
 import numpy as np
-
-import nf4core
+import torch
 from bench_util import machine, median_seconds
 
-import mlx.core as mx  # noqa: E402
-import torch  # noqa: E402
-
-from backends.mlx_backend import ops_reference  # noqa: E402
-from backends.mlx_backend.nf4_linear import NF4Linear  # noqa: E402
+import nf4core
+from backends.mlx_backend import ops_reference
+from backends.mlx_backend.nf4_linear import NF4Linear
 
 
 def torch_dequantize(packed, codes8, nested, offset, dq_map, table, numel, blocksize):
@@ -69,7 +67,7 @@ def main() -> None:
                                    compress_statistics=True)  # fmt: skip
         s_bnb = median_seconds(lambda: F.dequantize_4bit(q, state))
         results.append((f"dequantize {n}x{n} -> fp32", s_mlx, s_bnb, "bitsandbytes CPU"))
-    except Exception as exc:  # bitsandbytes is optional here
+    except (ImportError, RuntimeError, ValueError) as exc:  # bitsandbytes is optional here
         print(f"bitsandbytes skipped: {exc}")
 
     k, m = args.linear, args.tokens

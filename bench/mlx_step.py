@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
+import mlx.core as mx
 import numpy as np
 
-import mlx.core as mx
 from backends.mlx_backend.lora import LoRAConfig, apply_lora
 from backends.mlx_backend.model import LlamaModel
 from backends.mlx_backend.train_step import Batch, TrainConfig, Trainer

@@ -34,7 +34,7 @@ _EXPORTS = {
     "set_memory_limit": "memory",
 }
 
-__all__ = ["is_available", *_EXPORTS]
+__all__ = ["is_available", *list(_EXPORTS)]  # noqa: PLE0604
 
 
 def is_available() -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 try:
     import mlx.core as mx
-    import mlx.nn as nn
+    from mlx import nn
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "the MLX backend needs mlx: pip install 'nf4-qlora[mlx]' "
@@ -14,7 +14,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
-def mx_dtype(dtype: object) -> "mx.Dtype":
+def mx_dtype(dtype: object) -> mx.Dtype:
     """An mlx float dtype from a name ("bfloat16") or an mlx dtype."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
@@ -25,11 +25,11 @@ def mx_dtype(dtype: object) -> "mx.Dtype":
     raise TypeError(f"unsupported dtype {dtype!r}; expected float32, float16 or bfloat16")
 
 
-def dtype_name(dtype: "mx.Dtype") -> str:
+def dtype_name(dtype: mx.Dtype) -> str:
     for name, candidate in DTYPES.items():
         if candidate == dtype:
             return name
     raise TypeError(f"unsupported dtype {dtype}")
 
 
-__all__ = ["mx", "nn", "mx_dtype", "dtype_name", "DTYPES"]
+__all__ = ["DTYPES", "dtype_name", "mx", "mx_dtype", "nn"]

@@ -26,7 +26,7 @@ class KVCache:
         return self.keys, self.values
 
     @staticmethod
-    def for_model(n_layers: int) -> list["KVCache"]:
+    def for_model(n_layers: int) -> list[KVCache]:
         return [KVCache() for _ in range(n_layers)]
 
 

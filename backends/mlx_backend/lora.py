@@ -88,7 +88,7 @@ class LoRALinear(nn.Module):
     @classmethod
     def from_base(cls, base: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                   use_rslora: bool = False, name: str = "", seed: int = 0,
-                  dtype: str = "float32") -> "LoRALinear":  # fmt: skip
+                  dtype: str = "float32") -> LoRALinear:  # fmt: skip
         """Wrap `base`; A from nf4core's seeded init for module `name`, B zero (PEFT's default)."""
         config = LoRAConfig(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, seed=seed,
                             dtype=dtype)  # fmt: skip

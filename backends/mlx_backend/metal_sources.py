@@ -88,7 +88,7 @@ def find_metal_dir(candidates: list[Path] | None = None) -> Path:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_source(name: str) -> str:
     """The body of kernel `name`, read from its .metal file."""
     if name not in KERNELS:

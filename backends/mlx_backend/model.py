@@ -150,7 +150,7 @@ class LlamaModel(nn.Module):
     @classmethod
     def from_state(cls, config: ModelConfig, tensors: dict, quantize: bool = True,
                    blocksize: int = 64, double_quant: bool = True,
-                   compute_dtype: str = "auto") -> "LlamaModel":  # fmt: skip
+                   compute_dtype: str = "auto") -> LlamaModel:  # fmt: skip
         """Build from Hugging Face-named tensors (numpy arrays, or NF4Tensors for the linears).
 
         Dense linear weights are quantized with nf4core (one tensor at a time) when `quantize`;

@@ -51,12 +51,12 @@ class NF4Linear(nn.Module):
         self.freeze()
 
     @classmethod
-    def from_nf4(cls, t: NF4Tensor, bias: mx.array | np.ndarray | None = None) -> "NF4Linear":
+    def from_nf4(cls, t: NF4Tensor, bias: mx.array | np.ndarray | None = None) -> NF4Linear:
         return cls(NF4Weight.from_nf4(t), None if bias is None else mx.array(bias))
 
     @classmethod
     def from_dense(cls, weight: np.ndarray, bias: np.ndarray | None = None, blocksize: int = 64,
-                   double_quant: bool = True) -> "NF4Linear":  # fmt: skip
+                   double_quant: bool = True) -> NF4Linear:  # fmt: skip
         """Quantize a dense (out, in) weight with nf4core (the one quantizer of the project)."""
         t = nf4core.quantize(np.asarray(weight), blocksize=blocksize, double_quant=double_quant)
         return cls.from_nf4(t, bias)

@@ -75,7 +75,7 @@ class NF4Weight:
         return [a for a in arrays if a is not None]
 
     @classmethod
-    def from_nf4(cls, t: NF4Tensor) -> "NF4Weight":
+    def from_nf4(cls, t: NF4Tensor) -> NF4Weight:
         """Copy an `NF4Tensor` to mlx arrays without changing a bit."""
         if not isinstance(t, NF4Tensor):
             raise TypeError(f"expected an NF4Tensor, got {type(t).__name__}")

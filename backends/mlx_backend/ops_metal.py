@@ -18,11 +18,11 @@ STRATEGIES = ("auto", "fused", "dequant")
 _GROUP = 256
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernel(name: str):
     spec = KERNELS[name]
-    args = dict(name=name, input_names=spec.input_names, output_names=spec.output_names,
-                source=load_source(name))  # fmt: skip
+    args = {"name": name, "input_names": spec.input_names, "output_names": spec.output_names,
+            "source": load_source(name)}  # fmt: skip
     try:  # IEEE arithmetic, no fast-math rewrites (mlx >= 0.29 takes compile_options)
         return mx.fast.metal_kernel(**args, compile_options={"math_mode": "safe"})
     except TypeError:

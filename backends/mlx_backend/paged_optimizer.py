@@ -15,7 +15,6 @@ The masters are authoritative: `step` returns parameters rounded from them to ea
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -129,7 +128,8 @@ class PagedAdamW:
         mx.eval([p.resident for p in pages if p.resident is not None])
 
     def _open_spill(self, elements: int) -> _Spill:
-        handle = tempfile.NamedTemporaryFile(prefix="nf4-paged-adamw-", suffix=".f32",
+        # kept open for the optimizer's lifetime; the file goes when the handle is collected
+        handle = tempfile.NamedTemporaryFile(prefix="nf4-paged-adamw-", suffix=".f32",  # noqa: SIM115
                                              dir=self.config.spill_dir)  # fmt: skip
         array = np.memmap(handle.name, dtype=np.float32, mode="w+", shape=(3, elements))
         return _Spill(Path(handle.name), array, handle)
@@ -243,7 +243,7 @@ class PagedAdamW:
 
         with safe_open(str(path), framework="numpy") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
         self.load_state_dict(tensors, meta)
 
 
@@ -251,8 +251,3 @@ def _slice(a, page: _Page):
     if a is None:
         return mx.zeros((page.size,), dtype=mx.float32)
     return a[page.start : page.stop]
-
-
-def state_bytes(n_elements: int) -> int:
-    """Bytes of optimizer state (masters and both moments) for `n_elements` trainable values."""
-    return int(math.ceil(n_elements)) * BYTES_PER_ELEMENT

@@ -45,7 +45,7 @@ class Batch:
     mask: mx.array
 
     @classmethod
-    def from_tokens(cls, tokens: np.ndarray, loss_mask: np.ndarray | None = None) -> "Batch":
+    def from_tokens(cls, tokens: np.ndarray, loss_mask: np.ndarray | None = None) -> Batch:
         """From (B, T + 1) token ids; `loss_mask` (B, T + 1) marks tokens that are learned (e.g. the
         completion, not the prompt, and not padding). Position t predicts token t + 1."""
         tokens = np.asarray(tokens, dtype=np.int32)

@@ -11,13 +11,13 @@ mx = pytest.importorskip("mlx.core")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
+from mlx.utils import tree_flatten, tree_unflatten
 
-from backends.mlx_backend.adapters import load_peft_weights, save_peft_adapter  # noqa: E402
-from backends.mlx_backend.lora import LoRAConfig, apply_lora  # noqa: E402
-from backends.mlx_backend.model import LlamaModel  # noqa: E402
+from backends.mlx_backend.adapters import load_peft_weights, save_peft_adapter
+from backends.mlx_backend.lora import LoRAConfig, apply_lora
+from backends.mlx_backend.model import LlamaModel
 
-from .tiny_models import random_tensors, tiny_config  # noqa: E402
+from .tiny_models import random_tensors, tiny_config
 
 
 def test_peft_loads_our_adapters_to_the_same_logits(tmp_path):

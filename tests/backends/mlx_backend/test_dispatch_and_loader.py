@@ -14,9 +14,9 @@ import pytest
 import nf4core
 
 mx = pytest.importorskip("mlx.core")
-from backends.mlx_backend import dispatch, ops_reference  # noqa: E402
-from backends.mlx_backend.metal_sources import KERNELS, SHARE_SUBDIR, find_metal_dir  # noqa: E402
-from backends.mlx_backend.nf4_weight import NF4Weight  # noqa: E402
+from backends.mlx_backend import dispatch, ops_reference
+from backends.mlx_backend.metal_sources import KERNELS, SHARE_SUBDIR, find_metal_dir
+from backends.mlx_backend.nf4_weight import NF4Weight
 
 REPO = Path(__file__).resolve().parents[3]
 needs_metal = pytest.mark.skipif(not dispatch.metal_usable(), reason="needs a Metal GPU")
@@ -29,9 +29,8 @@ def test_reference_path_off_metal_and_forcing():
             dispatch.selected_path()
     with dispatch.use_path("reference"):
         assert dispatch.selected_path() == "reference"
-    with pytest.raises(ValueError):
-        with dispatch.use_path("cuda"):
-            pass
+    with pytest.raises(ValueError), dispatch.use_path("cuda"):
+        pass
 
 
 def test_environment_variable_forces_a_path(monkeypatch):
@@ -72,11 +71,11 @@ def test_wheel_ships_the_metal_sources(tmp_path):
 def test_import_without_mlx():
     code = ("import sys; sys.modules['mlx'] = None; import backends, backends.mlx_backend as b; "
             "assert not b.is_available(); print('ok')")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=False)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
     code = ("import sys; sys.modules['mlx'] = None; import backends.mlx_backend as b\n"
             "try:\n    b.NF4Linear\nexcept ImportError as e:\n    print('msg:', e)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=False)
     assert "pip install" in out.stdout, out.stdout + out.stderr
 
 
@@ -119,6 +118,6 @@ def test_metal_check_script_skips_without_metal():
     if dispatch.metal_usable():
         pytest.skip("this machine has Metal: run bench/metal_check.py itself")
     out = subprocess.run([sys.executable, str(REPO / "bench" / "metal_check.py")],
-                         capture_output=True, text=True, cwd=REPO / "bench")  # fmt: skip
+                         capture_output=True, text=True, cwd=REPO / "bench", check=False)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "SKIPPED" in out.stdout

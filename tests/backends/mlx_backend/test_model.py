@@ -10,13 +10,13 @@ import nf4core
 mx = pytest.importorskip("mlx.core")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
+from mlx.utils import tree_flatten, tree_unflatten
 
-from backends.mlx_backend.lora import LoRAConfig, apply_lora  # noqa: E402
-from backends.mlx_backend.model import LlamaModel  # noqa: E402
-from backends.mlx_backend.nf4_linear import NF4Linear  # noqa: E402
+from backends.mlx_backend.lora import LoRAConfig, apply_lora
+from backends.mlx_backend.model import LlamaModel
+from backends.mlx_backend.nf4_linear import NF4Linear
 
-from .tiny_models import random_tensors, tiny_config  # noqa: E402
+from .tiny_models import random_tensors, tiny_config
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16}

@@ -9,10 +9,10 @@ import nf4core
 
 mx = pytest.importorskip("mlx.core")
 nn = pytest.importorskip("mlx.nn")
-from mlx.utils import tree_flatten  # noqa: E402
+from mlx.utils import tree_flatten
 
-from backends.mlx_backend.lora import LoRAConfig, LoRALinear  # noqa: E402
-from backends.mlx_backend.nf4_linear import NF4Linear  # noqa: E402
+from backends.mlx_backend.lora import LoRAConfig, LoRALinear
+from backends.mlx_backend.nf4_linear import NF4Linear
 
 
 def _layer(out_f=13, in_f=37, bias=False, seed=0):
@@ -85,7 +85,7 @@ def test_lora_finite_differences():
 
 
 def test_lora_init_matches_nf4core_and_merge():
-    base, w, b = _layer(bias=True, seed=11)
+    base, _, _ = _layer(bias=True, seed=11)
     lora = LoRALinear.from_base(base, r=4, alpha=16.0, use_rslora=True, name="m.q_proj", seed=3)
     a, b0 = nf4core.lora_init("m.q_proj", 37, 13, 4, 3)
     np.testing.assert_array_equal(np.array(lora.lora_A), a)

@@ -9,8 +9,8 @@ import nf4core
 from nf4core.blockwise import ALLOWED_BLOCKSIZES
 
 mx = pytest.importorskip("mlx.core")
-from backends.mlx_backend import ops_reference  # noqa: E402
-from backends.mlx_backend.nf4_weight import NF4Weight  # noqa: E402
+from backends.mlx_backend import ops_reference
+from backends.mlx_backend.nf4_weight import NF4Weight
 
 SHAPES = [(37, 129), (5,), (3, 1, 4099)]  # odd element counts, partial last blocks
 

@@ -7,10 +7,10 @@ import pytest
 
 mx = pytest.importorskip("mlx.core")
 optim = pytest.importorskip("mlx.optimizers")
-from mlx.utils import tree_flatten  # noqa: E402
+from mlx.utils import tree_flatten
 
-from backends.mlx_backend.paged_optimizer import PagedAdamW, PagedAdamWConfig  # noqa: E402
-from backends.mlx_backend.schedule import ScheduleConfig  # noqa: E402
+from backends.mlx_backend.paged_optimizer import PagedAdamW, PagedAdamWConfig
+from backends.mlx_backend.schedule import ScheduleConfig
 
 
 def _params(seed=0):

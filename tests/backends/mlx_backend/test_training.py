@@ -6,20 +6,27 @@ import numpy as np
 import pytest
 
 mx = pytest.importorskip("mlx.core")
-from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
+from mlx.utils import tree_flatten, tree_unflatten
 
-from backends.mlx_backend.lora import LoRAConfig, apply_lora, lora_state_dict  # noqa: E402
-from backends.mlx_backend.memory import (  # noqa: E402
-    ModelWontFitError, check_fits, plan_from_config, plan_training,
+from backends.mlx_backend.lora import LoRAConfig, apply_lora, lora_state_dict
+from backends.mlx_backend.memory import (
+    ModelWontFitError,
+    check_fits,
+    plan_from_config,
+    plan_training,
 )
-from backends.mlx_backend.model import LlamaModel  # noqa: E402
-from backends.mlx_backend.paged_optimizer import PagedAdamWConfig  # noqa: E402
-from backends.mlx_backend.schedule import ScheduleConfig  # noqa: E402
-from backends.mlx_backend.train_step import (  # noqa: E402
-    Batch, TrainConfig, Trainer, clip_by_global_norm, masked_cross_entropy,
+from backends.mlx_backend.model import LlamaModel
+from backends.mlx_backend.paged_optimizer import PagedAdamWConfig
+from backends.mlx_backend.schedule import ScheduleConfig
+from backends.mlx_backend.train_step import (
+    Batch,
+    TrainConfig,
+    Trainer,
+    clip_by_global_norm,
+    masked_cross_entropy,
 )
 
-from .tiny_models import random_tensors, tiny_config  # noqa: E402
+from .tiny_models import random_tensors, tiny_config
 
 
 def _model(dropout=0.0, seed=0):
