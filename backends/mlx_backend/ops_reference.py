@@ -12,16 +12,18 @@ from .nf4_weight import NF4Weight
 def reconstruct_absmax(w: NF4Weight) -> mx.array:
     """float32 (n_blocks,) block scales; for double quant: map[code] * scale, round, + offset, round.
 
-    Note (FMA): the product and the sum are two mlx ops. Outside `mx.compile`, and on CPUs (whose
-    compiled kernels write each op as its own statement), nothing fuses them into an FMA. On a Metal
-    GPU the dispatcher uses the two-launch kernel in metal/nf4_absmax.metal instead, so a fused
-    elementwise Metal kernel never sees this pair.
+    Note (FMA): the products are formed as a (n_nested, 256) table and then gathered, so the add of
+    the offset never meets a multiply in one fused elementwise kernel (mx.compile fuses elementwise
+    chains, and a compiler may contract a fused multiply-add); the gather makes MLX round each
+    product to float32 in memory first. On a Metal GPU the dispatcher uses the two-launch kernels
+    metal/nf4_absmax_scale.metal and metal/nf4_absmax_offset.metal for the same reason.
     """
     if w.absmax is not None:
         return w.absmax
-    nested = mx.repeat(w.dq_scales, w.dq_blocksize)[: w.n_blocks]  # (n_blocks,)
-    scaled = mx.take(w.dq_quant_map, w.dq_codes.astype(mx.uint32)) * nested
-    return scaled + mx.array(w.dq_offset, dtype=mx.float32)
+    products = (w.dq_scales[:, None] * w.dq_quant_map[None, :]).reshape(-1)  # (n_nested * 256,)
+    block = mx.arange(w.n_blocks, dtype=mx.uint32)
+    index = (block // w.dq_blocksize) * 256 + w.dq_codes.astype(mx.uint32)  # (n_blocks,)
+    return mx.take(products, index) + mx.array(w.dq_offset, dtype=mx.float32)
 
 
 def decode_codes(packed: mx.array) -> mx.array:

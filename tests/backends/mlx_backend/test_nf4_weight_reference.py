@@ -56,3 +56,14 @@ def test_high_nibble_is_the_first_element():
     t = nf4core.quantize(np.array([1.0, -1.0, 0.5], np.float32), blocksize=64, double_quant=False)
     got = np.array(ops_reference.dequantize(NF4Weight.from_nf4(t)))
     assert got[0] == 1.0 and got[1] == -1.0  # bitsandbytes' order; MLX's LSB-first would swap them
+
+
+def test_dequantize_bit_exact_inside_mx_compile():
+    """Under mx.compile (fused elementwise kernels) the double-quant absmax is still nf4core's."""
+    t = nf4core.quantize(np.random.default_rng(3).standard_normal((300, 1000)).astype(np.float32),
+                         blocksize=32, double_quant=True)  # fmt: skip
+    weight = NF4Weight.from_nf4(t)
+    absmax = mx.compile(lambda: ops_reference.reconstruct_absmax(weight))()
+    np.testing.assert_array_equal(_bits(np.array(absmax)), _bits(t.block_absmax()))
+    values = mx.compile(lambda: ops_reference.dequantize(weight))()
+    np.testing.assert_array_equal(_bits(np.array(values)), _bits(nf4core.dequantize(t)))
