@@ -12,8 +12,8 @@ uint e = 2 * i;
 if (e >= numel) {
     return;
 }
-uint8_t byte = packed[i];
-out[e] = static_cast<T>(quant_map[byte >> 4] * absmax[e / BS]);
+uint8_t bits = packed[i];
+out[e] = static_cast<T>(quant_map[bits >> 4] * absmax[e / BS]);
 if (e + 1 < numel) {
-    out[e + 1] = static_cast<T>(quant_map[byte & 15] * absmax[(e + 1) / BS]);
+    out[e + 1] = static_cast<T>(quant_map[bits & 15] * absmax[(e + 1) / BS]);
 }

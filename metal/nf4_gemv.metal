@@ -27,9 +27,9 @@ if (row & 1) {  // an odd row start: its first element is the low nibble of a sh
 }
 for (; k + 1 < K; k += 2) {
     uint e = row + k;  // even: a whole byte
-    uint8_t byte = packed[e >> 1];
-    float w0 = quant_map[byte >> 4] * absmax[e / BS];
-    float w1 = quant_map[byte & 15] * absmax[(e + 1) / BS];
+    uint8_t bits = packed[e >> 1];
+    float w0 = quant_map[bits >> 4] * absmax[e / BS];
+    float w1 = quant_map[bits & 15] * absmax[(e + 1) / BS];
     for (uint m = 0; m < M; ++m) {
         acc[m] += static_cast<float>(x[m * K + k]) * w0;
         acc[m] += static_cast<float>(x[m * K + k + 1]) * w1;

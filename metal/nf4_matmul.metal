@@ -18,8 +18,8 @@ uint row = n * K;
 float acc = 0.0f;
 for (uint k = 0; k < K; ++k) {
     uint e = row + k;
-    uint8_t byte = packed[e >> 1];
-    uint code = (e & 1) ? (byte & 15) : (byte >> 4);
+    uint8_t bits = packed[e >> 1];
+    uint code = (e & 1) ? (bits & 15) : (bits >> 4);
     float w = quant_map[code] * absmax[e / BS];
     acc += static_cast<float>(x[m * K + k]) * w;
 }

@@ -16,8 +16,8 @@ if (k >= K || m >= M) {
 float acc = 0.0f;
 for (uint n = 0; n < N; ++n) {
     uint e = n * K + k;
-    uint8_t byte = packed[e >> 1];
-    uint code = (e & 1) ? (byte & 15) : (byte >> 4);
+    uint8_t bits = packed[e >> 1];
+    uint code = (e & 1) ? (bits & 15) : (bits >> 4);
     float w = quant_map[code] * absmax[e / BS];
     acc += static_cast<float>(dy[m * N + n]) * w;
 }

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 from ._mlx import mx
 from .metal_sources import KERNELS, load_source
@@ -66,10 +67,13 @@ def dequantize(w: NF4Weight, dtype: mx.Dtype = mx.float32, absmax: mx.array | No
 
 
 def _strategy(strategy: str, m: int) -> str:
+    """"fused" or "dequant" for M rows; NF4_MLX_FUSED_MAX_ROWS overrides the threshold (tune it
+    with the table bench/metal_check.py prints)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
     if strategy == "auto":
-        return "fused" if m <= FUSED_MAX_ROWS else "dequant"
+        limit = int(os.environ.get("NF4_MLX_FUSED_MAX_ROWS", FUSED_MAX_ROWS))
+        return "fused" if m <= limit else "dequant"
     return strategy
 
 

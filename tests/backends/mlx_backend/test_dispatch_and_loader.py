@@ -103,7 +103,7 @@ def test_metal_kernels_match_reference(double_quant):
                                        np.array(ops_reference.matmul_t(g, w)), rtol=1e-4, atol=1e-4)
 
 
-def test_every_kernel_builds_from_its_file():
+def test_every_kernel_builds_from_its_file(monkeypatch):
     """mx.fast.metal_kernel accepts each body (it compiles on first call, on a Metal device only)."""
     from backends.mlx_backend import ops_metal
 
@@ -112,6 +112,8 @@ def test_every_kernel_builds_from_its_file():
     with pytest.raises(ValueError, match="strategy"):
         ops_metal._strategy("tiled", 4)
     assert ops_metal._strategy("auto", 8) == "fused" and ops_metal._strategy("auto", 65) == "dequant"
+    monkeypatch.setenv("NF4_MLX_FUSED_MAX_ROWS", "0")
+    assert ops_metal._strategy("auto", 1) == "dequant"
 
 
 def test_metal_check_script_skips_without_metal():
