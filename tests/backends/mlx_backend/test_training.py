@@ -138,4 +138,5 @@ def test_bfloat16_run_with_checkpointing_trains():
         trainer.step([batch])
     assert trainer.evaluate(batch) < 0.5 * before
     assert model.model.layers[0].self_attn.q_proj.lora_A.dtype == mx.bfloat16
-    assert trainer.optimizer.state_dict()[0]["model.layers.0.self_attn.q_proj.lora_A.master"].dtype == np.float32
+    state = trainer.optimizer.state_dict()[0]
+    assert state["model.layers.0.self_attn.q_proj.lora_A.master"].dtype == np.float32
