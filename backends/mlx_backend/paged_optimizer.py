@@ -3,10 +3,13 @@
 Paging: every trainable array is cut into pages of at most `page_elements` elements; a page holds its
 float32 master copy and both moments. A step walks the pages one group at a time and evaluates each
 group before the next, so the transient memory of an update is bounded by a few pages, not by the
-whole state. Pages live as their own mlx arrays in unified memory, referenced by no graph except
-while they are updated; once the resident pages exceed `resident_budget_bytes`, the remaining pages
-are kept in a memory-mapped file (the spill) and read in, updated and written back page by page. The
-arithmetic per element is the same either way, so paged, spilled and unpaged runs agree exactly.
+whole state. Where the pages live (`placement`):
+- "host" (default): numpy arrays, i.e. unified memory on a Mac that MLX's allocator and Metal's
+  working set (its wired residency set) never hold; a page is copied in, updated and copied back.
+- "device": mlx arrays, referenced by no graph except while they are updated (no copies).
+Once the resident pages exceed `resident_budget_bytes`, the remaining pages are kept in a
+memory-mapped file (the spill) and read in, updated and written back page by page. The arithmetic per
+element is the same everywhere, so paged, spilled and unpaged runs agree exactly.
 
 The masters are authoritative: `step` returns parameters rounded from them to each parameter's dtype
 (bfloat16 adapters do not lose small updates to rounding).
@@ -37,6 +40,7 @@ class PagedAdamWConfig:
     weight_decay: float = 0.0
     bias_correction: bool = True  # torch's AdamW; MLX's AdamW needs bias_correction=True to match
     page_elements: int = 1 << 20
+    placement: str = "host"  # resident pages: "host" (numpy) or "device" (mlx arrays)
     resident_budget_bytes: int | None = None  # None: every page resident; else spill the rest
     spill_dir: str | None = None  # folder for the spill file (a temporary file, deleted at exit)
 
@@ -48,6 +52,8 @@ class PagedAdamWConfig:
             raise ValueError("eps and weight_decay must be >= 0")
         if self.page_elements <= 0:
             raise ValueError(f"page_elements must be positive, got {self.page_elements}")
+        if self.placement not in ("host", "device"):
+            raise ValueError(f"placement must be 'host' or 'device', got {self.placement!r}")
         if self.resident_budget_bytes is not None and self.resident_budget_bytes < 0:
             raise ValueError("resident_budget_bytes must be >= 0 or None")
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -58,7 +64,7 @@ class _Page:
     name: str
     start: int  # element range in the flattened parameter
     stop: int
-    resident: list[mx.array] | None = None  # [master, exp_avg, exp_avg_sq] float32 (stop - start,)
+    resident: list | None = None  # [master, exp_avg, exp_avg_sq] float32 (stop - start,), mx or np
     spill_offset: int | None = None  # element offset in the spill file
 
     @property
@@ -125,7 +131,8 @@ class PagedAdamW:
             master, m, v = values[page.name]
             parts = [_slice(a, page) for a in (master, m, v)]
             self._store(page, parts)
-        mx.eval([p.resident for p in pages if p.resident is not None])
+        if self.config.placement == "device":
+            mx.eval([p.resident for p in pages if p.resident is not None])
 
     def _open_spill(self, elements: int) -> _Spill:
         # kept open for the optimizer's lifetime; the file goes when the handle is collected
@@ -136,13 +143,18 @@ class PagedAdamW:
 
     def _load(self, page: _Page) -> list[mx.array]:
         if page.resident is not None:
+            if self.config.placement == "host":
+                return [mx.array(a) for a in page.resident]
             return page.resident
         sl = slice(page.spill_offset, page.spill_offset + page.size)
         return [mx.array(self._spill.array[i, sl]) for i in range(3)]
 
     def _store(self, page: _Page, parts: list) -> None:
         if page.resident is not None:
-            page.resident = [p if isinstance(p, mx.array) else mx.array(p) for p in parts]
+            if self.config.placement == "host":
+                page.resident = [np.array(p, dtype=np.float32) for p in parts]  # copies
+            else:
+                page.resident = [p if isinstance(p, mx.array) else mx.array(p) for p in parts]
             return
         sl = slice(page.spill_offset, page.spill_offset + page.size)
         for i, part in enumerate(parts):
@@ -176,7 +188,7 @@ class PagedAdamW:
         for page in self._pages:
             g = flat_grads[page.name].reshape(-1)[page.start : page.stop].astype(mx.float32)
             master, m, v = self._update(g, *self._load(page), lr, c1, c2)
-            if page.resident is None:
+            if page.resident is None or self.config.placement == "host":
                 mx.eval(master, m, v)
                 self._store(page, [master, m, v])
             else:
