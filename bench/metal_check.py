@@ -75,8 +75,10 @@ def check_correctness(ops, quick: bool) -> None:
                     scale = float(mx.abs(want).max()) or 1.0
                     err = float(mx.abs(got - want).max()) / scale
                     kind = "gemv" if op == "matmul" and m <= 8 and strategy == "fused" else op
-                    report(err < TOLERANCE[name],
-                           f"{kind} ({strategy}) M={m} {name}: max rel err {err:.2e}")
+                    report(
+                        err < TOLERANCE[name],
+                        f"{kind} ({strategy}) M={m} {name}: max rel err {err:.2e}",
+                    )
     layer = NF4Linear.from_dense(rng.standard_normal((96, 160)).astype(np.float32), blocksize=32)
     x = mx.array(rng.standard_normal((4, 7, 160)).astype(np.float32))
     grads = {}
@@ -93,7 +95,9 @@ def timed(fn) -> float:
 
 def bench_dequant(ops, size: tuple[int, int], peak_gbps: float | None) -> None:
     print(f"dequantize {size[0]}x{size[1]} (double quant, bs 64) -> bfloat16:")
-    t = nf4core.quantize(np.random.default_rng(1).standard_normal(size).astype(np.float32), 64, True)
+    t = nf4core.quantize(
+        np.random.default_rng(1).standard_normal(size).astype(np.float32), 64, True
+    )
     w = NF4Weight.from_nf4(t)
     s = timed(lambda: ops.dequantize(w, mx.bfloat16))
     moved = w.nbytes + t.numel * 2  # read the 4-bit codes and scales, write bfloat16
@@ -101,8 +105,10 @@ def bench_dequant(ops, size: tuple[int, int], peak_gbps: float | None) -> None:
     src = mx.zeros((t.numel,), dtype=mx.bfloat16)
     s_copy = timed(lambda: src + 0)  # a device copy: read and write bfloat16
     copy_gbps = 2 * t.numel * 2 / s_copy / 1e9
-    line = (f"  {s * 1e3:.3f} ms, {gbps:.1f} GB/s = {gbps / copy_gbps:.2f} of a device copy "
-            f"({copy_gbps:.1f} GB/s)")
+    line = (
+        f"  {s * 1e3:.3f} ms, {gbps:.1f} GB/s = {gbps / copy_gbps:.2f} of a device copy "
+        f"({copy_gbps:.1f} GB/s)"
+    )
     if peak_gbps:
         line += f", {gbps / peak_gbps:.2f} of the rated {peak_gbps:.0f} GB/s"
     print(line)
@@ -115,8 +121,10 @@ def bench_matmul(ops, n: int, k: int, rows: tuple[int, ...]) -> None:
     w = NF4Weight.from_nf4(nf4core.quantize(dense, 64, True))
     wb = mx.array(dense).astype(mx.bfloat16)
     wq, scales, biases = mx.quantize(wb, group_size=64, bits=4)
-    print("  | M | NF4 ours (auto) | NF4 fused kernel | mx.quantized_matmul affine 4-bit | bf16 matmul "
-          "| ours/affine | ours/bf16 |")
+    print(
+        "  | M | NF4 ours (auto) | NF4 fused kernel | mx.quantized_matmul affine 4-bit | bf16 matmul "
+        "| ours/affine | ours/bf16 |"
+    )
     for m in rows:
         x = mx.array(rng.standard_normal((m, k)).astype(np.float32)).astype(mx.bfloat16)
         s_ours = timed(lambda x=x: ops.matmul(x, w))
@@ -124,9 +132,11 @@ def bench_matmul(ops, n: int, k: int, rows: tuple[int, ...]) -> None:
         s_aff = timed(lambda x=x: mx.quantized_matmul(x, wq, scales, biases, transpose=True,
                                                   group_size=64, bits=4))  # fmt: skip
         s_bf16 = timed(lambda x=x: x @ wb.T)
-        print(f"  | {m} | {s_ours * 1e3:.3f} ms | {s_fused * 1e3:.3f} ms | {s_aff * 1e3:.3f} ms "
-              f"| {s_bf16 * 1e3:.3f} ms "
-              f"| {s_ours / s_aff:.2f} | {s_ours / s_bf16:.2f} |")
+        print(
+            f"  | {m} | {s_ours * 1e3:.3f} ms | {s_fused * 1e3:.3f} ms | {s_aff * 1e3:.3f} ms "
+            f"| {s_bf16 * 1e3:.3f} ms "
+            f"| {s_ours / s_aff:.2f} | {s_ours / s_bf16:.2f} |"
+        )
 
 
 def bench_step(smoke: bool) -> None:
@@ -134,7 +144,9 @@ def bench_step(smoke: bool) -> None:
 
     cfg = small_config(hidden=256, layers=2, vocab=1024) if smoke else small_config(1024, 8, 8192)
     batch, seq = (1, 64) if smoke else (4, 256)
-    print(f"QLoRA step, {cfg.num_hidden_layers} layers x {cfg.hidden_size}, {batch}x{seq} tokens, r=16:")
+    print(
+        f"QLoRA step, {cfg.num_hidden_layers} layers x {cfg.hidden_size}, {batch}x{seq} tokens, r=16:"
+    )
     runs = [("NF4 base, kernels (auto)", "auto", True), ("NF4 base, reference ops", "reference", True),
             ("bf16/fp32 dense base", "auto", False)]  # fmt: skip
     results = {}
@@ -149,16 +161,25 @@ def bench_step(smoke: bool) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--peak-gbps", type=float, default=None,
-                        help="the chip's rated memory bandwidth, e.g. 100 (M1), 400 (M1 Max)")
-    parser.add_argument("--cpu-smoke", action="store_true",
-                        help="run on the reference ops at small sizes (no Metal needed)")
+    parser.add_argument(
+        "--peak-gbps",
+        type=float,
+        default=None,
+        help="the chip's rated memory bandwidth, e.g. 100 (M1), 400 (M1 Max)",
+    )
+    parser.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="run on the reference ops at small sizes (no Metal needed)",
+    )
     parser.add_argument("--quick", action="store_true", help="fewer correctness cases")
     args = parser.parse_args()
     print(f"machine: {machine()}; mlx {mx.__version__}; Metal available: {mx.metal.is_available()}")
     if mx.metal.is_available():
         info = mx.metal.device_info()
-        print(f"device: {info.get('architecture')}, memory {info.get('memory_size', 0) / 2**30:.0f} GiB")
+        print(
+            f"device: {info.get('architecture')}, memory {info.get('memory_size', 0) / 2**30:.0f} GiB"
+        )
     if dispatch.metal_usable() and not args.cpu_smoke:
         from backends.mlx_backend import ops_metal as ops
 
@@ -167,8 +188,10 @@ def main() -> int:
         ops, smoke = ops_reference, True
         print("CPU smoke run: the reference ops stand in for the kernels (checks this script only)")
     else:
-        print("SKIPPED: no Metal device is the default device, so there are no kernels to check here. "
-              "The kernel bodies are tested on Linux by tests/backends/mlx_backend/test_metal_shim.py.")
+        print(
+            "SKIPPED: no Metal device is the default device, so there are no kernels to check here. "
+            "The kernel bodies are tested on Linux by tests/backends/mlx_backend/test_metal_shim.py."
+        )
         return 0
     check_correctness(ops, quick=args.quick or smoke)
     if failures:

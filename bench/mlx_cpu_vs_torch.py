@@ -1,4 +1,4 @@
-"""MLX backend on the CPU vs torch on the CPU, the same op side by side in one run (ratios = ours/peer).
+"""MLX backend on the CPU vs torch on the CPU: the same op side by side in one run (ours / peer).
 
     python bench/mlx_cpu_vs_torch.py [--size 4096] [--tokens 256]
 
@@ -35,8 +35,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=4096, help="square weight for dequantize")
     parser.add_argument("--linear", type=int, default=2048, help="square weight for the linear")
     parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--no-step", dest="step", action="store_false",
-                        help="skip the QLoRA training-step comparison")
+    parser.add_argument(
+        "--no-step",
+        dest="step",
+        action="store_false",
+        help="skip the QLoRA training-step comparison",
+    )
     args = parser.parse_args()
     print(f"machine: {machine()}; mlx {mx.__version__}, torch {torch.__version__}, "
           f"torch threads {torch.get_num_threads()}")  # fmt: skip
@@ -80,7 +84,8 @@ def main() -> None:
     xt = torch.from_numpy(x_np)
     targs_l = (torch.from_numpy(tl.packed.copy()), torch.from_numpy(tl.double_quant.codes.copy()),
                torch.from_numpy(tl.double_quant.scales.copy()),
-               torch.tensor(tl.double_quant.offset), torch.from_numpy(tl.double_quant.quant_map.copy()),
+               torch.tensor(tl.double_quant.offset),
+               torch.from_numpy(tl.double_quant.quant_map.copy()),
                table, tl.numel, 64)  # fmt: skip
     wt_dense = torch.from_numpy(nf4core.dequantize(tl))
 
@@ -93,7 +98,9 @@ def main() -> None:
     s_mlx_dense = median_seconds(lambda: mx.eval(x @ dense.T))
     s_torch_dense = median_seconds(lambda: torch.nn.functional.linear(xt, wt_dense))
     results.append((f"NF4 linear fwd ({m}x{k} @ {k}x{k})", s_mlx, s_mlx_dense, "MLX dense fp32"))
-    results.append((f"dense fp32 linear ({m}x{k} @ {k}x{k})", s_mlx_dense, s_torch_dense, "torch dense fp32"))
+    results.append(
+        (f"dense fp32 linear ({m}x{k} @ {k}x{k})", s_mlx_dense, s_torch_dense, "torch dense fp32")
+    )
 
     grad_mlx = mx.grad(lambda v: lin(v).sum())
     s_mlx_b = median_seconds(lambda: mx.eval(grad_mlx(x)))
@@ -104,22 +111,31 @@ def main() -> None:
         torch_nf4_linear(xg).sum().backward()
 
     s_torch_b = median_seconds(torch_fb)
-    results.append((f"NF4 linear fwd+input grad ({m}x{k})", s_mlx_b, s_torch_b, "torch dequant+linear"))
+    results.append(
+        (f"NF4 linear fwd+input grad ({m}x{k})", s_mlx_b, s_torch_b, "torch dequant+linear")
+    )
 
     if args.step:
         from mlx_step import small_config, step_tokens_per_second
 
         cfg = small_config(hidden=256, layers=4, vocab=2048)
         q_tps, q_peak = step_tokens_per_second(cfg, True, batch=2, seq=128, compute_dtype="float32")
-        d_tps, d_peak = step_tokens_per_second(cfg, False, batch=2, seq=128, compute_dtype="float32")
-        print(f"\nQLoRA step, {cfg.num_hidden_layers}x{cfg.hidden_size} Llama, 2x128 tokens, r=16, fp32: "
-              f"NF4 base {q_tps:.0f} tok/s (peak {q_peak / 2**20:.0f} MiB), dense fp32 base "
-              f"{d_tps:.0f} tok/s (peak {d_peak / 2**20:.0f} MiB); NF4/dense speed {q_tps / d_tps:.2f}")
+        d_tps, d_peak = step_tokens_per_second(
+            cfg, False, batch=2, seq=128, compute_dtype="float32"
+        )
+        print(
+            f"\nQLoRA step, {cfg.num_hidden_layers}x{cfg.hidden_size} Llama, 2x128 tokens, r=16, "
+            "fp32: "
+            f"NF4 base {q_tps:.0f} tok/s (peak {q_peak / 2**20:.0f} MiB), dense fp32 base "
+            f"{d_tps:.0f} tok/s (peak {d_peak / 2**20:.0f} MiB); NF4/dense speed {q_tps / d_tps:.2f}"
+        )
 
     print("\n| op | MLX (ours) | peer | peer time | ours / peer |")
     print("|---|---|---|---|---|")
     for name, ours, peer, peer_name in results:
-        print(f"| {name} | {ours * 1e3:.2f} ms | {peer_name} | {peer * 1e3:.2f} ms | {ours / peer:.2f} |")
+        print(
+            f"| {name} | {ours * 1e3:.2f} ms | {peer_name} | {peer * 1e3:.2f} ms | {ours / peer:.2f} |"
+        )
 
 
 if __name__ == "__main__":

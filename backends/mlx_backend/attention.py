@@ -52,7 +52,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=False)
         self._rope = rope
 
-    def __call__(self, x: mx.array, mask: mx.array | None, cache: KVCache | None = None) -> mx.array:
+    def __call__(
+        self, x: mx.array, mask: mx.array | None, cache: KVCache | None = None
+    ) -> mx.array:
         b, t, _ = x.shape  # (B, T, C)
         q = self.q_proj(x).reshape(b, t, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(b, t, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)

@@ -27,7 +27,7 @@ def metal_usable() -> bool:
 
 
 def default_compute_dtype() -> str:
-    """"bfloat16" on a Metal GPU, "float32" on the CPU (most CPUs run bfloat16 matmuls slowly)."""
+    """ "bfloat16" on a Metal GPU, "float32" on the CPU (most CPUs run bfloat16 matmuls slowly)."""
     return "bfloat16" if metal_usable() else "float32"
 
 
@@ -39,7 +39,7 @@ def requested_path() -> str:
 
 
 def selected_path() -> str:
-    """"metal" or "reference" for an op called now; RuntimeError if Metal is forced but absent."""
+    """ "metal" or "reference" for an op called now; RuntimeError if Metal is forced but absent."""
     path = requested_path()
     if path == "reference":
         return path

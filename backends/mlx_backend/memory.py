@@ -38,8 +38,12 @@ class MemoryPlan:
         return self.base_weights + 2 * self.adapters + self.optimizer_resident + self.activations
 
     def describe(self) -> str:
-        parts = (("base weights", self.base_weights), ("adapters + grads", 2 * self.adapters),
-                 ("optimizer state", self.optimizer_resident), ("activations", self.activations))
+        parts = (
+            ("base weights", self.base_weights),
+            ("adapters + grads", 2 * self.adapters),
+            ("optimizer state", self.optimizer_resident),
+            ("activations", self.activations),
+        )
         return ", ".join(f"{name} {value / GIB:.2f} GiB" for name, value in parts)  # fmt: skip
 
 
@@ -103,8 +107,12 @@ def plan_from_config(config: ModelConfig, lora: LoRAConfig, batch_size: int, seq
     state = n_adapter * BYTES_PER_ELEMENT
     if optimizer_budget is not None:
         state = min(state, optimizer_budget)
-    return MemoryPlan(nf4 + dense * dense_bytes, adapters, state,
-                      _activations(config, batch_size, seq_len, checkpointing))
+    return MemoryPlan(
+        nf4 + dense * dense_bytes,
+        adapters,
+        state,
+        _activations(config, batch_size, seq_len, checkpointing),
+    )
 
 
 def available_memory() -> tuple[int, str]:

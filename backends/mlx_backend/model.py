@@ -74,7 +74,8 @@ class DecoderStack(nn.Module):
     def _dropout_keys(self) -> list[mx.array | None]:
         """One key per block from the global generator when some LoRA dropout is active."""
         active = self.training and any(
-            isinstance(m, LoRALinear) and m.dropout_p > 0 for _, m in self.named_modules())
+            isinstance(m, LoRALinear) and m.dropout_p > 0 for _, m in self.named_modules()
+        )
         if not active:
             return [None] * len(self.layers)
         base = mx.random.randint(0, 2**31 - 1, shape=(2,), dtype=mx.uint32)
@@ -212,7 +213,7 @@ class LlamaModel(nn.Module):
         if not config.tie_word_embeddings:
             model.lm_head.weight = dense("lm_head.weight")
         if missing:
-            raise KeyError(f"missing tensors: {', '.join(missing[:8])}"
-                           + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))  # fmt: skip
+            more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+            raise KeyError(f"missing tensors: {', '.join(missing[:8])}{more}")
         model.freeze()
         return model

@@ -45,7 +45,9 @@ class NF4Linear(nn.Module):
         self.nf4 = weight  # not an mx.array: never a parameter, never trained
         if bias is not None:
             if bias.shape != (weight.shape[0],):
-                raise ValueError(f"bias shape {bias.shape} does not match {weight.shape[0]} outputs")
+                raise ValueError(
+                    f"bias shape {bias.shape} does not match {weight.shape[0]} outputs"
+                )
             self.bias = bias
         self._matmul = _nf4_matmul_fn(weight)
         self.freeze()

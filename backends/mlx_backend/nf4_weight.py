@@ -44,7 +44,9 @@ class NF4Weight:
 
     def __post_init__(self) -> None:
         if self.packed.dtype != mx.uint8 or self.packed.ndim != 1:
-            raise ValueError(f"packed codes must be 1-d uint8, got {self.packed.dtype} {self.packed.shape}")
+            raise ValueError(
+                f"packed codes must be 1-d uint8, got {self.packed.dtype} {self.packed.shape}"
+            )
         if self.packed.size != (self.numel + 1) // 2:
             raise ValueError(f"{self.packed.size} packed bytes do not hold shape {self.shape}")
         if (self.absmax is None) == (self.dq_codes is None):

@@ -61,13 +61,19 @@ def _after(w: NF4Weight, x: mx.array) -> NF4Weight:
 
 def dequantize(w: NF4Weight, dtype: mx.Dtype = mx.float32, absmax: mx.array | None = None):
     absmax = reconstruct_absmax(w) if absmax is None else absmax
-    out = _run("nf4_dequant", [w.packed, absmax, w.quant_map, _dims(w.numel)],
-               [("T", dtype), ("BS", w.blocksize)], ((w.numel + 1) // 2, 1, 1), (w.numel,), dtype)
+    out = _run(
+        "nf4_dequant",
+        [w.packed, absmax, w.quant_map, _dims(w.numel)],
+        [("T", dtype), ("BS", w.blocksize)],
+        ((w.numel + 1) // 2, 1, 1),
+        (w.numel,),
+        dtype,
+    )
     return out.reshape(w.shape)
 
 
 def _strategy(strategy: str, m: int) -> str:
-    """"fused" or "dequant" for M rows; NF4_MLX_FUSED_MAX_ROWS overrides the threshold (tune it
+    """ "fused" or "dequant" for M rows; NF4_MLX_FUSED_MAX_ROWS overrides the threshold (tune it
     with the table bench/metal_check.py prints)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")

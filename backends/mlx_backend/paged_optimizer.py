@@ -222,7 +222,9 @@ class PagedAdamW:
         for name, (shape, _) in self._meta.items():
             parts = [self._load(p) for p in self._pages if p.name == name]
             for i, key in enumerate(("master", "exp_avg", "exp_avg_sq")):
-                tensors[f"{name}.{key}"] = np.concatenate([np.array(q[i]) for q in parts]).reshape(shape)
+                tensors[f"{name}.{key}"] = np.concatenate([np.array(q[i]) for q in parts]).reshape(
+                    shape
+                )
         meta = {"format_version": str(FORMAT_VERSION), "step": str(self.step_count),
                 "config": json.dumps(asdict(self.config)),
                 "dtypes": json.dumps({n: str(d) for n, (_, d) in self._meta.items()})}  # fmt: skip
@@ -231,14 +233,18 @@ class PagedAdamW:
     def load_state_dict(self, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
         """Restore a `state_dict()`; `init(params)` must have run with the same parameter tree."""
         if int(metadata.get("format_version", -1)) != FORMAT_VERSION:
-            raise ValueError(f"unsupported optimizer state version {metadata.get('format_version')}")
+            raise ValueError(
+                f"unsupported optimizer state version {metadata.get('format_version')}"
+            )
         values = {}
         for name, (shape, _) in self._meta.items():
             arrays = []
             for key in ("master", "exp_avg", "exp_avg_sq"):
                 a = tensors.get(f"{name}.{key}")
                 if a is None or tuple(a.shape) != shape:
-                    raise KeyError(f"optimizer state for {name!r} is missing or has the wrong shape")
+                    raise KeyError(
+                        f"optimizer state for {name!r} is missing or has the wrong shape"
+                    )
                 arrays.append(np.ascontiguousarray(a, dtype=np.float32).reshape(-1))
             values[name] = tuple(arrays)
         self._layout(values)

@@ -1,4 +1,4 @@
-"""Learning-rate schedules (Hugging Face's semantics): constant, linear or cosine after a linear warmup."""
+"""Learning-rate schedules (Hugging Face's semantics): constant, linear or cosine after a warmup."""
 
 from __future__ import annotations
 

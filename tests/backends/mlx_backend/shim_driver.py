@@ -26,8 +26,13 @@ def _driver_source(name: str, t_type: str, ints: dict[str, int]) -> str:
     params = [f"const device {c} * {n}" for n, c in spec.inputs]
     params += [f"device {c} * {n}" for n, c in spec.outputs]
     params.append("uint3 thread_position_in_grid")
-    lines = ['#include "metal_shim.h"', "#include <cstdio>", "#include <cstdlib>", "#include <vector>",
-             f"typedef {t_type} T;"]
+    lines = [
+        '#include "metal_shim.h"',
+        "#include <cstdio>",
+        "#include <cstdlib>",
+        "#include <vector>",
+        f"typedef {t_type} T;",
+    ]
     lines += [f"constexpr int {k} = {ints[k]};" for k in spec.template_ints]
     lines += [f"static void body({', '.join(params)}) {{", f'#include "{spec.filename}"', "}"]
     lines += [
@@ -50,8 +55,10 @@ def _driver_source(name: str, t_type: str, ints: dict[str, int]) -> str:
         f"    body({', '.join(args)}, uint3{{x, y, z}});",
     ]
     for i, (_, c) in enumerate(spec.outputs):
-        lines += [f'  {{ FILE* f = fopen(outpath{i}, "wb");',
-                  f"    fwrite(out{i}.data(), sizeof({c}), count{i}, f); fclose(f); }}"]
+        lines += [
+            f'  {{ FILE* f = fopen(outpath{i}, "wb");',
+            f"    fwrite(out{i}.data(), sizeof({c}), count{i}, f); fclose(f); }}",
+        ]
     lines += ["  return 0;", "}"]
     return "\n".join(lines) + "\n"
 

@@ -26,7 +26,9 @@ def test_peft_loads_our_adapters_to_the_same_logits(tmp_path):
     nf4 = {k: nf4core.quantize(v, 64, True) if k.endswith("proj.weight") else v
            for k, v in tensors.items()}  # fmt: skip
     model = LlamaModel.from_state(config, nf4)
-    lora = LoRAConfig(r=4, alpha=8.0, use_rslora=True, target_modules=("q_proj", "v_proj", "down_proj"))
+    lora = LoRAConfig(
+        r=4, alpha=8.0, use_rslora=True, target_modules=("q_proj", "v_proj", "down_proj")
+    )
     apply_lora(model, lora)
     rng = np.random.default_rng(22)
     trained = [(k, mx.array(rng.standard_normal(v.shape).astype(np.float32) * 0.1))
@@ -36,7 +38,9 @@ def test_peft_loads_our_adapters_to_the_same_logits(tmp_path):
     ours = np.array(model(mx.array(tokens)))
     save_peft_adapter(model, tmp_path / "adapter", lora)
 
-    dense = {k: nf4core.dequantize(v) if not isinstance(v, np.ndarray) else v for k, v in nf4.items()}
+    dense = {
+        k: nf4core.dequantize(v) if not isinstance(v, np.ndarray) else v for k, v in nf4.items()
+    }
     hf_config = transformers.AutoConfig.for_model(**config.to_hf_config())
     hf = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     hf.load_state_dict({k: torch.from_numpy(v) for k, v in dense.items()}, strict=False)

@@ -56,14 +56,22 @@ def test_loader_finds_checkout_and_install_prefix(tmp_path):
 def test_wheel_ships_the_metal_sources(tmp_path):
     """A non-editable install gets the .metal files as data under share/nf4-qlora/metal."""
     source = tmp_path / "src"  # build a copy: setuptools writes build/ and *.egg-info in place
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
-        ".venv", ".git", "build", "*.egg-info", "__pycache__", ".pytest_cache", "runs"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(tmp_path), str(source)], check=True, capture_output=True)  # fmt: skip
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".venv", ".git", "build", "*.egg-info", "__pycache__", ".pytest_cache", "runs"
+        ),
+    )
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+               "-w", str(tmp_path), str(source)]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True)
     (wheel,) = tmp_path.glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for spec in KERNELS.values():
-        assert any(n.endswith(f".data/data/{SHARE_SUBDIR.as_posix()}/{spec.filename}") for n in names)
+        assert any(
+            n.endswith(f".data/data/{SHARE_SUBDIR.as_posix()}/{spec.filename}") for n in names
+        )
     assert any(n.endswith("metal_shim.h") for n in names)
     assert not any(n.startswith("metal/") for n in names)  # no top-level `metal` package
 
@@ -71,11 +79,17 @@ def test_wheel_ships_the_metal_sources(tmp_path):
 def test_import_without_mlx():
     code = ("import sys; sys.modules['mlx'] = None; import backends, backends.mlx_backend as b; "
             "assert not b.is_available(); print('ok')")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=False
+    )
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
-    code = ("import sys; sys.modules['mlx'] = None; import backends.mlx_backend as b\n"
-            "try:\n    b.NF4Linear\nexcept ImportError as e:\n    print('msg:', e)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=False)
+    code = (
+        "import sys; sys.modules['mlx'] = None; import backends.mlx_backend as b\n"
+        "try:\n    b.NF4Linear\nexcept ImportError as e:\n    print('msg:', e)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=False
+    )
     assert "pip install" in out.stdout, out.stdout + out.stderr
 
 
@@ -98,10 +112,18 @@ def test_metal_kernels_match_reference(double_quant):
         for m in (1, 5, 33):
             x = mx.array(rng.standard_normal((m, shape[1])).astype(np.float32))
             g = mx.array(rng.standard_normal((m, shape[0])).astype(np.float32))
-            np.testing.assert_allclose(np.array(ops_metal.matmul(x, w)),
-                                       np.array(ops_reference.matmul(x, w)), rtol=1e-4, atol=1e-4)
-            np.testing.assert_allclose(np.array(ops_metal.matmul_t(g, w)),
-                                       np.array(ops_reference.matmul_t(g, w)), rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(
+                np.array(ops_metal.matmul(x, w)),
+                np.array(ops_reference.matmul(x, w)),
+                rtol=1e-4,
+                atol=1e-4,
+            )
+            np.testing.assert_allclose(
+                np.array(ops_metal.matmul_t(g, w)),
+                np.array(ops_reference.matmul_t(g, w)),
+                rtol=1e-4,
+                atol=1e-4,
+            )
 
 
 def test_every_kernel_builds_from_its_file(monkeypatch):
@@ -112,7 +134,9 @@ def test_every_kernel_builds_from_its_file(monkeypatch):
         assert callable(ops_metal._kernel(name))
     with pytest.raises(ValueError, match="strategy"):
         ops_metal._strategy("tiled", 4)
-    assert ops_metal._strategy("auto", 8) == "fused" and ops_metal._strategy("auto", 65) == "dequant"
+    assert (
+        ops_metal._strategy("auto", 8) == "fused" and ops_metal._strategy("auto", 65) == "dequant"
+    )
     monkeypatch.setenv("NF4_MLX_FUSED_MAX_ROWS", "0")
     assert ops_metal._strategy("auto", 1) == "dequant"
 

@@ -29,8 +29,11 @@ def test_absmax_reconstruction_bit_exact(tmp_path):
     t = _weight((300, 131), 64, True)  # 615 blocks: three nested blocks, the last partial
     dq, n = t.double_quant, t.n_blocks
     dims = np.array([n], dtype=np.uint32)
-    scaled = scale((n, 1, 1), {"dq_codes": dq.codes, "dq_scales": dq.scales,
-                               "dq_quant_map": dq.quant_map, "dims": dims}, {"scaled": n})["scaled"]
+    scaled = scale(
+        (n, 1, 1),
+        {"dq_codes": dq.codes, "dq_scales": dq.scales, "dq_quant_map": dq.quant_map, "dims": dims},
+        {"scaled": n},
+    )["scaled"]
     absmax = offset((n, 1, 1), {"scaled": scaled, "offset": np.array([dq.offset], np.float32),
                                 "dims": dims}, {"absmax": n})["absmax"]  # fmt: skip
     np.testing.assert_array_equal(absmax.view(np.uint32), t.block_absmax().view(np.uint32))

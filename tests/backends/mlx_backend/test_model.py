@@ -1,4 +1,4 @@
-"""The MLX Llama/Qwen2 model against transformers on the same (dequantized) weights, KV cache, checkpointing."""
+"""The MLX Llama/Qwen2 model vs transformers on the same dequantized weights; cache; checkpointing."""
 
 from __future__ import annotations
 
@@ -18,8 +18,13 @@ from backends.mlx_backend.nf4_linear import NF4Linear
 
 from .tiny_models import random_tensors, tiny_config
 
-LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                  "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
 
 
 def _hf_logits(config, tensors, tokens):
@@ -68,7 +73,9 @@ def test_kv_cache_matches_full_forward():
     tokens = mx.array(np.random.default_rng(4).integers(0, config.vocab_size, size=(1, 12)))
     full = model(tokens)
     cache = model.make_cache()
-    parts = [model(tokens[:, :7], cache)] + [model(tokens[:, i:i + 1], cache) for i in range(7, 12)]
+    parts = [model(tokens[:, :7], cache)] + [
+        model(tokens[:, i : i + 1], cache) for i in range(7, 12)
+    ]
     np.testing.assert_allclose(np.array(mx.concatenate(parts, axis=1)), np.array(full),
                                rtol=1e-4, atol=1e-4)  # fmt: skip
     new = model.generate([1, 2, 3], max_new_tokens=4)
@@ -82,8 +89,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(dropout):
     model = LlamaModel.from_state(config, random_tensors(config, seed=5))
     apply_lora(model, LoRAConfig(r=4, seed=1, dropout=dropout))
     model.train()
-    nonzero_b = [(k, mx.full(v.shape, 0.01)) for k, v in tree_flatten(model.trainable_parameters())
-                 if k.endswith("lora_B")]  # so that every adapter gets a gradient
+    nonzero_b = [
+        (k, mx.full(v.shape, 0.01))
+        for k, v in tree_flatten(model.trainable_parameters())
+        if k.endswith("lora_B")
+    ]  # so that every adapter gets a gradient
     model.update(tree_unflatten(nonzero_b))
     tokens = mx.array(np.random.default_rng(6).integers(0, config.vocab_size, size=(2, 9)))
 

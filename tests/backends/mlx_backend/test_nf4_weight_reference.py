@@ -45,7 +45,9 @@ def test_weight_round_trip_is_bit_identical(double_quant):
     t = nf4core.quantize(w, blocksize=128, double_quant=double_quant)
     back = NF4Weight.from_nf4(t).to_nf4()
     np.testing.assert_array_equal(back.packed, t.packed)
-    np.testing.assert_array_equal(back.block_absmax().view(np.uint32), t.block_absmax().view(np.uint32))
+    np.testing.assert_array_equal(
+        back.block_absmax().view(np.uint32), t.block_absmax().view(np.uint32)
+    )
     assert (back.shape, back.dtype, back.blocksize) == (t.shape, t.dtype, t.blocksize)
     if double_quant:
         np.testing.assert_array_equal(back.double_quant.codes, t.double_quant.codes)

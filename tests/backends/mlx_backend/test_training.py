@@ -82,7 +82,8 @@ def test_accumulation_equals_one_large_batch():
     trainer.model.update(tree_unflatten(nonzero))
     whole, loss_whole, n_whole = trainer.gradients([Batch.from_tokens(tokens, mask)])
     parts, loss_parts, n_parts = trainer.gradients(
-        [Batch.from_tokens(tokens[:1], mask[:1]), Batch.from_tokens(tokens[1:], mask[1:])])
+        [Batch.from_tokens(tokens[:1], mask[:1]), Batch.from_tokens(tokens[1:], mask[1:])]
+    )
     assert n_whole == n_parts == int(mask[:, 1:].sum())
     assert loss_parts == pytest.approx(loss_whole, rel=1e-5)
     for (k, a), (_, c) in zip(tree_flatten(whole), tree_flatten(parts)):
@@ -97,7 +98,8 @@ def test_masked_loss_ignores_masked_tokens():
     assert count.item() == 1 and total.item() == pytest.approx(-lp[2].item(), rel=1e-6)
     with pytest.raises(ValueError, match="no tokens"):
         Trainer(_model(), TrainConfig(compile=False)).gradients(
-            [Batch.from_tokens(np.ones((1, 4)), np.zeros((1, 4)))])
+            [Batch.from_tokens(np.ones((1, 4)), np.zeros((1, 4)))]
+        )
 
 
 def test_clipping():

@@ -28,17 +28,25 @@ def random_tensors(config: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
         scale = scale if scale is not None else 1.0 / np.sqrt(shape[-1])
         return (rng.standard_normal(shape) * scale).astype(np.float32)
 
-    t = {"model.embed_tokens.weight": w(c.vocab_size, c.hidden_size, scale=0.5),
-         "model.norm.weight": (1 + 0.1 * rng.standard_normal(c.hidden_size)).astype(np.float32)}
+    t = {
+        "model.embed_tokens.weight": w(c.vocab_size, c.hidden_size, scale=0.5),
+        "model.norm.weight": (1 + 0.1 * rng.standard_normal(c.hidden_size)).astype(np.float32),
+    }
     if not c.tie_word_embeddings:
         t["lm_head.weight"] = w(c.vocab_size, c.hidden_size)
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}"
         for norm in ("input_layernorm", "post_attention_layernorm"):
-            t[f"{p}.{norm}.weight"] = (1 + 0.1 * rng.standard_normal(c.hidden_size)).astype(np.float32)
+            t[f"{p}.{norm}.weight"] = (1 + 0.1 * rng.standard_normal(c.hidden_size)).astype(
+                np.float32
+            )
         q, kv = c.num_attention_heads * d, c.num_key_value_heads * d
-        for name, out_f, in_f in (("q_proj", q, c.hidden_size), ("k_proj", kv, c.hidden_size),
-                                  ("v_proj", kv, c.hidden_size), ("o_proj", c.hidden_size, q)):
+        for name, out_f, in_f in (
+            ("q_proj", q, c.hidden_size),
+            ("k_proj", kv, c.hidden_size),
+            ("v_proj", kv, c.hidden_size),
+            ("o_proj", c.hidden_size, q),
+        ):
             t[f"{p}.self_attn.{name}.weight"] = w(out_f, in_f)
             if c.attention_bias and name != "o_proj":
                 t[f"{p}.self_attn.{name}.bias"] = w(out_f, scale=0.1)
