@@ -100,10 +100,11 @@ class Trainer:
         self._grad_fn = grad_fn
 
     def gradients(self, micro_batches: list[Batch]):
-        """(mean-per-token gradients over all micro-batches, mean loss, token count)."""
+        """(mean-per-token float32 gradients over all micro-batches, mean loss, token count)."""
         total_loss, total_tokens, acc = 0.0, 0.0, None
         for batch in micro_batches:
             (loss_sum, count), grads = self._grad_fn(batch.inputs, batch.targets, batch.mask)
+            grads = tree_map(lambda g: g.astype(mx.float32), grads)  # accumulate in float32
             acc = grads if acc is None else tree_map(mx.add, acc, grads)
             mx.eval(acc, loss_sum, count)  # one micro-batch's graph at a time
             total_loss += loss_sum.item()
