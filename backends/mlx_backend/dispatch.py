@@ -1,0 +1,90 @@
+"""Picks the Metal kernel or the plain-mlx reference for each op when it is called (never at import).
+
+Auto: Metal when `mx.metal.is_available()` and the default device is the GPU, else the reference.
+Force a path for a block of code with `use_path("reference")` / `use_path("metal")`, or for the
+process with the environment variable NF4_MLX_KERNELS=auto|metal|reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from collections.abc import Iterator
+
+from . import ops_reference
+from ._mlx import mx
+from .nf4_weight import NF4Weight
+
+PATHS = ("auto", "metal", "reference")
+ENV_VAR = "NF4_MLX_KERNELS"
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("nf4_mlx_path", default=None)
+
+
+def metal_usable() -> bool:
+    """True when Metal kernels can run now: a Metal device that is also the default device."""
+    return bool(mx.metal.is_available()) and mx.default_device() == mx.gpu
+
+
+def default_compute_dtype() -> str:
+    """ "bfloat16" on a Metal GPU, "float32" on the CPU (most CPUs run bfloat16 matmuls slowly)."""
+    return "bfloat16" if metal_usable() else "float32"
+
+
+def requested_path() -> str:
+    path = _forced.get() or os.environ.get(ENV_VAR, "auto")
+    if path not in PATHS:
+        raise ValueError(f"{ENV_VAR}={path!r}; expected one of {PATHS}")
+    return path
+
+
+def selected_path() -> str:
+    """ "metal" or "reference" for an op called now; RuntimeError if Metal is forced but absent."""
+    path = requested_path()
+    if path == "reference":
+        return path
+    usable = metal_usable()
+    if path == "metal" and not usable:
+        raise RuntimeError(
+            "the Metal kernels were requested, but no Metal device is the default device "
+            f"(mx.metal.is_available() = {mx.metal.is_available()}, default = {mx.default_device()})"
+        )
+    return "metal" if usable else "reference"
+
+
+@contextlib.contextmanager
+def use_path(path: str) -> Iterator[None]:
+    """Force "metal", "reference" or "auto" for the ops called inside the block."""
+    if path not in PATHS:
+        raise ValueError(f"unknown kernel path {path!r}; expected one of {PATHS}")
+    token = _forced.set(path)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def _ops():
+    if selected_path() == "metal":
+        from . import ops_metal
+
+        return ops_metal
+    return ops_reference
+
+
+def reconstruct_absmax(w: NF4Weight) -> mx.array:
+    return _ops().reconstruct_absmax(w)
+
+
+def dequantize(w: NF4Weight, dtype: mx.Dtype = mx.float32) -> mx.array:
+    return _ops().dequantize(w, dtype)
+
+
+def matmul(x: mx.array, w: NF4Weight) -> mx.array:
+    """x @ W^T: (..., in) -> (..., out)."""
+    return _ops().matmul(x, w)
+
+
+def matmul_t(g: mx.array, w: NF4Weight) -> mx.array:
+    """g @ W: (..., out) -> (..., in)."""
+    return _ops().matmul_t(g, w)

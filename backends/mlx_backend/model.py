@@ -1,0 +1,219 @@
+"""The Llama-family decoder in MLX (Llama 2/3, Mistral, Qwen2, SmolLM, TinyLlama) with NF4 linears.
+
+Module paths equal Hugging Face's parameter names (model.layers.0.self_attn.q_proj, lm_head, ...), so
+adapters are named and seeded as in the torch backend and exported under PEFT's keys.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import nf4core
+from nf4core import ModelConfig, NF4Tensor
+
+from ._mlx import mx, mx_dtype, nn
+from .attention import Attention, KVCache, causal_mask
+from .dispatch import default_compute_dtype
+from .lora import LoRALinear
+from .nf4_linear import NF4Linear
+from .rope import RoPE
+
+ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:  # SwiGLU
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, rope: RoPE) -> None:
+        super().__init__()
+        c = config
+        self.self_attn = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
+                                   c.resolved_head_dim, c.attention_bias, rope)  # fmt: skip
+        self.mlp = MLP(c.hidden_size, c.intermediate_size)
+        self.input_layernorm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+
+    def __call__(self, x: mx.array, mask: mx.array | None, cache: KVCache | None = None):
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DecoderStack(nn.Module):
+    """Hugging Face's inner `model`: embeddings, layers, final norm."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        rope = RoPE(config.resolved_head_dim, config.rope_theta, config.rope_scaling)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = [DecoderLayer(config, rope) for _ in range(config.num_hidden_layers)]
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.gradient_checkpointing = False
+
+    def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+        h = self.embed_tokens(tokens)  # (B, T, C)
+        offset = 0 if cache is None else cache[0].offset
+        mask = causal_mask(tokens.shape[1], offset, h.dtype)
+        keys = self._dropout_keys()
+        for i, layer in enumerate(self.layers):
+            if self.gradient_checkpointing and cache is None:
+                h = _checkpointed(layer, h, mask, keys[i])
+            else:
+                h = _with_dropout_key(layer, keys[i], h, mask, None if cache is None else cache[i])
+        return self.norm(h)
+
+    def _dropout_keys(self) -> list[mx.array | None]:
+        """One key per block from the global generator when some LoRA dropout is active."""
+        active = self.training and any(
+            isinstance(m, LoRALinear) and m.dropout_p > 0 for _, m in self.named_modules()
+        )
+        if not active:
+            return [None] * len(self.layers)
+        base = mx.random.randint(0, 2**31 - 1, shape=(2,), dtype=mx.uint32)
+        return list(mx.random.split(base, len(self.layers)))
+
+
+def _with_dropout_key(layer: nn.Module, key: mx.array | None, *args) -> mx.array:
+    loras = [m for _, m in layer.named_modules() if isinstance(m, LoRALinear)]
+    sub = [None] * len(loras) if key is None else list(mx.random.split(key, max(len(loras), 1)))
+    for module, k in zip(loras, sub):
+        module.set_dropout_key(k)
+    try:
+        return layer(*args)
+    finally:
+        for module in loras:
+            module.set_dropout_key(None)
+
+
+def _checkpointed(layer: nn.Module, h: mx.array, mask: mx.array | None,
+                  key: mx.array | None) -> mx.array:  # fmt: skip
+    """Run one block under mx.checkpoint: its activations are recomputed in the backward pass,
+    with the same dropout masks (drawn from `key`, an input of the checkpointed function)."""
+
+    def run(params, x, *key_arg):
+        layer.update(params)
+        key_in = mx.stop_gradient(key_arg[0]) if key_arg else None  # keys have no gradient
+        return _with_dropout_key(layer, key_in, x, mask)
+
+    key_args = () if key is None else (key,)
+    return mx.checkpoint(run)(layer.trainable_parameters(), h, *key_args)
+
+
+class LlamaModel(nn.Module):
+    """A causal language model; `__call__(tokens (B, T), cache)` returns logits (B, T, vocab)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DecoderStack(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+        h = self.model(tokens, cache)
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.model.gradient_checkpointing = enabled
+
+    def make_cache(self) -> list[KVCache]:
+        return KVCache.for_model(self.config.num_hidden_layers)
+
+    def generate(self, prompt: list[int], max_new_tokens: int, eos: int | None = None) -> list[int]:
+        """Greedy decoding with the KV cache (dropout off); returns the new tokens."""
+        was_training = self.training
+        self.eval()
+        try:
+            cache = self.make_cache()
+            logits = self(mx.array([prompt]), cache)
+            out: list[int] = []
+            for _ in range(max_new_tokens):
+                token = int(mx.argmax(logits[0, -1]).item())
+                out.append(token)
+                if token == eos:
+                    break
+                logits = self(mx.array([[token]]), cache)
+            return out
+        finally:
+            self.train(was_training)
+
+    @classmethod
+    def from_state(cls, config: ModelConfig, tensors: dict, quantize: bool = True,
+                   blocksize: int = 64, double_quant: bool = True,
+                   compute_dtype: str = "auto") -> LlamaModel:  # fmt: skip
+        """Build from Hugging Face-named tensors (numpy arrays, or NF4Tensors for the linears).
+
+        Dense linear weights are quantized with nf4core (one tensor at a time) when `quantize`;
+        embeddings, norms and lm_head stay dense in `compute_dtype` ("auto": bfloat16 on a Metal
+        GPU, float32 on the CPU); activations follow that dtype. Every loaded module is frozen.
+        """
+        dtype = mx_dtype(default_compute_dtype() if compute_dtype == "auto" else compute_dtype)
+        model = cls(config)
+        missing = []
+
+        def dense(name: str) -> mx.array:
+            if name not in tensors:
+                missing.append(name)
+                return None
+            value = tensors[name]
+            if isinstance(value, NF4Tensor):
+                value = nf4core.dequantize(value, np.float32)
+            return mx.array(np.asarray(value, dtype=np.float32)).astype(dtype)
+
+        def linear(prefix: str, out_f: int, in_f: int, bias: bool) -> nn.Module:
+            name = f"{prefix}.weight"
+            b = dense(f"{prefix}.bias") if bias else None
+            value = tensors.get(name)
+            if value is None:
+                missing.append(name)
+                return nn.Linear(in_f, out_f, bias=bias)
+            if isinstance(value, NF4Tensor):
+                layer = NF4Linear.from_nf4(value, b)
+            elif quantize:
+                layer = NF4Linear.from_dense(np.asarray(value, dtype=np.float32), None, blocksize,
+                                             double_quant)  # fmt: skip
+                if b is not None:
+                    layer = NF4Linear(layer.nf4, b)
+            else:
+                layer = nn.Linear(in_f, out_f, bias=bias)
+                layer.weight = dense(name)
+                if bias:
+                    layer.bias = b
+            if tuple(value.shape) != (out_f, in_f):
+                raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {(out_f, in_f)}")
+            return layer
+
+        stack = model.model
+        stack.embed_tokens.weight = dense("model.embed_tokens.weight")
+        stack.norm.weight = dense("model.norm.weight")
+        for i, layer in enumerate(stack.layers):
+            p = f"model.layers.{i}"
+            layer.input_layernorm.weight = dense(f"{p}.input_layernorm.weight")
+            layer.post_attention_layernorm.weight = dense(f"{p}.post_attention_layernorm.weight")
+            for mod_name in ATTENTION_LINEARS:
+                old = getattr(layer.self_attn, mod_name)
+                out_f, in_f = old.weight.shape
+                bias = config.attention_bias and mod_name != "o_proj"
+                setattr(layer.self_attn, mod_name,
+                        linear(f"{p}.self_attn.{mod_name}", out_f, in_f, bias))  # fmt: skip
+            for mod_name in MLP_LINEARS:
+                out_f, in_f = getattr(layer.mlp, mod_name).weight.shape
+                setattr(layer.mlp, mod_name, linear(f"{p}.mlp.{mod_name}", out_f, in_f, False))
+        if not config.tie_word_embeddings:
+            model.lm_head.weight = dense("lm_head.weight")
+        if missing:
+            more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+            raise KeyError(f"missing tensors: {', '.join(missing[:8])}{more}")
+        model.freeze()
+        return model

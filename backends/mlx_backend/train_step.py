@@ -1,0 +1,133 @@
+"""The QLoRA training step on MLX: compiled loss and gradients, loss masking, accumulation, clipping,
+a learning-rate schedule and paged AdamW with float32 masters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+from ._mlx import mx, nn
+from .memory import check_fits, plan_training, set_memory_limit
+from .paged_optimizer import PagedAdamW, PagedAdamWConfig
+from .schedule import ScheduleConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What one optimizer step does; `memory_limit_bytes` caps MLX's allocations and checks fit."""
+
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optimizer: PagedAdamWConfig = field(default_factory=PagedAdamWConfig)
+    grad_accum_steps: int = 1
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    compile: bool = True
+    gradient_checkpointing: bool = False
+    memory_limit_bytes: int | None = None
+    batch_size: int = 1  # per micro-batch, for the memory check
+    seq_len: int = 512  # for the memory check
+
+    def __post_init__(self) -> None:
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm}")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Next-token prediction: inputs (B, T) int32, targets (B, T) int32, mask (B, T) float32."""
+
+    inputs: mx.array
+    targets: mx.array
+    mask: mx.array
+
+    @classmethod
+    def from_tokens(cls, tokens: np.ndarray, loss_mask: np.ndarray | None = None) -> Batch:
+        """From (B, T + 1) token ids; `loss_mask` (B, T + 1) marks tokens that are learned (e.g. the
+        completion, not the prompt, and not padding). Position t predicts token t + 1."""
+        tokens = np.asarray(tokens, dtype=np.int32)
+        mask = np.ones_like(tokens, dtype=np.float32) if loss_mask is None else loss_mask
+        return cls(mx.array(tokens[:, :-1]), mx.array(tokens[:, 1:]),
+                   mx.array(np.asarray(mask, dtype=np.float32)[:, 1:]))  # fmt: skip
+
+
+def masked_cross_entropy(logits: mx.array, targets: mx.array, mask: mx.array):
+    """(sum of token losses where mask is 1, number of such tokens), in float32."""
+    losses = nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="none")  # (B, T)
+    return (losses * mask).sum(), mask.sum()
+
+
+def clip_by_global_norm(grads: dict, max_norm: float | None):
+    """(grads scaled so their global L2 norm is at most max_norm, the norm before clipping)."""
+    norm = mx.sqrt(sum(mx.sum(mx.square(g.astype(mx.float32))) for _, g in tree_flatten(grads)))
+    if max_norm is None:
+        return grads, norm
+    scale = mx.minimum(1.0, max_norm / (norm + 1e-6))
+    return tree_map(lambda g: (g * scale).astype(g.dtype), grads), norm
+
+
+class Trainer:
+    """Trains the unfrozen parameters of `model` (the LoRA adapters) one optimizer step at a time."""
+
+    def __init__(self, model: nn.Module, config: TrainConfig | None = None) -> None:
+        self.model = model
+        self.config = config or TrainConfig()
+        mx.random.seed(self.config.seed)
+        if hasattr(model, "set_gradient_checkpointing"):
+            model.set_gradient_checkpointing(self.config.gradient_checkpointing)
+        if self.config.memory_limit_bytes is not None:
+            plan = plan_training(model, self.config.batch_size, self.config.seq_len,
+                                 self.config.gradient_checkpointing,
+                                 self.config.optimizer.resident_budget_bytes)  # fmt: skip
+            check_fits(plan, self.config.memory_limit_bytes)
+            set_memory_limit(self.config.memory_limit_bytes)
+        params = model.trainable_parameters()
+        if not tree_flatten(params):
+            raise ValueError("the model has no trainable parameters (did you apply LoRA?)")
+        self.optimizer = PagedAdamW(self.config.optimizer)
+        self.optimizer.init(params)
+
+        def loss(inputs, targets, mask):
+            return masked_cross_entropy(model(inputs), targets, mask)
+
+        grad_fn = nn.value_and_grad(model, loss)
+        if self.config.compile:
+            state = [model.state, mx.random.state]
+            grad_fn = mx.compile(grad_fn, inputs=state, outputs=state)
+        self._grad_fn = grad_fn
+
+    def gradients(self, micro_batches: list[Batch]):
+        """(mean-per-token float32 gradients over all micro-batches, mean loss, token count)."""
+        total_loss, total_tokens, acc = 0.0, 0.0, None
+        for batch in micro_batches:
+            (loss_sum, count), grads = self._grad_fn(batch.inputs, batch.targets, batch.mask)
+            grads = tree_map(lambda g: g.astype(mx.float32), grads)  # accumulate in float32
+            acc = grads if acc is None else tree_map(mx.add, acc, grads)
+            mx.eval(acc, loss_sum, count)  # one micro-batch's graph at a time
+            total_loss += loss_sum.item()
+            total_tokens += count.item()
+        if total_tokens == 0:
+            raise ValueError("no tokens to learn from: every loss-mask entry of the batch is 0")
+        grads = tree_map(lambda g: g / total_tokens, acc)
+        return grads, total_loss / total_tokens, int(total_tokens)
+
+    def step(self, micro_batches: list[Batch]) -> dict:
+        """One optimizer step over `grad_accum_steps` micro-batches; returns loss, lr, grad_norm."""
+        if len(micro_batches) != self.config.grad_accum_steps:
+            raise ValueError(f"expected {self.config.grad_accum_steps} micro-batches, "
+                             f"got {len(micro_batches)}")  # fmt: skip
+        self.model.train()
+        grads, loss, tokens = self.gradients(micro_batches)
+        grads, norm = clip_by_global_norm(grads, self.config.max_grad_norm)
+        lr = self.config.schedule(self.optimizer.step_count)
+        self.model.update(self.optimizer.step(grads, lr))
+        mx.eval(self.model.trainable_parameters())
+        return {"loss": loss, "tokens": tokens, "lr": lr, "grad_norm": norm.item()}
+
+    def evaluate(self, batch: Batch) -> float:
+        self.model.eval()
+        loss_sum, count = masked_cross_entropy(self.model(batch.inputs), batch.targets, batch.mask)
+        return (loss_sum / count).item()

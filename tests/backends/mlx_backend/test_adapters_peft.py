@@ -1,0 +1,56 @@
+"""Adapters trained here load in PEFT (the ecosystem's format) and give the same logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import nf4core
+
+mx = pytest.importorskip("mlx.core")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+from mlx.utils import tree_flatten, tree_unflatten
+
+from backends.mlx_backend.adapters import load_peft_weights, save_peft_adapter
+from backends.mlx_backend.lora import LoRAConfig, apply_lora
+from backends.mlx_backend.model import LlamaModel
+
+from .tiny_models import random_tensors, tiny_config
+
+
+def test_peft_loads_our_adapters_to_the_same_logits(tmp_path):
+    config = tiny_config("qwen2")
+    tensors = random_tensors(config, seed=21)
+    nf4 = {k: nf4core.quantize(v, 64, True) if k.endswith("proj.weight") else v
+           for k, v in tensors.items()}  # fmt: skip
+    model = LlamaModel.from_state(config, nf4)
+    lora = LoRAConfig(
+        r=4, alpha=8.0, use_rslora=True, target_modules=("q_proj", "v_proj", "down_proj")
+    )
+    apply_lora(model, lora)
+    rng = np.random.default_rng(22)
+    trained = [(k, mx.array(rng.standard_normal(v.shape).astype(np.float32) * 0.1))
+               for k, v in tree_flatten(model.trainable_parameters())]  # fmt: skip
+    model.update(tree_unflatten(trained))
+    tokens = rng.integers(0, config.vocab_size, size=(1, 11))
+    ours = np.array(model(mx.array(tokens)))
+    save_peft_adapter(model, tmp_path / "adapter", lora)
+
+    dense = {
+        k: nf4core.dequantize(v) if not isinstance(v, np.ndarray) else v for k, v in nf4.items()
+    }
+    hf_config = transformers.AutoConfig.for_model(**config.to_hf_config())
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    hf.load_state_dict({k: torch.from_numpy(v) for k, v in dense.items()}, strict=False)
+    hf.tie_weights()
+    peft_model = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        theirs = peft_model(torch.from_numpy(tokens).long()).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+
+    fresh = LlamaModel.from_state(config, nf4)
+    apply_lora(fresh, lora)
+    assert load_peft_weights(fresh, tmp_path / "adapter") == 2 * 3 * config.num_hidden_layers
+    np.testing.assert_array_equal(np.array(fresh(mx.array(tokens))), ours)
