@@ -24,16 +24,5 @@ def quantized(rng, shape, blocksize=64, double_quant=True, scale=1.0):
     return w, nf4core.quantize(w, blocksize=blocksize, double_quant=double_quant)
 
 
-def _interpret_triton_on_cpu() -> bool:
-    """Run the Triton kernels under the interpreter when no GPU is present. The variable must be set
-    before triton is imported; returns whether the interpreter is usable in this session."""
-    import os
-    import sys
-
-    if "triton" not in sys.modules and not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-        return os.environ["TRITON_INTERPRET"] == "1"
-    return "triton" not in sys.modules and os.environ.get("TRITON_INTERPRET") == "1"
-
-
-TRITON_INTERPRETER_READY = _interpret_triton_on_cpu()
+# Set up by tests/conftest.py before anything imports triton.
+from tests.conftest import TRITON_INTERPRETER_READY  # noqa: E402, F401

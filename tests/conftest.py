@@ -1,0 +1,19 @@
+"""Session-wide test setup that must happen before any test module is imported."""
+
+import os
+import sys
+from pathlib import Path
+
+
+def _interpret_triton_without_gpu() -> bool:
+    """Run the CUDA-path Triton kernels under Triton's interpreter (on CPU tensors) on machines
+    without an NVIDIA driver. Triton reads TRITON_INTERPRET when it is imported, and some test
+    dependencies (peft, bitsandbytes) import it, so this happens here, first. Returns whether the
+    interpreter is in effect for this session."""
+    has_nvidia = Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia/version").exists()
+    if "triton" not in sys.modules and not has_nvidia:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    return "triton" not in sys.modules and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+TRITON_INTERPRETER_READY = _interpret_triton_without_gpu()
