@@ -18,13 +18,16 @@ Without Metal (and without --cpu-smoke) it prints that it skipped and exits 0.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import sys
 
 import mlx.core as mx
 import numpy as np
-from bench_util import machine, median_seconds
 
-import nf4core
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import nf4core  # noqa: E402
+from bench._timing import median_seconds  # noqa: E402
+from bench.machine import describe as machine  # noqa: E402
 from backends.mlx_backend import dispatch, ops_reference
 from backends.mlx_backend.nf4_linear import NF4Linear
 from backends.mlx_backend.nf4_weight import NF4Weight
@@ -90,7 +93,7 @@ def check_correctness(ops, quick: bool) -> None:
 
 
 def timed(fn) -> float:
-    return median_seconds(lambda: mx.eval(fn()), repeats=10, warmup=3)
+    return median_seconds(lambda: mx.eval(fn()), repeat=10, warmup=3)
 
 
 def bench_dequant(ops, size: tuple[int, int], peak_gbps: float | None) -> None:

@@ -11,13 +11,17 @@ dense float32 base (MLX).
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import torch
-from bench_util import machine, median_seconds
 
-import nf4core
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import nf4core  # noqa: E402
+from bench._timing import median_seconds  # noqa: E402
+from bench.machine import describe as machine  # noqa: E402
 from backends.mlx_backend import ops_reference
 from backends.mlx_backend.nf4_linear import NF4Linear
 
@@ -61,7 +65,7 @@ def main() -> None:
     results = []
     s_mlx = median_seconds(lambda: mx.eval(ops_reference.dequantize(layer.nf4)))
     s_torch = median_seconds(lambda: torch_dequantize(*targs))
-    s_np = median_seconds(lambda: nf4core.dequantize(t), repeats=3)
+    s_np = median_seconds(lambda: nf4core.dequantize(t), repeat=3)
     results.append((f"dequantize {n}x{n} -> fp32", s_mlx, s_torch, "torch (same algorithm)"))
     results.append((f"dequantize {n}x{n} -> fp32", s_mlx, s_np, "nf4core numpy"))
     try:
