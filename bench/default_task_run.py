@@ -151,10 +151,12 @@ def main() -> None:
                   f"({(time.perf_counter() - t) / args.check_sequential:.2f} s per prompt)")
 
     # training: the records through nf4core's tokenization (the assistant turn is the only target)
+    t = time.perf_counter()
     examples = [tokenize_record(Record("chat", r, f"default-task:{i}"), tok)
                 for i, r in enumerate(task.train)]
     examples = [e for e in examples if e.input_ids.size <= rec["max_seq_len"]]
     data = Dataset(examples)
+    print(f"tokenized {len(data)} training records in {time.perf_counter() - t:.1f} s")
     pad = tok.pad_token_id
     apply_lora(model, LoRAConfig(rank=rec["lora_r"], alpha=rec["lora_alpha"],
                                  dropout=rec.get("lora_dropout", 0.0),
