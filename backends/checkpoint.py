@@ -2,7 +2,7 @@
 
     step-000050/adapters.safetensors   FP32 master adapters, PEFT key names
     step-000050/optimizer.safetensors  `<peft key>.exp_avg`, `.exp_avg_sq` (float32, parameter shape),
-                                       `rng.torch` / `rng.mlx` (each backend's own RNG state)
+                                       `rng.torch` (torch's RNG state; MLX reseeds from (seed, step))
     step-000050/trainer_state.json     format version, step, data position, resolved config
     latest.json                        {"checkpoint": "step-000050"}
 

@@ -36,6 +36,7 @@ class MLXEngine:
         if lora is not None:
             apply_lora(self.model, LoRAConfig(r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
                                               target_modules=lora.targets, seed=lora.seed))
+        self.seed = train.seed if train is not None else 0
         if train is not None:
             paged = PagedAdamWConfig(weight_decay=train.weight_decay)
             self.trainer = Trainer(self.model, TrainConfig(
@@ -53,6 +54,9 @@ class MLXEngine:
         # the pipeline owns the schedule: each step runs at the lr it is given
         self.trainer.config = dataclasses.replace(
             self.trainer.config, schedule=ScheduleConfig(learning_rate=lr))
+        # Note: MLX offers no way to restore a saved generator state, so the dropout generator is
+        # reseeded from (seed, step) every step: a resumed run draws the same masks.
+        mx.random.seed(self.seed * 1_000_003 + self.trainer.optimizer.step_count)
         out = self.trainer.step([self._batch(b) for b in micro_batches])
         return StepResult(out["loss"], out["tokens"], out["grad_norm"])
 
@@ -114,8 +118,7 @@ class MLXEngine:
             adapters[_peft(path)] = tensors[f"{path}.master"]
             for key in ("exp_avg", "exp_avg_sq"):
                 moments[f"{_peft(path)}.{key}"] = tensors[f"{path}.{key}"]
-        rng = {"rng.mlx": np.array(mx.random.state[0])}
-        return TrainingState(adapters, moments, int(meta["step"]), rng)
+        return TrainingState(adapters, moments, int(meta["step"]))
 
     def load_training_state(self, state) -> None:
         self.load_adapters(state.adapters)
@@ -126,8 +129,6 @@ class MLXEngine:
                 tensors[f"{path}.{key}"] = state.moments[f"{_peft(path)}.{key}"]
         self.trainer.optimizer.load_state_dict(
             tensors, {"format_version": str(FORMAT_VERSION), "step": str(state.step)})
-        if "rng.mlx" in state.rng:
-            mx.random.state[0] = mx.array(np.asarray(state.rng["rng.mlx"]))
 
 
 def _pick(logits: mx.array, temperature: float, top_p: float, key: mx.array) -> int:
