@@ -52,7 +52,7 @@ def peft_config(adapter: Adapter) -> dict:
             "lora_alpha": adapter.alpha, "lora_dropout": adapter.dropout, "use_rslora": False,
             "bias": "none", "target_modules": sorted(adapter.targets),
             "base_model_name_or_path": adapter.base_model, "inference_mode": True,
-            "fan_in_fan_out": False, "init_lora_weights": True, "nf4_qlora_format_version": 1}  # fmt: skip
+            "fan_in_fan_out": False, "init_lora_weights": True}  # fmt: skip
 
 
 def save_adapter(directory: str | Path, adapter: Adapter, export: tuple[str, ...] = ()) -> Path:
