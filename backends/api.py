@@ -1,0 +1,126 @@
+"""The public Python API: everything the CLI does, as functions (the CLI calls only these).
+
+    from backends import api
+    model = api.load("path/or/None", adapter="runs/x")          # base (+ adapter), backend chosen
+    print(model.chat("Shift every digit up by one ...\\n1 2 3"))
+    result = api.finetune(api.FinetuneConfig(steps=20, out="runs/x"))
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import nf4core
+
+from .engine import Engine, LoRASettings, build_engine
+from .evaluate import ExactMatch, exact_match_score, perplexity, stop_ids
+from .finetune import FinetuneResult, finetune
+from .finetune_config import ConfigError, FinetuneConfig
+from .merge import merge
+from .model_info import describe
+from .peft_adapter import Adapter, load_adapter, save_adapter
+from .registry import BackendChoice, select_backend
+
+
+@dataclass
+class LoadedModel:
+    """A model (NF4 base, adapters when loaded or attached) on the chosen backend."""
+
+    engine: Engine
+    tokenizer: nf4core.Tokenizer
+    choice: BackendChoice
+    path: str
+
+    def stream(self, prompt: str, *, chat: bool = True, max_new_tokens: int = 128,
+               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> Iterator[str]:
+        """Yield the decoded text of new tokens as they come (chat template applied when `chat`)."""
+        if chat and self.tokenizer.chat_template:
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                      add_generation_prompt=True)  # fmt: skip
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        else:
+            ids = self.tokenizer.encode(prompt)
+        eos = stop_ids(self.tokenizer)
+        out: list[int] = []
+        shown = ""
+        with self.engine.inference():
+            for token in self.engine.generate(ids, max_new_tokens, temperature, top_p, seed, eos):
+                if token in eos:
+                    break
+                out.append(token)
+                text = self.tokenizer.decode(out, skip_special_tokens=True)
+                if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence waits
+                    yield text[len(shown):]
+                    shown = text
+
+    def chat(self, prompt: str, **kw) -> str:
+        return "".join(self.stream(prompt, **kw))
+
+    def evaluate(self, data: str | os.PathLike, batch_size: int = 4, max_seq_len: int = 2048,
+                 max_examples: int = 0) -> dict:
+        """Perplexity on a JSONL file, and exact match on its chat / prompt-completion records."""
+        import json
+
+        ds, _ = nf4core.load_dataset(nf4core.DataConfig(train=data, max_length=max_seq_len),
+                                     self.tokenizer)  # fmt: skip
+        pad = self.tokenizer.pad_token_id or 0
+        loss, ppl = perplexity(self.engine, ds, batch_size, pad)
+        records = [json.loads(line) for line in Path(data).read_text(encoding="utf-8").splitlines()
+                   if line.strip()]  # fmt: skip
+        records = [r for r in records if "messages" in r or ("prompt" in r and "completion" in r)]
+        if max_examples:
+            records = records[:max_examples]
+        em = exact_match_score(self.engine, self.tokenizer, records) if records else None
+        return {"loss": loss, "perplexity": ppl, "examples": len(ds),
+                "exact_match": None if em is None else em.score,
+                "exact_match_examples": 0 if em is None else em.total}  # fmt: skip
+
+    def save_adapter(self, directory: str | os.PathLike, lora: LoRASettings) -> Path:
+        return save_adapter(directory, Adapter(self.engine.adapters(), lora.r, lora.alpha,
+                                               lora.dropout, lora.targets, self.path))  # fmt: skip
+
+
+def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike | None = None,
+         lora: LoRASettings | None = None, backend: str | None = None, device: str | None = None,
+         compute_dtype: str | None = None) -> LoadedModel:
+    """Open `model` (default: the embedded SmolLM2-135M-Instruct) as NF4 on the chosen backend, with
+    the PEFT adapter in `adapter` loaded, or fresh adapters from `lora` attached."""
+    path = str(model) if model is not None else str(nf4core.default_model_path())
+    loaded = load_adapter(adapter) if adapter is not None else None
+    if loaded is not None:
+        modules = {m.rsplit(".", 1)[-1] for m in loaded.modules()}
+        lora = LoRASettings(loaded.r, loaded.alpha, 0.0, tuple(sorted(modules)))
+    choice = select_backend(backend, device, compute_dtype)
+    source = nf4core.open_model(path)
+    engine = build_engine(choice, source, lora, None)
+    if loaded is not None:
+        engine.load_adapters(loaded.tensors)
+    return LoadedModel(engine, source.tokenizer(), choice, path)
+
+
+def quantize(model: str | os.PathLike, out: str | os.PathLike, blocksize: int = 64,
+             double_quant: bool = True) -> Path:
+    """Any source -> a bitsandbytes-format NF4 Hugging Face directory."""
+    return nf4core.quantize_model(model, out, blocksize, double_quant)
+
+
+def merge_adapter(model: str | os.PathLike | None, adapter: str | os.PathLike, out: str | os.PathLike,
+                  dtype: str = "bfloat16", requantize: bool = False) -> Path:
+    """Adapter + base -> a merged directory (16-bit, or NF4 again with `requantize`)."""
+    path = str(model) if model is not None else str(nf4core.default_model_path())
+    return merge(path, load_adapter(adapter), out, dtype, requantize)
+
+
+def info(path: str | os.PathLike | None, seq_len: int = 512, batch_size: int = 1,
+         lora_r: int = 8) -> dict:
+    """Architecture, parameter counts, bits per weight and a training-memory estimate (models);
+    rank and targets (adapters); step, backend and config (checkpoints)."""
+    return describe(path if path is not None else nf4core.default_model_path(), seq_len, batch_size,
+                    lora_r)  # fmt: skip
+
+
+__all__ = ["ConfigError", "ExactMatch", "FinetuneConfig", "FinetuneResult", "LoRASettings",
+           "LoadedModel", "finetune", "info", "load", "merge_adapter", "quantize"]  # fmt: skip

@@ -1,0 +1,124 @@
+"""Training checkpoints, backend-neutral: one directory per save under `<out>/checkpoints/`.
+
+    step-000050/adapters.safetensors   FP32 master adapters, PEFT key names
+    step-000050/optimizer.safetensors  `<peft key>.exp_avg`, `.exp_avg_sq` (float32, parameter shape),
+                                       `rng.torch` (torch's RNG state; MLX reseeds from (seed, step))
+    step-000050/trainer_state.json     format version, step, data position, resolved config
+    latest.json                        {"checkpoint": "step-000050"}
+
+A checkpoint is written into a hidden temporary directory (every file fsynced), renamed into place in
+one step, and only then named by latest.json (written atomically): a failure at any point leaves the
+previous checkpoint and pointer intact. Torch and MLX write and read the same names and layouts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nf4core.atomic import _fsync_dir, atomic_file, write_text_atomic
+
+from .engine import TrainingState
+
+FORMAT_VERSION = 1
+STATE_NAME, ADAPTERS_NAME, OPTIMIZER_NAME = "trainer_state.json", "adapters.safetensors", "optimizer.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or of an unknown version; the message names the path."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    state: TrainingState
+    config: dict  # the resolved FinetuneConfig (to_dict)
+    data_position: dict  # {"micro_batches": n}
+    backend: str
+
+
+def _save_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict) -> None:
+    from safetensors.numpy import save
+
+    blob = save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
+    with atomic_file(path) as f:
+        f.write(blob)
+
+
+def save_checkpoint(root: str | Path, state: TrainingState, config: dict, data_position: dict,
+                    backend: str) -> Path:
+    """Write checkpoint `step-<step>` under `root` atomically; returns its path."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{state.step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
+    try:
+        meta = {"format_version": str(FORMAT_VERSION)}
+        _save_safetensors(tmp / ADAPTERS_NAME, state.adapters, meta)
+        _save_safetensors(tmp / OPTIMIZER_NAME, {**state.moments, **state.rng}, meta)
+        info = {"format_version": FORMAT_VERSION, "step": state.step, "backend": backend,
+                "data_position": data_position, "config": config}  # fmt: skip
+        write_text_atomic(tmp / STATE_NAME, json.dumps(info, indent=2) + "\n")
+        final = root / name
+        if final.exists():  # a re-save of the same step: move the old one aside first
+            old = root / f".{name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_text_atomic(root / "latest.json", json.dumps({"checkpoint": name}) + "\n")
+    return final
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from itself, a `checkpoints/` folder, or a run's output folder."""
+    path = Path(path)
+    for candidate in (path, path / "checkpoints"):
+        if (candidate / STATE_NAME).is_file():
+            return candidate
+        latest = candidate / "latest.json"
+        if latest.is_file():
+            try:
+                target = candidate / json.loads(latest.read_text())["checkpoint"]
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"{latest}: unreadable ({e})") from e
+            if (target / STATE_NAME).is_file():
+                return target
+            raise CheckpointError(f"{latest}: names {target.name}, which holds no {STATE_NAME}")
+    raise CheckpointError(f"{path}: no training checkpoint here (expected {STATE_NAME} or "
+                          "checkpoints/latest.json)")
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    directory = find_checkpoint(path)
+    try:
+        info = json.loads((directory / STATE_NAME).read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise CheckpointError(f"{directory / STATE_NAME}: not valid JSON ({e})") from e
+    if info.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{directory / STATE_NAME}: unknown checkpoint format version "
+                              f"{info.get('format_version')!r} (this version reads {FORMAT_VERSION})")
+    try:
+        adapters = load_file(str(directory / ADAPTERS_NAME))
+        opt = load_file(str(directory / OPTIMIZER_NAME))
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{directory}: cannot read the checkpoint tensors ({e})") from e
+    rng = {k: v for k, v in opt.items() if k.startswith("rng.")}
+    moments = {k: v for k, v in opt.items() if not k.startswith("rng.")}
+    state = TrainingState(adapters, moments, int(info["step"]), rng)
+    return Checkpoint(directory, state, info["config"], info["data_position"], info["backend"])

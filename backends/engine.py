@@ -1,0 +1,115 @@
+"""What the fine-tuning pipeline needs from a backend, in backend-neutral terms (numpy in and out).
+
+`build_engine` imports the chosen backend lazily; `backends/torch_backend` and `backends/mlx_backend`
+never import each other. Adapter and optimizer tensors cross this boundary under PEFT's key names
+("base_model.model.<module>.lora_A.weight"), float32, in the parameter's own shape, so a state taken
+from one engine loads into the other.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+import nf4core
+
+from .registry import BackendChoice
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoRASettings:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", tuple(self.targets))
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    grad_checkpoint: bool = False
+    paged: bool | None = None  # None: the backend's default
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float  # mean per target token
+    tokens: int  # target tokens in the step
+    grad_norm: float
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """Optimizer moments (`<peft key>.exp_avg` / `.exp_avg_sq`), the FP32 master adapters (PEFT keys),
+    the optimizer step, and RNG states keyed by backend (`rng.torch`, `rng.mlx`)."""
+
+    adapters: dict[str, np.ndarray]
+    moments: dict[str, np.ndarray]
+    step: int
+    rng: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    choice: BackendChoice
+    config: nf4core.ModelConfig
+
+    def train_step(self, micro_batches: Sequence[nf4core.Batch], lr: float) -> StepResult: ...
+
+    def eval_loss(self, batches: Sequence[nf4core.Batch]) -> tuple[float, int]: ...
+
+    def generate(self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0,
+                 eos_ids: Sequence[int] = ()) -> Iterator[int]: ...  # fmt: skip
+
+    def inference(self) -> AbstractContextManager: ...  # faster eval/generation inside, no training
+
+    def adapters(self) -> dict[str, np.ndarray]: ...
+
+    def load_adapters(self, tensors: Mapping[str, np.ndarray]) -> None: ...
+
+    def training_state(self) -> TrainingState: ...
+
+    def load_training_state(self, state: TrainingState) -> None: ...
+
+
+class SourceTensors(Mapping):
+    """A lazy mapping over a model source: each tensor is read (and quantized) only when asked."""
+
+    def __init__(self, source: nf4core.ModelSource) -> None:
+        self.source, self.names = source, list(source.tensor_names())
+        self._set = set(self.names)
+
+    def __getitem__(self, name: str) -> object:
+        if name not in self._set:
+            raise KeyError(name)
+        return self.source.read(name)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def build_engine(choice: BackendChoice, source: nf4core.ModelSource, lora: LoRASettings | None,
+                 train: TrainSettings | None = None, lr: float = 1e-4) -> Engine:
+    """The chosen backend's model built from `source` (NF4 base), with adapters when `lora` is given
+    (always, to train), ready to train with `train` settings."""
+    if choice.backend == "torch":
+        from .torch_backend.engine import TorchEngine as cls
+    else:
+        from .mlx_backend.engine import MLXEngine as cls
+    return cls(choice, source, lora, train, lr)

@@ -1,0 +1,69 @@
+"""Evaluation that needs only an Engine: perplexity on a dataset, exact match by greedy generation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import nf4core
+from nf4core.default_task import exact_match
+
+from .engine import Engine
+
+
+@dataclass(frozen=True)
+class ExactMatch:
+    correct: int
+    total: int
+    samples: list[tuple[str, str]]  # (prediction, reference), the first few
+
+    @property
+    def score(self) -> float:
+        return self.correct / max(1, self.total)
+
+
+def stop_ids(tokenizer: nf4core.Tokenizer) -> tuple[int, ...]:
+    ids = {tokenizer.eos_token_id, tokenizer.token_id("<|im_end|>") if
+           tokenizer.backend.token_to_id("<|im_end|>") is not None else None}  # fmt: skip
+    return tuple(sorted(i for i in ids if i is not None))
+
+
+def prompt_and_answer(record: dict, tokenizer: nf4core.Tokenizer) -> tuple[list[int], str]:
+    """Token ids of the prompt (chat template with the generation prompt for chat records) and the
+    reference answer, for a chat record or a prompt/completion record."""
+    if "messages" in record:
+        messages = record["messages"]
+        if not messages or messages[-1].get("role") != "assistant":
+            raise ValueError("a chat record for exact match must end with an assistant turn")
+        text = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True)
+        return tokenizer.encode(text, add_special_tokens=False), messages[-1]["content"]
+    if "prompt" in record and "completion" in record:
+        return tokenizer.encode(record["prompt"]), record["completion"]
+    raise ValueError("exact match needs records with 'messages' or 'prompt' and 'completion'")
+
+
+def exact_match_score(engine: Engine, tokenizer: nf4core.Tokenizer, records: Sequence[dict],
+                      keep_samples: int = 3) -> ExactMatch:
+    """Greedy answers to each record's prompt compared with its reference (white space trimmed)."""
+    correct, samples = 0, []
+    eos = stop_ids(tokenizer)
+    with engine.inference():
+        for record in records:
+            prompt, reference = prompt_and_answer(record, tokenizer)
+            budget = len(tokenizer.encode(reference, add_special_tokens=False)) + 4
+            ids = [t for t in engine.generate(prompt, budget, eos_ids=eos) if t not in eos]
+            prediction = tokenizer.decode(ids, skip_special_tokens=True)
+            correct += exact_match(prediction, reference)
+            if len(samples) < keep_samples:
+                samples.append((prediction, reference))
+    return ExactMatch(correct, len(records), samples)
+
+
+def perplexity(engine: Engine, dataset: nf4core.Dataset, batch_size: int, pad_id: int
+               ) -> tuple[float, float]:
+    """(mean loss per target token, its exp) over the dataset, in order."""
+    with engine.inference():
+        total, n = engine.eval_loss(list(nf4core.batches(dataset, batch_size, pad_id, shuffle=False)))
+    loss = total / max(1, n)
+    return loss, math.exp(min(loss, 700.0))

@@ -1,0 +1,171 @@
+"""`FinetuneConfig`: every setting of a fine-tuning run, how defaults are filled, and the LR schedule.
+
+Precedence: explicit values (command line / Python) > a config file > the built-in task's recommended
+settings (default data) or generic defaults. Unset fields are None until `resolve()` fills them, so
+"explicitly set" is always visible (resume uses that).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+CONFIG_VERSION = 1
+GENERIC_DEFAULTS = {"steps": 100, "lr": 2e-4, "lora_r": 8, "lora_alpha": 16.0, "batch_size": 4,
+                    "max_seq_len": 512,
+                    "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                "down_proj"]}  # fmt: skip
+FIXED_DEFAULTS = {"grad_accum": 1, "lora_dropout": 0.0, "seed": 0, "grad_checkpoint": False,
+                  "eval_every": 0, "save_every": 0, "warmup_steps": 0, "schedule": "cosine",
+                  "max_grad_norm": 1.0, "weight_decay": 0.0, "export": (), "out": "finetune-out",
+                  "eval_max_examples": 0}  # fmt: skip
+SCHEDULES = ("cosine", "linear", "constant")
+EXPORTS = ("mlx-lm",)
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names it."""
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """A fine-tuning run. `model` None: the embedded SmolLM2-135M-Instruct; `data` None: the built-in
+    task (nf4core.default_task), whose `recommended` settings then fill unset fields."""
+
+    model: str | None = None
+    data: str | None = None
+    out: str | None = None
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int | None = None
+    grad_accum: int | None = None
+    max_seq_len: int | None = None
+    lr: float | None = None
+    warmup_steps: int | None = None
+    schedule: str | None = None
+    lora_r: int | None = None
+    lora_alpha: float | None = None
+    lora_dropout: float | None = None
+    targets: tuple[str, ...] | None = None
+    seed: int | None = None
+    backend: str | None = None
+    device: str | None = None
+    compute_dtype: str | None = None
+    grad_checkpoint: bool | None = None
+    paged_optimizer: bool | None = None  # None: the backend's default (paged on GPUs)
+    max_grad_norm: float | None = None
+    weight_decay: float | None = None
+    eval_every: int | None = None
+    eval_max_examples: int | None = None  # 0: the whole held-out set
+    save_every: int | None = None
+    resume: str | None = None
+    export: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.targets is not None:
+            t = self.targets
+            t = [s.strip() for s in t.split(",")] if isinstance(t, str) else list(t)
+            if not t or not all(t):
+                raise ConfigError(f"targets must name modules, got {self.targets!r}")
+            object.__setattr__(self, "targets", tuple(t))
+        if self.export is not None:
+            e = (self.export,) if isinstance(self.export, str) else tuple(self.export)
+            bad = [x for x in e if x not in EXPORTS]
+            if bad:
+                raise ConfigError(f"export: unknown format {bad[0]!r}; choose from {EXPORTS}")
+            object.__setattr__(self, "export", e)
+        for name in ("steps", "batch_size", "grad_accum", "max_seq_len", "lora_r"):
+            _check_int(self, name, 2 if name == "max_seq_len" else 1)
+        for name in ("warmup_steps", "seed", "eval_every", "save_every", "eval_max_examples"):
+            _check_int(self, name, 0)
+        for name in ("lr", "lora_alpha", "epochs"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                  or not math.isfinite(v) or v <= 0):  # fmt: skip
+                raise ConfigError(f"{name} must be a positive number, got {v!r}")
+        if self.lora_dropout is not None and not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.max_grad_norm is not None and self.max_grad_norm < 0:
+            raise ConfigError(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.schedule is not None and self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.steps is not None and self.epochs is not None:
+            raise ConfigError("give either steps or epochs, not both")
+
+    # -- sources ---------------------------------------------------------------------------------
+    @classmethod
+    def from_file(cls, path: str | Path) -> dict:
+        """The settings of a YAML (or JSON) file as a dict of known fields; ConfigError names the file."""
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+        data = {k.replace("-", "_"): v for k, v in data.items() if k != "config_version"}
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(f"{path}: unknown setting {unknown[0]!r}")
+        return data
+
+    @classmethod
+    def merged(cls, explicit: dict, file_settings: dict | None = None) -> FinetuneConfig:
+        """Explicit (non-None) values over the file's."""
+        values = dict(file_settings or {})
+        values.update({k: v for k, v in explicit.items() if v is not None})
+        try:
+            return cls(**values)
+        except TypeError as e:
+            raise ConfigError(str(e)) from e
+
+    def resolve(self, recommended: dict | None) -> FinetuneConfig:
+        """Every unset field filled: from `recommended` (the built-in task) or generic defaults."""
+        base = {**GENERIC_DEFAULTS, **(recommended or {})}
+        values = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is None and f.name in base and not (f.name == "steps" and self.epochs is not None):
+                v = base[f.name]
+            if v is None and f.name in FIXED_DEFAULTS:
+                v = FIXED_DEFAULTS[f.name]
+            values[f.name] = v
+        return replace(self, **values)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("targets", "export"):
+            if d[k] is not None:
+                d[k] = list(d[k])
+        return {"config_version": CONFIG_VERSION, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FinetuneConfig:
+        if d.get("config_version") != CONFIG_VERSION:
+            raise ConfigError(f"unknown config version {d.get('config_version')!r}")
+        return cls(**{k: v for k, v in d.items() if k != "config_version"})
+
+
+def _check_int(cfg: FinetuneConfig, name: str, minimum: int) -> None:
+    v = getattr(cfg, name)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < minimum):
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {v!r}")
+
+
+def learning_rate(cfg: FinetuneConfig, step: int, total_steps: int) -> float:
+    """The LR of optimizer step `step` (0-based): linear warmup to `lr`, then cosine/linear decay to 0
+    (never exactly 0) or constant. One definition for every backend, so resumed runs match."""
+    peak, warm = cfg.lr, cfg.warmup_steps
+    if step < warm:
+        return peak * (step + 1) / warm
+    if cfg.schedule == "constant":
+        return peak
+    progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+    return max(peak * shape, peak * 1e-6)

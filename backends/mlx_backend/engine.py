@@ -1,0 +1,145 @@
+"""The MLX side of `backends.engine.Engine`: build, train, evaluate, generate, export state."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from ._mlx import mx
+from .lora import LoRAConfig, apply_lora, lora_state_dict
+from .model import LlamaModel
+from .paged_optimizer import FORMAT_VERSION, PagedAdamWConfig
+from .schedule import ScheduleConfig
+from .train_step import Batch, TrainConfig, Trainer, masked_cross_entropy
+
+PEFT_PREFIX = "base_model.model."
+
+
+def _peft(path: str) -> str:  # "model.layers.0.self_attn.q_proj.lora_A" -> PEFT key
+    return f"{PEFT_PREFIX}{path}.weight"
+
+
+class MLXEngine:
+    def __init__(self, choice, source, lora, train, lr: float) -> None:
+        from ..engine import SourceTensors
+
+        self.choice, self.config = choice, source.config
+        if choice.device == "cpu":
+            mx.set_default_device(mx.cpu)
+        self.model = LlamaModel.from_state(source.config, SourceTensors(source),
+                                           compute_dtype=choice.compute_dtype)  # fmt: skip
+        self.trainer = None
+        if lora is not None:
+            apply_lora(self.model, LoRAConfig(r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                                              target_modules=lora.targets, seed=lora.seed))
+        self.seed = train.seed if train is not None else 0
+        if train is not None:
+            paged = PagedAdamWConfig(weight_decay=train.weight_decay)
+            self.trainer = Trainer(self.model, TrainConfig(
+                schedule=ScheduleConfig(learning_rate=lr), optimizer=paged,
+                grad_accum_steps=train.grad_accum, max_grad_norm=train.max_grad_norm or None,
+                seed=train.seed, gradient_checkpointing=train.grad_checkpoint))  # fmt: skip
+
+    @staticmethod
+    def _batch(b) -> Batch:
+        return Batch.from_tokens(b.input_ids, b.loss_mask)
+
+    def train_step(self, micro_batches, lr: float):
+        from ..engine import StepResult
+
+        # the pipeline owns the schedule: each step runs at the lr it is given
+        self.trainer.config = dataclasses.replace(
+            self.trainer.config, schedule=ScheduleConfig(learning_rate=lr))
+        # Note: MLX offers no way to restore a saved generator state, so the dropout generator is
+        # reseeded from (seed, step) every step: a resumed run draws the same masks.
+        mx.random.seed(self.seed * 1_000_003 + self.trainer.optimizer.step_count)
+        out = self.trainer.step([self._batch(b) for b in micro_batches])
+        return StepResult(out["loss"], out["tokens"], out["grad_norm"])
+
+    def eval_loss(self, batches) -> tuple[float, int]:
+        was = self.model.training
+        self.model.eval()
+        total, n = 0.0, 0
+        for b in batches:
+            batch = self._batch(b)
+            s, k = masked_cross_entropy(self.model(batch.inputs), batch.targets, batch.mask)
+            total, n = total + s.item(), n + int(k.item())
+        self.model.train(was)
+        return total, n
+
+    def generate(self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, eos_ids: Sequence[int] = ()) -> Iterator[int]:
+        if not prompt:
+            raise ValueError("the prompt must hold at least one token")
+        was = self.model.training
+        self.model.eval()
+        key = mx.random.key(seed)
+        try:
+            cache = self.model.make_cache()
+            logits = self.model(mx.array([list(prompt)]), cache)[0, -1]
+            for _ in range(max_new_tokens):
+                key, sub = mx.random.split(key)
+                token = _pick(logits, temperature, top_p, sub)
+                yield token
+                if token in eos_ids:
+                    return
+                logits = self.model(mx.array([[token]]), cache)[0, -1]
+        finally:
+            self.model.train(was)
+
+    def inference(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def adapters(self) -> dict[str, np.ndarray]:
+        return lora_state_dict(self.model)
+
+    def load_adapters(self, tensors: Mapping[str, np.ndarray]) -> None:
+        mine = lora_state_dict(self.model)
+        missing = sorted(set(mine) - set(tensors))
+        if missing:
+            raise KeyError(f"adapter state lacks {len(missing)} keys, e.g. {missing[0]}")
+        updates = []
+        for path, value in tree_flatten(self.model.trainable_parameters()):
+            updates.append((path, mx.array(np.asarray(tensors[_peft(path)], np.float32)
+                                           ).astype(value.dtype)))  # fmt: skip
+        self.model.update(tree_unflatten(updates))
+        mx.eval(self.model.parameters())
+
+    def training_state(self):
+        from ..engine import TrainingState
+
+        tensors, meta = self.trainer.optimizer.state_dict()
+        adapters, moments = {}, {}
+        for path, _ in tree_flatten(self.model.trainable_parameters()):
+            adapters[_peft(path)] = tensors[f"{path}.master"]
+            for key in ("exp_avg", "exp_avg_sq"):
+                moments[f"{_peft(path)}.{key}"] = tensors[f"{path}.{key}"]
+        return TrainingState(adapters, moments, int(meta["step"]))
+
+    def load_training_state(self, state) -> None:
+        self.load_adapters(state.adapters)
+        tensors = {}
+        for path, _ in tree_flatten(self.model.trainable_parameters()):
+            tensors[f"{path}.master"] = state.adapters[_peft(path)]
+            for key in ("exp_avg", "exp_avg_sq"):
+                tensors[f"{path}.{key}"] = state.moments[f"{_peft(path)}.{key}"]
+        self.trainer.optimizer.load_state_dict(
+            tensors, {"format_version": str(FORMAT_VERSION), "step": str(state.step)})
+
+
+def _pick(logits: mx.array, temperature: float, top_p: float, key: mx.array) -> int:
+    if temperature == 0:
+        return int(mx.argmax(logits).item())
+    probs = np.array(mx.softmax(logits.astype(mx.float32) / temperature))
+    if top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        sorted_p = probs[order]
+        keep = np.cumsum(sorted_p) - sorted_p < top_p
+        probs = np.zeros_like(probs)
+        probs[order[keep]] = sorted_p[keep]
+    logp = mx.log(mx.array(probs / probs.sum()))
+    return int(mx.random.categorical(logp, key=key).item())

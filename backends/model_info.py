@@ -1,0 +1,65 @@
+"""What `info` reports about a model, an adapter or a training checkpoint (no backend needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+import nf4core
+
+from .checkpoint import STATE_NAME, CheckpointError, load_checkpoint
+from .peft_adapter import CONFIG_NAME, load_adapter
+
+NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # double-quantized, blocksize 64
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def model_info(path: str | Path, seq_len: int = 512, batch_size: int = 1, lora_r: int = 8,
+               compute_bytes: int = 4) -> dict:
+    source = nf4core.open_model(path)
+    c = source.config
+    linear = other = 0
+    lora = 0
+    for name in source.tensor_names():
+        n = int(np.prod(source.tensor_shape(name)))
+        module = name.removesuffix(".weight").rsplit(".", 1)[-1]
+        if name.endswith(".weight") and module in LINEARS:
+            linear += n
+            out_f, in_f = source.tensor_shape(name)
+            lora += lora_r * (out_f + in_f)
+        else:
+            other += n
+    base_bytes = linear * NF4_BITS / 8 + other * compute_bytes
+    # activations kept for backward per layer: ~ (hidden * 10 + intermediate * 3) values a token
+    act = c.num_hidden_layers * batch_size * seq_len * (10 * c.hidden_size + 3 * c.intermediate_size)
+    logits = batch_size * seq_len * c.vocab_size * 4 * 2
+    train_bytes = base_bytes + lora * 16 + act * compute_bytes + logits
+    return {"kind": "model", "path": str(path), "architecture": c.architecture,
+            "layers": c.num_hidden_layers, "hidden_size": c.hidden_size, "vocab_size": c.vocab_size,
+            "parameters": linear + other, "quantized_parameters": linear,
+            "bits_per_weight": (linear * NF4_BITS + other * 8 * compute_bytes) / max(1, linear + other),
+            "lora_parameters": lora, "lora_r": lora_r, "seq_len": seq_len, "batch_size": batch_size,
+            "memory_estimate_bytes": int(train_bytes)}  # fmt: skip
+
+
+def describe(path: str | Path, seq_len: int = 512, batch_size: int = 1, lora_r: int = 8) -> dict:
+    """Info on whatever `path` is: an adapter directory, a training checkpoint, or a model."""
+    p = Path(path)
+    if (p / CONFIG_NAME).is_file() and (p / "adapter_model.safetensors").is_file():
+        a = load_adapter(p)
+        return {"kind": "adapter", "path": str(p), "r": a.r, "alpha": a.alpha,
+                "targets": list(a.targets), "modules": len(a.modules()),
+                "parameters": int(sum(v.size for v in a.tensors.values())),
+                "base_model": a.base_model}  # fmt: skip
+    if (p / STATE_NAME).is_file() or (p / "checkpoints").is_dir() or (p / "latest.json").is_file():
+        try:
+            ck = load_checkpoint(p)
+        except CheckpointError:
+            if not (p / "config.json").is_file():
+                raise
+        else:
+            return {"kind": "checkpoint", "path": str(ck.path), "step": ck.state.step,
+                    "backend": ck.backend, "adapter_parameters": int(sum(
+                        v.size for v in ck.state.adapters.values())), "config": ck.config}  # fmt: skip
+    return model_info(p, seq_len, batch_size, lora_r)

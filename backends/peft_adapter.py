@@ -1,0 +1,119 @@
+"""Adapters in PEFT's format (adapter_model.safetensors + adapter_config.json), and mlx-lm's.
+
+PEFT keys: `base_model.model.<module>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r), float32;
+`PeftModel.from_pretrained(transformers_model, dir)` loads them onto the unquantized base.
+mlx-lm keys: `<module>.lora_a` (in, r) and `.lora_b` (r, out), scale alpha / r in its config.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nf4core.atomic import atomic_file, write_text_atomic
+
+WEIGHTS_NAME, CONFIG_NAME = "adapter_model.safetensors", "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+MLX_LM_DIR = "mlx-lm"
+
+
+class AdapterError(ValueError):
+    """An adapter directory is missing or malformed; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Adapter:
+    tensors: dict[str, np.ndarray]  # PEFT keys
+    r: int
+    alpha: float
+    dropout: float
+    targets: tuple[str, ...]
+    base_model: str | None = None
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+    def modules(self) -> list[str]:
+        return sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in self.tensors})
+
+    def delta(self, module: str) -> np.ndarray:
+        """scale * B @ A, (out, in) float32."""
+        a = self.tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"].astype(np.float32)
+        b = self.tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"].astype(np.float32)
+        return (b @ a) * np.float32(self.scale)
+
+
+def peft_config(adapter: Adapter) -> dict:
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": adapter.r,
+            "lora_alpha": adapter.alpha, "lora_dropout": adapter.dropout, "use_rslora": False,
+            "bias": "none", "target_modules": sorted(adapter.targets),
+            "base_model_name_or_path": adapter.base_model, "inference_mode": True,
+            "fan_in_fan_out": False, "init_lora_weights": True}  # fmt: skip
+
+
+def save_adapter(directory: str | Path, adapter: Adapter, export: tuple[str, ...] = ()) -> Path:
+    """Write PEFT's two files atomically (and mlx-lm's under `mlx-lm/` when asked)."""
+    from safetensors.numpy import save
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    blob = save({k: np.ascontiguousarray(v, np.float32) for k, v in adapter.tensors.items()},
+                metadata={"format": "pt"})
+    with atomic_file(directory / WEIGHTS_NAME) as f:
+        f.write(blob)
+    write_text_atomic(directory / CONFIG_NAME, json.dumps(peft_config(adapter), indent=2) + "\n")
+    if "mlx-lm" in export:
+        save_mlx_lm(directory / MLX_LM_DIR, adapter)
+    return directory
+
+
+def save_mlx_lm(directory: Path, adapter: Adapter) -> None:
+    from safetensors.numpy import save
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for module in adapter.modules():
+        tensors[f"{module}.lora_a"] = adapter.tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"].T
+        tensors[f"{module}.lora_b"] = adapter.tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"].T
+    layers = {int(m.split(".")[2]) for m in adapter.modules() if m.startswith("model.layers.")}
+    keys = sorted({".".join(m.split(".")[3:]) for m in adapter.modules()})
+    with atomic_file(directory / "adapters.safetensors") as f:
+        f.write(save({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}))
+    config = {"fine_tune_type": "lora", "num_layers": len(layers),
+              "lora_parameters": {"rank": adapter.r, "scale": adapter.scale,
+                                  "dropout": adapter.dropout, "keys": keys}}  # fmt: skip
+    write_text_atomic(directory / "adapter_config.json", json.dumps(config, indent=2) + "\n")
+
+
+def load_adapter(directory: str | Path) -> Adapter:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    directory = Path(directory)
+    cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise AdapterError(f"{directory}: not an adapter directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise AdapterError(f"{cfg_path}: not valid JSON ({e})") from e
+    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_rslora"):
+        raise AdapterError(f"{cfg_path}: only plain LoRA adapters are supported")
+    try:
+        tensors = load_file(str(w_path))
+        r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    except (OSError, SafetensorError) as e:
+        raise AdapterError(f"{w_path}: cannot read the adapter weights ({e})") from e
+    except (KeyError, TypeError, ValueError) as e:
+        raise AdapterError(f"{cfg_path}: missing or bad field ({e})") from e
+    bad = [k for k in tensors if not k.startswith(PEFT_PREFIX) or ".lora_" not in k]
+    if bad:
+        raise AdapterError(f"{w_path}: unexpected key {bad[0]!r} (expected PEFT LoRA keys)")
+    targets = cfg.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else targets
+    return Adapter(tensors, r, alpha, float(cfg.get("lora_dropout", 0.0)), tuple(targets),
+                   cfg.get("base_model_name_or_path"))

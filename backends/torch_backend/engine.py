@@ -1,0 +1,151 @@
+"""The torch side of `backends.engine.Engine`: build, train, evaluate, generate, export state."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .generate import SamplingConfig, generate_tokens
+from .lora import PEFT_PREFIX, LoRAConfig, apply_lora, load_lora_state_dict, lora_state_dict
+from .model import CausalLM
+from .model.llama import causal_lm_loss
+from .nf4_linear import NF4Linear
+from .schedule import ScheduleConfig
+from .train_step import Batch, TrainConfig, Trainer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TorchEngine:
+    def __init__(self, choice, source, lora, train, lr: float) -> None:
+        self.choice, self.config = choice, source.config
+        self.device = torch.device(choice.device)
+        self.model = CausalLM.from_source(source, compute_dtype=DTYPES[choice.compute_dtype])
+        self.model.to(self.device)
+        self.trainer = None
+        if lora is not None:
+            apply_lora(self.model, LoRAConfig(rank=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                                              target_modules=lora.targets, seed=lora.seed))
+        if train is not None:
+            torch.manual_seed(train.seed)
+            self.model.gradient_checkpointing = train.grad_checkpoint
+            # the pipeline owns the schedule: each step runs at the lr it is given (constant here)
+            self.trainer = Trainer(self.model, TrainConfig(
+                learning_rate=lr, weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm,
+                grad_accum_steps=train.grad_accum, paged=train.paged,
+                schedule=ScheduleConfig("constant", total_steps=1)))  # fmt: skip
+            self._names = [PEFT_PREFIX + n for n, p in self.model.named_parameters()
+                           if p.requires_grad]  # fmt: skip
+
+    def _batch(self, b) -> Batch:
+        return Batch.from_numpy(b, self.device)
+
+    def train_step(self, micro_batches, lr: float):
+        from ..engine import StepResult
+
+        self.trainer.cfg = dataclasses.replace(self.trainer.cfg, learning_rate=lr)
+        stats = self.trainer.train_step([self._batch(b) for b in micro_batches])
+        return StepResult(stats.loss, stats.tokens, stats.grad_norm)
+
+    @torch.no_grad()
+    def eval_loss(self, batches) -> tuple[float, int]:
+        was = self.model.training
+        self.model.eval()
+        total, n = 0.0, 0
+        for b in batches:
+            batch = self._batch(b)
+            logits = self.model(batch.input_ids, position_ids=batch.position_ids,
+                                segment_ids=batch.segment_ids)
+            s, k = causal_lm_loss(logits, batch.input_ids, batch.loss_mask, batch.segment_ids)
+            total, n = total + float(s), n + int(k)
+        self.model.train(was)
+        return total, n
+
+    def generate(self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, eos_ids: Sequence[int] = ()) -> Iterator[int]:
+        cfg = SamplingConfig(max_new_tokens, temperature, top_p, seed, tuple(eos_ids))
+        return generate_tokens(self.model, list(prompt), cfg)
+
+    @contextlib.contextmanager
+    def inference(self, budget_bytes: int = 2 << 30) -> Iterator[None]:
+        """Generation and evaluation inside run on dense copies of the frozen NF4 weights when they
+        fit in `budget_bytes` (else on NF4 as in training); the copies are dropped on exit.
+
+        Note: the NF4 path dequantizes every weight on every call, which dominates token-by-token
+        decoding; a dense copy is dequantized once (bit-exactly the same values)."""
+        swaps = [(name, m) for name, m in self.model.named_modules() if isinstance(m, NF4Linear)]
+        size = torch.finfo(self.model.compute_dtype).bits // 8
+        if sum(m.weight.numel for _, m in swaps) * size > budget_bytes:
+            yield
+            return
+        for name, m in swaps:
+            _set(self.model, name, _dense(m, self.model.compute_dtype))
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for name, m in swaps:
+                _set(self.model, name, m)
+
+    def adapters(self) -> dict[str, np.ndarray]:
+        return {k: v.float().cpu().numpy().copy() for k, v in lora_state_dict(self.model).items()}
+
+    def load_adapters(self, tensors: Mapping[str, np.ndarray]) -> None:
+        load_lora_state_dict(self.model, {k: torch.from_numpy(np.ascontiguousarray(v))
+                                          for k, v in tensors.items()})  # fmt: skip
+
+    def training_state(self):
+        from ..engine import TrainingState
+
+        opt = self.trainer.optimizer
+        moments, step = {}, self.trainer.step_index
+        for name, p in zip(self._names, self.trainer.params):
+            state = opt.state.get(p)
+            for key in ("exp_avg", "exp_avg_sq"):
+                value = np.zeros(p.shape, np.float32) if not state else (
+                    state[key].float().cpu().numpy().reshape(p.shape).copy())
+                moments[f"{name}.{key}"] = value
+        adapters = {}
+        for name, p in zip(self._names, self.trainer.params):
+            master = (opt.state.get(p) or {}).get("master")
+            adapters[name] = (master.reshape(p.shape) if master is not None else p).detach(
+                ).float().cpu().numpy().copy()  # fmt: skip
+        rng = {"rng.torch": torch.get_rng_state().numpy().copy()}
+        return TrainingState(adapters, moments, step, rng)
+
+    def load_training_state(self, state) -> None:
+        self.load_adapters(state.adapters)
+        opt = self.trainer.optimizer
+        saved = {}
+        for i, (name, p) in enumerate(zip(self._names, self.trainer.params)):
+            entry = {"step": state.step}
+            for key in ("exp_avg", "exp_avg_sq"):
+                entry[key] = torch.from_numpy(np.ascontiguousarray(
+                    state.moments[f"{name}.{key}"], np.float32)).reshape(-1)  # fmt: skip
+            if p.dtype != torch.float32:
+                entry["master"] = torch.from_numpy(np.ascontiguousarray(
+                    state.adapters[name], np.float32)).reshape(-1)  # fmt: skip
+            saved[i] = entry
+        groups = opt.state_dict()["param_groups"]
+        opt.load_state_dict({"state": saved if state.step > 0 else {}, "param_groups": groups})
+        self.trainer.step_index = state.step
+        if "rng.torch" in state.rng:
+            torch.set_rng_state(torch.from_numpy(np.asarray(state.rng["rng.torch"], np.uint8)))
+
+
+def _dense(m: NF4Linear, dtype: torch.dtype) -> torch.nn.Linear:
+    w = m.dequantize(dtype)
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=m.bias is not None, device=w.device, dtype=dtype)
+    lin.weight = torch.nn.Parameter(w, requires_grad=False)
+    if m.bias is not None:
+        lin.bias = torch.nn.Parameter(m.bias.detach().to(dtype), requires_grad=False)
+    return lin
+
+
+def _set(root: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
