@@ -45,6 +45,11 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.device.type == "cuda" and triton_available()
 
 
+def use_host(t: torch.Tensor) -> bool:
+    """True when an op on CPU tensor `t` should use nf4core's numpy decoder (auto path only)."""
+    return _requested() == "auto" and t.device.type == "cpu"
+
+
 @contextlib.contextmanager
 def force_path(path: str) -> Iterator[None]:
     """Force `reference`, `triton` or `auto` inside the block (nests; thread-unsafe by design)."""

@@ -1,11 +1,12 @@
-"""NF4 ops with per-call dispatch between the Triton kernels and the torch reference."""
+"""NF4 ops with per-call dispatch: Triton kernels (CUDA), nf4core's numpy decoder (CPU tensors), or the
+plain-torch reference (anything else, or when forced)."""
 
 from __future__ import annotations
 
 import torch
 
-from . import ops_reference
-from .dispatch import use_triton
+from . import ops_host, ops_reference
+from .dispatch import use_host, use_triton
 from .nf4_weight import NF4Weight
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -16,6 +17,8 @@ def _impl(t: torch.Tensor, dtype: torch.dtype):
         from . import ops_triton  # imports no triton until a kernel is launched
 
         return ops_triton
+    if use_host(t):
+        return ops_host
     return ops_reference
 
 
