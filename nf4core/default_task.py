@@ -7,7 +7,7 @@ rule in words; the answer is the shifted digits only, scored by exact match (sur
 ignored) of the greedy completion.
 
 Why it is a fair demonstration: the base SmolLM2-135M-Instruct scores 0% (it chats about the
-instruction instead of applying it), while 20-30 LoRA steps (batch 8, a few minutes on a 2-core CPU)
+instruction instead of applying it), while 20 LoRA steps (batch 8, a few minutes on a 2-core CPU)
 take it above 90% (BENCHMARKS.md, "Default run: built-in task"). It is honest: the held-out digit
 strings never occur in the training set (checked in the generator and in the tests), so the score
 measures the rule the adapter learned, not memorised pairs; and with ~1.1 million possible strings
@@ -68,7 +68,7 @@ def default_task(seed: int = 0, n_train: int = 2000, n_heldout: int = 100, min_l
             continue
         seen.add(key)
         records.append(_example(digits))
-    recommended = {"steps": 30, "lr": 1e-3, "lora_r": 8, "lora_alpha": 16, "batch_size": 8,
+    recommended = {"steps": 20, "lr": 1e-3, "lora_r": 8, "lora_alpha": 16, "batch_size": 8,
                    "max_seq_len": 96, "targets": ["q_proj", "k_proj", "v_proj", "o_proj",
                                                   "gate_proj", "up_proj", "down_proj"],
                    "lora_dropout": 0.0, "warmup_steps": 3, "schedule": "cosine",
