@@ -40,6 +40,7 @@ from backends.torch_backend.nf4_linear import NF4Linear
 from backends.torch_backend.nf4_weight import NF4Weight
 from backends.torch_backend.paged_adamw import PagedAdamW
 from bench._timing import median_seconds
+from bench.random_llama import random_llama_state
 
 DEVICE = torch.device("cpu" if SMOKE else "cuda")
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}  # relative to max |ref|
@@ -185,20 +186,7 @@ def bench_train() -> list[dict]:
                     num_attention_heads=32, num_key_value_heads=4)
         batch, seq = 4, 1024
     cfg = nf4core.ModelConfig("llama", **dims, tie_word_embeddings=False)
-    rng = np.random.default_rng(0)
-    c, f = cfg.hidden_size, cfg.intermediate_size
-    kv = cfg.num_key_value_heads * cfg.resolved_head_dim
-    state = {"model.embed_tokens.weight": rng.standard_normal((cfg.vocab_size, c), np.float32) * 0.02,
-             "lm_head.weight": rng.standard_normal((cfg.vocab_size, c), np.float32) * 0.02,
-             "model.norm.weight": np.ones(c, np.float32)}
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        for name, shape in [("self_attn.q_proj", (c, c)), ("self_attn.k_proj", (kv, c)),
-                            ("self_attn.v_proj", (kv, c)), ("self_attn.o_proj", (c, c)),
-                            ("mlp.gate_proj", (f, c)), ("mlp.up_proj", (f, c)), ("mlp.down_proj", (c, f))]:
-            state[p + name + ".weight"] = rng.standard_normal(shape, np.float32) / np.sqrt(shape[1])
-        state[p + "input_layernorm.weight"] = np.ones(c, np.float32)
-        state[p + "post_attention_layernorm.weight"] = np.ones(c, np.float32)
+    state = random_llama_state(cfg)
     rows = []
     for kind in ("qlora_nf4", "lora_bf16_base"):
         if DEVICE.type == "cuda":

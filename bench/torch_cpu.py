@@ -30,6 +30,7 @@ from backends.torch_backend import ops_reference
 from backends.torch_backend.nf4_linear import NF4Linear
 from backends.torch_backend.nf4_weight import NF4Weight
 from bench._timing import median_seconds
+from bench.random_llama import random_llama_state
 from bench.machine import describe
 
 
@@ -98,18 +99,7 @@ def _train_step_child(kind: str, steps: int) -> dict:
     cfg = nf4core.ModelConfig("llama", vocab_size=8192, hidden_size=1024, intermediate_size=2816,
                               num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
                               tie_word_embeddings=True)  # fmt: skip
-    rng = np.random.default_rng(0)
-    c, f, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * cfg.resolved_head_dim
-    state = {"model.embed_tokens.weight": rng.standard_normal((cfg.vocab_size, c), np.float32) * 0.02,
-             "model.norm.weight": np.ones(c, np.float32)}
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        for name, shape in [("self_attn.q_proj", (c, c)), ("self_attn.k_proj", (kv, c)),
-                            ("self_attn.v_proj", (kv, c)), ("self_attn.o_proj", (c, c)),
-                            ("mlp.gate_proj", (f, c)), ("mlp.up_proj", (f, c)), ("mlp.down_proj", (c, f))]:
-            state[p + name + ".weight"] = rng.standard_normal(shape, np.float32) / np.sqrt(shape[1])
-        state[p + "input_layernorm.weight"] = np.ones(c, np.float32)
-        state[p + "post_attention_layernorm.weight"] = np.ones(c, np.float32)
+    state = random_llama_state(cfg)
     dtype = torch.bfloat16 if kind.endswith("bf16") else torch.float32
     model = CausalLM.from_state(cfg, state, quantize=kind.startswith("qlora"), compute_dtype=dtype)
     del state
