@@ -16,10 +16,11 @@ from typing import Protocol
 import numpy as np
 
 import nf4core
+from nf4core.model_config import LINEAR_NAMES
 
 from .registry import BackendChoice
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_TARGETS = LINEAR_NAMES
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,11 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from nf4core.model_config import LINEAR_NAMES
+
 CONFIG_VERSION = 1
 GENERIC_DEFAULTS = {"steps": 100, "lr": 2e-4, "lora_r": 8, "lora_alpha": 16.0, "batch_size": 4,
-                    "max_seq_len": 512,
-                    "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                "down_proj"]}  # fmt: skip
+                    "max_seq_len": 512, "targets": list(LINEAR_NAMES)}  # fmt: skip
 FIXED_DEFAULTS = {"grad_accum": 1, "lora_dropout": 0.0, "seed": 0, "grad_checkpoint": False,
                   "eval_every": 0, "save_every": 0, "warmup_steps": 0, "schedule": "cosine",
                   "max_grad_norm": 1.0, "weight_decay": 0.0, "export": (), "out": "finetune-out",

@@ -18,11 +18,12 @@ import numpy as np
 
 import nf4core
 from nf4core.atomic import atomic_file, write_text_atomic
+from nf4core.model_config import LINEAR_NAMES
 
 from .peft_adapter import PEFT_PREFIX, Adapter
 
 DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LINEARS = LINEAR_NAMES
 
 
 def merged_tensors(source: nf4core.ModelSource, adapter: Adapter, dtype: str):

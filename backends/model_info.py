@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 
 import nf4core
+from nf4core.model_config import LINEAR_NAMES
 
 from .checkpoint import STATE_NAME, CheckpointError, load_checkpoint
 from .peft_adapter import CONFIG_NAME, load_adapter
 
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # double-quantized, blocksize 64
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LINEARS = LINEAR_NAMES
 
 
 def model_info(path: str | Path, seq_len: int = 512, batch_size: int = 1, lora_r: int = 8,

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .model_config import LINEAR_NAMES
+
 TASK_NAME = "digit-shift"
 INSTRUCTION = "Shift every digit up by one (9 becomes 0). Reply with the digits only."
 
@@ -69,8 +71,7 @@ def default_task(seed: int = 0, n_train: int = 2000, n_heldout: int = 100, min_l
         seen.add(key)
         records.append(_example(digits))
     recommended = {"steps": 20, "lr": 1e-3, "lora_r": 8, "lora_alpha": 16, "batch_size": 8,
-                   "max_seq_len": 96, "targets": ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                  "gate_proj", "up_proj", "down_proj"],
+                   "max_seq_len": 96, "targets": list(LINEAR_NAMES),
                    "lora_dropout": 0.0, "warmup_steps": 3, "schedule": "cosine",
                    "max_new_tokens": 2 * max_len + 4, "n_eval": n_heldout}  # fmt: skip
     return DefaultTask(TASK_NAME, records[:n_train], records[n_train:], recommended)

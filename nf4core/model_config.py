@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+# The linear layers of a Llama-family block (HF module names): what NF4 quantizes and LoRA targets.
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CONFIG_VERSION = 1
 
 

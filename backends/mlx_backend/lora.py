@@ -8,11 +8,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from nf4core import lora_init
+from nf4core.model_config import LINEAR_NAMES
 
 from ._mlx import mx, mx_dtype, nn
 from .nf4_linear import NF4Linear
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_TARGETS = LINEAR_NAMES
 
 
 @dataclass(frozen=True)

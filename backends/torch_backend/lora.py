@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import nf4core
+from nf4core.model_config import LINEAR_NAMES
 
 from .nf4_linear import NF4Linear
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_TARGETS = LINEAR_NAMES
 PEFT_PREFIX = "base_model.model."
 
 
