@@ -98,8 +98,9 @@ def finetune(config_file, quiet, export, **options) -> None:
         result = api.finetune(cfg, echo=click.echo, progress=not quiet)
     if result.exact_match_before and result.exact_match_after:
         b, a = result.exact_match_before, result.exact_match_after
+        phases = ", ".join(f"{k} {v:.0f}s" for k, v in result.phases.items())
         click.echo(f"held-out exact match: {b.score:.1%} before -> {a.score:.1%} after "
-                   f"({result.seconds:.0f}s)")  # fmt: skip
+                   f"({result.seconds:.0f}s: {phases})")  # fmt: skip
 
 
 @main.command()

@@ -75,6 +75,10 @@ class Engine(Protocol):
                  top_p: float = 1.0, seed: int = 0,
                  eos_ids: Sequence[int] = ()) -> Iterator[int]: ...  # fmt: skip
 
+    def greedy_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                     eos_ids: Sequence[int] = ()) -> list[list[int]]: ...  # fmt: skip
+    # prompts of one token length decoded together; each row cut before its first stop id
+
     def inference(self) -> AbstractContextManager: ...  # faster eval/generation inside, no training
 
     def adapters(self) -> dict[str, np.ndarray]: ...
@@ -84,6 +88,30 @@ class Engine(Protocol):
     def training_state(self) -> TrainingState: ...
 
     def load_training_state(self, state: TrainingState) -> None: ...
+
+
+def rows_until_stop(steps: Iterator[np.ndarray], rows: int, eos_ids: Sequence[int]) -> list[list[int]]:
+    """Collect batched greedy decoding: `steps` yields the next token of every row; each row keeps its
+    tokens before its first stop id, and drawing ends once every row has stopped."""
+    out: list[list[int]] = [[] for _ in range(rows)]
+    live, stop = set(range(rows)), set(eos_ids)
+    for tokens in steps:
+        for r, t in enumerate(tokens.tolist()):
+            if r in live:
+                if t in stop:
+                    live.discard(r)
+                else:
+                    out[r].append(t)
+        if not live:
+            break
+    return out
+
+
+def check_one_length(prompts: Sequence[Sequence[int]]) -> None:
+    lengths = {len(p) for p in prompts}
+    if len(lengths) != 1 or 0 in lengths:
+        raise ValueError(f"batched greedy decoding needs non-empty prompts of one length, got lengths "
+                         f"{sorted(lengths)}")
 
 
 class SourceTensors(Mapping):

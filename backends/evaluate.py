@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,19 +45,31 @@ def prompt_and_answer(record: dict, tokenizer: nf4core.Tokenizer) -> tuple[list[
 
 
 def exact_match_score(engine: Engine, tokenizer: nf4core.Tokenizer, records: Sequence[dict],
-                      keep_samples: int = 3) -> ExactMatch:
-    """Greedy answers to each record's prompt compared with its reference (white space trimmed)."""
-    correct, samples = 0, []
+                      keep_samples: int = 3, max_batch: int = 32) -> ExactMatch:
+    """Greedy answers to each record's prompt compared with its reference (white space trimmed).
+
+    Prompts of one token length are decoded together (`Engine.greedy_batch`), up to `max_batch` rows;
+    each answer may run to its reference's length plus 4 tokens."""
     eos = stop_ids(tokenizer)
+    prepared = [prompt_and_answer(r, tokenizer) for r in records]
+    budgets = [len(tokenizer.encode(ref, add_special_tokens=False)) + 4 for _, ref in prepared]
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for i, (prompt, _) in enumerate(prepared):
+        by_length[len(prompt)].append(i)
+    answers: dict[int, list[int]] = {}
     with engine.inference():
-        for record in records:
-            prompt, reference = prompt_and_answer(record, tokenizer)
-            budget = len(tokenizer.encode(reference, add_special_tokens=False)) + 4
-            ids = [t for t in engine.generate(prompt, budget, eos_ids=eos) if t not in eos]
-            prediction = tokenizer.decode(ids, skip_special_tokens=True)
-            correct += exact_match(prediction, reference)
-            if len(samples) < keep_samples:
-                samples.append((prediction, reference))
+        for members in by_length.values():
+            for s in range(0, len(members), max_batch):
+                rows = members[s : s + max_batch]
+                out = engine.greedy_batch([prepared[i][0] for i in rows],
+                                          max(budgets[i] for i in rows), eos)  # fmt: skip
+                answers.update((i, ids[: budgets[i]]) for i, ids in zip(rows, out))
+    correct, samples = 0, []
+    for i, (_, reference) in enumerate(prepared):
+        prediction = tokenizer.decode(answers[i], skip_special_tokens=True)
+        correct += exact_match(prediction, reference)
+        if len(samples) < keep_samples:
+            samples.append((prediction, reference))
     return ExactMatch(correct, len(records), samples)
 
 

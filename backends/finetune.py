@@ -42,6 +42,7 @@ class FinetuneResult:
     eval_loss: float | None
     seconds: float
     checkpoint: Path | None
+    phases: dict[str, float]  # seconds spent loading, training, evaluating (keys as they happened)
 
 
 class _Data:
@@ -117,6 +118,7 @@ def finetune(cfg: FinetuneConfig, echo: Callable[[str], None] = print, progress:
     """Fine-tune as `cfg` says (see FinetuneConfig); writes adapters, checkpoints, metrics.jsonl,
     loss.png and the resolved config.yaml under `cfg.out`, and returns what happened."""
     t0 = time.perf_counter()
+    phases = _Phases()
     cfg, task, ckpt = resolve(cfg)
     choice = select_backend(cfg.backend, cfg.device, cfg.compute_dtype)
     echo(choice.describe())
@@ -134,6 +136,7 @@ def finetune(cfg: FinetuneConfig, echo: Callable[[str], None] = print, progress:
     train = TrainSettings(cfg.grad_accum, cfg.max_grad_norm, cfg.weight_decay, cfg.grad_checkpoint,
                           cfg.paged_optimizer, cfg.seed)  # fmt: skip
     engine = build_engine(choice, source, lora, train, cfg.lr)
+    phases.mark("load")
     start = 0
     if ckpt is not None:
         engine.load_training_state(ckpt.state)
@@ -145,6 +148,7 @@ def finetune(cfg: FinetuneConfig, echo: Callable[[str], None] = print, progress:
         before = exact_match_score(engine, tokenizer, heldout)
         log.write({"event": "exact_match", "phase": "before", "step": 0, "exact_match": before.score})
         echo(f"exact match on {before.total} held-out examples before training: {before.score:.1%}")
+        phases.mark("exact match before")
     bar = Progress(steps, start, enabled=progress)
     losses, last_ckpt, eval_loss = [], None, None
     for step in range(start, steps):
@@ -164,24 +168,39 @@ def finetune(cfg: FinetuneConfig, echo: Callable[[str], None] = print, progress:
         if cfg.save_every and done % cfg.save_every == 0 and done < steps:
             last_ckpt = _checkpoint(engine, out, cfg, done)
     bar.close()
+    phases.mark("train")
     if valid_set is not None:
         eval_loss, ppl = perplexity(engine, valid_set, cfg.batch_size, pad)
         log.write({"step": steps, "eval_loss": eval_loss, "perplexity": ppl})
         echo(f"validation loss {eval_loss:.4f} (perplexity {ppl:.2f})")
+        phases.mark("validation loss")
     if steps > start or last_ckpt is None:
         last_ckpt = _checkpoint(engine, out, cfg, steps)
     adapter = Adapter(engine.adapters(), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.targets,
                       model_path)  # fmt: skip
     save_adapter(out, adapter, cfg.export)
+    phases.mark("save")
     if heldout:
         after = exact_match_score(engine, tokenizer, heldout)
         log.write({"event": "exact_match", "phase": "after", "step": steps, "exact_match": after.score})
         echo(f"exact match on {after.total} held-out examples after training: {after.score:.1%}")
+        phases.mark("exact match after")
     png = plot_loss(log.read(), out / "loss.png")
     echo(f"adapter: {out / 'adapter_model.safetensors'}; metrics: {log.path}"
          + (f"; loss curve: {png}" if png else ""))
     return FinetuneResult(cfg, choice, out, steps, losses, before, after, eval_loss,
-                          time.perf_counter() - t0, last_ckpt)
+                          time.perf_counter() - t0, last_ckpt, phases.seconds)
+
+
+class _Phases:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = now - self._last
+        self._last = now
 
 
 def _checkpoint(engine: Engine, out: Path, cfg: FinetuneConfig, step: int) -> Path:

@@ -92,16 +92,3 @@ def test_help_reads_well():
         assert cmd in r.output
     assert "--paged-optimizer / --no-paged-optimizer" in CliRunner().invoke(
         main, ["finetune", "--help"]).output
-
-
-@pytest.mark.slow
-def test_default_model_short_finetune(tmp_path):
-    nf4core = pytest.importorskip("nf4core")
-    try:
-        nf4core.default_model_path()
-    except nf4core.DefaultModelMissing as e:
-        pytest.skip(str(e))
-    r = CliRunner().invoke(main, ["finetune", "--out", str(tmp_path), "--steps", "1",
-                                  "--eval-max-examples", "1", "--backend", "torch", "--quiet"])
-    assert r.exit_code == 0, r.output
-    assert "held-out exact match" in r.output and (tmp_path / "adapter_model.safetensors").exists()

@@ -80,14 +80,34 @@ class MLXEngine:
         key = mx.random.key(seed)
         try:
             cache = self.model.make_cache()
-            logits = self.model(mx.array([list(prompt)]), cache)[0, -1]
+            logits = self.model.last_logits(mx.array([list(prompt)]), cache)[0]
             for _ in range(max_new_tokens):
                 key, sub = mx.random.split(key)
                 token = _pick(logits, temperature, top_p, sub)
                 yield token
                 if token in eos_ids:
                     return
-                logits = self.model(mx.array([[token]]), cache)[0, -1]
+                logits = self.model.last_logits(mx.array([[token]]), cache)[0]
+        finally:
+            self.model.train(was)
+
+    def greedy_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                     eos_ids: Sequence[int] = ()) -> list[list[int]]:
+        from ..engine import check_one_length, rows_until_stop
+
+        check_one_length(prompts)
+        return rows_until_stop(self._greedy_steps(prompts, max_new_tokens), len(prompts), eos_ids)
+
+    def _greedy_steps(self, prompts: Sequence[Sequence[int]], max_new_tokens: int
+                      ) -> Iterator[np.ndarray]:
+        was = self.model.training
+        self.model.eval()
+        try:
+            cache = self.model.make_cache()
+            ids = mx.array([list(p) for p in prompts])
+            for _ in range(max_new_tokens):
+                ids = mx.argmax(self.model.last_logits(ids, cache), axis=-1, keepdims=True)
+                yield np.array(ids[:, 0])
         finally:
             self.model.train(was)
 

@@ -119,7 +119,13 @@ class LlamaModel(nn.Module):
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
-        h = self.model(tokens, cache)
+        return self.head(self.model(tokens, cache))
+
+    def last_logits(self, tokens: mx.array, cache: list[KVCache]) -> mx.array:
+        """Logits (B, vocab) of the last position only: the LM head on one token per row."""
+        return self.head(self.model(tokens, cache)[:, -1])
+
+    def head(self, h: mx.array) -> mx.array:
         if self.config.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
@@ -136,14 +142,14 @@ class LlamaModel(nn.Module):
         self.eval()
         try:
             cache = self.make_cache()
-            logits = self(mx.array([prompt]), cache)
+            logits = self.last_logits(mx.array([prompt]), cache)
             out: list[int] = []
             for _ in range(max_new_tokens):
-                token = int(mx.argmax(logits[0, -1]).item())
+                token = int(mx.argmax(logits[0]).item())
                 out.append(token)
                 if token == eos:
                     break
-                logits = self(mx.array([[token]]), cache)
+                logits = self.last_logits(mx.array([[token]]), cache)
             return out
         finally:
             self.train(was_training)

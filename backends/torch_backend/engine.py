@@ -9,7 +9,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from .generate import SamplingConfig, generate_tokens
+from .generate import SamplingConfig, generate_tokens, greedy_steps
 from .lora import PEFT_PREFIX, LoRAConfig, apply_lora, load_lora_state_dict, lora_state_dict
 from .model import CausalLM
 from .model.llama import causal_lm_loss
@@ -69,6 +69,13 @@ class TorchEngine:
                  top_p: float = 1.0, seed: int = 0, eos_ids: Sequence[int] = ()) -> Iterator[int]:
         cfg = SamplingConfig(max_new_tokens, temperature, top_p, seed, tuple(eos_ids))
         return generate_tokens(self.model, list(prompt), cfg)
+
+    def greedy_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                     eos_ids: Sequence[int] = ()) -> list[list[int]]:
+        from ..engine import check_one_length, rows_until_stop
+
+        check_one_length(prompts)
+        return rows_until_stop(greedy_steps(self.model, prompts, max_new_tokens), len(prompts), eos_ids)
 
     @contextlib.contextmanager
     def inference(self, budget_bytes: int = 2 << 30) -> Iterator[None]:

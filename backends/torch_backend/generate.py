@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .model import CausalLM
@@ -53,13 +54,36 @@ def generate_tokens(model: CausalLM, prompt: Sequence[int], cfg: SamplingConfig)
         device = model.inv_freq.device
         cache = model.new_cache(1, len(prompt) + cfg.max_new_tokens)
         gen = torch.Generator().manual_seed(cfg.seed)
-        logits = model(torch.tensor([list(prompt)], device=device), cache)[0, -1]
+        logits = last_logits(model, torch.tensor([list(prompt)], device=device), cache)[0]
         for _ in range(cfg.max_new_tokens):
             token = _pick(logits, cfg, gen)
             yield token
             if token in cfg.eos_token_ids:
                 return
-            logits = model(torch.tensor([[token]], device=device), cache)[0, -1]
+            logits = last_logits(model, torch.tensor([[token]], device=device), cache)[0]
+    finally:
+        model.train(was_training)
+
+
+def last_logits(model: CausalLM, input_ids: torch.Tensor, cache) -> torch.Tensor:
+    """Logits (B, vocab) of the last position only: the LM head on one token per row, not the prompt."""
+    return model.lm_head(model.hidden_states(input_ids, cache)[:, -1])
+
+
+@torch.no_grad()
+def greedy_steps(model: CausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int
+                 ) -> Iterator[np.ndarray]:
+    """The next greedy token of every row (int64 array), step by step: prompts of one length share
+    each forward and one KV cache, so no row needs padding."""
+    was_training = model.training
+    model.eval()
+    try:
+        device = model.inv_freq.device
+        cache = model.new_cache(len(prompts), len(prompts[0]) + max_new_tokens)
+        ids = torch.tensor([list(p) for p in prompts], device=device)
+        for _ in range(max_new_tokens):
+            ids = last_logits(model, ids, cache).argmax(-1, keepdim=True)
+            yield ids[:, 0].cpu().numpy()
     finally:
         model.train(was_training)
 

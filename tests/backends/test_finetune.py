@@ -41,6 +41,8 @@ def test_outputs_and_resolved_config(setup, tmp_path):
     assert load_checkpoint(tmp_path).state.step == 4 == r.steps
     peft_cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert peft_cfg["r"] == 8 and peft_cfg["peft_type"] == "LORA"
+    assert list(r.phases) == ["load", "train", "save"]  # no held-out set, no valid.jsonl
+    assert 0 < sum(r.phases.values()) <= r.seconds
 
 
 def test_resume_with_dropout_is_exact(setup, tmp_path):
