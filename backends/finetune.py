@@ -143,6 +143,8 @@ def finetune(cfg: FinetuneConfig, echo: Callable[[str], None] = print, progress:
         start = ckpt.state.step
         echo(f"resumed from {ckpt.path} at step {start} (saved by the {ckpt.backend} backend)")
     log = MetricsLog(out / "metrics.jsonl")
+    if ckpt is not None:
+        log.truncate_after(start)
     before = after = None
     if heldout and ckpt is None:
         before = exact_match_score(engine, tokenizer, heldout)

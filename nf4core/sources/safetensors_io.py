@@ -147,7 +147,7 @@ class SafetensorsWriter:
             with atomic_file(self.path) as out:
                 out.write(struct.pack("<Q", len(raw)))
                 out.write(raw)
-                shutil.copyfileobj(self._data, out, 16 << 20)
+                shutil.copyfileobj(self._data, out, 1 << 20)  # 1 MiB at a time
         finally:
             self._data.close()
 

@@ -54,6 +54,17 @@ def test_resume_with_dropout_is_exact(setup, tmp_path):
     assert resumed.config.lora_dropout == 0.2
 
 
+def test_resume_into_the_same_directory_logs_each_step_once(setup, tmp_path):
+    finetune(cfg(setup, tmp_path, steps=6, save_every=3), echo=lambda s: None, progress=False)
+    log = tmp_path / "metrics.jsonl"
+    with open(log, "a") as f:
+        f.write('{"step": 7, "lo')  # a crash in the middle of a line
+    finetune(FinetuneConfig(resume=str(tmp_path / "checkpoints/step-000003"), out=str(tmp_path)),
+             echo=lambda s: None, progress=False)  # fmt: skip
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3, 4, 5, 6]
+
+
 def test_a_failed_checkpoint_write_leaves_the_previous_one(setup, tmp_path, monkeypatch):
     finetune(cfg(setup, tmp_path, steps=2), echo=lambda s: None, progress=False)
     before = load_checkpoint(tmp_path)
