@@ -160,9 +160,10 @@ def finetune(cfg: FinetuneConfig, echo: Callable[[str], None] = print, progress:
         r = engine.train_step(micro, lr)
         dt = time.perf_counter() - t
         losses.append(r.loss)
+        seen = sum(int(b.attention_mask.sum()) for b in micro)  # prompt and target, no padding
         log.write({"step": step + 1, "loss": r.loss, "lr": lr, "grad_norm": r.grad_norm,
-                   "tokens": r.tokens, "tokens_per_s": r.tokens / max(dt, 1e-9)})  # fmt: skip
-        bar.update(step + 1, r.loss, r.tokens)
+                   "tokens": seen, "target_tokens": r.tokens, "tokens_per_s": seen / max(dt, 1e-9)})
+        bar.update(step + 1, r.loss, seen)
         done = step + 1
         if valid_set is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < steps:
             eval_loss, ppl = perplexity(engine, valid_set, cfg.batch_size, pad)

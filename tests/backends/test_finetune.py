@@ -37,6 +37,7 @@ def test_outputs_and_resolved_config(setup, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3, 4]
     assert all(k in lines[0] for k in ("loss", "lr", "grad_norm", "tokens_per_s"))
+    assert all(0 < x["target_tokens"] < x["tokens"] for x in lines if "loss" in x)  # prompts count too
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert load_checkpoint(tmp_path).state.step == 4 == r.steps
     peft_cfg = json.loads((tmp_path / "adapter_config.json").read_text())
