@@ -75,9 +75,9 @@ class Engine(Protocol):
                  top_p: float = 1.0, seed: int = 0,
                  eos_ids: Sequence[int] = ()) -> Iterator[int]: ...  # fmt: skip
 
+    # prompts of one token length decoded together; each row cut before its first stop id
     def greedy_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                      eos_ids: Sequence[int] = ()) -> list[list[int]]: ...  # fmt: skip
-    # prompts of one token length decoded together; each row cut before its first stop id
 
     def inference(self) -> AbstractContextManager: ...  # faster eval/generation inside, no training
 

@@ -19,8 +19,8 @@ import numpy as np
 
 import nf4core
 from nf4core.atomic import write_text_atomic
-from nf4core.sources.safetensors_io import SafetensorsWriter
 from nf4core.model_config import LINEAR_NAMES
+from nf4core.sources.safetensors_io import SafetensorsWriter
 
 from .peft_adapter import PEFT_PREFIX, Adapter
 
