@@ -14,16 +14,14 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench._peak_rss import run_child  # noqa: E402
+
 CHILD = r"""
-import json, sys, time
-def status():
-    with open("/proc/self/status") as f:
-        d = dict(line.split(":", 1) for line in f)
-    return {k: int(d[k].split()[0]) // 1024 for k in ("VmRSS", "VmHWM")}
 which, out = sys.argv[1], sys.argv[2]
 import nf4core
 if which == "peer":
@@ -61,11 +59,9 @@ print(json.dumps({"imports_rss_mib": before["VmRSS"], "peak_rss_mib": after["VmH
 def run(which: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out")
-        proc = subprocess.run([sys.executable, "-c", CHILD, which, out], capture_output=True,
-                              text=True, check=False)  # fmt: skip
-        if proc.returncode:
-            return {"error": proc.stderr.strip().splitlines()[-1]}
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        result = run_child(CHILD, which, out)
+        if "error" in result:
+            return result
         result["output_mib"] = round(sum(os.path.getsize(os.path.join(out, f))
                                          for f in os.listdir(out)) / 2**20, 1)  # fmt: skip
         return result
