@@ -21,7 +21,7 @@ from .finetune import FinetuneResult, finetune
 from .finetune_config import ConfigError, FinetuneConfig
 from .merge import merge
 from .model_info import describe
-from .peft_adapter import Adapter, load_adapter, save_adapter
+from .peft_adapter import Adapter, check_adapter_fits, load_adapter, save_adapter
 from .registry import BackendChoice, select_backend
 
 
@@ -95,6 +95,8 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
         lora = LoRASettings(loaded.r, loaded.alpha, 0.0, tuple(sorted(modules)))
     choice = select_backend(backend, device, compute_dtype)
     source = nf4core.open_model(path)
+    if loaded is not None:
+        check_adapter_fits(loaded, source)
     engine = build_engine(choice, source, lora, None)
     if loaded is not None:
         engine.load_adapters(loaded.tensors)

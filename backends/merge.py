@@ -22,7 +22,7 @@ from nf4core.atomic import write_text_atomic
 from nf4core.model_config import LINEAR_NAMES
 from nf4core.sources.safetensors_io import SafetensorsWriter
 
-from .peft_adapter import PEFT_PREFIX, Adapter
+from .peft_adapter import PEFT_PREFIX, Adapter, check_adapter_fits
 
 DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 LINEARS = LINEAR_NAMES
@@ -84,9 +84,7 @@ def merge(model: str | os.PathLike, adapter: Adapter, out: str | os.PathLike, dt
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: the output directory exists and is not empty")
     source = nf4core.open_model(model)
-    missing = [m for m in adapter.modules() if f"{m}.weight" not in set(source.tensor_names())]
-    if missing:
-        raise ValueError(f"the adapter has modules the model lacks, e.g. {missing[0]}")
+    check_adapter_fits(adapter, source)
     if requantize:
         return nf4core.quantize_model(MergedSource(source, adapter), out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ class Adapter:
     dropout: float
     targets: tuple[str, ...]
     base_model: str | None = None
+    directory: Path | None = None  # where it was loaded from, for messages
 
     @property
     def scale(self) -> float:
@@ -115,5 +116,40 @@ def load_adapter(directory: str | Path) -> Adapter:
         raise AdapterError(f"{w_path}: unexpected key {bad[0]!r} (expected PEFT LoRA keys)")
     targets = cfg.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else targets
-    return Adapter(tensors, r, alpha, float(cfg.get("lora_dropout", 0.0)), tuple(targets),
-                   cfg.get("base_model_name_or_path"))
+    adapter = Adapter(tensors, r, alpha, float(cfg.get("lora_dropout", 0.0)), tuple(targets),
+                      cfg.get("base_model_name_or_path"), directory)  # fmt: skip
+    problem = _shape_problem(adapter)
+    if problem:
+        raise AdapterError(f"{w_path}: {problem}")
+    return adapter
+
+
+def _shape_problem(adapter: Adapter) -> str | None:
+    """What is wrong with the pairs of matrices, if anything (r from the config)."""
+    for module in adapter.modules():
+        a = adapter.tensors.get(f"{PEFT_PREFIX}{module}.lora_A.weight")
+        b = adapter.tensors.get(f"{PEFT_PREFIX}{module}.lora_B.weight")
+        if a is None or b is None:
+            return f"{module} lacks its lora_{'A' if a is None else 'B'}.weight"
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != adapter.r or b.shape[1] != adapter.r:
+            return (f"{module}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not match "
+                    f"r = {adapter.r} of {CONFIG_NAME}")
+        if not (np.isfinite(a).all() and np.isfinite(b).all()):
+            return f"{module} holds NaN or infinite values"
+    return None
+
+
+def check_adapter_fits(adapter: Adapter, source) -> None:
+    """AdapterError unless every adapted module is a weight of `source` (a ModelSource) with the
+    shape the adapter's matrices imply."""
+    where = adapter.directory or "the adapter"
+    names = set(source.tensor_names())
+    for module in adapter.modules():
+        if f"{module}.weight" not in names:
+            raise AdapterError(f"{where}: the model has no {module} (an adapter for another model?)")
+        out_f = adapter.tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"].shape[0]
+        in_f = adapter.tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"].shape[1]
+        shape = tuple(source.tensor_shape(f"{module}.weight"))
+        if shape != (out_f, in_f):
+            raise AdapterError(f"{where}: {module} is {list(shape)} in the model but "
+                               f"{[out_f, in_f]} in the adapter (an adapter for another model?)")

@@ -1,18 +1,22 @@
 """`merge` streams: the merged directory equals the in-memory fold tensor for tensor (16-bit and NF4
-again), its peak memory does not grow with the model, and a failure leaves nothing behind."""
+again), its peak memory does not grow with the model, and a failure leaves nothing behind. Broken
+adapters, and adapters for another model, are refused with one line naming the file."""
 
 from __future__ import annotations
 
+import json
 import tracemalloc
 
 import ml_dtypes
 import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
 
 import nf4core
 from backends import merge as merge_mod
 from backends.merge import merge, merged_tensors
-from backends.peft_adapter import PEFT_PREFIX, Adapter
+from backends import api
+from backends.peft_adapter import PEFT_PREFIX, Adapter, AdapterError, load_adapter, save_adapter
 from tests.nf4core.tiny_models import hf_config, random_weights, tiny_tokenizer, write_hf_dir
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
@@ -111,3 +115,63 @@ def test_a_failed_merge_leaves_no_directory(model_and_adapter, tmp_path, monkeyp
     with pytest.raises(OSError, match="disk full"):
         merge(model, adapter, tmp_path / "m")
     assert list(tmp_path.iterdir()) == []
+
+
+def _saved(tmp_path, adapter: Adapter, edit=None):
+    directory = save_adapter(tmp_path / "adapter", adapter)
+    if edit:
+        edit(directory)
+    return directory
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: _rewrite_config(d, r=2), "do not match r = 2"),
+    (lambda d: _drop_tensor(d, "lora_B"), "lacks its lora_B.weight"),
+    (lambda d: _poison(d), "NaN or infinite"),
+])  # fmt: skip
+def test_broken_adapters_are_refused_naming_the_file(model_and_adapter, tmp_path, edit, message):
+    _, adapter, _ = model_and_adapter
+    directory = _saved(tmp_path, adapter, edit)
+    with pytest.raises(AdapterError, match=message) as e:
+        load_adapter(directory)
+    assert str(directory / "adapter_model.safetensors") in str(e.value)
+
+
+def test_an_adapter_for_another_model_is_refused_before_anything_is_written(model_and_adapter, tmp_path):
+    model, _, _ = model_and_adapter
+    other = _model(tmp_path / "other", layers=2)
+    wide = _adapter(nf4core.open_model(_wider_model(tmp_path / "wide")))
+    for adapter_of, expect in ((_adapter(nf4core.open_model(model)), "the model has no model.layers.2"),
+                               (wide, "down_proj is \\[128, 512\\] in the model but \\[256, 512\\]")):  # fmt: skip
+        directory = save_adapter(tmp_path / f"a{len(expect)}", adapter_of)
+        with pytest.raises(AdapterError, match=expect) as e:
+            api.merge_adapter(other, directory, tmp_path / "merged")
+        assert str(directory) in str(e.value)
+        assert not (tmp_path / "merged").exists()
+        with pytest.raises(AdapterError, match=expect):
+            api.load(other, adapter=directory, backend="mlx", device="cpu")  # before building a model
+
+
+def _wider_model(directory):
+    config = hf_config("llama", vocab=300, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=64)  # fmt: skip
+    return write_hf_dir(directory, config, random_weights(config, seed=3), tiny_tokenizer())
+
+
+def _rewrite_config(directory, **changes):
+    path = directory / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _drop_tensor(directory, which):
+    path = directory / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    del tensors[next(k for k in sorted(tensors) if f".{which}." in k)]
+    save_file(tensors, str(path))
+
+
+def _poison(directory):
+    path = directory / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    tensors[sorted(tensors)[0]][0, 0] = np.nan
+    save_file(tensors, str(path))
