@@ -120,5 +120,43 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{directory}: cannot read the checkpoint tensors ({e})") from e
     rng = {k: v for k, v in opt.items() if k.startswith("rng.")}
     moments = {k: v for k, v in opt.items() if not k.startswith("rng.")}
-    state = TrainingState(adapters, moments, int(info["step"]), rng)
-    return Checkpoint(directory, state, info["config"], info["data_position"], info["backend"])
+    problem = _tensor_problem(adapters, moments)
+    if problem:
+        raise CheckpointError(f"{directory}: {problem}")
+    try:
+        state = TrainingState(adapters, moments, int(info["step"]), rng)
+        return Checkpoint(directory, state, dict(info["config"]), dict(info["data_position"]),
+                          str(info["backend"]))  # fmt: skip
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{directory / STATE_NAME}: missing or bad field ({e})") from e
+
+
+def _tensor_problem(adapters: dict[str, np.ndarray], moments: dict[str, np.ndarray]) -> str | None:
+    """What is inconsistent between the adapters and their optimizer moments, if anything."""
+    if not adapters:
+        return f"{ADAPTERS_NAME} holds no adapters"
+    for key, value in adapters.items():
+        for moment in ("exp_avg", "exp_avg_sq"):
+            m = moments.get(f"{key}.{moment}")
+            if m is None or m.shape != value.shape:
+                return f"{OPTIMIZER_NAME} lacks {key}.{moment} of shape {list(value.shape)}"
+        if not np.isfinite(value).all():
+            return f"{ADAPTERS_NAME}: {key} holds NaN or infinite values"
+    extra = sorted(set(moments) - {f"{k}.{m}" for k in adapters for m in ("exp_avg", "exp_avg_sq")})
+    if extra:
+        return f"{OPTIMIZER_NAME} holds {extra[0]}, which belongs to no adapter"
+    return None
+
+
+def check_fits(ckpt: Checkpoint, adapters: dict[str, np.ndarray]) -> None:
+    """CheckpointError unless the checkpoint's adapters have the names and shapes of `adapters`
+    (the freshly built model's)."""
+    for key, value in adapters.items():
+        saved = ckpt.state.adapters.get(key)
+        if saved is None or saved.shape != value.shape:
+            got = "nothing" if saved is None else list(saved.shape)
+            raise CheckpointError(f"{ckpt.path}: {key} is {got} in the checkpoint but "
+                                  f"{list(value.shape)} in the model")
+    extra = sorted(set(ckpt.state.adapters) - set(adapters))
+    if extra:
+        raise CheckpointError(f"{ckpt.path}: the checkpoint has {extra[0]}, which the model lacks")

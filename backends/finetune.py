@@ -17,7 +17,7 @@ import nf4core
 from nf4core.atomic import write_text_atomic
 from nf4core.default_task import DefaultTask, default_task
 
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, check_fits, load_checkpoint, save_checkpoint
 from .engine import Engine, LoRASettings, TrainSettings, build_engine
 from .evaluate import ExactMatch, exact_match_score, perplexity
 from .finetune_config import ConfigError, FinetuneConfig, learning_rate
@@ -139,6 +139,7 @@ def finetune(cfg: FinetuneConfig, echo: Callable[[str], None] = print, progress:
     phases.mark("load")
     start = 0
     if ckpt is not None:
+        check_fits(ckpt, engine.adapters())
         engine.load_training_state(ckpt.state)
         start = ckpt.state.step
         echo(f"resumed from {ckpt.path} at step {start} (saved by the {ckpt.backend} backend)")

@@ -66,6 +66,44 @@ def test_resume_into_the_same_directory_logs_each_step_once(setup, tmp_path):
     assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3, 4, 5, 6]
 
 
+def _edit_tensors(path, edit):
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path))
+
+
+@pytest.mark.parametrize("breakage,message", [
+    (lambda d: _edit_tensors(d / "optimizer.safetensors",
+                             lambda t: t.pop(next(k for k in sorted(t) if k.endswith(".exp_avg")))),
+     "optimizer.safetensors lacks .*exp_avg of shape"),
+    (lambda d: _edit_tensors(d / "adapters.safetensors",
+                             lambda t: t[sorted(t)[0]].__setitem__((0, 0), float("inf"))),
+     "NaN or infinite"),
+    (lambda d: (d / "trainer_state.json").write_text(json.dumps(
+        {k: v for k, v in json.loads((d / "trainer_state.json").read_text()).items() if k != "step"})),
+     "missing or bad field"),
+])  # fmt: skip
+def test_a_broken_checkpoint_is_refused_naming_it(setup, tmp_path, breakage, message):
+    finetune(cfg(setup, tmp_path, steps=2), echo=lambda s: None, progress=False)
+    directory = tmp_path / "checkpoints/step-000002"
+    breakage(directory)
+    with pytest.raises(ckpt_mod.CheckpointError, match=message) as e:
+        finetune(FinetuneConfig(resume=str(tmp_path), steps=3), echo=lambda s: None, progress=False)
+    assert str(directory) in str(e.value)
+
+
+def test_a_checkpoint_of_another_shape_is_refused(setup, tmp_path):
+    finetune(cfg(setup, tmp_path, steps=2), echo=lambda s: None, progress=False)
+    _edit_tensors(tmp_path / "checkpoints/step-000002/adapters.safetensors",
+                  lambda t: t.update({k: v[:4] for k, v in t.items() if "lora_A" in k}))
+    _edit_tensors(tmp_path / "checkpoints/step-000002/optimizer.safetensors",
+                  lambda t: t.update({k: v[:4] for k, v in t.items() if "lora_A" in k}))
+    with pytest.raises(ckpt_mod.CheckpointError, match=r"is \[4, 64\] in the checkpoint but \[8, 64\]"):
+        finetune(FinetuneConfig(resume=str(tmp_path), steps=3), echo=lambda s: None, progress=False)
+
+
 def test_a_failed_checkpoint_write_leaves_the_previous_one(setup, tmp_path, monkeypatch):
     finetune(cfg(setup, tmp_path, steps=2), echo=lambda s: None, progress=False)
     before = load_checkpoint(tmp_path)
