@@ -31,8 +31,9 @@ class KVCache:
 
 
 def causal_mask(t: int, offset: int, dtype: mx.Dtype, window: int | None = None) -> mx.array | None:
-    """Additive (T, offset + T) mask: query i sees keys up to offset + i and, with a sliding window,
-    only keys after offset + i - window (transformers' Mistral rule). None where nothing is hidden."""
+    """Additive (T, offset + T) mask: query i sees keys up to offset + i and, with a sliding
+    window, only keys after offset + i - window (transformers' Mistral rule). None where nothing
+    is hidden."""
     if window is not None and offset + t <= window:
         window = None
     if t == 1 and window is None:

@@ -1,4 +1,4 @@
-"""Mistral's `sliding_window` in ModelConfig and through every source that writes or reads a config."""
+"""Mistral's `sliding_window` in ModelConfig and through the sources that read or write it."""
 
 from __future__ import annotations
 
@@ -79,7 +79,8 @@ def test_quantized_directory_and_gguf_keep_the_window(tmp_path):
     windowed = write_gguf(tmp_path / "w.gguf", config, weights,
                           add_metadata=lambda w: w.add_sliding_window(4))
     assert open_model(windowed).config.sliding_window == 4
-    assert open_model(write_gguf(tmp_path / "n.gguf", config, weights)).config.sliding_window is None
+    plain = write_gguf(tmp_path / "n.gguf", config, weights)
+    assert open_model(plain).config.sliding_window is None
 
 
 def test_a_window_in_a_llama_gguf_is_refused(tmp_path):

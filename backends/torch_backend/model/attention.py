@@ -23,7 +23,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, C); `mask` bool (T, S) or (B, 1, T, S) over the cached and new keys (see
-        `masks.attention_mask`); None is causal attention, which after cached positions needs T == 1."""
+        `masks.attention_mask`); None is causal attention, which after cached positions needs
+        T == 1."""
         b, t, _ = x.shape  # (B, T, C)
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)

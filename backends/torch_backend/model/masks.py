@@ -1,4 +1,5 @@
-"""Which keys each query may attend to: causal, packed examples (segments), Mistral's sliding window.
+"""Which keys each query may attend to: causal order, packed examples (segments), and Mistral's
+sliding window.
 
 Masks are bool (True = attend), built once per forward and shared by every layer. Positions are row
 indices: with packing, an example's positions are consecutive within its segment, so index distances
@@ -11,7 +12,8 @@ import torch
 
 
 def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, T) bool: query i sees key j <= i of its own segment; padding (0) sees itself only."""
+    """(B, 1, T, T) bool: query i sees key j <= i of its own segment; padding (0) sees itself
+    only."""
     t = segment_ids.shape[1]
     causal = torch.ones(t, t, dtype=torch.bool, device=segment_ids.device).tril()  # (T, T)
     same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)

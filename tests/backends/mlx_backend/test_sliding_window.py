@@ -1,5 +1,5 @@
-"""Mistral's sliding window in the MLX model: transformers' logits and cached decoding past the window,
-each also run with the window dropped to show that it matters."""
+"""Mistral's sliding window in the MLX model: transformers' logits and cached decoding past the
+window, each also run with the window dropped to show that it matters."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tiny random Llama / Qwen2 / Mistral models built with transformers (the oracle) and their nf4 twins."""
+"""Tiny random Llama-family models built with transformers (the oracle) and their nf4 twins."""
 
 import numpy as np
 import torch
@@ -24,10 +24,10 @@ def hf_model(arch: str, seed: int = 0, sliding_window: int | None = None):
                            tie_word_embeddings=False, **SHAPE)
         cls = transformers.LlamaForCausalLM
     elif arch == "mistral":
-        hf_cfg = transformers.MistralConfig(**SHAPE, rope_theta=10000.0, rms_norm_eps=1e-5,
-                                            tie_word_embeddings=False, sliding_window=sliding_window)
-        ours = ModelConfig("mistral", rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                           sliding_window=sliding_window, **SHAPE)
+        common = dict(rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                      sliding_window=sliding_window)
+        hf_cfg = transformers.MistralConfig(**SHAPE, **common)
+        ours = ModelConfig("mistral", **common, **SHAPE)
         cls = transformers.MistralForCausalLM
     else:
         hf_cfg = transformers.Qwen2Config(**SHAPE, rope_theta=10000.0, rms_norm_eps=1e-6,
