@@ -15,6 +15,7 @@ class ModelConfig:
     """Hyper-parameters of a Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM, TinyLlama).
 
     Field names follow Hugging Face's config.json. `attention_bias` is True for Qwen2 (q/k/v biases).
+    `sliding_window` (Mistral only) limits each query to the last `sliding_window` positions.
     """
 
     architecture: str
@@ -31,6 +32,7 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    sliding_window: int | None = None  # Mistral: a query at i sees keys j with i - window < j <= i
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     extra: dict = field(default_factory=dict)  # config.json keys we keep but do not use
@@ -52,6 +54,13 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
+        window = self.sliding_window
+        if window is not None:
+            if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+                raise ValueError(f"sliding_window must be a positive int or None, got {window!r}")
+            if self.architecture != "mistral":
+                raise ValueError(f"sliding_window is supported for mistral only, not "
+                                 f"{self.architecture!r}")  # fmt: skip
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError("hidden_size must divide by num_attention_heads when head_dim is unset")
@@ -71,22 +80,31 @@ class ModelConfig:
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         known = {f for f in cls.__dataclass_fields__ if f not in ("architecture", "extra")}
+        if model_type != "mistral":  # Llama has no window; Qwen2's own keys stay in `extra`
+            known.discard("sliding_window")
         config = _legacy_rope_keys(config)
         values = {k: config[k] for k in known if k in config and config[k] is not None}
         values.setdefault("num_key_value_heads", config.get("num_attention_heads"))
         if model_type == "qwen2":
             values["attention_bias"] = True
+            if config.get("use_sliding_window"):
+                raise ValueError("Qwen2 sliding-window layers (use_sliding_window with "
+                                 "max_window_layers) are not supported")  # fmt: skip
         generated = ("model_type", "architectures")  # to_hf_config writes these from `architecture`
         extra = {k: v for k, v in config.items() if k not in known and k not in generated}
         return cls(architecture=model_type, extra=extra, **values)
 
     def to_hf_config(self) -> dict:
         """A config.json dict that transformers reads back to the same model."""
-        config = {**self.extra, **asdict(self)}
+        fields = asdict(self)
         for internal in ("extra", "architecture", "config_version"):
-            config.pop(internal)
+            fields.pop(internal)
         if self.architecture == "qwen2":
-            config.pop("attention_bias")
+            fields.pop("attention_bias")
+        if self.architecture != "mistral":  # a Qwen2 `sliding_window` in `extra` stays as it was
+            fields.pop("sliding_window")
+        # For mistral a None window is written as null: transformers reads a missing key as 4096.
+        config = {**self.extra, **fields}
         arch_class = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                       "qwen2": "Qwen2ForCausalLM"}[self.architecture]  # fmt: skip
         config.update(model_type=self.architecture, architectures=[arch_class])

@@ -30,13 +30,20 @@ class KVCache:
         return [KVCache() for _ in range(n_layers)]
 
 
-def causal_mask(t: int, offset: int, dtype: mx.Dtype) -> mx.array | None:
-    """Additive (T, offset + T) mask: query i sees keys up to offset + i."""
-    if t == 1:
+def causal_mask(t: int, offset: int, dtype: mx.Dtype, window: int | None = None) -> mx.array | None:
+    """Additive (T, offset + T) mask: query i sees keys up to offset + i and, with a sliding
+    window, only keys after offset + i - window (transformers' Mistral rule). None where nothing
+    is hidden."""
+    if window is not None and offset + t <= window:
+        window = None
+    if t == 1 and window is None:
         return None
     rows = mx.arange(offset, offset + t)[:, None]
     cols = mx.arange(offset + t)[None, :]
-    return mx.where(cols > rows, mx.array(-mx.inf, dtype), mx.array(0, dtype))
+    hidden = cols > rows
+    if window is not None:
+        hidden = hidden | (cols <= rows - window)
+    return mx.where(hidden, mx.array(-mx.inf, dtype), mx.array(0, dtype))
 
 
 class Attention(nn.Module):

@@ -58,11 +58,12 @@ class DecoderStack(nn.Module):
         self.layers = [DecoderLayer(config, rope) for _ in range(config.num_hidden_layers)]
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.gradient_checkpointing = False
+        self.sliding_window = config.sliding_window  # Mistral; None attends to every earlier key
 
     def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
         h = self.embed_tokens(tokens)  # (B, T, C)
         offset = 0 if cache is None else cache[0].offset
-        mask = causal_mask(tokens.shape[1], offset, h.dtype)
+        mask = causal_mask(tokens.shape[1], offset, h.dtype, self.sliding_window)
         keys = self._dropout_keys()
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and cache is None:

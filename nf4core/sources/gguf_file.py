@@ -146,6 +146,7 @@ class GGUFSource(ModelSource):
             max_position_embeddings=int(self._get(f"{a}.context_length", 2048)),
             tie_word_embeddings="lm_head.weight" not in self._tensors,
             attention_bias="model.layers.0.self_attn.q_proj.bias" in self._tensors,
+            sliding_window=int(self._get(f"{a}.attention.sliding_window", 0)) or None,  # 0: none
             bos_token_id=self._get("tokenizer.ggml.bos_token_id", None),
             eos_token_id=self._get("tokenizer.ggml.eos_token_id", None),
         )

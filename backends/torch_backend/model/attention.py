@@ -22,7 +22,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, C); `mask` (B, 1, T, T) bool replaces the causal mask (packed sequences)."""
+        """x (B, T, C); `mask` bool (T, S) or (B, 1, T, S) over the cached and new keys (see
+        `masks.attention_mask`); None is causal attention, which after cached positions needs
+        T == 1."""
         b, t, _ = x.shape  # (B, T, C)
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -32,12 +34,9 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.update(self.layer_index, k, v)  # (B, H_kv, past + T, D)
-        causal = mask is None and past == 0 and t > 1
-        if mask is not None and past > 0:
-            raise ValueError("a segment mask cannot be combined with cached positions")
-        if past > 0 and t > 1:  # a chunk after cached positions: query i sees keys <= past + i
-            keys = torch.arange(past + t, device=x.device)
-            mask = keys[None, :] <= (past + torch.arange(t, device=x.device))[:, None]  # (T, S)
+        if mask is None and past > 0 and t > 1:
+            raise ValueError("a chunk after cached positions needs an attention mask")
+        causal = mask is None and t > 1
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                              enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))

@@ -15,6 +15,7 @@ from nf4core import ModelConfig, ModelSource
 from ..kv_cache import KVCache
 from .attention import Attention
 from .layers import MLP, RMSNorm, make_linear
+from .masks import attention_mask
 from .rope import inverse_frequencies, rope_cos_sin
 
 ATTENTION_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -110,13 +111,14 @@ class CausalLM(nn.Module):
         """input_ids (B, T) -> final normalised hidden states (B, T, C) in the compute dtype.
 
         position_ids (B, T) restart RoPE positions per packed example; segment_ids (B, T) (0 on
-        padding) keep attention within an example."""
+        padding) keep attention within an example. A sliding window (config.sliding_window) applies
+        within each example and across cached positions."""
         t = input_ids.shape[1]
         past = cache.length if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=input_ids.device)  # (T,)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, self.compute_dtype)  # (..., T, D)
-        mask = None if segment_ids is None else segment_mask(segment_ids)
+        mask = attention_mask(t, past, self.config.sliding_window, input_ids.device, segment_ids)
         x = self.model.embed_tokens(input_ids).to(self.compute_dtype)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -156,16 +158,6 @@ class _Getter:
 
     def tensor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         return torch.from_numpy(self.array(name)).to(dtype)
-
-
-def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, T) bool: query i sees key j <= i of its own segment; padding (0) sees itself only."""
-    t = segment_ids.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=segment_ids.device).tril()  # (T, T)
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
-    real = (segment_ids != 0)[:, :, None]
-    eye = torch.eye(t, dtype=torch.bool, device=segment_ids.device)
-    return ((same & real & causal) | eye)[:, None]
 
 
 def target_mask(input_ids: torch.Tensor, loss_mask: torch.Tensor | None = None,

@@ -1,4 +1,4 @@
-"""Tiny random Llama / Qwen2 models built with transformers (the oracle) and their nf4 twins."""
+"""Tiny random Llama-family models built with transformers (the oracle) and their nf4 twins."""
 
 import numpy as np
 import torch
@@ -11,8 +11,9 @@ SHAPE = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_lay
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 
 
-def hf_model(arch: str, seed: int = 0):
-    """(transformers model in float32 eval mode with randomised weights, our ModelConfig)."""
+def hf_model(arch: str, seed: int = 0, sliding_window: int | None = None):
+    """(transformers model in float32 eval mode with randomised weights, our ModelConfig).
+    `sliding_window` is for "mistral" only."""
     import transformers
 
     torch.manual_seed(seed)
@@ -22,6 +23,12 @@ def hf_model(arch: str, seed: int = 0):
         ours = ModelConfig("llama", rope_theta=500000.0, rope_scaling=LLAMA3_ROPE, rms_norm_eps=1e-5,
                            tie_word_embeddings=False, **SHAPE)
         cls = transformers.LlamaForCausalLM
+    elif arch == "mistral":
+        common = dict(rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                      sliding_window=sliding_window)
+        hf_cfg = transformers.MistralConfig(**SHAPE, **common)
+        ours = ModelConfig("mistral", **common, **SHAPE)
+        cls = transformers.MistralForCausalLM
     else:
         hf_cfg = transformers.Qwen2Config(**SHAPE, rope_theta=10000.0, rms_norm_eps=1e-6,
                                           tie_word_embeddings=True)
