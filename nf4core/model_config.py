@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+MISTRAL_DEFAULT_WINDOW = 4096  # transformers' MistralConfig default
 # The linear layers of a Llama-family block (HF module names): what NF4 quantizes and LoRA targets.
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CONFIG_VERSION = 1
@@ -85,6 +86,8 @@ class ModelConfig:
         config = _legacy_rope_keys(config)
         values = {k: config[k] for k in known if k in config and config[k] is not None}
         values.setdefault("num_key_value_heads", config.get("num_attention_heads"))
+        if model_type == "mistral" and "sliding_window" not in config:
+            values["sliding_window"] = MISTRAL_DEFAULT_WINDOW  # as transformers reads a missing key
         if model_type == "qwen2":
             values["attention_bias"] = True
             if config.get("use_sliding_window"):

@@ -24,15 +24,16 @@ def test_mistral_window_is_read_and_written_back():
     assert ModelConfig.from_hf_config(written) == config
 
 
-@pytest.mark.parametrize("raw", [{"sliding_window": None}, {}])
-def test_mistral_without_a_window_is_none_and_written_as_null(raw):
+@pytest.mark.parametrize("raw,window", [({"sliding_window": None}, None), ({}, 4096)])
+def test_a_null_window_is_none_and_a_missing_one_is_transformers_default(raw, window):
     fields = {k: v for k, v in MISTRAL.items() if k != "sliding_window"}
     config = ModelConfig.from_hf_config({**fields, **raw})
-    assert config.sliding_window is None
-    written = config.to_hf_config()  # null, not missing: transformers reads a missing key as 4096
-    assert "sliding_window" in written and written["sliding_window"] is None
+    assert config.sliding_window == window
+    written = config.to_hf_config()  # always written: transformers reads a missing key as 4096
+    assert "sliding_window" in written and written["sliding_window"] == window
     transformers = pytest.importorskip("transformers")
-    assert transformers.AutoConfig.for_model(**written).sliding_window is None
+    assert transformers.AutoConfig.for_model(**fields, **raw).sliding_window == window
+    assert transformers.AutoConfig.for_model(**written).sliding_window == window
 
 
 def test_transformers_reads_our_window():
