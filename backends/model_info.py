@@ -32,9 +32,11 @@ def model_info(path: str | Path, seq_len: int = 512, batch_size: int = 1, lora_r
         else:
             other += n
     base_bytes = linear * NF4_BITS / 8 + other * compute_bytes
-    # activations kept for backward per layer: ~ (hidden * 10 + intermediate * 3) values a token
-    act = c.num_hidden_layers * batch_size * seq_len * (10 * c.hidden_size + 3 * c.intermediate_size)
-    logits = batch_size * seq_len * c.vocab_size * 4 * 2
+    # values kept for backward a token and layer: ~10 hidden-sized and 3 intermediate-sized vectors,
+    # and attention scores and probabilities (heads x seq_len each) where attention is not fused
+    per_token = 10 * c.hidden_size + 3 * c.intermediate_size + 2 * c.num_attention_heads * seq_len
+    act = c.num_hidden_layers * batch_size * seq_len * per_token
+    logits = batch_size * seq_len * c.vocab_size * 4 * 3  # float32 logits, log-probs, their gradient
     train_bytes = base_bytes + lora * 16 + act * compute_bytes + logits
     return {"kind": "model", "path": str(path), "architecture": c.architecture,
             "layers": c.num_hidden_layers, "hidden_size": c.hidden_size, "vocab_size": c.vocab_size,

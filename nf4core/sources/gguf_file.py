@@ -15,7 +15,7 @@ import gguf
 import numpy as np
 
 from ..errors import ModelLoadError
-from ..model_config import ModelConfig
+from ..model_config import MISTRAL_DEFAULT_WINDOW, ModelConfig
 from .base import ModelSource, normalized
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
@@ -114,6 +114,11 @@ class GGUFSource(ModelSource):
         shapes = {name: tuple(int(d) for d in reversed(t.shape)) for name, t in self._tensors.items()}
         self._check_layout(shapes, str(self.path))
 
+    def _sliding_window(self) -> int | None:
+        """0 means none; a Mistral file without the key gets transformers' default, like config.json."""
+        default = MISTRAL_DEFAULT_WINDOW if self.arch == "mistral" else 0
+        return int(self._get(f"{self.arch}.attention.sliding_window", default)) or None
+
     def _get(self, key: str, default: object = KeyError) -> object:
         if key not in self.metadata:
             if default is KeyError:
@@ -146,7 +151,7 @@ class GGUFSource(ModelSource):
             max_position_embeddings=int(self._get(f"{a}.context_length", 2048)),
             tie_word_embeddings="lm_head.weight" not in self._tensors,
             attention_bias="model.layers.0.self_attn.q_proj.bias" in self._tensors,
-            sliding_window=int(self._get(f"{a}.attention.sliding_window", 0)) or None,  # 0: none
+            sliding_window=self._sliding_window(),
             bos_token_id=self._get("tokenizer.ggml.bos_token_id", None),
             eos_token_id=self._get("tokenizer.ggml.eos_token_id", None),
         )

@@ -81,7 +81,9 @@ def test_quantized_directory_and_gguf_keep_the_window(tmp_path):
                           add_metadata=lambda w: w.add_sliding_window(4))
     assert open_model(windowed).config.sliding_window == 4
     plain = write_gguf(tmp_path / "n.gguf", config, weights)
-    assert open_model(plain).config.sliding_window is None
+    assert open_model(plain).config.sliding_window == 4096  # as a config.json without the key
+    none = write_gguf(tmp_path / "z.gguf", config, weights, add_metadata=lambda w: w.add_sliding_window(0))
+    assert open_model(none).config.sliding_window is None
 
 
 def test_a_window_in_a_llama_gguf_is_refused(tmp_path):
