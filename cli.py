@@ -78,7 +78,14 @@ def backend_options(f):
               help="Held-out examples for exact match of the built-in task (0: all).")
 @click.option("--export", "export", type=click.Choice(["mlx-lm"]), multiple=True,
               help="Also write the adapter in another format (under OUT/mlx-lm).")
-@click.option("--resume", type=click.Path(), help="Continue from a run's output or checkpoint directory.")
+@click.option("--resume", type=click.Path(),
+              help="Continue from a run's output or checkpoint directory (writes there, or to --out).")
+@click.option("--overwrite", is_flag=True, default=None,
+              help="Move a non-empty --out aside (to OUT.old-N) and start afresh.")
+@click.option("--skip-nonfinite", type=int,
+              help="Skip up to N steps with a NaN/Inf loss or gradient instead of stopping [default: 0].")
+@click.option("--strict-data", is_flag=True, default=None,
+              help="Refuse records with no target tokens instead of skipping them.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="YAML file of settings (names as the options, with _ or -); the command line wins.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -95,7 +102,14 @@ def finetune(config_file, quiet, export, **options) -> None:
         file_settings = api.FinetuneConfig.from_file(config_file) if config_file else {}
         options["export"] = export or None
         cfg = api.FinetuneConfig.merged(options, file_settings)
-        result = api.finetune(cfg, echo=click.echo, progress=not quiet)
+        try:
+            result = api.finetune(cfg, echo=click.echo, progress=not quiet)
+        except api.RunInterrupted as e:  # saved; 130 is the shell's code for an interrupt
+            click.echo(str(e), err=True)
+            sys.exit(130)
+        except KeyboardInterrupt:  # a second interrupt: aborted at once
+            click.echo("aborted", err=True)
+            sys.exit(130)
     if result.exact_match_before and result.exact_match_after:
         b, a = result.exact_match_before, result.exact_match_after
         phases = ", ".join(f"{k} {v:.0f}s" for k, v in result.phases.items())

@@ -17,7 +17,7 @@ import nf4core
 
 from .engine import Engine, LoRASettings, build_engine
 from .evaluate import ExactMatch, exact_match_score, perplexity, stop_ids
-from .finetune import FinetuneResult, finetune
+from .finetune import FinetuneResult, NonFiniteError, RunInterrupted, finetune
 from .finetune_config import ConfigError, FinetuneConfig
 from .merge import merge
 from .model_info import describe
@@ -125,4 +125,5 @@ def info(path: str | os.PathLike | None, seq_len: int = 512, batch_size: int = 1
 
 
 __all__ = ["ConfigError", "ExactMatch", "FinetuneConfig", "FinetuneResult", "LoRASettings",
-           "LoadedModel", "finetune", "info", "load", "merge_adapter", "quantize"]  # fmt: skip
+           "LoadedModel", "NonFiniteError", "RunInterrupted", "finetune", "info", "load",
+           "merge_adapter", "quantize"]  # fmt: skip

@@ -5,6 +5,7 @@
                                        `rng.torch` (torch's RNG state; MLX reseeds from (seed, step))
     step-000050/trainer_state.json     format version, step, data position, resolved config
     latest.json                        {"checkpoint": "step-000050"}
+    step-000050.1/                     a re-save of step 50 (the old copy is deleted after the switch)
 
 A checkpoint is written into a hidden temporary directory (every file fsynced), renamed into place in
 one step, and only then named by latest.json (written atomically): a failure at any point leaves the
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -32,6 +34,10 @@ STATE_NAME, ADAPTERS_NAME, OPTIMIZER_NAME = "trainer_state.json", "adapters.safe
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable or of an unknown version; the message names the path."""
+
+
+class NonFiniteStateError(CheckpointError):
+    """A training state to save holds NaN or infinite values."""
 
 
 @dataclass(frozen=True)
@@ -53,10 +59,23 @@ def _save_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict
 
 def save_checkpoint(root: str | Path, state: TrainingState, config: dict, data_position: dict,
                     backend: str) -> Path:
-    """Write checkpoint `step-<step>` under `root` atomically; returns its path."""
+    """Write checkpoint `step-<step>` under `root` atomically and name it in latest.json; returns its
+    path. A state with non-finite values is refused before anything is written. Re-saving a step
+    writes the new copy under a new name (`step-<step>.<n>`), switches latest.json to it, and only
+    then deletes the old copy: a crash at any point leaves a complete checkpoint named by latest.json
+    (or found by `find_checkpoint`'s fallback). Temporary leftovers of earlier crashes are removed.
+    """
     root = Path(root)
+    problem = nonfinite_problem(state)
+    if problem:
+        raise NonFiniteStateError(f"step {state.step}: {problem}; not saved")
     root.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(root)
     name = f"step-{state.step:06d}"
+    older = [p for p in _complete(root) if _step_of(p.name) == state.step]
+    suffixes = [int(m.group(2) or 0) for p in root.iterdir()
+                if (m := _STEP_NAME.fullmatch(p.name)) and int(m.group(1)) == state.step]
+    final = root / (f"{name}.{max(suffixes) + 1}" if suffixes else name)  # newer copies sort later
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
     try:
         meta = {"format_version": str(FORMAT_VERSION)}
@@ -65,21 +84,51 @@ def save_checkpoint(root: str | Path, state: TrainingState, config: dict, data_p
         info = {"format_version": FORMAT_VERSION, "step": state.step, "backend": backend,
                 "data_position": data_position, "config": config}  # fmt: skip
         write_text_atomic(tmp / STATE_NAME, json.dumps(info, indent=2) + "\n")
-        final = root / name
-        if final.exists():  # a re-save of the same step: move the old one aside first
-            old = root / f".{name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        os.replace(tmp, final)
         _fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    write_text_atomic(root / "latest.json", json.dumps({"checkpoint": name}) + "\n")
+    write_text_atomic(root / "latest.json", json.dumps({"checkpoint": final.name}) + "\n")
+    for old in older:  # hidden first, so a crash while deleting leaves no half checkpoint in sight
+        hidden = root / f".{old.name}.deleted.tmp"
+        os.replace(old, hidden)
+        shutil.rmtree(hidden, ignore_errors=True)
     return final
+
+
+def nonfinite_problem(state: TrainingState) -> str | None:
+    """Which adapter or optimizer moment of `state` is not finite, if any."""
+    for group, tensors in (("adapter", state.adapters), ("optimizer moment", state.moments)):
+        for key, value in tensors.items():
+            if not np.isfinite(value).all():
+                return f"the {group} {key} holds NaN or infinite values"
+    return None
+
+
+_STEP_NAME = re.compile(r"step-(\d+)(?:\.(\d+))?")
+
+
+def _step_of(name: str) -> int | None:
+    m = _STEP_NAME.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def _complete(root: Path) -> list[Path]:
+    """The complete checkpoints under `root` (renamed into place, so complete), oldest first."""
+    found = []
+    for p in root.iterdir() if root.is_dir() else ():
+        m = _STEP_NAME.fullmatch(p.name)
+        if m and (p / STATE_NAME).is_file():
+            found.append(((int(m.group(1)), int(m.group(2) or 0)), p))
+    return [p for _, p in sorted(found)]
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Temporary directories (`.<name>.tmp`, `.<name>.old`) that a crash left behind."""
+    for p in root.iterdir():
+        if p.name.startswith(".") and p.name.endswith((".tmp", ".old")) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -89,6 +138,8 @@ def find_checkpoint(path: str | Path) -> Path:
         if (candidate / STATE_NAME).is_file():
             return candidate
         latest = candidate / "latest.json"
+        if not latest.exists() and _complete(candidate):  # a crash before the first pointer write
+            return _complete(candidate)[-1]
         if latest.is_file():
             try:
                 target = candidate / json.loads(latest.read_text())["checkpoint"]
@@ -142,6 +193,12 @@ def _tensor_problem(adapters: dict[str, np.ndarray], moments: dict[str, np.ndarr
                 return f"{OPTIMIZER_NAME} lacks {key}.{moment} of shape {list(value.shape)}"
         if not np.isfinite(value).all():
             return f"{ADAPTERS_NAME}: {key} holds NaN or infinite values"
+        for moment in ("exp_avg", "exp_avg_sq"):
+            m = moments[f"{key}.{moment}"]
+            if not np.isfinite(m).all():
+                return f"{OPTIMIZER_NAME}: {key}.{moment} holds NaN or infinite values"
+        if (moments[f"{key}.exp_avg_sq"] < 0).any():
+            return f"{OPTIMIZER_NAME}: {key}.exp_avg_sq holds negative values (a second moment)"
     extra = sorted(set(moments) - {f"{k}.{m}" for k in adapters for m in ("exp_avg", "exp_avg_sq")})
     if extra:
         return f"{OPTIMIZER_NAME} holds {extra[0]}, which belongs to no adapter"

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -17,17 +21,24 @@ import nf4core
 from nf4core.atomic import write_text_atomic
 from nf4core.default_task import DefaultTask, default_task
 
-from .checkpoint import Checkpoint, check_fits, load_checkpoint, save_checkpoint
+from .checkpoint import (Checkpoint, CheckpointError, check_fits, find_checkpoint, load_checkpoint,
+                         save_checkpoint)  # fmt: skip
 from .engine import Engine, LoRASettings, TrainSettings, build_engine
 from .evaluate import ExactMatch, exact_match_score, perplexity
 from .finetune_config import ConfigError, FinetuneConfig, learning_rate
 from .peft_adapter import Adapter, save_adapter
 from .registry import BackendChoice, select_backend
+from .resume import resumed_config, run_dir_of, same_dir
+from .run_dir import check_not_locked, check_out, is_empty, move_aside, run_lock
 from .run_log import MetricsLog, Progress, plot_loss
 
-# settings a resumed run may change; everything else comes from the checkpoint
-RESUME_OVERRIDES = ("out", "steps", "epochs", "backend", "device", "compute_dtype", "eval_every",
-                    "save_every", "eval_max_examples", "export")  # fmt: skip
+
+class NonFiniteError(ValueError):
+    """Training produced a NaN or infinite loss or gradient norm; the message names the step."""
+
+
+class RunInterrupted(Exception):
+    """The run stopped at the user's request (SIGINT) after saving; the message says how to resume."""
 
 
 @dataclass(frozen=True)
@@ -64,29 +75,31 @@ class _Data:
         return self._batches[index]
 
 
-def resolve(cfg: FinetuneConfig) -> tuple[FinetuneConfig, DefaultTask | None, Checkpoint | None]:
+def resolve(cfg: FinetuneConfig, echo: Callable[[str], None] = print
+            ) -> tuple[FinetuneConfig, DefaultTask | None, Checkpoint | None]:
     """The resolved config (with a resume's checkpoint config applied), the built-in task if used."""
     ckpt = None
     if cfg.resume:
         ckpt = load_checkpoint(cfg.resume)
-        saved = FinetuneConfig.from_dict(ckpt.config)
-        overrides = {k: getattr(cfg, k) for k in RESUME_OVERRIDES if getattr(cfg, k) is not None}
-        if "steps" in overrides or "epochs" in overrides:
-            saved = replace(saved, steps=None, epochs=None)
-        cfg = replace(saved, **overrides, resume=str(cfg.resume))
+        cfg = resumed_config(cfg, ckpt, echo)
     task = default_task(cfg.seed or 0) if cfg.data is None else None
     return cfg.resolve(task.recommended if task else None), task, ckpt
 
 
-def load_data(cfg: FinetuneConfig, task: DefaultTask | None, tokenizer: nf4core.Tokenizer, out: Path
-              ) -> tuple[nf4core.Dataset, nf4core.Dataset | None, list[dict]]:
-    """(train set, validation set or None, held-out records for exact match (built-in task only))."""
+def task_files(task: DefaultTask) -> dict[str, str]:
+    """The built-in task's data as JSONL texts (written to OUT/data for reference)."""
+    return {name: "".join(json.dumps(r) + "\n" for r in records)
+            for name, records in (("train.jsonl", task.train), ("valid.jsonl", task.heldout))}
+
+
+def load_data(cfg: FinetuneConfig, task: DefaultTask | None, tokenizer: nf4core.Tokenizer,
+              scratch: Path, echo: Callable[[str], None] = print) -> tuple[nf4core.Dataset, nf4core.Dataset | None, list[dict]]:
+    """(train set, validation set or None, held-out records for exact match (built-in task only)).
+    The built-in task's files are written under `scratch`."""
     if task is not None:
-        data_dir = out / "data"
-        data_dir.mkdir(parents=True, exist_ok=True)
-        for name, records in (("train.jsonl", task.train), ("valid.jsonl", task.heldout)):
-            write_text_atomic(data_dir / name, "".join(json.dumps(r) + "\n" for r in records))
-        train, valid = data_dir / "train.jsonl", data_dir / "valid.jsonl"
+        for name, text in task_files(task).items():
+            (scratch / name).write_text(text, encoding="utf-8")
+        train, valid = scratch / "train.jsonl", scratch / "valid.jsonl"
         held = task.heldout
     else:
         path = Path(cfg.data)
@@ -102,9 +115,23 @@ def load_data(cfg: FinetuneConfig, task: DefaultTask | None, tokenizer: nf4core.
         held = []
     dc = nf4core.DataConfig(train=train, valid=valid, max_length=cfg.max_seq_len, seed=cfg.seed)
     ds_train, ds_valid = nf4core.load_dataset(dc, tokenizer)
+    for ds in (ds_train, ds_valid):
+        if ds is not None and ds.no_targets:
+            _report_no_targets(ds, cfg, echo)
+    if not ds_train.examples:
+        raise ConfigError(f"{train}: no record has a target token to learn from")
     if cfg.eval_max_examples:
         held = held[: cfg.eval_max_examples]
     return ds_train, ds_valid, held
+
+
+def _report_no_targets(ds: nf4core.Dataset, cfg: FinetuneConfig, echo: Callable[[str], None]) -> None:
+    why = f"no target tokens (a prompt of --max-seq-len {cfg.max_seq_len} tokens or more, or no text)"
+    n = len(ds.no_targets)
+    if cfg.strict_data:
+        raise ConfigError(f"{ds.no_targets[0]}: {why}; {n} such record(s) (--strict-data refuses them)")
+    shown = ", ".join(ds.no_targets[:5]) + (", ..." if n > 5 else "")
+    echo(f"skipped {n} record(s) with {why}: {shown}")
 
 
 def total_steps(cfg: FinetuneConfig, data: _Data) -> int:
@@ -116,84 +143,188 @@ def total_steps(cfg: FinetuneConfig, data: _Data) -> int:
 def finetune(cfg: FinetuneConfig, echo: Callable[[str], None] = print, progress: bool = True
              ) -> FinetuneResult:
     """Fine-tune as `cfg` says (see FinetuneConfig); writes adapters, checkpoints, metrics.jsonl,
-    loss.png and the resolved config.yaml under `cfg.out`, and returns what happened."""
+    loss.png and the resolved config.yaml under `cfg.out`, and returns what happened.
+
+    Everything is checked (settings, the output directory, model, data, checkpoint) before anything
+    is written. NonFiniteError stops a run whose loss or gradient norm is not finite (beyond
+    `skip_nonfinite` skipped steps); RunInterrupted follows a SIGINT, after saving."""
     t0 = time.perf_counter()
     phases = _Phases()
-    cfg, task, ckpt = resolve(cfg)
+    cfg, task, ckpt = resolve(cfg, echo)
+    out = Path(cfg.out)
+    continuing = ckpt is not None and same_dir(out, run_dir_of(ckpt))
+    check_out(out, continuing, bool(cfg.overwrite))
     choice = select_backend(cfg.backend, cfg.device, cfg.compute_dtype)
     echo(choice.describe())
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     model_path = cfg.model or str(nf4core.default_model_path())
     source = nf4core.open_model(model_path)
     tokenizer = source.tokenizer()
-    train_set, valid_set, heldout = load_data(cfg, task, tokenizer, out)
+    with tempfile.TemporaryDirectory() as scratch:
+        train_set, valid_set, heldout = load_data(cfg, task, tokenizer, Path(scratch), echo)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     data = _Data(train_set, cfg.batch_size, pad, cfg.seed)
     steps = total_steps(cfg, data)
-    _write_config(out, cfg)
     lora = LoRASettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.targets, cfg.seed)
     train = TrainSettings(cfg.grad_accum, cfg.max_grad_norm, cfg.weight_decay, cfg.grad_checkpoint,
                           cfg.paged_optimizer, cfg.seed)  # fmt: skip
     engine = build_engine(choice, source, lora, train, cfg.lr)
-    phases.mark("load")
     start = 0
     if ckpt is not None:
         check_fits(ckpt, engine.adapters())
         engine.load_training_state(ckpt.state)
         start = ckpt.state.step
-        echo(f"resumed from {ckpt.path} at step {start} (saved by the {ckpt.backend} backend)")
-    log = MetricsLog(out / "metrics.jsonl")
-    if ckpt is not None:
-        log.truncate_after(start)
-    before = after = None
-    if heldout and ckpt is None:
-        before = exact_match_score(engine, tokenizer, heldout)
-        log.write({"event": "exact_match", "phase": "before", "step": 0, "exact_match": before.score})
-        echo(f"exact match on {before.total} held-out examples before training: {before.score:.1%}")
-        phases.mark("exact match before")
-    bar = Progress(steps, start, enabled=progress)
-    losses, last_ckpt, eval_loss = [], None, None
-    for step in range(start, steps):
-        micro = [data[step * cfg.grad_accum + k] for k in range(cfg.grad_accum)]
-        lr = learning_rate(cfg, step, steps)
-        t = time.perf_counter()
-        r = engine.train_step(micro, lr)
-        dt = time.perf_counter() - t
-        losses.append(r.loss)
-        seen = sum(int(b.attention_mask.sum()) for b in micro)  # prompt and target, no padding
-        log.write({"step": step + 1, "loss": r.loss, "lr": lr, "grad_norm": r.grad_norm,
-                   "tokens": seen, "target_tokens": r.tokens, "tokens_per_s": seen / max(dt, 1e-9)})
-        bar.update(step + 1, r.loss, seen)
-        done = step + 1
-        if valid_set is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < steps:
+    phases.mark("load")
+    if cfg.overwrite and not continuing and not is_empty(out):
+        check_not_locked(out)
+        echo(f"moved the earlier contents of {out} to {move_aside(out)} (--overwrite)")
+    with run_lock(out, echo):
+        if ckpt is not None:
+            echo(f"resumed from {ckpt.path} at step {start} (saved by the {ckpt.backend} backend)")
+        if task is not None:
+            (out / "data").mkdir(exist_ok=True)
+            for name, text in task_files(task).items():
+                write_text_atomic(out / "data" / name, text)
+        if not (out / "config.yaml").exists():
+            _write_config(out, cfg)
+        run = _Run(cfg, engine, out, steps, start, echo)
+        return run.train(data, valid_set, heldout, tokenizer, pad, progress, phases, model_path,
+                         choice, t0)
+
+
+class _Run:
+    """The training loop of one `finetune` call, from `start` to `steps`, in its locked `out`."""
+
+    def __init__(self, cfg: FinetuneConfig, engine: Engine, out: Path, steps: int, start: int,
+                 echo: Callable[[str], None]) -> None:
+        self.cfg, self.engine, self.out, self.steps, self.start, self.echo = (
+            cfg, engine, out, steps, start, echo)
+        self.log = MetricsLog(out / "metrics.jsonl")
+        if start:
+            self.log.truncate_after(start)
+
+    def train(self, data, valid_set, heldout, tokenizer, pad, progress, phases, model_path, choice,
+              t0) -> FinetuneResult:
+        cfg, engine, out, steps, start, log, echo = (self.cfg, self.engine, self.out, self.steps,
+                                                     self.start, self.log, self.echo)
+        before = after = None
+        if heldout and start == 0:
+            before = exact_match_score(engine, tokenizer, heldout)
+            log.write({"event": "exact_match", "phase": "before", "step": 0,
+                       "exact_match": before.score})
+            echo(f"exact match on {before.total} held-out examples before training: "
+                 f"{before.score:.1%}")
+            phases.mark("exact match before")
+        bar = Progress(steps, start, enabled=progress)
+        losses, last_ckpt, eval_loss, bad_steps = [], None, None, 0
+        done = start
+        with _Interrupts() as interrupts:
+            for step in range(start, steps):
+                micro = [data[step * cfg.grad_accum + k] for k in range(cfg.grad_accum)]
+                lr = learning_rate(cfg, step, steps)
+                t = time.perf_counter()
+                r = engine.train_step(micro, lr)
+                dt = time.perf_counter() - t
+                done = step + 1
+                if not (math.isfinite(r.loss) and math.isfinite(r.grad_norm)):
+                    bad_steps += 1
+                    skipped = bad_steps <= cfg.skip_nonfinite
+                    log.write({"step": done, "event": "nonfinite", "loss": str(r.loss),
+                               "grad_norm": str(r.grad_norm), "skipped": skipped})
+                    what = f"loss {r.loss}, gradient norm {r.grad_norm}"
+                    if not skipped:
+                        bar.close()
+                        raise NonFiniteError(self._stopped(done, what))
+                    echo(f"step {done}: non-finite {what}; update skipped ({bad_steps} of "
+                         f"--skip-nonfinite {cfg.skip_nonfinite})")
+                else:
+                    losses.append(r.loss)
+                    seen = sum(int(b.attention_mask.sum()) for b in micro)  # prompt and target
+                    log.write({"step": done, "loss": r.loss, "lr": lr, "grad_norm": r.grad_norm,
+                               "tokens": seen, "target_tokens": r.tokens,
+                               "tokens_per_s": seen / max(dt, 1e-9)})  # fmt: skip
+                    bar.update(done, r.loss, seen)
+                if interrupts.requested:
+                    break
+                if valid_set is not None and cfg.eval_every and done % cfg.eval_every == 0 and (
+                        done < steps):  # fmt: skip
+                    eval_loss, ppl = perplexity(engine, valid_set, cfg.batch_size, pad)
+                    log.write({"step": done, "eval_loss": eval_loss, "perplexity": ppl})
+                if cfg.save_every and done % cfg.save_every == 0 and done < steps:
+                    last_ckpt = self._checkpoint(done)
+            bar.close()
+            phases.mark("train")
+            if interrupts.requested:
+                self._save_result(done, model_path)
+                raise RunInterrupted(f"interrupted: saved step {done} of {steps} to {out}; "
+                                     f"continue with: python cli.py finetune --resume {out}")
+        if valid_set is not None:
             eval_loss, ppl = perplexity(engine, valid_set, cfg.batch_size, pad)
-            log.write({"step": done, "eval_loss": eval_loss, "perplexity": ppl})
-        if cfg.save_every and done % cfg.save_every == 0 and done < steps:
-            last_ckpt = _checkpoint(engine, out, cfg, done)
-    bar.close()
-    phases.mark("train")
-    if valid_set is not None:
-        eval_loss, ppl = perplexity(engine, valid_set, cfg.batch_size, pad)
-        log.write({"step": steps, "eval_loss": eval_loss, "perplexity": ppl})
-        echo(f"validation loss {eval_loss:.4f} (perplexity {ppl:.2f})")
-        phases.mark("validation loss")
-    if steps > start or last_ckpt is None:
-        last_ckpt = _checkpoint(engine, out, cfg, steps)
-    adapter = Adapter(engine.adapters(), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.targets,
-                      model_path)  # fmt: skip
-    save_adapter(out, adapter, cfg.export)
-    phases.mark("save")
-    if heldout:
-        after = exact_match_score(engine, tokenizer, heldout)
-        log.write({"event": "exact_match", "phase": "after", "step": steps, "exact_match": after.score})
-        echo(f"exact match on {after.total} held-out examples after training: {after.score:.1%}")
-        phases.mark("exact match after")
-    png = plot_loss(log.read(), out / "loss.png")
-    echo(f"adapter: {out / 'adapter_model.safetensors'}; metrics: {log.path}"
-         + (f"; loss curve: {png}" if png else ""))
-    return FinetuneResult(cfg, choice, out, steps, losses, before, after, eval_loss,
-                          time.perf_counter() - t0, last_ckpt, phases.seconds)
+            log.write({"step": steps, "eval_loss": eval_loss, "perplexity": ppl})
+            echo(f"validation loss {eval_loss:.4f} (perplexity {ppl:.2f})")
+            phases.mark("validation loss")
+        last_ckpt = self._save_result(steps, model_path, last_ckpt)
+        phases.mark("save")
+        if heldout:
+            after = exact_match_score(engine, tokenizer, heldout)
+            log.write({"event": "exact_match", "phase": "after", "step": steps,
+                       "exact_match": after.score})
+            echo(f"exact match on {after.total} held-out examples after training: "
+                 f"{after.score:.1%}")
+            phases.mark("exact match after")
+        png = plot_loss(log.read(), out / "loss.png")
+        echo(f"adapter: {out / 'adapter_model.safetensors'}; metrics: {log.path}"
+             + (f"; loss curve: {png}" if png else ""))
+        return FinetuneResult(cfg, choice, out, steps, losses, before, after, eval_loss,
+                              time.perf_counter() - t0, last_ckpt, phases.seconds)
+
+    def _save_result(self, step: int, model_path: str, saved: Path | None = None) -> Path:
+        """The checkpoint of `step` (unless this call ran no step and saved one), the adapter and
+        config.yaml; nothing non-finite is saved (NonFiniteStateError names the tensor)."""
+        if step > self.start or saved is None:
+            saved = self._checkpoint(step)
+        cfg = self.cfg
+        adapter = Adapter(self.engine.adapters(), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                          cfg.targets, model_path)  # fmt: skip
+        save_adapter(self.out, adapter, cfg.export)
+        _write_config(self.out, cfg)
+        return saved
+
+    def _checkpoint(self, step: int) -> Path:
+        state = self.engine.training_state()
+        assert state.step == step, (state.step, step)
+        return save_checkpoint(self.out / "checkpoints", state, self.cfg.to_dict(),
+                               {"micro_batches": step * self.cfg.grad_accum},
+                               self.engine.choice.backend)  # fmt: skip
+
+    def _stopped(self, step: int, what: str) -> str:
+        try:
+            latest = f"the latest checkpoint stays {find_checkpoint(self.out)}"
+        except CheckpointError:
+            latest = "no checkpoint was saved"
+        return (f"step {step}: non-finite {what}; stopped without saving this state ({latest}); "
+                "lower --lr, check the data and model, or pass --skip-nonfinite N")
+
+
+class _Interrupts:
+    """The first SIGINT asks the loop to stop after the current step and save; a second one aborts
+    at once (KeyboardInterrupt). Signals can only be handled in the main thread; elsewhere the
+    default behaviour stays."""
+
+    def __enter__(self) -> _Interrupts:
+        self.requested, self._previous = False, None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        os.write(2, b"\ninterrupt: finishing this step, then saving (interrupt again to abort)\n")
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 class _Phases:
@@ -207,17 +338,11 @@ class _Phases:
         self._last = now
 
 
-def _checkpoint(engine: Engine, out: Path, cfg: FinetuneConfig, step: int) -> Path:
-    state = engine.training_state()
-    assert state.step == step, (state.step, step)
-    return save_checkpoint(out / "checkpoints", state, cfg.to_dict(),
-                           {"micro_batches": step * cfg.grad_accum}, engine.choice.backend)
-
-
 def _write_config(out: Path, cfg: FinetuneConfig) -> None:
     import yaml
 
     write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "resolve"]
+__all__ = ["FinetuneConfig", "FinetuneResult", "NonFiniteError", "RunInterrupted", "finetune",
+           "resolve"]

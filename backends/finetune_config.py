@@ -19,7 +19,8 @@ GENERIC_DEFAULTS = {"steps": 100, "lr": 2e-4, "lora_r": 8, "lora_alpha": 16.0, "
 FIXED_DEFAULTS = {"grad_accum": 1, "lora_dropout": 0.0, "seed": 0, "grad_checkpoint": False,
                   "eval_every": 0, "save_every": 0, "warmup_steps": 0, "schedule": "cosine",
                   "max_grad_norm": 1.0, "weight_decay": 0.0, "export": (), "out": "finetune-out",
-                  "eval_max_examples": 0}  # fmt: skip
+                  "eval_max_examples": 0, "overwrite": False, "skip_nonfinite": 0,
+                  "strict_data": False}  # fmt: skip
 SCHEDULES = ("cosine", "linear", "constant")
 EXPORTS = ("mlx-lm",)
 
@@ -61,6 +62,9 @@ class FinetuneConfig:
     save_every: int | None = None
     resume: str | None = None
     export: tuple[str, ...] | None = None
+    overwrite: bool | None = None  # move a non-empty `out` aside (to `<out>.old-<n>`) and start afresh
+    skip_nonfinite: int | None = None  # steps with a non-finite loss/gradient skipped before stopping
+    strict_data: bool | None = None  # refuse records without target tokens instead of skipping them
 
     def __post_init__(self) -> None:
         if self.targets is not None:
@@ -77,7 +81,8 @@ class FinetuneConfig:
             object.__setattr__(self, "export", e)
         for name in ("steps", "batch_size", "grad_accum", "max_seq_len", "lora_r"):
             _check_int(self, name, 2 if name == "max_seq_len" else 1)
-        for name in ("warmup_steps", "seed", "eval_every", "save_every", "eval_max_examples"):
+        for name in ("warmup_steps", "seed", "eval_every", "save_every", "eval_max_examples",
+                     "skip_nonfinite"):
             _check_int(self, name, 0)
         for name in ("lr", "lora_alpha", "epochs"):
             v = getattr(self, name)

@@ -47,6 +47,7 @@ class Dataset:
     examples: list[Example]
     truncated: int = 0  # examples cut to max_length
     skipped: int = 0  # bad lines left out (skip_bad_lines)
+    no_targets: tuple[str, ...] = ()  # "file:line" of records left out: no target token to learn
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -123,14 +124,19 @@ def load_dataset(config: DataConfig, tokenizer: Tokenizer) -> tuple[Dataset, Dat
 
 
 def _tokenized(records: list[Record], tokenizer: Tokenizer, max_length: int, skipped: int) -> Dataset:
-    examples, truncated = [], 0
+    """Records with no target token (e.g. a prompt that fills `max_length`, or an empty text) are
+    left out and named in `no_targets`: they would give a step nothing to learn from."""
+    examples, truncated, no_targets = [], 0, []
     for record in records:
         example = tokenize_record(record, tokenizer)
         if example.input_ids.size > max_length:
             truncated += 1
             example = Example(example.input_ids[:max_length], example.loss_mask[:max_length])
-        examples.append(example)
-    return Dataset(examples, truncated, skipped)
+        if example.loss_mask[1:].any():  # token 0 is never predicted
+            examples.append(example)
+        else:
+            no_targets.append(record.where)
+    return Dataset(examples, truncated, skipped, tuple(no_targets))
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

@@ -10,6 +10,9 @@ from pathlib import Path
 from .errors import ModelLoadError
 
 
+MAX_LINE_BYTES = 10 << 20  # one record, its newline included
+
+
 class DataFormatError(ModelLoadError):
     """A data file has a line that is not a record of a known shape (`file:line: problem`)."""
 
@@ -80,8 +83,11 @@ def read_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False) -> tuple[l
     except OSError as exc:
         raise DataFormatError(f"{path}: cannot read: {exc.strerror or exc}") from None
     with f:
-        for lineno, raw in enumerate(f, start=1):
+        for lineno, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), start=1):
             where = f"{path}:{lineno}"
+            if len(raw) > MAX_LINE_BYTES:  # refused before it is decoded, parsed or tokenized
+                raise DataFormatError(f"{where}: the line is longer than {MAX_LINE_BYTES >> 20} MiB, "
+                                      "the limit of one record")
             value, problem = _parse(raw, lineno)
             if value is None and problem is None:  # a blank line
                 continue

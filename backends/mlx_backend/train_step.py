@@ -3,6 +3,7 @@ a learning-rate schedule and paged AdamW with float32 masters."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -115,7 +116,8 @@ class Trainer:
         return grads, total_loss / total_tokens, int(total_tokens)
 
     def step(self, micro_batches: list[Batch]) -> dict:
-        """One optimizer step over `grad_accum_steps` micro-batches; returns loss, lr, grad_norm."""
+        """One optimizer step over `grad_accum_steps` micro-batches; returns loss, lr, grad_norm. A
+        non-finite loss or gradient norm skips the update (the caller sees it in the result)."""
         if len(micro_batches) != self.config.grad_accum_steps:
             raise ValueError(f"expected {self.config.grad_accum_steps} micro-batches, "
                              f"got {len(micro_batches)}")  # fmt: skip
@@ -123,9 +125,13 @@ class Trainer:
         grads, loss, tokens = self.gradients(micro_batches)
         grads, norm = clip_by_global_norm(grads, self.config.max_grad_norm)
         lr = self.config.schedule(self.optimizer.step_count)
-        self.model.update(self.optimizer.step(grads, lr))
-        mx.eval(self.model.trainable_parameters())
-        return {"loss": loss, "tokens": tokens, "lr": lr, "grad_norm": norm.item()}
+        grad_norm = norm.item()
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.model.update(self.optimizer.step(grads, lr))
+            mx.eval(self.model.trainable_parameters())
+        else:  # never apply a non-finite update; the step still counts, as a resume would count it
+            self.optimizer.step_count += 1
+        return {"loss": loss, "tokens": tokens, "lr": lr, "grad_norm": grad_norm}
 
     def evaluate(self, batch: Batch) -> float:
         self.model.eval()

@@ -3,6 +3,7 @@ the learning-rate schedule and paged AdamW over the trainable (adapter) paramete
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -90,7 +91,8 @@ class Trainer:
 
     def train_step(self, micro_batches: Sequence[Batch]) -> StepStats:
         """Accumulate gradients over `micro_batches` (normalised by their total target count, so the
-        result equals one big batch), clip, and take one optimizer step."""
+        result equals one big batch), clip, and take one optimizer step. A non-finite loss or
+        gradient norm skips the update (the stats show it; the caller decides what follows)."""
         if len(micro_batches) != self.cfg.grad_accum_steps:
             raise ValueError(f"expected {self.cfg.grad_accum_steps} micro-batches, "
                              f"got {len(micro_batches)}")
@@ -110,7 +112,12 @@ class Trainer:
         lr = self.cfg.learning_rate * self.cfg.schedule.factor(self.step_index)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.optimizer.step()
+        if math.isfinite(loss_sum) and math.isfinite(grad_norm):
+            self.optimizer.step()
+        else:  # never apply a non-finite update; the step still counts, as a resume would count it
+            for p in self.params:
+                if self.optimizer.state.get(p):
+                    self.optimizer.state[p]["step"] += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.step_index += 1
         return StepStats(loss=loss_sum / total, learning_rate=lr, grad_norm=grad_norm, tokens=total)
