@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,9 +18,10 @@ import nf4core
 
 from .engine import Engine, LoRASettings, build_engine
 from .evaluate import ExactMatch, exact_match_score, perplexity, stop_ids
-from .finetune import FinetuneResult, NonFiniteError, RunInterrupted, finetune
+from .finetune import FinetuneResult, RunInterrupted, finetune
 from .finetune_config import ConfigError, FinetuneConfig
 from .merge import merge
+from .nonfinite import NonFiniteError
 from .model_info import describe
 from .peft_adapter import Adapter, check_adapter_fits, load_adapter, save_adapter
 from .registry import BackendChoice, select_backend
@@ -33,6 +35,7 @@ class LoadedModel:
     tokenizer: nf4core.Tokenizer
     choice: BackendChoice
     path: str
+    adapter: str | None = None  # the adapter directory loaded, for messages
 
     def stream(self, prompt: str, *, chat: bool = True, max_new_tokens: int = 128,
                temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> Iterator[str]:
@@ -68,6 +71,9 @@ class LoadedModel:
                                      self.tokenizer)  # fmt: skip
         pad = self.tokenizer.pad_token_id or 0
         loss, ppl = perplexity(self.engine, ds, batch_size, pad)
+        if not math.isfinite(loss):
+            raise NonFiniteError(f"{self.adapter or self.path}: the loss on {data} is {loss} (not "
+                                 "finite); check the adapter's weights and lora_alpha")
         records = [json.loads(line) for line in Path(data).read_text(encoding="utf-8").splitlines()
                    if line.strip()]  # fmt: skip
         records = [r for r in records if "messages" in r or ("prompt" in r and "completion" in r)]
@@ -100,7 +106,8 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
     engine = build_engine(choice, source, lora, None)
     if loaded is not None:
         engine.load_adapters(loaded.tensors)
-    return LoadedModel(engine, source.tokenizer(), choice, path)
+    return LoadedModel(engine, source.tokenizer(), choice, path,
+                       None if adapter is None else str(adapter))
 
 
 def quantize(model: str | os.PathLike, out: str | os.PathLike, blocksize: int = 64,

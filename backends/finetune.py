@@ -26,15 +26,12 @@ from .checkpoint import (Checkpoint, CheckpointError, check_fits, find_checkpoin
 from .engine import Engine, LoRASettings, TrainSettings, build_engine
 from .evaluate import ExactMatch, exact_match_score, perplexity
 from .finetune_config import ConfigError, FinetuneConfig, learning_rate
+from .nonfinite import NonFiniteError
 from .peft_adapter import Adapter, save_adapter
 from .registry import BackendChoice, select_backend
 from .resume import resumed_config, run_dir_of, same_dir
 from .run_dir import check_not_locked, check_out, is_empty, move_aside, run_lock
 from .run_log import MetricsLog, Progress, plot_loss
-
-
-class NonFiniteError(ValueError):
-    """Training produced a NaN or infinite loss or gradient norm; the message names the step."""
 
 
 class RunInterrupted(Exception):

@@ -22,6 +22,7 @@ from nf4core.atomic import write_text_atomic
 from nf4core.model_config import LINEAR_NAMES
 from nf4core.sources.safetensors_io import SafetensorsWriter
 
+from .nonfinite import NonFiniteError
 from .peft_adapter import PEFT_PREFIX, Adapter, check_adapter_fits
 
 DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
@@ -32,7 +33,11 @@ def merged_tensors(source: nf4core.ModelSource, adapter: Adapter, dtype: str):
     """Yield (name, array in `dtype`) with every adapted linear as W_nf4 + scale * B @ A."""
     modules = set(adapter.modules())
     for name in source.tensor_names():
-        yield name, _merged(source, name, modules, adapter).astype(DTYPES[dtype], copy=False)
+        value = _merged(source, name, modules, adapter).astype(DTYPES[dtype], copy=False)
+        if not np.isfinite(value).all():
+            raise NonFiniteError(f"{_named(adapter)}: merged into the base, {name} would hold NaN "
+                                 f"or infinite values in {dtype}; nothing was written")
+        yield name, value
 
 
 def _merged(source: nf4core.ModelSource, name: str, modules: set[str], adapter: Adapter) -> np.ndarray:
@@ -46,7 +51,15 @@ def _merged(source: nf4core.ModelSource, name: str, modules: set[str], adapter: 
         w = np.asarray(value, np.float32)
     if module in modules:
         w = w + adapter.delta(module)
+        if not np.isfinite(w).all():
+            raise NonFiniteError(f"{_named(adapter)}: merged into the base, {name} would hold NaN "
+                                 "or infinite values (check the adapter's weights and lora_alpha); "
+                                 "nothing was written")
     return w
+
+
+def _named(adapter: Adapter) -> str:
+    return str(adapter.directory) if adapter.directory is not None else "the adapter"
 
 
 class MergedSource(nf4core.ModelSource):
