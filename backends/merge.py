@@ -50,7 +50,8 @@ def _merged(source: nf4core.ModelSource, name: str, modules: set[str], adapter: 
     else:
         w = np.asarray(value, np.float32)
     if module in modules:
-        w = w + adapter.delta(module)
+        with np.errstate(over="ignore", invalid="ignore"):  # refused just below, by name
+            w = w + adapter.delta(module)
         if not np.isfinite(w).all():
             raise NonFiniteError(f"{_named(adapter)}: merged into the base, {name} would hold NaN "
                                  "or infinite values (check the adapter's weights and lora_alpha); "

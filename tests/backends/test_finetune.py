@@ -81,6 +81,12 @@ def _edit_tensors(path, edit):
     (lambda d: _edit_tensors(d / "adapters.safetensors",
                              lambda t: t[sorted(t)[0]].__setitem__((0, 0), float("inf"))),
      "NaN or infinite"),
+    (lambda d: _edit_tensors(d / "optimizer.safetensors",
+                             lambda t: t[sorted(t)[0]].__setitem__((0, 0), float("nan"))),
+     r"optimizer.safetensors: \S+\.exp_avg holds NaN or infinite"),
+    (lambda d: _edit_tensors(d / "optimizer.safetensors",
+                             lambda t: t[sorted(t)[1]].__setitem__((0, 0), -1.0)),
+     r"optimizer.safetensors: \S+\.exp_avg_sq holds negative values"),
     (lambda d: (d / "trainer_state.json").write_text(json.dumps(
         {k: v for k, v in json.loads((d / "trainer_state.json").read_text()).items() if k != "step"})),
      "missing or bad field"),
