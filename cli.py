@@ -79,11 +79,13 @@ def backend_options(f):
 @click.option("--export", "export", type=click.Choice(["mlx-lm"]), multiple=True,
               help="Also write the adapter in another format (under OUT/mlx-lm).")
 @click.option("--resume", type=click.Path(),
-              help="Continue from a run's output or checkpoint directory (writes there, or to --out).")
+              help="Continue from a run's output or checkpoint directory (writes there, or to "
+                   "--out).")
 @click.option("--overwrite", is_flag=True, default=None,
               help="Move a non-empty --out aside (to OUT.old-N) and start afresh.")
 @click.option("--skip-nonfinite", type=int,
-              help="Skip up to N steps with a NaN/Inf loss or gradient instead of stopping [default: 0].")
+              help="Skip up to N steps with a NaN/Inf loss or gradient instead of stopping "
+                   "[default: 0].")
 @click.option("--strict-data", is_flag=True, default=None,
               help="Refuse records with no target tokens instead of skipping them.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),

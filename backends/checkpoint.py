@@ -5,7 +5,7 @@
                                        `rng.torch` (torch's RNG state; MLX reseeds from (seed, step))
     step-000050/trainer_state.json     format version, step, data position, resolved config
     latest.json                        {"checkpoint": "step-000050"}
-    step-000050.1/                     a re-save of step 50 (the old copy is deleted after the switch)
+    step-000050.1/                     a re-save of step 50 (the old copy goes after the switch)
 
 A checkpoint is written into a hidden temporary directory (every file fsynced), renamed into place in
 one step, and only then named by latest.json (written atomically): a failure at any point leaves the
@@ -59,11 +59,11 @@ def _save_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict
 
 def save_checkpoint(root: str | Path, state: TrainingState, config: dict, data_position: dict,
                     backend: str) -> Path:
-    """Write checkpoint `step-<step>` under `root` atomically and name it in latest.json; returns its
-    path. A state with non-finite values is refused before anything is written. Re-saving a step
-    writes the new copy under a new name (`step-<step>.<n>`), switches latest.json to it, and only
-    then deletes the old copy: a crash at any point leaves a complete checkpoint named by latest.json
-    (or found by `find_checkpoint`'s fallback). Temporary leftovers of earlier crashes are removed.
+    """Write checkpoint `step-<step>` under `root` atomically and name it in latest.json; returns
+    its path. A state with non-finite values is refused before anything is written. Re-saving a
+    step writes the new copy under a new name (`step-<step>.<n>`), switches latest.json to it, and
+    only then deletes the old copy: a crash at any point leaves a complete checkpoint named by
+    latest.json (or found by `find_checkpoint`'s fallback). Leftovers of earlier crashes go.
     """
     root = Path(root)
     problem = nonfinite_problem(state)

@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import nf4core
@@ -35,7 +35,8 @@ from .run_log import MetricsLog, Progress, plot_loss
 
 
 class RunInterrupted(Exception):
-    """The run stopped at the user's request (SIGINT) after saving; the message says how to resume."""
+    """The run stopped at the user's request (SIGINT), after saving; the message says how to go on.
+    """
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,8 @@ def task_files(task: DefaultTask) -> dict[str, str]:
 
 
 def load_data(cfg: FinetuneConfig, task: DefaultTask | None, tokenizer: nf4core.Tokenizer,
-              scratch: Path, echo: Callable[[str], None] = print) -> tuple[nf4core.Dataset, nf4core.Dataset | None, list[dict]]:
+              scratch: Path, echo: Callable[[str], None] = print
+              ) -> tuple[nf4core.Dataset, nf4core.Dataset | None, list[dict]]:
     """(train set, validation set or None, held-out records for exact match (built-in task only)).
     The built-in task's files are written under `scratch`."""
     if task is not None:
@@ -122,11 +124,14 @@ def load_data(cfg: FinetuneConfig, task: DefaultTask | None, tokenizer: nf4core.
     return ds_train, ds_valid, held
 
 
-def _report_no_targets(ds: nf4core.Dataset, cfg: FinetuneConfig, echo: Callable[[str], None]) -> None:
-    why = f"no target tokens (a prompt of --max-seq-len {cfg.max_seq_len} tokens or more, or no text)"
+def _report_no_targets(ds: nf4core.Dataset, cfg: FinetuneConfig, echo: Callable[[str], None]
+                       ) -> None:
+    why = (f"no target tokens (a prompt of --max-seq-len {cfg.max_seq_len} tokens or more, or no "
+           "text)")
     n = len(ds.no_targets)
     if cfg.strict_data:
-        raise ConfigError(f"{ds.no_targets[0]}: {why}; {n} such record(s) (--strict-data refuses them)")
+        raise ConfigError(f"{ds.no_targets[0]}: {why}; {n} such record(s) "
+                          "(--strict-data refuses them)")
     shown = ", ".join(ds.no_targets[:5]) + (", ..." if n > 5 else "")
     echo(f"skipped {n} record(s) with {why}: {shown}")
 
@@ -196,17 +201,23 @@ class _Run:
         self.cfg, self.engine, self.out, self.steps, self.start, self.echo = (
             cfg, engine, out, steps, start, echo)
         self.log = MetricsLog(out / "metrics.jsonl")
-        if start:
-            self.log.truncate_after(start)
+        self._truncate = start > 0  # records after `start` are replaced, once this run logs
+
+    def _log(self, record: dict) -> None:
+        if self._truncate:
+            self.log.truncate_after(self.start)
+            self._truncate = False
+        self.log.write(record)
 
     def train(self, data, valid_set, heldout, tokenizer, pad, progress, phases, model_path, choice,
               t0) -> FinetuneResult:
         cfg, engine, out, steps, start, log, echo = (self.cfg, self.engine, self.out, self.steps,
                                                      self.start, self.log, self.echo)
+        write = self._log
         before = after = None
         if heldout and start == 0:
             before = exact_match_score(engine, tokenizer, heldout)
-            log.write({"event": "exact_match", "phase": "before", "step": 0,
+            write({"event": "exact_match", "phase": "before", "step": 0,
                        "exact_match": before.score})
             echo(f"exact match on {before.total} held-out examples before training: "
                  f"{before.score:.1%}")
@@ -225,9 +236,9 @@ class _Run:
                 if not (math.isfinite(r.loss) and math.isfinite(r.grad_norm)):
                     bad_steps += 1
                     skipped = bad_steps <= cfg.skip_nonfinite
-                    log.write({"step": done, "event": "nonfinite", "loss": str(r.loss),
-                               "grad_norm": str(r.grad_norm), "skipped": skipped})
                     what = f"loss {r.loss}, gradient norm {r.grad_norm}"
+                    self._log({"step": done, "event": "nonfinite", "detail": what,
+                               "skipped": skipped})
                     if not skipped:
                         bar.close()
                         raise NonFiniteError(self._stopped(done, what))
@@ -236,7 +247,7 @@ class _Run:
                 else:
                     losses.append(r.loss)
                     seen = sum(int(b.attention_mask.sum()) for b in micro)  # prompt and target
-                    log.write({"step": done, "loss": r.loss, "lr": lr, "grad_norm": r.grad_norm,
+                    write({"step": done, "loss": r.loss, "lr": lr, "grad_norm": r.grad_norm,
                                "tokens": seen, "target_tokens": r.tokens,
                                "tokens_per_s": seen / max(dt, 1e-9)})  # fmt: skip
                     bar.update(done, r.loss, seen)
@@ -245,7 +256,7 @@ class _Run:
                 if valid_set is not None and cfg.eval_every and done % cfg.eval_every == 0 and (
                         done < steps):  # fmt: skip
                     eval_loss, ppl = perplexity(engine, valid_set, cfg.batch_size, pad)
-                    log.write({"step": done, "eval_loss": eval_loss, "perplexity": ppl})
+                    write({"step": done, "eval_loss": eval_loss, "perplexity": ppl})
                 if cfg.save_every and done % cfg.save_every == 0 and done < steps:
                     last_ckpt = self._checkpoint(done)
             bar.close()
@@ -256,14 +267,14 @@ class _Run:
                                      f"continue with: python cli.py finetune --resume {out}")
         if valid_set is not None:
             eval_loss, ppl = perplexity(engine, valid_set, cfg.batch_size, pad)
-            log.write({"step": steps, "eval_loss": eval_loss, "perplexity": ppl})
+            write({"step": steps, "eval_loss": eval_loss, "perplexity": ppl})
             echo(f"validation loss {eval_loss:.4f} (perplexity {ppl:.2f})")
             phases.mark("validation loss")
         last_ckpt = self._save_result(steps, model_path, last_ckpt)
         phases.mark("save")
         if heldout:
             after = exact_match_score(engine, tokenizer, heldout)
-            log.write({"event": "exact_match", "phase": "after", "step": steps,
+            write({"event": "exact_match", "phase": "after", "step": steps,
                        "exact_match": after.score})
             echo(f"exact match on {after.total} held-out examples after training: "
                  f"{after.score:.1%}")

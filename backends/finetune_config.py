@@ -62,8 +62,8 @@ class FinetuneConfig:
     save_every: int | None = None
     resume: str | None = None
     export: tuple[str, ...] | None = None
-    overwrite: bool | None = None  # move a non-empty `out` aside (to `<out>.old-<n>`) and start afresh
-    skip_nonfinite: int | None = None  # steps with a non-finite loss/gradient skipped before stopping
+    overwrite: bool | None = None  # move a non-empty `out` aside (`<out>.old-<n>`), start afresh
+    skip_nonfinite: int | None = None  # steps with a NaN/Inf loss or gradient skipped, at most
     strict_data: bool | None = None  # refuse records without target tokens instead of skipping them
 
     def __post_init__(self) -> None:

@@ -1,4 +1,4 @@
-"""What a resumed run takes from its checkpoint, what the command line may change, and where it writes.
+"""What a resumed run takes from its checkpoint, what the command line may change, where it writes.
 
 A resume continues the checkpoint's run: settings that define the model, the data, the adapters or
 the optimization (FIXED) must match it, and a command line that contradicts them is refused with the
@@ -64,7 +64,7 @@ def resumed_config(cfg: FinetuneConfig, ckpt: Checkpoint, echo: Callable[[str], 
     """The checkpoint's config with the command line's changeable settings applied (and reported),
     writing to `--out` or the checkpoint's run directory. ConfigError lists contradicting flags."""
     saved = FinetuneConfig.from_dict(ckpt.config)
-    given = {name: getattr(cfg, name) for name in FIXED + CHANGEABLE if getattr(cfg, name) is not None}
+    given = {k: getattr(cfg, k) for k in FIXED + CHANGEABLE if getattr(cfg, k) is not None}
     clashes = [f"{_flag(k)} {_show(v, k)} (checkpoint: {_show(getattr(saved, k), k)})"
                for k, v in given.items() if k in FIXED and not _same(k, v, getattr(saved, k))]
     if clashes:

@@ -75,8 +75,9 @@ def check_out(out: Path, may_continue: bool, overwrite: bool) -> None:
     check_not_locked(out)
     if is_empty(out) or may_continue or overwrite:
         return
-    raise RunDirError(f"{out}: the output directory is not empty (an earlier run?); pass --overwrite "
-                      "to move it aside, --resume to continue it, or choose another --out")
+    raise RunDirError(f"{out}: the output directory is not empty (an earlier run?); pass "
+                      "--overwrite to move it aside, --resume to continue it, or choose another "
+                      "--out")
 
 
 def move_aside(out: Path) -> Path:

@@ -86,8 +86,8 @@ def read_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False) -> tuple[l
         for lineno, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), start=1):
             where = f"{path}:{lineno}"
             if len(raw) > MAX_LINE_BYTES:  # refused before it is decoded, parsed or tokenized
-                raise DataFormatError(f"{where}: the line is longer than {MAX_LINE_BYTES >> 20} MiB, "
-                                      "the limit of one record")
+                raise DataFormatError(f"{where}: the line is longer than "
+                                      f"{MAX_LINE_BYTES >> 20} MiB, the limit of one record")
             value, problem = _parse(raw, lineno)
             if value is None and problem is None:  # a blank line
                 continue

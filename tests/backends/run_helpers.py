@@ -1,4 +1,4 @@
-"""Helpers for end-to-end run tests: the CLI as a subprocess, and byte-for-byte directory snapshots."""
+"""Helpers for end-to-end run tests: the CLI as a subprocess, byte-for-byte directory snapshots."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ def cli_env() -> dict[str, str]:
 
 def run_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     """`python cli.py ARGS` from the repository root; stdout and stderr as text."""
-    return subprocess.run(cli_command(*args), cwd=ROOT, env=cli_env(), capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    return subprocess.run(cli_command(*args), cwd=ROOT, env=cli_env(), capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
 
 
 def tiny_run_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:

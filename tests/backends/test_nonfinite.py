@@ -1,6 +1,6 @@
-"""Numerical guards: a NaN/Inf step stops the run naming the step (latest.json stays on the last good
-checkpoint, no NaN adapter), `--skip-nonfinite N` skips such updates on both backends, and eval and
-merge refuse non-finite results."""
+"""Numerical guards: a NaN/Inf step stops the run naming the step (latest.json stays on the last
+good checkpoint, no NaN adapter), `--skip-nonfinite N` skips such updates on both backends, and eval
+and merge refuse non-finite results."""
 
 import json
 import re
