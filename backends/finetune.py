@@ -114,25 +114,28 @@ def load_data(cfg: FinetuneConfig, task: DefaultTask | None, tokenizer: nf4core.
         held = []
     dc = nf4core.DataConfig(train=train, valid=valid, max_length=cfg.max_seq_len, seed=cfg.seed)
     ds_train, ds_valid = nf4core.load_dataset(dc, tokenizer)
+    prefix = str(scratch) + os.sep
+
+    def shown(where: str) -> str:  # the built-in task's scratch files by their name
+        return where.replace(prefix, "the built-in task's ") if task is not None else where
+
     for ds in (ds_train, ds_valid):
         if ds is not None and ds.no_targets:
-            _report_no_targets(ds, cfg, echo)
+            _report_no_targets([shown(w) for w in ds.no_targets], cfg, echo)
     if not ds_train.examples:
-        raise ConfigError(f"{train}: no record has a target token to learn from")
+        raise ConfigError(f"{shown(str(train))}: no record has a target token to learn from")
     if cfg.eval_max_examples:
         held = held[: cfg.eval_max_examples]
     return ds_train, ds_valid, held
 
 
-def _report_no_targets(ds: nf4core.Dataset, cfg: FinetuneConfig, echo: Callable[[str], None]
-                       ) -> None:
+def _report_no_targets(where: list[str], cfg: FinetuneConfig, echo: Callable[[str], None]) -> None:
     why = (f"no target tokens (a prompt of --max-seq-len {cfg.max_seq_len} tokens or more, or no "
            "text)")
-    n = len(ds.no_targets)
+    n = len(where)
     if cfg.strict_data:
-        raise ConfigError(f"{ds.no_targets[0]}: {why}; {n} such record(s) "
-                          "(--strict-data refuses them)")
-    shown = ", ".join(ds.no_targets[:5]) + (", ..." if n > 5 else "")
+        raise ConfigError(f"{where[0]}: {why}; {n} such record(s) (--strict-data refuses them)")
+    shown = ", ".join(where[:5]) + (", ..." if n > 5 else "")
     echo(f"skipped {n} record(s) with {why}: {shown}")
 
 
