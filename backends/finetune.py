@@ -191,37 +191,36 @@ def finetune(cfg: FinetuneConfig, echo: Callable[[str], None] = print, progress:
                 write_text_atomic(out / "data" / name, text)
         if not (out / "config.yaml").exists():
             _write_config(out, cfg)
-        run = _Run(cfg, engine, out, steps, start, echo)
-        return run.train(data, valid_set, heldout, tokenizer, pad, progress, phases, model_path,
-                         choice, t0)
+        run = _Run(cfg, engine, out, steps, start, echo, model_path)
+        return run.train(data, valid_set, heldout, tokenizer, pad, progress, phases, t0)
 
 
 class _Run:
     """The training loop of one `finetune` call, from `start` to `steps`, in its locked `out`."""
 
     def __init__(self, cfg: FinetuneConfig, engine: Engine, out: Path, steps: int, start: int,
-                 echo: Callable[[str], None]) -> None:
-        self.cfg, self.engine, self.out, self.steps, self.start, self.echo = (
-            cfg, engine, out, steps, start, echo)
+                 echo: Callable[[str], None], model_path: str) -> None:
+        self.cfg, self.engine, self.out, self.steps, self.start = cfg, engine, out, steps, start
+        self.echo, self.model_path = echo, model_path
         self.log = MetricsLog(out / "metrics.jsonl")
         self._truncate = start > 0  # records after `start` are replaced, once this run logs
 
-    def _log(self, record: dict) -> None:
+    def write(self, record: dict) -> None:
         if self._truncate:
             self.log.truncate_after(self.start)
             self._truncate = False
         self.log.write(record)
 
-    def train(self, data, valid_set, heldout, tokenizer, pad, progress, phases, model_path, choice,
-              t0) -> FinetuneResult:
-        cfg, engine, out, steps, start, log, echo = (self.cfg, self.engine, self.out, self.steps,
-                                                     self.start, self.log, self.echo)
-        write = self._log
+    def train(self, data: _Data, valid_set: nf4core.Dataset | None, heldout: list[dict],
+              tokenizer: nf4core.Tokenizer, pad: int, progress: bool, phases: _Phases, t0: float
+              ) -> FinetuneResult:
+        cfg, engine, out, steps, start, echo = (self.cfg, self.engine, self.out, self.steps,
+                                                self.start, self.echo)
         before = after = None
         if heldout and start == 0:
             before = exact_match_score(engine, tokenizer, heldout)
-            write({"event": "exact_match", "phase": "before", "step": 0,
-                       "exact_match": before.score})
+            self.write({"event": "exact_match", "phase": "before", "step": 0,
+                        "exact_match": before.score})
             echo(f"exact match on {before.total} held-out examples before training: "
                  f"{before.score:.1%}")
             phases.mark("exact match before")
@@ -233,15 +232,15 @@ class _Run:
                 micro = [data[step * cfg.grad_accum + k] for k in range(cfg.grad_accum)]
                 lr = learning_rate(cfg, step, steps)
                 t = time.perf_counter()
-                r = engine.train_step(micro, lr)
+                r = engine.train_step(micro, lr)  # never applies a non-finite update
                 dt = time.perf_counter() - t
                 done = step + 1
                 if not (math.isfinite(r.loss) and math.isfinite(r.grad_norm)):
                     bad_steps += 1
                     skipped = bad_steps <= cfg.skip_nonfinite
                     what = f"loss {r.loss}, gradient norm {r.grad_norm}"
-                    self._log({"step": done, "event": "nonfinite", "detail": what,
-                               "skipped": skipped})
+                    self.write({"step": done, "event": "nonfinite", "detail": what,
+                                "skipped": skipped})
                     if not skipped:
                         bar.close()
                         raise NonFiniteError(self._stopped(done, what))
@@ -250,52 +249,52 @@ class _Run:
                 else:
                     losses.append(r.loss)
                     seen = sum(int(b.attention_mask.sum()) for b in micro)  # prompt and target
-                    write({"step": done, "loss": r.loss, "lr": lr, "grad_norm": r.grad_norm,
-                               "tokens": seen, "target_tokens": r.tokens,
-                               "tokens_per_s": seen / max(dt, 1e-9)})  # fmt: skip
+                    self.write({"step": done, "loss": r.loss, "lr": lr, "grad_norm": r.grad_norm,
+                                "tokens": seen, "target_tokens": r.tokens,
+                                "tokens_per_s": seen / max(dt, 1e-9)})  # fmt: skip
                     bar.update(done, r.loss, seen)
                 if interrupts.requested:
                     break
                 if valid_set is not None and cfg.eval_every and done % cfg.eval_every == 0 and (
                         done < steps):  # fmt: skip
                     eval_loss, ppl = perplexity(engine, valid_set, cfg.batch_size, pad)
-                    write({"step": done, "eval_loss": eval_loss, "perplexity": ppl})
+                    self.write({"step": done, "eval_loss": eval_loss, "perplexity": ppl})
                 if cfg.save_every and done % cfg.save_every == 0 and done < steps:
                     last_ckpt = self._checkpoint(done)
             bar.close()
             phases.mark("train")
-            if interrupts.requested:
-                self._save_result(done, model_path)
+            if interrupts.requested:  # a second interrupt while saving aborts; the save is atomic
+                self._save_result(done)
                 raise RunInterrupted(f"interrupted: saved step {done} of {steps} to {out}; "
                                      f"continue with: python cli.py finetune --resume {out}")
         if valid_set is not None:
             eval_loss, ppl = perplexity(engine, valid_set, cfg.batch_size, pad)
-            write({"step": steps, "eval_loss": eval_loss, "perplexity": ppl})
+            self.write({"step": steps, "eval_loss": eval_loss, "perplexity": ppl})
             echo(f"validation loss {eval_loss:.4f} (perplexity {ppl:.2f})")
             phases.mark("validation loss")
-        last_ckpt = self._save_result(steps, model_path, last_ckpt)
+        last_ckpt = self._save_result(steps, last_ckpt)
         phases.mark("save")
         if heldout:
             after = exact_match_score(engine, tokenizer, heldout)
-            write({"event": "exact_match", "phase": "after", "step": steps,
-                       "exact_match": after.score})
+            self.write({"event": "exact_match", "phase": "after", "step": steps,
+                        "exact_match": after.score})
             echo(f"exact match on {after.total} held-out examples after training: "
                  f"{after.score:.1%}")
             phases.mark("exact match after")
-        png = plot_loss(log.read(), out / "loss.png")
-        echo(f"adapter: {out / 'adapter_model.safetensors'}; metrics: {log.path}"
+        png = plot_loss(self.log.read(), out / "loss.png")
+        echo(f"adapter: {out / 'adapter_model.safetensors'}; metrics: {self.log.path}"
              + (f"; loss curve: {png}" if png else ""))
-        return FinetuneResult(cfg, choice, out, steps, losses, before, after, eval_loss,
+        return FinetuneResult(cfg, engine.choice, out, steps, losses, before, after, eval_loss,
                               time.perf_counter() - t0, last_ckpt, phases.seconds)
 
-    def _save_result(self, step: int, model_path: str, saved: Path | None = None) -> Path:
+    def _save_result(self, step: int, saved: Path | None = None) -> Path:
         """The checkpoint of `step` (unless this call ran no step and saved one), the adapter and
         config.yaml; nothing non-finite is saved (NonFiniteStateError names the tensor)."""
         if step > self.start or saved is None:
             saved = self._checkpoint(step)
         cfg = self.cfg
         adapter = Adapter(self.engine.adapters(), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-                          cfg.targets, model_path)  # fmt: skip
+                          cfg.targets, self.model_path)  # fmt: skip
         save_adapter(self.out, adapter, cfg.export)
         _write_config(self.out, cfg)
         return saved
