@@ -90,6 +90,17 @@ class PagedAdamW(torch.optim.Optimizer):
                            state.get("master"), coeffs)  # fmt: skip
         return loss
 
+    @torch.no_grad()
+    def count_skipped_step(self) -> None:
+        """Count a step whose update was skipped (a non-finite gradient) without changing any
+        moment, so later bias corrections match those of a run resumed from a checkpoint."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state.update(self._init_state(p))
+                state["step"] += 1
+
     def _page_buffer(self, device: torch.device, n_state: int) -> torch.Tensor:
         """(2, n_state, page_elements) float32 on the device: the double-buffered page."""
         key = (device, n_state)

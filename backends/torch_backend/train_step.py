@@ -115,9 +115,7 @@ class Trainer:
         if math.isfinite(loss_sum) and math.isfinite(grad_norm):
             self.optimizer.step()
         else:  # never apply a non-finite update; the step still counts, as a resume would count it
-            for p in self.params:
-                if self.optimizer.state.get(p):
-                    self.optimizer.state[p]["step"] += 1
+            self.optimizer.count_skipped_step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_index += 1
         return StepStats(loss=loss_sum / total, learning_rate=lr, grad_norm=grad_norm, tokens=total)

@@ -141,3 +141,20 @@ def test_merge_refuses_nonfinite_weights(setup, exploding_adapter, tmp_path):
     assert re.search(rf"{exploding_adapter}: merged into the base, model\.layers\.\d+\.\S+ would "
                      "hold NaN or infinite values", r.output), r.output  # fmt: skip
     assert not (tmp_path / "m").exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_a_run_with_a_skipped_step_resumes_exactly(setup, tmp_path, monkeypatch, backend):
+    if backend == "mlx":
+        pytest.importorskip("mlx.core")
+    _inject_nan_at(monkeypatch, backend, bad_call=1)  # the very first step: no optimizer state yet
+    full = finetune(_cfg(setup, tmp_path / "full", backend, skip_nonfinite=1, save_every=2),
+                    echo=lambda s: None, progress=False)  # fmt: skip
+    monkeypatch.undo()
+    resumed = finetune(FinetuneConfig(resume=str(tmp_path / "full/checkpoints/step-000002"),
+                                      out=str(tmp_path / "resumed")),
+                       echo=lambda s: None, progress=False)  # fmt: skip
+    np.testing.assert_allclose(resumed.losses, full.losses[-2:], rtol=1e-6)
+    a, b = load_checkpoint(tmp_path / "full").state, load_checkpoint(tmp_path / "resumed").state
+    for key in a.adapters:
+        np.testing.assert_allclose(b.adapters[key], a.adapters[key], rtol=1e-5, atol=1e-7)
