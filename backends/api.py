@@ -21,8 +21,8 @@ from .evaluate import ExactMatch, exact_match_score, perplexity, stop_ids
 from .finetune import FinetuneResult, RunInterrupted, finetune
 from .finetune_config import ConfigError, FinetuneConfig
 from .merge import merge
-from .nonfinite import NonFiniteError
 from .model_info import describe
+from .nonfinite import NonFiniteError
 from .peft_adapter import Adapter, check_adapter_fits, load_adapter, save_adapter
 from .registry import BackendChoice, select_backend
 

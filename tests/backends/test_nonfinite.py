@@ -134,9 +134,10 @@ def test_eval_refuses_a_nonfinite_loss(setup, exploding_adapter):
     assert f"{exploding_adapter}: the loss on {data} is nan (not finite)" in r.output
 
 
-def test_merge_refuses_nonfinite_weights(setup, exploding_adapter, tmp_path):
+@pytest.mark.parametrize("how", [["--dtype", "float32"], ["--nf4"]])
+def test_merge_refuses_nonfinite_weights(setup, exploding_adapter, tmp_path, how):
     r = CliRunner().invoke(main, ["merge", str(exploding_adapter), str(tmp_path / "m"), "--model",
-                                  str(setup[0]), "--dtype", "float32"])  # fmt: skip
+                                  str(setup[0]), *how])  # fmt: skip
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert re.search(rf"{exploding_adapter}: merged into the base, model\.layers\.\d+\.\S+ would "
                      "hold NaN or infinite values", r.output), r.output  # fmt: skip
