@@ -3,7 +3,8 @@ directory unless the user says so (`--overwrite` moves it aside, `--resume` cont
 
 The lock is `OUT/.nf4-run.lock`, holding the writer's PID and host, and flock()ed while the run
 writes: the kernel releases it when the process ends in any way, so a lock file left by a killed run
-is stale and the next run takes it over with a note.
+is stale and the next run takes it over with a note. Where the file system has no flock, a lock is
+stale when its PID runs no process on this host.
 """
 
 from __future__ import annotations
@@ -42,12 +43,28 @@ def _locked_message(out: Path, holder: dict) -> str:
             "or choose another --out")
 
 
-def _try_lock(fd: int) -> bool:
+def _try_lock(fd: int, out: Path) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
     except BlockingIOError:
         return False
+    except OSError:  # a file system without flock: the holder's PID decides
+        return not _pid_runs(_holder(out))
+
+
+def _pid_runs(holder: dict) -> bool:
+    """Whether the holder may still run: True unless its PID runs no process on this host."""
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return bool(holder)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a process of another user
+        return True
+    return True
 
 
 def check_not_locked(out: Path) -> None:
@@ -57,7 +74,7 @@ def check_not_locked(out: Path) -> None:
     except OSError:
         return
     try:
-        if not _try_lock(fd):
+        if not _try_lock(fd, out):
             raise RunDirError(_locked_message(out, _holder(out)))
     finally:
         os.close(fd)  # closing drops the probe's lock
@@ -98,7 +115,7 @@ def run_lock(out: Path, echo: Callable[[str], None]) -> Iterator[Path]:
     path = out / LOCK_NAME
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        if not _try_lock(fd):
+        if not _try_lock(fd, out):
             os.close(fd)
             raise RunDirError(_locked_message(out, _holder(out)))
         try:  # the file we locked may have been removed by its releasing holder meanwhile
@@ -110,7 +127,8 @@ def run_lock(out: Path, echo: Callable[[str], None]) -> Iterator[Path]:
         os.close(fd)
     stale = _holder(out)
     if stale:
-        echo(f"note: {path} was left by {_describe(stale)}, which no longer runs; taking it over")
+        echo(f"note: {path} was left by {_describe(stale)}, which no longer holds it; taking it "
+             "over")
     os.ftruncate(fd, 0)
     body = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
     os.write(fd, (json.dumps(body) + "\n").encode())

@@ -129,7 +129,7 @@ def test_a_stale_lock_is_taken_over_with_a_note(finished_run, tmp_path):
     (run / LOCK_NAME).write_text(json.dumps({"pid": gone.pid, "host": "here"}))
     lines = []
     finetune(FinetuneConfig(resume=str(run), steps=5), echo=lines.append, progress=False)
-    assert any(f"was left by PID {gone.pid} on here, which no longer runs; taking it over" in x
+    assert any(f"was left by PID {gone.pid} on here, which no longer holds it; taking it over" in x
                for x in lines), lines  # fmt: skip
     assert not (run / LOCK_NAME).exists()  # released at the end
 
@@ -175,3 +175,28 @@ def test_concurrent_run_refused_then_sigint_saves_and_the_run_resumes(setup, tmp
     r = run_cli("finetune", "--resume", out, "--steps", str(saved.state.step + 1), "--quiet")
     assert r.returncode == 0, r.stderr
     assert load_checkpoint(out).state.step == saved.state.step + 1
+
+
+def test_without_flock_the_holders_pid_decides(tmp_path, monkeypatch):
+    import errno
+    import os
+    import socket
+
+    from backends import run_dir
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(run_dir.fcntl, "flock", no_flock)
+    host = socket.gethostname()
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": os.getpid(), "host": host}))
+    with pytest.raises(run_dir.RunDirError, match=f"another run is writing here \\(PID {os.getpid()}"):
+        with run_lock(tmp_path, echo=lambda s: None):
+            pass
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": gone.pid, "host": host}))
+    notes = []
+    with run_lock(tmp_path, echo=notes.append):
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert notes and f"PID {gone.pid}" in notes[0]
