@@ -190,7 +190,8 @@ def test_without_flock_the_holders_pid_decides(tmp_path, monkeypatch):
     monkeypatch.setattr(run_dir.fcntl, "flock", no_flock)
     host = socket.gethostname()
     (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": os.getpid(), "host": host}))
-    with pytest.raises(run_dir.RunDirError, match=f"another run is writing here \\(PID {os.getpid()}"):
+    holder = f"another run is writing here \\(PID {os.getpid()}"
+    with pytest.raises(run_dir.RunDirError, match=holder):
         with run_lock(tmp_path, echo=lambda s: None):
             pass
     gone = subprocess.Popen(["true"])
