@@ -239,11 +239,12 @@ class _Run:
                     bad_steps += 1
                     skipped = bad_steps <= cfg.skip_nonfinite
                     what = f"loss {r.loss}, gradient norm {r.grad_norm}"
-                    self.write({"step": done, "event": "nonfinite", "detail": what,
-                                "skipped": skipped})
-                    if not skipped:
+                    record = {"step": done, "event": "nonfinite", "detail": what, "skipped": skipped}
+                    if not skipped:  # appended: a failed run removes no record of an earlier one
+                        self.log.write(record)
                         bar.close()
                         raise NonFiniteError(self._stopped(done, what))
+                    self.write(record)
                     echo(f"step {done}: non-finite {what}; update skipped ({bad_steps} of "
                          f"--skip-nonfinite {cfg.skip_nonfinite})")
                 else:

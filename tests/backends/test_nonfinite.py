@@ -159,3 +159,16 @@ def test_a_run_with_a_skipped_step_resumes_exactly(setup, tmp_path, monkeypatch,
     a, b = load_checkpoint(tmp_path / "full").state, load_checkpoint(tmp_path / "resumed").state
     for key in a.adapters:
         np.testing.assert_allclose(b.adapters[key], a.adapters[key], rtol=1e-5, atol=1e-7)
+
+
+def test_a_resume_that_fails_changes_nothing_of_the_run_but_its_log(setup, tmp_path, monkeypatch):
+    finetune(_cfg(setup, tmp_path, "torch", save_every=2), echo=lambda s: None, progress=False)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    _inject_nan_at(monkeypatch, "torch", bad_call=1)
+    with pytest.raises(NonFiniteError, match="^step 3: non-finite"):
+        finetune(FinetuneConfig(resume=str(tmp_path / "checkpoints/step-000002")),
+                 echo=lambda s: None, progress=False)  # fmt: skip
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    log = tmp_path / "metrics.jsonl"
+    assert after.pop(log).startswith(before.pop(log))  # the failed step appended, nothing removed
+    assert after == before  # config.yaml, checkpoints, latest.json and the adapter as they were
