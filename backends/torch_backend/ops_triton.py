@@ -63,6 +63,7 @@ def _capability(t: torch.Tensor) -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(t.device) if t.device.type == "cuda" else None
 
 
+_does_not_fit: set[tuple] = set()  # (kernel, capability, dtype, config) that ran out of resources
 _warned: set[str] = set()
 
 
@@ -72,20 +73,30 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def _launch(kernel, grid_of, args: tuple, constants: dict, configs: tuple, what: str) -> bool:
-    """Launch `kernel` with the first configuration the GPU can hold; on OutOfResources try the
-    next (smaller) one. False when none fits: the caller then runs the reference path."""
+def _launch(kernel, grid_of, args: tuple, constants: dict, configs: tuple, what: str,
+            key: tuple) -> bool:
+    """Launch `kernel` with the first configuration the GPU can hold; after an OutOfResources try
+    the next (smaller) one, and remember the failure. False when none fits: the caller then runs
+    the reference path. One warning line per fallback."""
     from triton.runtime.errors import OutOfResources
 
-    for i, config in enumerate(configs):
+    errors = []
+    for config in configs:
+        if (*key, config) in _does_not_fit:
+            continue
         extra = {} if _interpreting() else config.options()
         try:
             kernel[grid_of(config)](*args, **constants, **config.tiles(), **extra)
         except OutOfResources as exc:
-            nxt = f"tiles {configs[i + 1]}" if i + 1 < len(configs) else "the torch reference path"
-            _warn_once(f"nf4 {what}: {config} does not fit this GPU ({exc}); using {nxt}")
+            _does_not_fit.add((*key, config))
+            errors.append(f"{config} ({exc})")
             continue
+        if errors:
+            _warn_once(f"nf4 {what}: {'; '.join(errors)} does not fit this GPU; using {config}")
         return True
+    if errors:
+        _warn_once(f"nf4 {what}: no tile fits this GPU: {'; '.join(errors)}; "
+                   f"using the torch reference path")
     return False
 
 
@@ -111,7 +122,8 @@ def _matmul(a: torch.Tensor, w: NF4Weight, transposed: bool) -> torch.Tensor:
                      WHILE_LOOP=_while_loop())  # fmt: skip
     grid_of = lambda cfg: (_cdiv(m, cfg.BM), _cdiv(n, cfg.BN))  # noqa: E731
     what = "forward matmul" if transposed else "input-gradient matmul"
-    if _launch(kernels.nf4_matmul_kernel, grid_of, args, constants, configs, what):
+    key = (what, capability, a.dtype)
+    if _launch(kernels.nf4_matmul_kernel, grid_of, args, constants, configs, what, key):
         return c
     dense = ops_reference.dequantize(w, a.dtype)
     return a @ dense.t() if transposed else a @ dense
@@ -134,7 +146,8 @@ def gemv(x2d: torch.Tensor, w: NF4Weight) -> torch.Tensor:
     args = (x2d, w.packed, block_absmax(w), w.quant_map, y, n, k, x2d.stride(0), y.stride(0))
     constants = dict(BLOCKSIZE=w.blocksize, WHILE_LOOP=_while_loop())
     grid_of = lambda cfg: (_cdiv(n, cfg.BN), m)  # noqa: E731
-    if _launch(kernels.nf4_gemv_kernel, grid_of, args, constants, (config,), "GEMV"):
+    key = ("GEMV", capability, x2d.dtype)
+    if _launch(kernels.nf4_gemv_kernel, grid_of, args, constants, (config,), "GEMV", key):
         return y
     return x2d @ ops_reference.dequantize(w, x2d.dtype).t()
 
