@@ -1,6 +1,6 @@
-"""The library imports without its optional format packages: `gguf` is loaded only when a GGUF file is
-read (the lent GPU image has none), and reading one without it fails with one line naming the file
-and the missing package."""
+"""The library imports without its optional format packages: `gguf` is loaded only when a GGUF file
+is read (the lent GPU image has none), and reading one without it fails with one line naming the
+file and the missing package."""
 
 import subprocess
 import sys

@@ -1,5 +1,5 @@
-"""Tile sizes, pipeline stages and warps of the Triton kernels, chosen per call from the GPU's compute
-capability, the dtype and the number of rows. Pure data: importing it imports no triton.
+"""Tile sizes, pipeline stages and warps of the Triton kernels, chosen per call from the GPU's
+compute capability, the dtype and the number of rows. Pure data: importing it imports no triton.
 
 Every configuration `matmul_configs` and `gemv_config` can return is compiled ahead of time for
 sm_80, sm_86, sm_89, sm_90 and sm_120 by tests/backends/torch_backend/test_triton_aot.py, which
@@ -82,7 +82,8 @@ def matmul_configs(capability: tuple[int, int] | None, dtype_bytes: int,
         preferred = MatmulConfig(16, 64, 64, num_stages=3)
     else:
         # 16-bit 64 x 64 x 64: 72-80 KB at 3 stages (fits 99 KB); a 4th stage where 163+ KB allow.
-        preferred = MatmulConfig(64, 64, 64, num_stages=4 if _large_shared_memory(capability) else 3)
+        stages = 4 if _large_shared_memory(capability) else 3
+        preferred = MatmulConfig(64, 64, 64, num_stages=stages)
     return (preferred, FALLBACK_MATMUL)
 
 

@@ -180,7 +180,8 @@ class GGUFSource(ModelSource):
         freqs = next((t for t in self._reader.tensors if t.name == "rope_freqs.weight"), None)
         if freqs is None:
             return None
-        stored = np.asarray(_gguf_package(self.path).quants.dequantize(freqs.data, freqs.tensor_type), np.float32)
+        dequantize = _gguf_package(self.path).quants.dequantize
+        stored = np.asarray(dequantize(freqs.data, freqs.tensor_type), np.float32)
         for candidate in LLAMA3_CANDIDATES:
             expected = llama3_rope_factors(rope_theta, head_dim, candidate)
             if stored.shape == expected.shape and np.allclose(stored, expected, rtol=1e-5):

@@ -182,7 +182,8 @@ class MetalKernelDouble:
                       f"  std::vector<char> out{j}(bytes{j} + 8, char(0xFF));"]  # fmt: skip
         call = ", ".join(args)
         lines += [
-            "  uint3 threads_per_grid{g[0], g[1], g[2]}, threads_per_threadgroup{t[0], t[1], t[2]};",
+            "  uint3 threads_per_grid{g[0], g[1], g[2]};",
+            "  uint3 threads_per_threadgroup{t[0], t[1], t[2]};",
             "  for (uint gz = 0; gz * t[2] < g[2]; ++gz)",
             "  for (uint gy = 0; gy * t[1] < g[1]; ++gy)",
             "  for (uint gx = 0; gx * t[0] < g[0]; ++gx)",

@@ -119,7 +119,8 @@ def compile_job(job: dict) -> dict:
                  "PRECISION": job.get("precision", "ieee" if dt == "fp32" else "tf32"),
                  "WHILE_LOOP": False,
                  **job["tiles"]}  # fmt: skip
-    source = ASTSource(fn=fn, signature={**sig, **{n: "constexpr" for n in const}}, constexprs=const)
+    signature = {**sig, **{n: "constexpr" for n in const}}
+    source = ASTSource(fn=fn, signature=signature, constexprs=const)
     compiled = triton.compile(source, target=GPUTarget("cuda", job["arch"], 32), options=options)
     ptx = compiled.asm["ptx"]
     usage, sass = _resources(compiled.asm["cubin"])

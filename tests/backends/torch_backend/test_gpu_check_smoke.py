@@ -1,7 +1,7 @@
-"""bench/gpu_check.py runs end to end in its --smoke mode (CPU, Triton interpreter, tiny shapes) as on
-the lent GPU image: without the `gguf` package (hidden here). So the script run on a GPU does not rot
-between GPU sessions. With NF4_QLORA_TRITON36_PYTHON set to a Python whose environment has that
-image's Triton 3.6 (see README), the smoke run is repeated under Triton 3.6's interpreter."""
+"""bench/gpu_check.py runs end to end in its --smoke mode (CPU, Triton interpreter, tiny shapes)
+as on the lent GPU image: without the `gguf` package (hidden here). So the script run on a GPU does
+not rot between GPU sessions. With NF4_QLORA_TRITON36_PYTHON set to a Python whose environment has
+that image's Triton 3.6 (see README), the smoke run is repeated under Triton 3.6's interpreter."""
 
 import json
 import os
@@ -35,6 +35,7 @@ def test_gpu_check_smoke_without_gguf(tmp_path, python):
     sections = results["sections"]
     assert len(sections) == 7 and (tmp_path / "gpu_check.md").is_file()
     assert sections["device and launch configurations"]["ok"]
-    assert sections["correctness: dequantize"]["ok"] and sections["correctness: dequantize"]["cases"] == 48
+    dequant = sections["correctness: dequantize"]
+    assert dequant["ok"] and dequant["cases"] == 48
     assert sections["correctness: matmuls"]["ok"]
     assert sections["bench: training step"][0]["tokens_per_s"] > 0
