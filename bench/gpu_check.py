@@ -3,6 +3,11 @@
   python bench/gpu_check.py [OUT_DIR]        # OUT_DIR defaults to $OUT, else ./gpu_check_out
   python bench/gpu_check.py --smoke OUT_DIR  # no GPU: tiny shapes on the CPU under TRITON_INTERPRET=1
 
+Needs torch and triton only (no gguf: the lent GPU image has none). Sections that would start after
+BUDGET_S seconds (default 420, env GPU_CHECK_BUDGET_S) are skipped and recorded as such, so one call
+ends well inside the lent machine's 8 minutes.
+
+First the device and the launch configurations it gets (launch_config.py), each launched once.
 Correctness (pass/fail): Triton dequantize and double-quant absmax bit-exact with nf4core (every
 blocksize, double quant on/off, odd shapes); fused forward, input-grad and GEMV kernels within the dtype
 tolerance of dequantize-then-matmul in FP32 (M in 1, 3, 33; FP32, FP16, BF16); NF4Linear takes the
@@ -21,6 +26,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 SMOKE = "--smoke" in sys.argv
@@ -35,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import nf4core
-from backends.torch_backend import dispatch, ops_reference, ops_triton
+from backends.torch_backend import dispatch, launch_config, ops_reference, ops_triton
 from backends.torch_backend.nf4_linear import NF4Linear
 from backends.torch_backend.nf4_weight import NF4Weight
 from backends.torch_backend.paged_adamw import PagedAdamW
@@ -43,6 +49,7 @@ from bench._timing import median_seconds
 from bench.random_llama import random_llama_state
 
 DEVICE = torch.device("cpu" if SMOKE else "cuda")
+BUDGET_S = float(os.environ.get("GPU_CHECK_BUDGET_S", "420"))
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}  # relative to max |ref|
 
 
@@ -54,6 +61,28 @@ def sync() -> None:
 def bits(t: torch.Tensor | np.ndarray) -> np.ndarray:
     a = t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else t
     return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+
+
+def check_launch_configs() -> dict:
+    """The capability, its shared-memory limit and each configuration the dispatcher picks for it,
+    launched once (a fallback shows up as a warning in this section)."""
+    cap = torch.cuda.get_device_capability() if DEVICE.type == "cuda" else None
+    props = torch.cuda.get_device_properties(DEVICE) if DEVICE.type == "cuda" else None
+    out = dict(capability=cap, table_limit=launch_config.SHARED_MEMORY_PER_BLOCK.get(cap),
+               device_limit=getattr(props, "shared_memory_per_block_optin", None), launched=[])
+    t = nf4core.quantize(np.random.default_rng(4).standard_normal((70, 300)).astype(np.float32))
+    w = NF4Weight.from_nf4(t, DEVICE)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for m in (1, 9, 17):
+            x = torch.randn(m, 300, device=DEVICE).to(dtype)
+            ops_triton.linear(x, w)
+            ops_triton.linear_grad_input(torch.randn(m, 70, device=DEVICE).to(dtype), w)
+            configs = launch_config.matmul_configs(cap, x.element_size(), m)
+            out["launched"].append(dict(dtype=str(dtype), m=m, matmul=str(configs[0]),
+                                        gemv=str(launch_config.gemv_config(cap))))
+    sync()
+    out["ok"] = out["device_limit"] is None or out["table_limit"] in (None, out["device_limit"])
+    return out
 
 
 def check_dequant() -> dict:
@@ -225,18 +254,32 @@ def main() -> int:
         print("no CUDA device; run with --smoke for the CPU interpreter check", file=sys.stderr)
         return 2
     name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "CPU (TRITON_INTERPRET=1 smoke)"
-    results = {"device": name, "torch": torch.__version__, "sections": {}}
-    sections = [("correctness: dequantize", check_dequant), ("correctness: matmuls", check_matmuls),
+    from importlib.metadata import version
+
+    results = {"device": name, "torch": torch.__version__, "triton": version("triton"),
+               "python": sys.version.split()[0], "sections": {}}
+    sections = [("device and launch configurations", check_launch_configs),
+                ("correctness: dequantize", check_dequant), ("correctness: matmuls", check_matmuls),
                 ("correctness: dispatch and paged AdamW", check_dispatch_and_optimizer),
                 ("bench: dequantize", bench_dequant), ("bench: fused matmul", bench_matmul),
                 ("bench: training step", bench_train)]
     failed = False
+    began = time.time()
     for title, fn in sections:
         start = time.time()
-        try:
-            value = fn()
-        except Exception:  # noqa: BLE001 - record and go on to the next section
-            value = {"ok": False, "error": traceback.format_exc()}
+        if start - began > BUDGET_S:
+            value = {"skipped": f"time budget of {BUDGET_S:.0f} s spent"}
+            results["sections"][title] = value
+            print(f"[{0:6.1f}s] {title}: skipped (time budget)", flush=True)
+            continue
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                value = fn()
+            except Exception:  # noqa: BLE001 - record and go on to the next section
+                value = {"ok": False, "error": traceback.format_exc()}
+        if isinstance(value, dict) and caught:
+            value["warnings"] = sorted({str(w.message) for w in caught})
         if isinstance(value, dict) and value.get("ok") is False:
             failed = True
         results["sections"][title] = value

@@ -48,6 +48,8 @@ def reconstruct_absmax(w: NF4Weight) -> mx.array:
     if w.absmax is not None:
         return w.absmax
     n = w.n_blocks
+    if n == 0:  # no dispatch for an empty grid (Metal refuses zero-sized grids and threadgroups)
+        return mx.zeros((0,), dtype=mx.float32)
     scaled = _run("nf4_absmax_scale", [w.dq_codes, w.dq_scales, w.dq_quant_map, _dims(n)],
                   [("DQ_BS", w.dq_blocksize)], (n, 1, 1), (n,), mx.float32)  # fmt: skip
     offset = mx.array([w.dq_offset], dtype=mx.float32)
@@ -60,6 +62,8 @@ def _after(w: NF4Weight, x: mx.array) -> NF4Weight:
 
 
 def dequantize(w: NF4Weight, dtype: mx.Dtype = mx.float32, absmax: mx.array | None = None):
+    if w.numel == 0:
+        return mx.zeros(w.shape, dtype=dtype)
     absmax = reconstruct_absmax(w) if absmax is None else absmax
     out = _run(
         "nf4_dequant",
@@ -90,9 +94,11 @@ def matmul(x: mx.array, w: NF4Weight, absmax: mx.array | None = None,
     thread per output, simple and checked by the shim, but not tiled; a large batch is compute-bound,
     where MLX's tuned GEMM on a transient dequantized weight wins. bench/metal_check.py measures both.
     """
-    absmax = reconstruct_absmax(w) if absmax is None else absmax
     n, k = w.shape
     lead = x.shape[:-1]
+    if x.size == 0 or n == 0 or k == 0:  # an empty batch or weight: nothing to dispatch
+        return mx.zeros((*lead, n), dtype=x.dtype)
+    absmax = reconstruct_absmax(w) if absmax is None else absmax
     x2 = x.reshape(-1, k)  # (M, K)
     m = x2.shape[0]
     if _strategy(strategy, m) == "dequant":
@@ -110,9 +116,11 @@ def matmul(x: mx.array, w: NF4Weight, absmax: mx.array | None = None,
 def matmul_t(g: mx.array, w: NF4Weight, absmax: mx.array | None = None,
              strategy: str = "auto") -> mx.array:  # fmt: skip
     """g @ W, g (..., N), W (N, K): the input gradient of `matmul` (same strategies)."""
-    absmax = reconstruct_absmax(w) if absmax is None else absmax
     n, k = w.shape
     lead = g.shape[:-1]
+    if g.size == 0 or n == 0 or k == 0:  # an empty batch or weight: nothing to dispatch
+        return mx.zeros((*lead, k), dtype=g.dtype)
+    absmax = reconstruct_absmax(w) if absmax is None else absmax
     g2 = g.reshape(-1, n)  # (M, N)
     m = g2.shape[0]
     if _strategy(strategy, m) == "dequant":

@@ -6,13 +6,14 @@ Importing this module imports neither triton nor the kernels; the first call doe
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
+from . import launch_config, ops_reference
 from .kernels import load_kernel_module
+from .launch_config import GEMV_MAX_ROWS
 from .nf4_weight import NF4Weight
-
-GEMV_MAX_ROWS = 8  # at most this many rows take the GEMV kernel in the forward
 # Compiler options of the double-quant absmax kernel on GPUs: multiply and add stay two roundings
 # (tests/backends/torch_backend/test_triton_aot.py checks the PTX has no fma).
 ABSMAX_COMPILE_OPTIONS = {"enable_fp_fusion": False}
@@ -21,6 +22,11 @@ _ELEMENTS_PER_PROGRAM = 1024
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _while_loop() -> bool:
+    """The kernels' K loop as a while loop: only under the interpreter (see nf4_matmul_kernel)."""
+    return _interpreting()
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -52,10 +58,46 @@ def dequantize(w: NF4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor
     return out.reshape(w.shape)
 
 
-def _tiles(m: int) -> dict:
-    if _interpreting():
-        return {"BM": 16, "BN": 16, "BR": 16}
-    return {"BM": 16 if m <= 16 else 64, "BN": 64, "BR": 64}
+def _capability(t: torch.Tensor) -> tuple[int, int] | None:
+    """(major, minor) of t's GPU; None on the CPU (the interpreter runs its own small tiles)."""
+    return torch.cuda.get_device_capability(t.device) if t.device.type == "cuda" else None
+
+
+_does_not_fit: set[tuple] = set()  # (kernel, capability, dtype, config) that ran out of resources
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _launch(kernel, grid_of, args: tuple, constants: dict, configs: tuple, what: str,
+            key: tuple) -> bool:
+    """Launch `kernel` with the first configuration the GPU can hold; after an OutOfResources try
+    the next (smaller) one, and remember the failure. False when none fits: the caller then runs
+    the reference path. One warning line per fallback."""
+    from triton.runtime.errors import OutOfResources
+
+    errors = []
+    for config in configs:
+        if (*key, config) in _does_not_fit:
+            continue
+        extra = {} if _interpreting() else config.options()
+        try:
+            kernel[grid_of(config)](*args, **constants, **config.tiles(), **extra)
+        except OutOfResources as exc:
+            _does_not_fit.add((*key, config))
+            errors.append(f"{config} ({exc})")
+            continue
+        if errors:
+            _warn_once(f"nf4 {what}: {'; '.join(errors)} does not fit this GPU; using {config}")
+        return True
+    if errors:
+        _warn_once(f"nf4 {what}: no tile fits this GPU: {'; '.join(errors)}; "
+                   f"using the torch reference path")
+    return False
 
 
 def _matmul(a: torch.Tensor, w: NF4Weight, transposed: bool) -> torch.Tensor:
@@ -67,15 +109,24 @@ def _matmul(a: torch.Tensor, w: NF4Weight, transposed: bool) -> torch.Tensor:
     c = torch.empty(m, n, dtype=a.dtype, device=a.device)
     if m == 0:
         return c
-    t = _tiles(m)
-    grid = (_cdiv(m, t["BM"]), _cdiv(n, t["BN"]))
-    kernels.nf4_matmul_kernel[grid](a, w.packed, block_absmax(w), w.quant_map, c, m, n, r,
-                                    a.stride(0), a.stride(1), c.stride(0), c.stride(1), in_cols,
-                                    BLOCKSIZE=w.blocksize, W_TRANSPOSED=transposed,
-                                    DOT_FP32=_interpreting() and a.dtype == torch.bfloat16,
-                                    PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-                                    **t)  # fmt: skip
-    return c
+    capability = _capability(a)
+    if capability is None and _interpreting():
+        configs = (launch_config.INTERPRETER_MATMUL,)
+    else:
+        configs = launch_config.matmul_configs(capability, a.element_size(), m)
+    args = (a, w.packed, block_absmax(w), w.quant_map, c, m, n, r,
+            a.stride(0), a.stride(1), c.stride(0), c.stride(1), in_cols)  # fmt: skip
+    constants = dict(BLOCKSIZE=w.blocksize, W_TRANSPOSED=transposed,
+                     DOT_FP32=_interpreting() and a.dtype == torch.bfloat16,
+                     PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+                     WHILE_LOOP=_while_loop())  # fmt: skip
+    grid_of = lambda cfg: (_cdiv(m, cfg.BM), _cdiv(n, cfg.BN))  # noqa: E731
+    what = "forward matmul" if transposed else "input-gradient matmul"
+    key = (what, capability, a.dtype)
+    if _launch(kernels.nf4_matmul_kernel, grid_of, args, constants, configs, what, key):
+        return c
+    dense = ops_reference.dequantize(w, a.dtype)
+    return a @ dense.t() if transposed else a @ dense
 
 
 def gemv(x2d: torch.Tensor, w: NF4Weight) -> torch.Tensor:
@@ -87,11 +138,18 @@ def gemv(x2d: torch.Tensor, w: NF4Weight) -> torch.Tensor:
     y = torch.empty(m, n, dtype=x2d.dtype, device=x2d.device)
     if m == 0:
         return y
-    bn, bk = (16, 32) if _interpreting() else (32, 256)
-    kernels.nf4_gemv_kernel[(_cdiv(n, bn), m)](x2d, w.packed, block_absmax(w), w.quant_map, y, n, k,
-                                               x2d.stride(0), y.stride(0),
-                                               BLOCKSIZE=w.blocksize, BN=bn, BK=bk)  # fmt: skip
-    return y
+    capability = _capability(x2d)
+    if capability is None and _interpreting():
+        config = launch_config.INTERPRETER_GEMV
+    else:
+        config = launch_config.gemv_config(capability)
+    args = (x2d, w.packed, block_absmax(w), w.quant_map, y, n, k, x2d.stride(0), y.stride(0))
+    constants = dict(BLOCKSIZE=w.blocksize, WHILE_LOOP=_while_loop())
+    grid_of = lambda cfg: (_cdiv(n, cfg.BN), m)  # noqa: E731
+    key = ("GEMV", capability, x2d.dtype)
+    if _launch(kernels.nf4_gemv_kernel, grid_of, args, constants, (config,), "GEMV", key):
+        return y
+    return x2d @ ops_reference.dequantize(w, x2d.dtype).t()
 
 
 def linear(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:

@@ -11,7 +11,6 @@ import math
 import re
 from pathlib import Path
 
-import gguf
 import numpy as np
 
 from ..errors import ModelLoadError
@@ -73,6 +72,16 @@ def llama3_rope_factors(rope_theta: float, head_dim: int, scaling: dict) -> np.n
     return factors.astype(np.float32)
 
 
+def _gguf_package(path: Path):
+    """The `gguf` package, imported on the first GGUF read (it is optional for everything else)."""
+    try:
+        import gguf
+    except ImportError:
+        raise ModelLoadError(f"{path}: reading a GGUF file needs the `gguf` package, which is not "
+                             f"installed (pip install gguf)") from None
+    return gguf
+
+
 def _f32(value: float) -> float:
     """A float32 metadata value as the decimal it was written from (9.99999975e-06 -> 1e-05)."""
     return float(str(np.float32(value)))
@@ -83,6 +92,7 @@ class GGUFSource(ModelSource):
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        gguf = _gguf_package(self.path)
         try:
             self._reader = gguf.GGUFReader(self.path, "r")
         except FileNotFoundError:
@@ -170,7 +180,8 @@ class GGUFSource(ModelSource):
         freqs = next((t for t in self._reader.tensors if t.name == "rope_freqs.weight"), None)
         if freqs is None:
             return None
-        stored = np.asarray(gguf.quants.dequantize(freqs.data, freqs.tensor_type), np.float32)
+        dequantize = _gguf_package(self.path).quants.dequantize
+        stored = np.asarray(dequantize(freqs.data, freqs.tensor_type), np.float32)
         for candidate in LLAMA3_CANDIDATES:
             expected = llama3_rope_factors(rope_theta, head_dim, candidate)
             if stored.shape == expected.shape and np.allclose(stored, expected, rtol=1e-5):
@@ -186,6 +197,7 @@ class GGUFSource(ModelSource):
         rows = t.data.reshape(shape[0] if len(shape) > 1 else 1, -1)
         flat = values.reshape(rows.shape[0], -1)
         step = max(1, _DEQUANT_CHUNK // flat.shape[1])  # rows at a time: small temporaries
+        gguf = _gguf_package(self.path)
         try:
             for start in range(0, rows.shape[0], step):
                 part = gguf.quants.dequantize(rows[start : start + step], t.tensor_type)
