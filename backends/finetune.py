@@ -18,9 +18,9 @@ from nf4core.atomic import write_text_atomic
 from nf4core.default_task import DefaultTask, default_task
 
 from .checkpoint import Checkpoint, check_fits, load_checkpoint, save_checkpoint
-from .engine import Engine, LoRASettings, TrainSettings, build_engine
+from .engine import BaseWeights, Engine, LoRASettings, TrainSettings, build_engine
 from .evaluate import ExactMatch, exact_match_score, perplexity
-from .finetune_config import ConfigError, FinetuneConfig, learning_rate
+from .finetune_config import LEGACY_BASE, ConfigError, FinetuneConfig, learning_rate
 from .peft_adapter import Adapter, save_adapter
 from .registry import BackendChoice, select_backend
 from .run_log import MetricsLog, Progress, plot_loss
@@ -69,7 +69,12 @@ def resolve(cfg: FinetuneConfig) -> tuple[FinetuneConfig, DefaultTask | None, Ch
     ckpt = None
     if cfg.resume:
         ckpt = load_checkpoint(cfg.resume)
-        saved = FinetuneConfig.from_dict(ckpt.config)
+        saved = FinetuneConfig.from_dict({**LEGACY_BASE, **ckpt.config})
+        for name in LEGACY_BASE:  # the base the adapters were trained on: a change is refused
+            asked = getattr(cfg, name)
+            if asked is not None and asked != getattr(saved, name):
+                raise ConfigError(f"{name}: {ckpt.path} was trained with {getattr(saved, name)!r}; "
+                                  f"a resume cannot change it to {asked!r}")
         overrides = {k: getattr(cfg, k) for k in RESUME_OVERRIDES if getattr(cfg, k) is not None}
         if "steps" in overrides or "epochs" in overrides:
             saved = replace(saved, steps=None, epochs=None)
@@ -126,6 +131,9 @@ def finetune(cfg: FinetuneConfig, echo: Callable[[str], None] = print, progress:
     out.mkdir(parents=True, exist_ok=True)
     model_path = cfg.model or str(nf4core.default_model_path())
     source = nf4core.open_model(model_path)
+    if cfg.base_dtype != "nf4" and isinstance(source, nf4core.sources.BnbDirSource):
+        raise ConfigError(f"base_dtype {cfg.base_dtype}: {model_path} is already NF4; a 16/32-bit "
+                          f"baseline needs the unquantized model")
     tokenizer = source.tokenizer()
     train_set, valid_set, heldout = load_data(cfg, task, tokenizer, out)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -135,7 +143,8 @@ def finetune(cfg: FinetuneConfig, echo: Callable[[str], None] = print, progress:
     lora = LoRASettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.targets, cfg.seed)
     train = TrainSettings(cfg.grad_accum, cfg.max_grad_norm, cfg.weight_decay, cfg.grad_checkpoint,
                           cfg.paged_optimizer, cfg.seed)  # fmt: skip
-    engine = build_engine(choice, source, lora, train, cfg.lr)
+    engine = build_engine(choice, source, lora, train, cfg.lr,
+                          BaseWeights(cfg.base_dtype, cfg.quant_method))  # fmt: skip
     phases.mark("load")
     start = 0
     if ckpt is not None:
