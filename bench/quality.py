@@ -11,7 +11,8 @@ Sections:
 - timing: seconds of nf4core.quantize_model of the whole model, absmax vs mse;
 - perplexity: on bench/data/heldout_english.txt (written for this project, public domain), windows
   of --window tokens, for the float32 and bfloat16 base and NF4 absmax / mse; with the share of
-  positions whose top-1 token equals the float32 base's;
+  positions whose top-1 token equals the float32 base's, and the mean KL divergence (nats/token)
+  of the next-token distribution from the float32 base's;
 - finetune-task: the built-in task (its recommended settings) with a bfloat16 base (plain LoRA),
   QLoRA absmax and QLoRA mse: final validation loss and held-out exact match, same seed and data;
 - finetune-text: the same three on text records (the paragraphs of README.md, every 5th held out).
@@ -104,20 +105,26 @@ def perplexities(model: str, text_path: Path = TEXT, window: int = 512,
     variants = (("float32 base", dict(quantize=False)),
                 ("bfloat16 base", dict(quantize=False, base_dtype=torch.bfloat16)),
                 ("NF4 absmax", dict(method="absmax")), ("NF4 mse", dict(method="mse")))  # fmt: skip
-    rows, reference = [], None
+    rows, reference, base_logprobs = [], None, []
     for label, kw in variants:
         lm = CausalLM.from_source(source, compute_dtype=torch.float32, **kw).eval()
-        nll, top1 = [], []
+        nll, top1, kl = [], [], []
         with torch.no_grad():
-            for row in windows:
-                logits = lm(row[None, :-1])[0].float()  # (T-1, vocab)
-                nll.append(torch.nn.functional.cross_entropy(logits, row[1:], reduction="none"))
-                top1.append(logits.argmax(-1))
+            for i, row in enumerate(windows):
+                logprobs = torch.log_softmax(lm(row[None, :-1])[0].float(), -1)  # (T-1, vocab)
+                nll.append(-logprobs.gather(1, row[1:, None])[:, 0])
+                top1.append(logprobs.argmax(-1))
+                if reference is None:
+                    base_logprobs.append(logprobs.to(torch.bfloat16))  # half the memory
+                else:
+                    p = base_logprobs[i].float()
+                    kl.append((p.exp() * (p - logprobs)).sum(-1))
         nll_t, top1_t = torch.cat(nll), torch.cat(top1)
         reference = top1_t if reference is None else reference
         rows.append({"model": label, "perplexity": math.exp(nll_t.mean().item()),
                      "tokens": int(nll_t.numel()),
-                     "top1_same_as_float32": float((top1_t == reference).float().mean())})
+                     "top1_same_as_float32": float((top1_t == reference).float().mean()),
+                     "kl_from_float32": float(torch.cat(kl).mean()) if kl else 0.0})
         del lm
     return rows
 
