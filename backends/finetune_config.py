@@ -103,7 +103,8 @@ class FinetuneConfig:
         if self.base_dtype is not None and self.base_dtype not in BASE_DTYPES:
             raise ConfigError(f"base_dtype must be one of {BASE_DTYPES}, got {self.base_dtype!r}")
         if self.quant_method is not None and self.quant_method not in QUANT_METHODS:
-            raise ConfigError(f"quant_method must be one of {QUANT_METHODS}, got {self.quant_method!r}")
+            raise ConfigError(f"quant_method must be one of {QUANT_METHODS}, "
+                              f"got {self.quant_method!r}")
         if self.steps is not None and self.epochs is not None:
             raise ConfigError("give either steps or epochs, not both")
 

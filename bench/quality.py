@@ -1,7 +1,7 @@
 """What 4 bits cost, and what the mse quantizer wins back: NF4 absmax (bitsandbytes' quantizer) vs
 NF4 mse vs the unquantized base, side by side in one run, on the default model.
 
-    python bench/quality.py                                  # every section (~20 min on 2 CPU cores)
+    python bench/quality.py                          # every section (~20 min on 2 CPU cores)
     python bench/quality.py --sections weights,timing,perplexity
     python bench/quality.py --sections finetune-task,finetune-text
 
@@ -134,8 +134,8 @@ def _text_data(directory: Path) -> Path:
     readme = (HERE.parent / "README.md").read_text(encoding="utf-8")
     paragraphs = [p.strip() for p in readme.split("\n\n") if len(p.strip()) >= 200]
     directory.mkdir(parents=True, exist_ok=True)
-    for name, keep in (("train.jsonl", lambda i: i % 5 != 4), ("valid.jsonl", lambda i: i % 5 == 4)):
-        lines = [json.dumps({"text": p}) for i, p in enumerate(paragraphs) if keep(i)]
+    for name, held in (("train.jsonl", False), ("valid.jsonl", True)):
+        lines = [json.dumps({"text": p}) for i, p in enumerate(paragraphs) if (i % 5 == 4) == held]
         (directory / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return directory
 
@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sections", default=",".join(SECTIONS))
     p.add_argument("--model", help="[default: the embedded SmolLM2-135M-Instruct]")
-    p.add_argument("--max-tensors", type=int, default=0, help="weights: the first N linears (0: all)")
+    p.add_argument("--max-tensors", type=int, default=0,
+                   help="weights: the first N linears (0: all)")
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=0)
     p.add_argument("--steps", type=int, help="fine-tune steps [default: the task's, 60 for text]")

@@ -58,8 +58,8 @@ def _codes_and_errors(blocks: np.ndarray, scales: np.ndarray) -> tuple[np.ndarra
 
 
 def _for_each_chunk(flat: np.ndarray, blocksize: int, fn) -> None:
-    """fn(blocks (n, bs), first block index) over chunks of whole blocks, then the partial last block
-    padded with zeros (a zero adds no error under any scale: its code is 0.0)."""
+    """fn(blocks (n, bs), first block index) over chunks of whole blocks, then the partial last
+    block padded with zeros (a zero adds no error under any scale: its code is 0.0)."""
     full = flat.size - flat.size % blocksize
     step = max(_CHUNK_ELEMENTS // blocksize, 1) * blocksize
     for_each_slice(full, step, lambda a, b: fn(flat[a:b].reshape(-1, blocksize), a // blocksize))

@@ -33,8 +33,8 @@ def test_quantize_method_writes_that_methods_bytes(setup, tmp_path):
 
 def test_finetune_base_dtype_and_a_resume_that_changes_it(setup, tmp_path):
     model, data = setup
-    common = ["--model", str(model), "--data", str(data), "--batch-size", "4", "--max-seq-len", "64",
-              "--backend", "torch", "--quiet"]  # fmt: skip
+    common = ["--model", str(model), "--data", str(data), "--batch-size", "4",
+              "--max-seq-len", "64", "--backend", "torch", "--quiet"]  # fmt: skip
     r = CliRunner().invoke(main, ["finetune", *common, "--out", str(tmp_path / "a"), "--steps", "2",
                                   "--base-dtype", "float32"])  # fmt: skip
     assert r.exit_code == 0, r.output
