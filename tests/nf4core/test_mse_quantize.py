@@ -112,3 +112,22 @@ def test_error_is_lower_than_absmax_on_the_default_models_weights():
         mse = _relative_error(w, nf4core.quantize(w, 64, True, method="mse"))
         ratios.append(mse / absmax)
     assert max(ratios) < 0.9 and np.mean(ratios) < 0.85, ratios
+
+
+@pytest.mark.parametrize("kind", ["constant", "one_value", "wide_range", "bfloat16"])
+def test_edge_inputs_decode_finite_and_no_worse_than_absmax(kind):
+    rng = np.random.default_rng(5)
+    w = {"constant": lambda: np.full((8, 64), 0.3, np.float32),
+         "one_value": lambda: np.array([0.5], np.float32),
+         "wide_range": lambda: (rng.standard_normal((64, 64))
+                                * np.logspace(-20, 10, 64)[:, None]).astype(np.float32),
+         "bfloat16": lambda: rng.standard_normal((16, 128)).astype(nf4core.dtypes.bfloat16),
+         }[kind]()  # fmt: skip
+    exact = w.astype(np.float64)
+    for double_quant in (False, True):
+        errors = []
+        for method in ("absmax", "mse"):
+            out = nf4core.dequantize(nf4core.quantize(w, 64, double_quant, method))
+            assert np.isfinite(out).all()
+            errors.append(((exact - out) ** 2).sum())
+        assert errors[1] <= errors[0]
