@@ -67,6 +67,12 @@ def backend_options(f):
 @click.option("--lora-dropout", type=float, help="Dropout on the adapter input [default: 0].")
 @click.option("--targets", help="Comma-separated module names to adapt, e.g. q_proj,v_proj.")
 @click.option("--seed", type=int, help="Seed of adapters, data order and dropout [default: 0].")
+@click.option("--base-dtype", type=click.Choice(["nf4", "bfloat16", "float32"]),
+              help="The frozen base: nf4 (QLoRA) or unquantized bfloat16/float32 (plain LoRA, a "
+                   "baseline) [default: nf4].")  # fmt: skip
+@click.option("--quant-method", type=click.Choice(["absmax", "mse"]),
+              help="How a 16/32-bit base is quantized on load: absmax or mse (an NF4 model is "
+                   "used as stored) [default: absmax].")  # fmt: skip
 @backend_options
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=None,
               help="Recompute activations in backward to save memory [default: off].")
@@ -171,12 +177,16 @@ def evaluate(data, model, adapter, batch_size, max_seq_len, max_examples, backen
 @click.argument("out", type=click.Path())
 @click.option("--blocksize", type=int, default=64, show_default=True)
 @click.option("--double-quant/--no-double-quant", default=True, show_default=True)
-def quantize(model, out, blocksize, double_quant) -> None:
-    """Quantize MODEL (HF dir, GGUF, bnb dir) to a bitsandbytes-format NF4 directory OUT."""
+@click.option("--method", type=click.Choice(["absmax", "mse"]),
+              help="Block scales: absmax (bitsandbytes' own, bit-identical) or mse (20% less "
+                   "weight error, same format; see BENCHMARKS.md) [default: absmax].")  # fmt: skip
+def quantize(model, out, blocksize, double_quant, method) -> None:
+    """Quantize MODEL (HF dir, GGUF, bnb dir) to a bitsandbytes-format NF4 directory OUT.
+    Weights already stored as NF4 are copied, never requantized."""
     from backends import api
 
     with user_errors():
-        path = api.quantize(model, out, blocksize, double_quant)
+        path = api.quantize(model, out, blocksize, double_quant, method)
     click.echo(f"wrote {path}")
 
 

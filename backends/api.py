@@ -111,9 +111,11 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
 
 
 def quantize(model: str | os.PathLike, out: str | os.PathLike, blocksize: int = 64,
-             double_quant: bool = True) -> Path:
-    """Any source -> a bitsandbytes-format NF4 Hugging Face directory."""
-    return nf4core.quantize_model(model, out, blocksize, double_quant)
+             double_quant: bool = True, method: str | None = None) -> Path:
+    """Any source -> a bitsandbytes-format NF4 Hugging Face directory. `method` chooses the block
+    scales ("absmax": bitsandbytes' own; "mse": least error; default DEFAULT_QUANT_METHOD)."""
+    method = method or nf4core.model_quantize.DEFAULT_QUANT_METHOD
+    return nf4core.quantize_model(model, out, blocksize, double_quant, method)
 
 
 def merge_adapter(model: str | os.PathLike | None, adapter: str | os.PathLike, out: str | os.PathLike,

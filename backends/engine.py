@@ -36,6 +36,20 @@ class LoRASettings:
 
 
 @dataclass(frozen=True)
+class BaseWeights:
+    """How the frozen base is held: "nf4" (QLoRA: 16/32-bit weights quantized on load by
+    `quant_method`, NF4 ones used as stored), or "bfloat16"/"float32" (plain LoRA: the linears
+    rounded to that dtype and kept dense, computed in the compute dtype)."""
+
+    dtype: str = "nf4"
+    quant_method: str = nf4core.model_quantize.DEFAULT_QUANT_METHOD
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype == "nf4"
+
+
+@dataclass(frozen=True)
 class TrainSettings:
     grad_accum: int = 1
     max_grad_norm: float = 1.0
@@ -134,11 +148,12 @@ class SourceTensors(Mapping):
 
 
 def build_engine(choice: BackendChoice, source: nf4core.ModelSource, lora: LoRASettings | None,
-                 train: TrainSettings | None = None, lr: float = 1e-4) -> Engine:
+                 train: TrainSettings | None = None, lr: float = 1e-4,
+                 base: BaseWeights | None = None) -> Engine:
     """The chosen backend's model built from `source` (NF4 base), with adapters when `lora` is given
     (always, to train), ready to train with `train` settings."""
     if choice.backend == "torch":
         from .torch_backend.engine import TorchEngine as cls
     else:
         from .mlx_backend.engine import MLXEngine as cls
-    return cls(choice, source, lora, train, lr)
+    return cls(choice, source, lora, train, lr, base or BaseWeights())

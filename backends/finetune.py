@@ -23,7 +23,7 @@ from nf4core.default_task import DefaultTask, default_task
 
 from .checkpoint import (Checkpoint, CheckpointError, check_fits, find_checkpoint, load_checkpoint,
                          save_checkpoint)  # fmt: skip
-from .engine import Engine, LoRASettings, TrainSettings, build_engine
+from .engine import BaseWeights, Engine, LoRASettings, TrainSettings, build_engine
 from .evaluate import ExactMatch, exact_match_score, perplexity
 from .finetune_config import ConfigError, FinetuneConfig, learning_rate
 from .nonfinite import NonFiniteError
@@ -163,6 +163,9 @@ def finetune(cfg: FinetuneConfig, echo: Callable[[str], None] = print, progress:
     echo(choice.describe())
     model_path = cfg.model or str(nf4core.default_model_path())
     source = nf4core.open_model(model_path)
+    if cfg.base_dtype != "nf4" and isinstance(source, nf4core.sources.BnbDirSource):
+        raise ConfigError(f"base_dtype {cfg.base_dtype}: {model_path} is already NF4; a 16/32-bit "
+                          f"baseline needs the unquantized model")
     tokenizer = source.tokenizer()
     with tempfile.TemporaryDirectory() as scratch:
         train_set, valid_set, heldout = load_data(cfg, task, tokenizer, Path(scratch), echo)
@@ -172,7 +175,8 @@ def finetune(cfg: FinetuneConfig, echo: Callable[[str], None] = print, progress:
     lora = LoRASettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.targets, cfg.seed)
     train = TrainSettings(cfg.grad_accum, cfg.max_grad_norm, cfg.weight_decay, cfg.grad_checkpoint,
                           cfg.paged_optimizer, cfg.seed)  # fmt: skip
-    engine = build_engine(choice, source, lora, train, cfg.lr)
+    engine = build_engine(choice, source, lora, train, cfg.lr,
+                          BaseWeights(cfg.base_dtype, cfg.quant_method))  # fmt: skip
     start = 0
     if ckpt is not None:
         check_fits(ckpt, engine.adapters())

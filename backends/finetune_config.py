@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from nf4core.model_config import LINEAR_NAMES
+from nf4core.model_quantize import DEFAULT_QUANT_METHOD
+from nf4core.tensor import QUANT_METHODS
 
 CONFIG_VERSION = 1
 GENERIC_DEFAULTS = {"steps": 100, "lr": 2e-4, "lora_r": 8, "lora_alpha": 16.0, "batch_size": 4,
@@ -20,7 +22,11 @@ FIXED_DEFAULTS = {"grad_accum": 1, "lora_dropout": 0.0, "seed": 0, "grad_checkpo
                   "eval_every": 0, "save_every": 0, "warmup_steps": 0, "schedule": "cosine",
                   "max_grad_norm": 1.0, "weight_decay": 0.0, "export": (), "out": "finetune-out",
                   "eval_max_examples": 0, "overwrite": False, "skip_nonfinite": 0,
-                  "strict_data": False}  # fmt: skip
+                  "strict_data": False, "base_dtype": "nf4",
+                  "quant_method": DEFAULT_QUANT_METHOD}  # fmt: skip
+BASE_DTYPES = ("nf4", "bfloat16", "float32")
+# what a checkpoint written before these settings existed was trained with
+LEGACY_BASE = {"base_dtype": "nf4", "quant_method": "absmax"}
 SCHEDULES = ("cosine", "linear", "constant")
 EXPORTS = ("mlx-lm",)
 
@@ -65,6 +71,8 @@ class FinetuneConfig:
     overwrite: bool | None = None  # move a non-empty `out` aside (`<out>.old-<n>`), start afresh
     skip_nonfinite: int | None = None  # steps with a NaN/Inf loss or gradient skipped, at most
     strict_data: bool | None = None  # refuse records without target tokens instead of skipping them
+    base_dtype: str | None = None  # "nf4" (QLoRA), or "bfloat16"/"float32": plain LoRA, unquantized
+    quant_method: str | None = None  # quantize-on-load of a 16/32-bit base: "absmax" or "mse"
 
     def __post_init__(self) -> None:
         if self.targets is not None:
@@ -97,6 +105,11 @@ class FinetuneConfig:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.schedule is not None and self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.base_dtype is not None and self.base_dtype not in BASE_DTYPES:
+            raise ConfigError(f"base_dtype must be one of {BASE_DTYPES}, got {self.base_dtype!r}")
+        if self.quant_method is not None and self.quant_method not in QUANT_METHODS:
+            raise ConfigError(f"quant_method must be one of {QUANT_METHODS}, "
+                              f"got {self.quant_method!r}")
         if self.steps is not None and self.epochs is not None:
             raise ConfigError("give either steps or epochs, not both")
 

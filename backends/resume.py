@@ -15,11 +15,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from .checkpoint import Checkpoint
-from .finetune_config import ConfigError, FinetuneConfig
+from .finetune_config import LEGACY_BASE, ConfigError, FinetuneConfig
 
 FIXED = ("model", "data", "batch_size", "grad_accum", "max_seq_len", "lr", "warmup_steps",
          "schedule", "lora_r", "lora_alpha", "lora_dropout", "targets", "seed", "max_grad_norm",
-         "weight_decay")  # fmt: skip
+         "weight_decay", "base_dtype", "quant_method")  # fmt: skip
 CHANGEABLE = ("steps", "epochs", "backend", "device", "compute_dtype", "grad_checkpoint",
               "paged_optimizer", "eval_every", "save_every", "eval_max_examples", "export",
               "skip_nonfinite", "strict_data")  # fmt: skip
@@ -63,7 +63,7 @@ def resumed_config(cfg: FinetuneConfig, ckpt: Checkpoint, echo: Callable[[str], 
                    ) -> FinetuneConfig:
     """The checkpoint's config with the command line's changeable settings applied (and reported),
     writing to `--out` or the checkpoint's run directory. ConfigError lists contradicting flags."""
-    saved = FinetuneConfig.from_dict(ckpt.config)
+    saved = FinetuneConfig.from_dict({**LEGACY_BASE, **ckpt.config})
     given = {k: getattr(cfg, k) for k in FIXED + CHANGEABLE if getattr(cfg, k) is not None}
     clashes = [f"{_flag(k)} {_show(v, k)} (checkpoint: {_show(getattr(saved, k), k)})"
                for k, v in given.items() if k in FIXED and not _same(k, v, getattr(saved, k))]

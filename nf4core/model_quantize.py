@@ -19,17 +19,23 @@ from .errors import ModelLoadError
 from .sources import ModelSource, is_quantized_linear, open_model
 from .sources.hf_dir import read_json
 from .sources.safetensors_io import SafetensorsWriter
-from .tensor import FORMAT_VERSION, NF4Tensor, quantize
+from .tensor import FORMAT_VERSION, NF4Tensor, check_quant_method, quantize
 from .validation import check_blocksize
+
+# The quantizer for models quantized from 16/32-bit weights (`quantize`, quantize on load); see
+# BENCHMARKS.md "Quantization quality". "absmax" is bitsandbytes' own, bit for bit.
+DEFAULT_QUANT_METHOD = "absmax"
 
 
 @dataclass(frozen=True)
 class QuantizeOptions:
     blocksize: int = 64
     double_quant: bool = True
+    method: str = DEFAULT_QUANT_METHOD
 
     def __post_init__(self) -> None:
         check_blocksize(self.blocksize)
+        check_quant_method(self.method)
         if not isinstance(self.double_quant, bool):
             raise TypeError(f"double_quant must be a bool, got {self.double_quant!r}")
 
@@ -50,7 +56,8 @@ def quantization_config(compute_dtype: str, double_quant: bool) -> dict:
 
 
 def quantize_model(source: str | os.PathLike | ModelSource, out_dir: str | os.PathLike,
-                   blocksize: int = 64, double_quant: bool = True) -> Path:  # fmt: skip
+                   blocksize: int = 64, double_quant: bool = True,
+                   method: str = DEFAULT_QUANT_METHOD) -> Path:  # fmt: skip
     """Quantize a model to NF4 and save it as a Hugging Face bitsandbytes-4bit directory.
 
     `source` is anything `open_model` opens (or an opened source). The attention and MLP weights
@@ -59,8 +66,9 @@ def quantize_model(source: str | os.PathLike | ModelSource, out_dir: str | os.Pa
     NF4 are copied as they are. Tensors are read, converted and written one at a time, so at most
     one source tensor is held in full precision. `out_dir` gets model.safetensors, config.json and
     the tokenizer files; it must be absent or empty, and appears only once complete. Returns it.
+    `method` chooses the block scales (`nf4core.quantize`); the format is the same for every method.
     """
-    options = QuantizeOptions(blocksize, double_quant)
+    options = QuantizeOptions(blocksize, double_quant, method)
     src = open_model(source) if isinstance(source, (str, os.PathLike)) else source
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -85,12 +93,13 @@ def quantize_model(source: str | os.PathLike | ModelSource, out_dir: str | os.Pa
 
 
 def iter_quantized(source: str | os.PathLike | ModelSource, blocksize: int = 64,
-                   double_quant: bool = True) -> Iterator[tuple[str, NF4Tensor | np.ndarray]]:  # fmt: skip
+                   double_quant: bool = True, method: str = DEFAULT_QUANT_METHOD
+                   ) -> Iterator[tuple[str, NF4Tensor | np.ndarray]]:  # fmt: skip
     """Every tensor of a model, one at a time, as it is kept in the NF4 model: (name, NF4Tensor) for
     the attention and MLP weights (quantized here, or as stored when the source holds NF4), else
     (name, 16-bit array in the source's dtype). For quantizing on load: drop each value before
     asking for the next, and no two source tensors are ever held in full precision at once."""
-    options = QuantizeOptions(blocksize, double_quant)
+    options = QuantizeOptions(blocksize, double_quant, method)
     src = open_model(source) if isinstance(source, (str, os.PathLike)) else source
     dtype = float_dtype(src.dtype)
     for name in src.tensor_names():
@@ -99,7 +108,7 @@ def iter_quantized(source: str | os.PathLike | ModelSource, blocksize: int = 64,
             out = value
         elif is_quantized_linear(name):
             out = quantize(np.asarray(value).astype(dtype, copy=False), options.blocksize,
-                           options.double_quant)  # fmt: skip
+                           options.double_quant, options.method)  # fmt: skip
         else:
             out = np.asarray(value).astype(dtype, copy=False)
         del value  # the next read must not overlap this tensor
@@ -112,7 +121,8 @@ def _write_weights(src: ModelSource, path: Path, options: QuantizeOptions) -> bo
     double_quant = options.double_quant
     metadata = {"format": "pt", "producer": "nf4core", "nf4core_format_version": str(FORMAT_VERSION)}
     with SafetensorsWriter(path, metadata=metadata) as writer:
-        for name, value in iter_quantized(src, options.blocksize, options.double_quant):
+        for name, value in iter_quantized(src, options.blocksize, options.double_quant,
+                                          options.method):  # fmt: skip
             if isinstance(value, NF4Tensor):
                 double_quant = value.double_quant is not None
                 entries = value.to_state_dict(name.removesuffix(".weight"))

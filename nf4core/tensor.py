@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import blockwise
+from . import blockwise, mse_scales
 from .codebooks import DYNAMIC_MAP_SIGNED, NESTED_BLOCKSIZE, NF4_CODE
 from .dtypes import FLOAT_DTYPES, float_dtype
 from .errors import NF4FormatError
@@ -183,21 +183,37 @@ class NF4Tensor:
         return nf4_from_state_dict(state_dict, prefix)
 
 
-def quantize(w: object, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
+QUANT_METHODS = ("absmax", "mse")
+
+
+def quantize(w: object, blocksize: int = 64, double_quant: bool = True,
+             method: str = "absmax") -> NF4Tensor:  # fmt: skip
     """Quantize a float32, float16 or bfloat16 array of any shape to NF4 (bitsandbytes' layout).
 
-    Each run of `blocksize` consecutive elements (row-major) shares one absmax; each element gets the
-    nearest NF4 code, ties to the lower code. With `double_quant` the absmax values are quantized
+    Each run of `blocksize` consecutive elements (row-major) shares one scale; each element gets the
+    nearest NF4 code under it, ties to the lower code. With `double_quant` the scales are quantized
     again to 8 bits in blocks of 256 around their mean.
+
+    `method` chooses the scales, never the format: "absmax" is bitsandbytes' quantizer bit for bit
+    (scale = max |x| of the block); "mse" stores, per block, the scale with the least squared
+    reconstruction error after its own double quantization (see nf4core.mse_scales). Both are read
+    by any bitsandbytes-format reader with no change.
     """
     blocksize = check_blocksize(blocksize)
+    check_quant_method(method)
     flat, dtype = as_weight_array(w)
     shape = tuple(np.shape(w))
     absmax = blockwise.nf4_absmax(flat, blocksize)
     if not np.isfinite(absmax).all():  # NaN and Inf reach the block maxima, so this check is free
         raise non_finite_error(flat, shape)
-    packed = blockwise.encode_nf4(flat, absmax, blocksize)
+    if method == "mse":
+        absmax = mse_scales.ideal_scales(flat, absmax, blocksize)
     nested = DoubleQuantAbsmax.from_absmax(absmax) if double_quant else None
+    if method == "mse" and double_quant:
+        codes = mse_scales.best_nested_codes(flat, absmax, blocksize, nested)
+        nested = DoubleQuantAbsmax(codes=codes, scales=nested.scales, offset=nested.offset)
+        absmax = nested.reconstruct()  # the codes are the nearest under the scale that is stored
+    packed = blockwise.encode_nf4(flat, absmax, blocksize)
     return NF4Tensor(
         packed=packed,
         absmax=None if double_quant else absmax,
@@ -206,6 +222,12 @@ def quantize(w: object, blocksize: int = 64, double_quant: bool = True) -> NF4Te
         dtype=dtype,
         blocksize=blocksize,
     )
+
+
+def check_quant_method(method: object) -> str:
+    if method not in QUANT_METHODS:
+        raise ValueError(f"quantization method must be one of {QUANT_METHODS}, got {method!r}")
+    return method
 
 
 def dequantize(t: NF4Tensor, dtype: object = np.float32) -> np.ndarray:

@@ -24,14 +24,18 @@ def _peft(path: str) -> str:  # "model.layers.0.self_attn.q_proj.lora_A" -> PEFT
 
 
 class MLXEngine:
-    def __init__(self, choice, source, lora, train, lr: float) -> None:
+    def __init__(self, choice, source, lora, train, lr: float, base=None) -> None:
         from ..engine import SourceTensors
 
         self.choice, self.config = choice, source.config
         if choice.device == "cpu":
             mx.set_default_device(mx.cpu)
-        self.model = LlamaModel.from_state(source.config, SourceTensors(source),
-                                           compute_dtype=choice.compute_dtype)  # fmt: skip
+        quantized = base is None or base.quantized
+        self.model = LlamaModel.from_state(
+            source.config, SourceTensors(source), quantize=quantized,
+            compute_dtype=choice.compute_dtype,
+            method=base.quant_method if base is not None else "absmax",
+            base_dtype=None if quantized else base.dtype)  # fmt: skip
         self.trainer = None
         if lora is not None:
             apply_lora(self.model, LoRAConfig(r=lora.r, alpha=lora.alpha, dropout=lora.dropout,

@@ -158,10 +158,12 @@ class LlamaModel(nn.Module):
     @classmethod
     def from_state(cls, config: ModelConfig, tensors: dict, quantize: bool = True,
                    blocksize: int = 64, double_quant: bool = True,
-                   compute_dtype: str = "auto") -> LlamaModel:  # fmt: skip
+                   compute_dtype: str = "auto", method: str = "absmax",
+                   base_dtype: str | None = None) -> LlamaModel:  # fmt: skip
         """Build from Hugging Face-named tensors (numpy arrays, or NF4Tensors for the linears).
 
-        Dense linear weights are quantized with nf4core (one tensor at a time) when `quantize`;
+        Dense linear weights are quantized with nf4core (one tensor at a time, by `method`) when
+        `quantize`, else kept dense, rounded to `base_dtype` (when given) then to `compute_dtype`;
         embeddings, norms and lm_head stay dense in `compute_dtype` ("auto": bfloat16 on a Metal
         GPU, float32 on the CPU); activations follow that dtype. Every loaded module is frozen.
         """
@@ -189,12 +191,15 @@ class LlamaModel(nn.Module):
                 layer = NF4Linear.from_nf4(value, b)
             elif quantize:
                 layer = NF4Linear.from_dense(np.asarray(value, dtype=np.float32), None, blocksize,
-                                             double_quant)  # fmt: skip
+                                             double_quant, method)  # fmt: skip
                 if b is not None:
                     layer = NF4Linear(layer.nf4, b)
             else:
                 layer = nn.Linear(in_f, out_f, bias=bias)
-                layer.weight = dense(name)
+                weight = mx.array(np.asarray(value, dtype=np.float32))
+                if base_dtype is not None:
+                    weight = weight.astype(mx_dtype(base_dtype))
+                layer.weight = weight.astype(dtype)
                 if bias:
                     layer.bias = b
             if tuple(value.shape) != (out_f, in_f):

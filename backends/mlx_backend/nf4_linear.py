@@ -58,9 +58,10 @@ class NF4Linear(nn.Module):
 
     @classmethod
     def from_dense(cls, weight: np.ndarray, bias: np.ndarray | None = None, blocksize: int = 64,
-                   double_quant: bool = True) -> NF4Linear:  # fmt: skip
+                   double_quant: bool = True, method: str = "absmax") -> NF4Linear:  # fmt: skip
         """Quantize a dense (out, in) weight with nf4core (the one quantizer of the project)."""
-        t = nf4core.quantize(np.asarray(weight), blocksize=blocksize, double_quant=double_quant)
+        t = nf4core.quantize(np.asarray(weight), blocksize=blocksize, double_quant=double_quant,
+                             method=method)  # fmt: skip
         return cls.from_nf4(t, bias)
 
     @property

@@ -21,10 +21,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 class TorchEngine:
-    def __init__(self, choice, source, lora, train, lr: float) -> None:
+    def __init__(self, choice, source, lora, train, lr: float, base=None) -> None:
         self.choice, self.config = choice, source.config
         self.device = torch.device(choice.device)
-        self.model = CausalLM.from_source(source, compute_dtype=DTYPES[choice.compute_dtype])
+        quantized = base is None or base.quantized
+        self.model = CausalLM.from_source(
+            source, quantize=quantized, compute_dtype=DTYPES[choice.compute_dtype],
+            method=base.quant_method if base is not None else "absmax",
+            base_dtype=None if quantized else DTYPES[base.dtype])  # fmt: skip
         self.model.to(self.device)
         self.trainer = None
         if lora is not None:

@@ -113,7 +113,8 @@ def test_bnb_directory_saved_by_transformers_loads_byte_identical(tmp_path):
 def test_our_directory_loads_in_transformers_bitsandbytes(tmp_path, double_quant):
     model = _save_tiny(tmp_path / "hf", "qwen2")
     with pytest.warns(UserWarning, match="no tokenizer saved"):  # transformers wrote none
-        quantize_model(tmp_path / "hf", tmp_path / "nf4", blocksize=64, double_quant=double_quant)
+        quantize_model(tmp_path / "hf", tmp_path / "nf4", blocksize=64, double_quant=double_quant,
+                       method="absmax")  # bitsandbytes' quantizer: compared code for code below
     config = json.loads((tmp_path / "nf4" / "config.json").read_text())
     assert config["quantization_config"]["bnb_4bit_use_double_quant"] is double_quant
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", device_map="cpu")

@@ -38,18 +38,21 @@ class MLP(nn.Module):
 
 
 def make_linear(weight: object, bias: np.ndarray | None, quantize: bool, blocksize: int,
-                double_quant: bool, dtype: torch.dtype) -> nn.Module:
-    """A frozen linear from a weight: NF4Linear for an NF4Tensor (or a dense one when `quantize`),
-    else an nn.Linear in `dtype`. The dense weight is dropped as soon as it is quantized."""
+                double_quant: bool, dtype: torch.dtype, method: str = "absmax",
+                base_dtype: torch.dtype | None = None) -> nn.Module:
+    """A frozen linear from a weight: NF4Linear for an NF4Tensor (or a dense one when `quantize`,
+    by `method`), else an nn.Linear in `dtype` holding the weight rounded to `base_dtype` (when
+    given). The dense weight is dropped as soon as it is quantized."""
     if isinstance(weight, nf4core.NF4Tensor):
         return NF4Linear.from_nf4(weight, bias)
     array = _as_numpy(weight)
     if quantize:
-        return NF4Linear.from_nf4(nf4core.quantize(array, blocksize, double_quant), bias)
+        return NF4Linear.from_nf4(nf4core.quantize(array, blocksize, double_quant, method), bias)
     out_f, in_f = array.shape
     layer = nn.Linear(in_f, out_f, bias=bias is not None, dtype=dtype)
     with torch.no_grad():
-        layer.weight.copy_(torch.from_numpy(array))
+        dense = torch.from_numpy(array)
+        layer.weight.copy_(dense.to(base_dtype) if base_dtype is not None else dense)
         if bias is not None:
             layer.bias.copy_(torch.from_numpy(_as_numpy(bias)))
     return layer.requires_grad_(False)

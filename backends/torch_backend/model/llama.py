@@ -58,11 +58,13 @@ class CausalLM(nn.Module):
     @classmethod
     def from_state(cls, config: ModelConfig, tensors: Mapping[str, object], quantize: bool = True,
                    blocksize: int = 64, double_quant: bool = True,
-                   compute_dtype: torch.dtype = torch.float32) -> CausalLM:
+                   compute_dtype: torch.dtype = torch.float32, method: str = "absmax",
+                   base_dtype: torch.dtype | None = None) -> CausalLM:
         """Build from Hugging Face-named tensors (numpy arrays, torch tensors or nf4core.NF4Tensor).
 
         Block linears given as NF4Tensor are used as they are; dense ones are quantized one at a time
-        when `quantize` (else kept dense in `compute_dtype`). Tied embeddings ignore lm_head.weight.
+        when `quantize` by `method` (else kept dense in `compute_dtype`, their values first rounded
+        to `base_dtype` when given). Tied embeddings ignore lm_head.weight.
         """
         get = _Getter(tensors)
         dense = dict(dtype=compute_dtype)
@@ -74,7 +76,7 @@ class CausalLM(nn.Module):
             def lin(name: str, bias: bool = False) -> nn.Module:
                 b = get.array(f"{name}.bias") if bias else None
                 return make_linear(get.raw(f"{name}.weight"), b, quantize, blocksize, double_quant,
-                                   compute_dtype)
+                                   compute_dtype, method, base_dtype)  # fmt: skip
 
             qkv_bias = config.attention_bias
             attn = Attention(*(lin(f"{p}self_attn.{n}", qkv_bias and n != "o_proj") for n in ATTENTION_PROJ),
@@ -96,14 +98,14 @@ class CausalLM(nn.Module):
 
     @classmethod
     def from_source(cls, source: ModelSource, quantize: bool = True, blocksize: int = 64,
-                    double_quant: bool = True, compute_dtype: torch.dtype = torch.float32
-                    ) -> CausalLM:
+                    double_quant: bool = True, compute_dtype: torch.dtype = torch.float32,
+                    method: str = "absmax", base_dtype: torch.dtype | None = None) -> CausalLM:
         """Build from `nf4core.open_model(path)`: tensors are read (and quantized) one at a time; NF4
         weights of a bitsandbytes directory are used without requantizing."""
         from .source import SourceTensors
 
         return cls.from_state(source.config, SourceTensors(source), quantize, blocksize,
-                              double_quant, compute_dtype)  # fmt: skip
+                              double_quant, compute_dtype, method, base_dtype)  # fmt: skip
 
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                       position_ids: torch.Tensor | None = None,
