@@ -177,9 +177,8 @@ class GGUFSource(ModelSource):
                 return dict(candidate)
         raise ModelLoadError(f"{self.path}: rope_freqs.weight matches no known Llama 3 RoPE scaling")
 
-    def read(self, name: str) -> np.ndarray:
+    def _read(self, name: str) -> np.ndarray:
         """One tensor dequantized to float32, in Hugging Face layout (q/k rows un-permuted)."""
-        self._check_name(name)
         t = self._tensors[name]
         shape = self._shapes[name]
         values = np.empty(shape, np.float32)
