@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ class LoadedModel:
     def stream(self, prompt: str, *, chat: bool = True, max_new_tokens: int = 128,
                temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> Iterator[str]:
         """Yield the decoded text of new tokens as they come (chat template applied when `chat`)."""
+        check_sampling(max_new_tokens, temperature, top_p)
         if chat and self.tokenizer.chat_template:
             text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                                       add_generation_prompt=True)  # fmt: skip
@@ -81,6 +83,19 @@ class LoadedModel:
     def save_adapter(self, directory: str | os.PathLike, lora: LoRASettings) -> Path:
         return save_adapter(directory, Adapter(self.engine.adapters(), lora.r, lora.alpha,
                                                lora.dropout, lora.targets, self.path))  # fmt: skip
+
+
+def check_sampling(max_new_tokens: object, temperature: object, top_p: object) -> None:
+    """ValueError naming the first sampling setting out of range (nan and inf included)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
 def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike | None = None,

@@ -46,7 +46,7 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids; special tokens written in the text are recognised as such."""
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return self.backend.encode(check_text(text), add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -228,8 +228,20 @@ def _sentencepiece_bpe(tokens: list[str], scores: list[float] | None, types: lis
     return backend
 
 
+def check_text(text: object) -> str:
+    """`text` if it is a string of valid Unicode; ValueError for a lone surrogate or a non-string."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected text, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"text holds a lone surrogate ({text[exc.start]!r} at character "
+                         f"{exc.start}), which is not valid Unicode") from None
+    return text
+
+
 def encode_with_offsets(tokenizer: Tokenizer, text: str, add_special_tokens: bool = True
                         ) -> tuple[list[int], list[tuple[int, int]]]:  # fmt: skip
     """Token ids and, for each, its (start, end) character span in `text` ((0, 0) for added ones)."""
-    encoding = tokenizer.backend.encode(text, add_special_tokens=add_special_tokens)
+    encoding = tokenizer.backend.encode(check_text(text), add_special_tokens=add_special_tokens)
     return encoding.ids, encoding.offsets
