@@ -218,4 +218,10 @@ class GGUFSource(ModelSource):
     def tokenizer(self):
         from ..tokenizer import Tokenizer
 
-        return Tokenizer.from_gguf(self.path, self._get)
+        try:
+            return Tokenizer.from_gguf(self.path, self._get)
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # metadata of the wrong type reaches the tokenizers library
+            raise ModelLoadError(f"{self.path}: the tokenizer metadata is unusable: "
+                                 f"{type(exc).__name__}: {exc}") from None
