@@ -95,7 +95,8 @@ def read_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False) -> tuple[l
     path = Path(path)
     records: list[Record] = []
     skipped = 0
-    check_regular_file(path, DataFormatError)
+    if path.exists():
+        check_regular_file(path, DataFormatError)
     try:
         f = open(path, "rb")
     except OSError as exc:
