@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_file
+from ..atomic import atomic_file, os_errors_name
 from ..dtypes import bfloat16
 from ..errors import ModelLoadError
 from ..regular_file import check_regular_file
@@ -182,7 +182,8 @@ class SafetensorsWriter:
         if dtype not in _NAMES:
             raise TypeError(f"{name}: dtype {array.dtype} cannot be stored in safetensors")
         array = array.astype(dtype, copy=False)
-        self._data.write(array.reshape(-1).view(np.uint8).data)  # no copy of the tensor's bytes
+        with os_errors_name(self.path):
+            self._data.write(array.reshape(-1).view(np.uint8).data)  # no copy of the tensor's bytes
         end = self._offset + array.nbytes
         self._header[name] = {"dtype": _NAMES[dtype], "shape": list(array.shape),
                               "data_offsets": [self._offset, end]}  # fmt: skip
