@@ -200,7 +200,7 @@ def finetune(config_file, quiet, export, **options) -> None:
 @click.option("--temperature", type=FiniteFloat(0.0), default=0.0, show_default=True,
               help="0 is greedy.")
 @click.option("--top-p", type=FiniteFloat(0.0, 1.0, low_open=True), default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @click.option("--raw", is_flag=True, help="Do not apply the chat template.")
 @backend_options
 def generate(prompt, model, adapter, max_new_tokens, temperature, top_p, seed, raw, backend, device,

@@ -199,10 +199,15 @@ def _check_types(cfg: FinetuneConfig) -> None:
             raise ConfigError(f"{name} must be a list of names, got {v!r}")
 
 
+MAX_INT = 2**63 - 1  # what torch and numpy take as a seed or a count
+
+
 def _check_int(cfg: FinetuneConfig, name: str, minimum: int) -> None:
     v = getattr(cfg, name)
     if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < minimum):
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {v!r}")
+    if v is not None and v > MAX_INT:
+        raise ConfigError(f"{name} must be at most {MAX_INT}, got {v}")
 
 
 def learning_rate(cfg: FinetuneConfig, step: int, total_steps: int) -> float:
