@@ -87,10 +87,12 @@ class LoadedModel:
 
 def check_sampling(max_new_tokens: object, temperature: object, top_p: object) -> None:
     """ValueError naming the first sampling setting out of range (nan and inf included)."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    count = max_new_tokens
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     for name, value in (("temperature", temperature), ("top_p", top_p)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature!r}")

@@ -52,7 +52,8 @@ def read_state(path: Path) -> dict:
         raise CheckpointError(f"{path}: expected a JSON object, got {type(info).__name__}")
     if info.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: unknown checkpoint format version "
-                              f"{info.get('format_version')!r} (this version reads {FORMAT_VERSION})")
+                              f"{info.get('format_version')!r} "
+                              f"(this version reads {FORMAT_VERSION})")  # fmt: skip
     for name in ("step", "backend", "data_position", "config"):
         if name not in info:
             raise CheckpointError(f"{path}: missing field {name!r}")

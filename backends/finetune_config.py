@@ -187,7 +187,8 @@ def _check_types(cfg: FinetuneConfig) -> None:
         if v is not None and not isinstance(v, (str, os.PathLike)):
             raise ConfigError(f"{name} must be a string, got {v!r}")
         if isinstance(v, str) and (not v or "\0" in v):
-            raise ConfigError(f"{name} must be a non-empty string without NUL characters, got {v!r}")
+            raise ConfigError(f"{name} must be a non-empty string without NUL characters, "
+                              f"got {v!r}")  # fmt: skip
     for name in _FLAG_FIELDS:
         v = getattr(cfg, name)
         if v is not None and not isinstance(v, bool):

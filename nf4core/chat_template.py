@@ -53,8 +53,8 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset({"*", "**", "+"})
     limits = _Limits()
 
-    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja2's signature)
-        limits = __self.limits
+    def call(self, context, obj, /, *args, **kwargs):
+        limits = self.limits
         if time.monotonic() > limits.deadline:
             raise _Timeout
         if limits.depth >= MAX_CALL_DEPTH:
@@ -62,7 +62,7 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
                                     "(recursion?)")  # fmt: skip
         limits.depth += 1
         try:
-            return super().call(__context, __obj, *args, **kwargs)
+            return super().call(context, obj, *args, **kwargs)
         finally:
             limits.depth -= 1
 

@@ -121,8 +121,8 @@ class Tokenizer:
         template = config.get("chat_template")
         source = f"{config_path} (chat_template)"
         if isinstance(template, list):  # named templates: take the default one
-            template = next((t.get("template") for t in template
-                             if isinstance(t, dict) and t.get("name") == "default"), None)  # fmt: skip
+            named = [t for t in template if isinstance(t, dict)]
+            template = next((t.get("template") for t in named if t.get("name") == "default"), None)
         if template is not None and not isinstance(template, str):
             raise ModelLoadError(f"{config_path}: chat_template must be a string or a list of "
                                  f"named templates, got {type(template).__name__}")  # fmt: skip
@@ -252,7 +252,8 @@ def _sentencepiece_bpe(tokens: list[str], scores: list[float] | None, types: lis
 
 
 def check_text(text: object) -> str:
-    """`text` if it is a string of valid Unicode; ValueError for a lone surrogate or a non-string."""
+    """`text` if it is a string of valid Unicode; ValueError for a lone surrogate or a
+    non-string."""
     if not isinstance(text, str):
         raise ValueError(f"expected text, got {type(text).__name__}")
     try:

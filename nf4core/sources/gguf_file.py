@@ -141,7 +141,8 @@ class GGUFSource(ModelSource):
         except ModelLoadError:
             raise
         except (TypeError, ValueError, ArithmeticError) as exc:  # e.g. a string where a count goes
-            raise ModelLoadError(f"{self.path}: metadata does not describe a model: {exc}") from None
+            raise ModelLoadError(f"{self.path}: metadata does not describe a model: "
+                                 f"{exc}") from None  # fmt: skip
 
     def _config_from_metadata(self) -> ModelConfig:
         a = self.arch

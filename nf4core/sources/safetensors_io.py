@@ -63,8 +63,9 @@ class SafetensorsFile:
         if not isinstance(header, dict):
             raise self._error("header is not a JSON object")
         metadata = header.pop("__metadata__", None) or {}
-        if not isinstance(metadata, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):  # fmt: skip
+        strings = isinstance(metadata, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+        if not strings:
             raise self._error("__metadata__ must be an object of strings")
         self.metadata: dict[str, str] = metadata
         self._data_start = 8 + n
@@ -90,14 +91,16 @@ class SafetensorsFile:
             raise bad
         begin, end = offsets
         if begin > end:
-            raise self._error(f"tensor {name!r}: data_offsets [{begin}, {end}] end before they begin")
+            raise self._error(f"tensor {name!r}: data_offsets [{begin}, {end}] end before "
+                              "they begin")  # fmt: skip
         if end - begin != math.prod(shape) * dtype.itemsize:
             raise self._error(f"tensor {name!r}: {end - begin} bytes do not hold shape "
                               f"{list(shape)} of {entry['dtype']}")  # fmt: skip
         return dtype, tuple(shape), begin, end
 
     def _check_tiling(self, spans: list[tuple[int, int, str]], data_size: int) -> None:
-        """Sorted by offset, each tensor starts where the previous one ended; the last ends the file."""
+        """Sorted by offset, each tensor starts where the previous one ended; the last one ends
+        the file."""
         position, previous = 0, None
         for begin, end, name in sorted(spans):
             if begin != position:
