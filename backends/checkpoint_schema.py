@@ -56,7 +56,7 @@ def read_state(path: Path) -> dict:
                               f"(this version reads {FORMAT_VERSION})")  # fmt: skip
     for name in ("step", "backend", "data_position", "config"):
         if name not in info:
-            raise CheckpointError(f"{path}: missing field {name!r}")
+            raise CheckpointError(f"{path}: missing or bad field {name!r} (not present)")
     step = info["step"]
     if not _count(step):
         raise CheckpointError(f"{path}: step must be an integer >= 0, got {step!r}")
