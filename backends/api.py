@@ -70,8 +70,8 @@ class LoadedModel:
                                      self.tokenizer)  # fmt: skip
         pad = self.tokenizer.pad_token_id or 0
         loss, ppl = perplexity(self.engine, ds, batch_size, pad)
-        records = [json.loads(line) for line in Path(data).read_text(encoding="utf-8").splitlines()
-                   if line.strip()]  # fmt: skip
+        lines = Path(data).read_text(encoding="utf-8-sig").splitlines()  # a BOM, as read_jsonl
+        records = [json.loads(line) for line in lines if line.strip()]
         records = [r for r in records if "messages" in r or ("prompt" in r and "completion" in r)]
         if max_examples:
             records = records[:max_examples]
