@@ -8,11 +8,53 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import os
 import sys
 
 import click
 
 BACKENDS = click.Choice(["torch", "mlx"])
+
+
+class FiniteFloat(click.ParamType):
+    """A finite float within bounds (click's FloatRange lets nan and inf through)."""
+
+    name = "float"
+
+    def __init__(self, low: float, high: float = float("inf"), low_open: bool = False) -> None:
+        self.low, self.high, self.low_open = low, high, low_open
+
+    def convert(self, value, param, ctx):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        above = number > self.low if self.low_open else number >= self.low
+        if not (math.isfinite(number) and above and number <= self.high):
+            low = f"> {self.low}" if self.low_open else f">= {self.low}"
+            high = f" and <= {self.high}" if math.isfinite(self.high) else ""
+            self.fail(f"{value} is not a finite number {low}{high}", param, ctx)
+        return number
+
+
+COUNT, POSITIVE = click.IntRange(min=0), click.IntRange(min=1)
+
+
+DEBUG = {"on": False}  # set by --debug / NF4_DEBUG=1: show tracebacks instead of one-line errors
+
+
+def one_line(text: object) -> str:
+    return " ".join(str(text).split()) or "unknown error"
+
+
+def describe_os_error(e: OSError) -> str:
+    """`path: problem` (both paths for a rename), not Python's `[Errno 28] ...: 'path'`."""
+    problem = e.strerror or str(e)
+    if e.filename is None:
+        return problem
+    where = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else f"{e.filename}"
+    return f"{where}: {problem}"
 
 
 @contextlib.contextmanager
@@ -27,12 +69,59 @@ def user_errors():
         yield
     except (ModelLoadError, CheckpointError, AdapterError, BackendUnavailable, ValueError, KeyError,
             OSError) as e:  # fmt: skip
-        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        raise click.ClickException(str(message)) from e
+        if DEBUG["on"]:
+            raise
+        if isinstance(e, KeyError) and e.args:
+            message = e.args[0]
+        elif isinstance(e, OSError):
+            message = describe_os_error(e)
+        else:
+            message = e
+        raise click.ClickException(one_line(message)) from e
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class OneLineErrors(click.Group):
+    """Every error ends the command with one line on stderr and a non-zero exit code: click's usage
+    errors (2), ours (1), anything unexpected (1, with a hint at --debug). `--debug` or NF4_DEBUG=1
+    shows the traceback instead."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Abort as e:
+            interrupted = isinstance(e.__context__, KeyboardInterrupt)
+            click.echo("Aborted." if not interrupted else "Interrupted.", err=True)
+            sys.exit(130 if interrupted else 1)
+        except click.ClickException as e:
+            if DEBUG["on"] and e.__cause__ is not None:
+                raise
+            click.echo(f"Error: {one_line(e.format_message())}", err=True)
+            sys.exit(e.exit_code)
+        except Exception as e:  # a bug, or a user error we did not foresee: still one line
+            if DEBUG["on"] or _env_debug():
+                raise
+            click.echo(f"Error: {type(e).__name__}: {one_line(e)} (run with --debug for the "
+                       "traceback)", err=True)  # fmt: skip
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _env_debug() -> bool:
+    return os.environ.get("NF4_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    DEBUG["on"] = bool(value) or _env_debug()
+    return value
+
+
+@click.group(cls=OneLineErrors,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="nf4-qlora")
+@click.option("--debug", is_flag=True, is_eager=True, expose_value=False, callback=_set_debug,
+              help="Show the full traceback of an error [env NF4_DEBUG=1].")  # fmt: skip
 def main() -> None:
     """QLoRA fine-tuning with bitsandbytes-exact NF4 weights, on PyTorch (CUDA/CPU) or MLX
     (Metal/CPU). Run `python cli.py finetune` for the built-in demo run."""
@@ -129,10 +218,11 @@ def finetune(config_file, quiet, export, **options) -> None:
 @click.argument("prompt")
 @click.option("--model", help="Base model [default: the embedded SmolLM2-135M-Instruct].")
 @click.option("--adapter", type=click.Path(), help="A PEFT adapter directory (e.g. a finetune OUT).")
-@click.option("--max-new-tokens", type=int, default=128, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
-@click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-new-tokens", type=COUNT, default=128, show_default=True)
+@click.option("--temperature", type=FiniteFloat(0.0), default=0.0, show_default=True,
+              help="0 is greedy.")
+@click.option("--top-p", type=FiniteFloat(0.0, 1.0, low_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @click.option("--raw", is_flag=True, help="Do not apply the chat template.")
 @backend_options
 def generate(prompt, model, adapter, max_new_tokens, temperature, top_p, seed, raw, backend, device,
@@ -140,6 +230,11 @@ def generate(prompt, model, adapter, max_new_tokens, temperature, top_p, seed, r
     """Generate a reply to PROMPT, streamed token by token."""
     from backends import api
 
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # bytes that are not UTF-8 arrive as lone surrogates
+        raise click.BadParameter(f"not valid UTF-8 text (at character {e.start})",
+                                 param_hint="PROMPT") from None  # fmt: skip
     with user_errors():
         loaded = api.load(model, adapter=adapter, backend=backend, device=device,
                           compute_dtype=compute_dtype)  # fmt: skip
@@ -154,9 +249,9 @@ def generate(prompt, model, adapter, max_new_tokens, temperature, top_p, seed, r
 @click.argument("data", type=click.Path())
 @click.option("--model", help="Base model [default: the embedded SmolLM2-135M-Instruct].")
 @click.option("--adapter", type=click.Path(), help="A PEFT adapter directory.")
-@click.option("--batch-size", type=int, default=4, show_default=True)
-@click.option("--max-seq-len", type=int, default=2048, show_default=True)
-@click.option("--max-examples", type=int, default=0, help="Exact match on the first N (0: all).")
+@click.option("--batch-size", type=POSITIVE, default=4, show_default=True)
+@click.option("--max-seq-len", type=click.IntRange(min=2), default=2048, show_default=True)
+@click.option("--max-examples", type=COUNT, default=0, help="Exact match on the first N (0: all).")
 @backend_options
 def evaluate(data, model, adapter, batch_size, max_seq_len, max_examples, backend, device,
              compute_dtype) -> None:
@@ -210,10 +305,10 @@ def merge(adapter, out, model, dtype, requantize) -> None:
 
 @main.command()
 @click.argument("path", required=False)
-@click.option("--seq-len", type=int, default=512, show_default=True,
+@click.option("--seq-len", type=POSITIVE, default=512, show_default=True,
               help="Sequence length of the training-memory estimate.")
-@click.option("--batch-size", type=int, default=1, show_default=True)
-@click.option("--lora-r", type=int, default=8, show_default=True)
+@click.option("--batch-size", type=POSITIVE, default=1, show_default=True)
+@click.option("--lora-r", type=POSITIVE, default=8, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info(path, seq_len, batch_size, lora_r, as_json) -> None:
     """Describe a model, adapter or checkpoint PATH [default: the embedded model]."""

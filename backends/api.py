@@ -40,6 +40,7 @@ class LoadedModel:
     def stream(self, prompt: str, *, chat: bool = True, max_new_tokens: int = 128,
                temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> Iterator[str]:
         """Yield the decoded text of new tokens as they come (chat template applied when `chat`)."""
+        check_sampling(max_new_tokens, temperature, top_p)
         if chat and self.tokenizer.chat_template:
             text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                                       add_generation_prompt=True)  # fmt: skip
@@ -74,8 +75,8 @@ class LoadedModel:
         if not math.isfinite(loss):
             raise NonFiniteError(f"{self.adapter or self.path}: the loss on {data} is {loss} (not "
                                  "finite); check the adapter's weights and lora_alpha")
-        records = [json.loads(line) for line in Path(data).read_text(encoding="utf-8").splitlines()
-                   if line.strip()]  # fmt: skip
+        lines = Path(data).read_text(encoding="utf-8-sig").splitlines()  # a BOM, as read_jsonl
+        records = [json.loads(line) for line in lines if line.strip()]
         records = [r for r in records if "messages" in r or ("prompt" in r and "completion" in r)]
         if max_examples:
             records = records[:max_examples]
@@ -87,6 +88,21 @@ class LoadedModel:
     def save_adapter(self, directory: str | os.PathLike, lora: LoRASettings) -> Path:
         return save_adapter(directory, Adapter(self.engine.adapters(), lora.r, lora.alpha,
                                                lora.dropout, lora.targets, self.path))  # fmt: skip
+
+
+def check_sampling(max_new_tokens: object, temperature: object, top_p: object) -> None:
+    """ValueError naming the first sampling setting out of range (nan and inf included)."""
+    count = max_new_tokens
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
 def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike | None = None,

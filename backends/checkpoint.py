@@ -26,14 +26,10 @@ import numpy as np
 
 from nf4core.atomic import _fsync_dir, atomic_file, write_text_atomic
 
+from .checkpoint_schema import FORMAT_VERSION, CheckpointError, read_latest, read_state
 from .engine import TrainingState
 
-FORMAT_VERSION = 1
 STATE_NAME, ADAPTERS_NAME, OPTIMIZER_NAME = "trainer_state.json", "adapters.safetensors", "optimizer.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable or of an unknown version; the message names the path."""
 
 
 class NonFiniteStateError(CheckpointError):
@@ -141,10 +137,7 @@ def find_checkpoint(path: str | Path) -> Path:
         if not latest.exists() and _complete(candidate):  # a crash before the first pointer write
             return _complete(candidate)[-1]
         if latest.is_file():
-            try:
-                target = candidate / json.loads(latest.read_text())["checkpoint"]
-            except (ValueError, KeyError) as e:
-                raise CheckpointError(f"{latest}: unreadable ({e})") from e
+            target = candidate / read_latest(latest)
             if (target / STATE_NAME).is_file():
                 return target
             raise CheckpointError(f"{latest}: names {target.name}, which holds no {STATE_NAME}")
@@ -157,13 +150,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     from safetensors.numpy import load_file
 
     directory = find_checkpoint(path)
-    try:
-        info = json.loads((directory / STATE_NAME).read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise CheckpointError(f"{directory / STATE_NAME}: not valid JSON ({e})") from e
-    if info.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{directory / STATE_NAME}: unknown checkpoint format version "
-                              f"{info.get('format_version')!r} (this version reads {FORMAT_VERSION})")
+    info = read_state(directory / STATE_NAME)
     try:
         adapters = load_file(str(directory / ADAPTERS_NAME))
         opt = load_file(str(directory / OPTIMIZER_NAME))

@@ -8,12 +8,14 @@ settings (default data) or generic defaults. Unset fields are None until `resolv
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from nf4core.model_config import LINEAR_NAMES
 from nf4core.model_quantize import DEFAULT_QUANT_METHOD
 from nf4core.tensor import QUANT_METHODS
+from nf4core.regular_file import check_regular_file
 
 CONFIG_VERSION = 1
 GENERIC_DEFAULTS = {"steps": 100, "lr": 2e-4, "lora_r": 8, "lora_alpha": 16.0, "batch_size": 4,
@@ -75,6 +77,7 @@ class FinetuneConfig:
     quant_method: str | None = None  # quantize-on-load of a 16/32-bit base: "absmax" or "mse"
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.targets is not None:
             t = self.targets
             t = [s.strip() for s in t.split(",")] if isinstance(t, str) else list(t)
@@ -97,6 +100,11 @@ class FinetuneConfig:
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
                                   or not math.isfinite(v) or v <= 0):  # fmt: skip
                 raise ConfigError(f"{name} must be a positive number, got {v!r}")
+        for name in ("lora_dropout", "max_grad_norm", "weight_decay"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                  or not math.isfinite(v)):  # fmt: skip
+                raise ConfigError(f"{name} must be a finite number, got {v!r}")
         if self.lora_dropout is not None and not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.max_grad_norm is not None and self.max_grad_norm < 0:
@@ -120,17 +128,30 @@ class FinetuneConfig:
         import yaml
 
         try:
+            if Path(path).exists():
+                check_regular_file(path, ConfigError)
             data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except OSError as e:
             raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e.reason})") from e
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+        except RecursionError as e:
+            raise ConfigError(f"{path}: not valid YAML (nested too deeply)") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+        bad_key = next((k for k in data if not isinstance(k, str)), None)
+        if bad_key is not None:
+            raise ConfigError(f"{path}: setting names must be strings, got {bad_key!r}")
         data = {k.replace("-", "_"): v for k, v in data.items() if k != "config_version"}
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
             raise ConfigError(f"{path}: unknown setting {unknown[0]!r}")
+        try:
+            cls(**data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from e
         return data
 
     @classmethod
@@ -167,13 +188,45 @@ class FinetuneConfig:
     def from_dict(cls, d: dict) -> FinetuneConfig:
         if d.get("config_version") != CONFIG_VERSION:
             raise ConfigError(f"unknown config version {d.get('config_version')!r}")
+        unknown = sorted(set(d) - {f.name for f in fields(cls)} - {"config_version"})
+        if unknown:
+            raise ConfigError(f"unknown setting {unknown[0]!r}")
         return cls(**{k: v for k, v in d.items() if k != "config_version"})
+
+
+_TEXT_FIELDS = ("model", "data", "out", "backend", "device", "compute_dtype", "resume")
+_FLAG_FIELDS = ("grad_checkpoint", "paged_optimizer", "overwrite", "strict_data")
+
+
+def _check_types(cfg: FinetuneConfig) -> None:
+    """Paths and names are strings and switches are booleans (a YAML file can give anything)."""
+    for name in _TEXT_FIELDS:
+        v = getattr(cfg, name)
+        if v is not None and not isinstance(v, (str, os.PathLike)):
+            raise ConfigError(f"{name} must be a string, got {v!r}")
+        if isinstance(v, str) and (not v or "\0" in v):
+            raise ConfigError(f"{name} must be a non-empty string without NUL characters, "
+                              f"got {v!r}")  # fmt: skip
+    for name in _FLAG_FIELDS:
+        v = getattr(cfg, name)
+        if v is not None and not isinstance(v, bool):
+            raise ConfigError(f"{name} must be true or false, got {v!r}")
+    for name in ("targets", "export"):
+        v = getattr(cfg, name)
+        if v is not None and not (isinstance(v, str) or (
+                isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v))):  # fmt: skip
+            raise ConfigError(f"{name} must be a list of names, got {v!r}")
+
+
+MAX_INT = 2**63 - 1  # what torch and numpy take as a seed or a count
 
 
 def _check_int(cfg: FinetuneConfig, name: str, minimum: int) -> None:
     v = getattr(cfg, name)
     if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < minimum):
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {v!r}")
+    if v is not None and v > MAX_INT:
+        raise ConfigError(f"{name} must be at most {MAX_INT}, got {v}")
 
 
 def learning_rate(cfg: FinetuneConfig, step: int, total_steps: int) -> float:

@@ -8,12 +8,14 @@ mlx-lm keys: `<module>.lora_a` (in, r) and `.lora_b` (r, out), scale alpha / r i
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from nf4core.atomic import atomic_file, write_text_atomic
+from nf4core.regular_file import check_regular_file
 
 WEIGHTS_NAME, CONFIG_NAME = "adapter_model.safetensors", "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
@@ -96,32 +98,83 @@ def load_adapter(directory: str | Path) -> Adapter:
 
     directory = Path(directory)
     cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    if not cfg_path.is_file() or not w_path.is_file():
+    if not cfg_path.exists() or not w_path.exists():
         raise AdapterError(f"{directory}: not an adapter directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+    check_regular_file(cfg_path, AdapterError)
+    check_regular_file(w_path, AdapterError)
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except ValueError as e:
+    except OSError as e:
+        raise AdapterError(f"{cfg_path}: cannot read: {e.strerror or e}") from e
+    except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors are ValueErrors
         raise AdapterError(f"{cfg_path}: not valid JSON ({e})") from e
-    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_rslora"):
-        raise AdapterError(f"{cfg_path}: only plain LoRA adapters are supported")
+    r, alpha, dropout, targets = _check_config(cfg_path, cfg)
     try:
         tensors = load_file(str(w_path))
-        r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
-    except (OSError, SafetensorError) as e:
+    except (OSError, SafetensorError, ValueError, TypeError) as e:  # numpy refuses some dtypes
         raise AdapterError(f"{w_path}: cannot read the adapter weights ({e})") from e
-    except (KeyError, TypeError, ValueError) as e:
-        raise AdapterError(f"{cfg_path}: missing or bad field ({e})") from e
     bad = [k for k in tensors if not k.startswith(PEFT_PREFIX) or ".lora_" not in k]
     if bad:
         raise AdapterError(f"{w_path}: unexpected key {bad[0]!r} (expected PEFT LoRA keys)")
-    targets = cfg.get("target_modules") or []
-    targets = [targets] if isinstance(targets, str) else targets
-    adapter = Adapter(tensors, r, alpha, float(cfg.get("lora_dropout", 0.0)), tuple(targets),
-                      cfg.get("base_model_name_or_path"), directory)  # fmt: skip
+    for key, value in tensors.items():
+        if value.dtype.kind != "f":
+            raise AdapterError(f"{w_path}: tensor {key!r} is {value.dtype}, not a float tensor "
+                               "(not supported)")  # fmt: skip
+    base = cfg.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise AdapterError(f"{cfg_path}: base_model_name_or_path must be a string, got {base!r}")
+    adapter = Adapter(tensors, r, alpha, dropout, targets, base, directory)
     problem = _shape_problem(adapter)
     if problem:
         raise AdapterError(f"{w_path}: {problem}")
     return adapter
+
+
+# PEFT options that change what the adapter computes; we implement the value on the right only.
+_UNSUPPORTED_OPTIONS = {"use_dora": "DoRA", "use_rslora": "rank-stabilised scaling",
+                        "fan_in_fan_out": "transposed (fan_in_fan_out) weights",
+                        "lora_bias": "LoRA biases", "use_qalora": "QA-LoRA"}  # fmt: skip
+_MUST_BE_EMPTY = ("modules_to_save", "layers_to_transform", "layers_pattern", "rank_pattern",
+                  "alpha_pattern", "layer_replication", "target_parameters",
+                  "trainable_token_indices", "alora_invocation_tokens")  # fmt: skip
+
+
+def _check_config(cfg_path: Path, cfg: object) -> tuple[int, float, float, tuple[str, ...]]:
+    """(r, alpha, dropout, targets) of a plain LoRA adapter_config.json; AdapterError naming the
+    field for anything else."""
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported "
+                           "(only plain LoRA adapters)")  # fmt: skip
+    for name, what in _UNSUPPORTED_OPTIONS.items():
+        value = cfg.get(name, False)
+        if value not in (False, None):
+            raise AdapterError(f"{cfg_path}: {name}: {value!r}: {what} is not supported "
+                               "(only plain LoRA adapters)")  # fmt: skip
+    for name in _MUST_BE_EMPTY:
+        if cfg.get(name) not in (None, [], {}, ""):
+            raise AdapterError(f"{cfg_path}: {name} is not supported (only plain LoRA adapters)")
+    if cfg.get("bias", "none") != "none":
+        raise AdapterError(f"{cfg_path}: bias {cfg.get('bias')!r} is not supported (only 'none')")
+    r, alpha, dropout = cfg.get("r"), cfg.get("lora_alpha"), cfg.get("lora_dropout", 0.0)
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise AdapterError(f"{cfg_path}: r must be a positive integer, got {r!r}")
+    if not _finite_number(alpha):
+        raise AdapterError(f"{cfg_path}: lora_alpha must be a finite number, got {alpha!r}")
+    dropout = 0.0 if dropout is None else dropout
+    if not _finite_number(dropout) or not 0 <= dropout < 1:
+        raise AdapterError(f"{cfg_path}: lora_dropout must be in [0, 1), got {dropout!r}")
+    targets = cfg.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else targets
+    if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
+        raise AdapterError(f"{cfg_path}: target_modules must be module names, got "
+                           f"{cfg.get('target_modules')!r}")  # fmt: skip
+    return r, float(alpha), float(dropout), tuple(targets)
+
+
+def _finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _shape_problem(adapter: Adapter) -> str | None:

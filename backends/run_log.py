@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from nf4core.atomic import atomic_file
+from nf4core.atomic import atomic_file, os_errors_name
 
 
 class MetricsLog:
@@ -18,7 +18,7 @@ class MetricsLog:
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
+        with os_errors_name(self.path), open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
     def read(self) -> list[dict]:

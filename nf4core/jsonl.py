@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelLoadError
+from .regular_file import check_regular_file
 
 
 MAX_LINE_BYTES = 10 << 20  # one record, its newline included
@@ -62,7 +63,26 @@ def _parse(raw: bytes, lineno: int) -> tuple[object, str | None]:
         value = json.loads(line)
     except json.JSONDecodeError as exc:
         return None, f"not valid JSON: {exc.msg} (column {exc.colno})"
-    return value, _shape_problem(value)
+    except RecursionError:
+        return None, "not valid JSON: nested too deeply"
+    return value, _shape_problem(value) or _text_problem(value)
+
+
+def _text_problem(value: object) -> str | None:
+    """What is wrong with the record's strings: a lone surrogate (a `\\ud800` escape with no pair)
+    is valid JSON but not text, and no tokenizer takes it."""
+    strings = [value] if isinstance(value, str) else []
+    if isinstance(value, dict):
+        strings = [v for v in value.values() if isinstance(v, str)]
+        if isinstance(value.get("messages"), list):
+            strings += [m[k] for m in value["messages"] for k in ("role", "content")]
+    for text in strings:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return (f"a string holds a lone surrogate ({text[exc.start]!r} at character "
+                    f"{exc.start}), which is not text")  # fmt: skip
+    return None
 
 
 def _kind(value: dict) -> str:
@@ -78,6 +98,8 @@ def read_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False) -> tuple[l
     path = Path(path)
     records: list[Record] = []
     skipped = 0
+    if path.exists():
+        check_regular_file(path, DataFormatError)
     try:
         f = open(path, "rb")
     except OSError as exc:

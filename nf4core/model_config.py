@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -66,6 +67,31 @@ class ModelConfig:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError("hidden_size must divide by num_attention_heads when head_dim is unset")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        self._check_other_fields()
+
+    def _check_other_fields(self) -> None:
+        """Types and ranges of the remaining fields: a wrong type is refused, never reinterpreted
+        (the string "false" is not a true tie_word_embeddings)."""
+        if not _positive_int(self.head_dim) or self.head_dim % 2:
+            raise ValueError(f"head_dim must be a positive even int, got {self.head_dim!r}")
+        if not _positive_int(self.max_position_embeddings):
+            raise ValueError(f"max_position_embeddings must be a positive int, got "
+                             f"{self.max_position_embeddings!r}")  # fmt: skip
+        for name in ("rms_norm_eps", "rope_theta"):
+            if not _positive_number(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
+        for name in ("tie_word_embeddings", "attention_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not (self.bos_token_id is None or _token_id(self.bos_token_id)):
+            raise ValueError(f"bos_token_id must be a token id, got {self.bos_token_id!r}")
+        eos = self.eos_token_id
+        if not (eos is None or _token_id(eos) or (isinstance(eos, list) and eos
+                                                  and all(map(_token_id, eos)))):  # fmt: skip
+            raise ValueError(f"eos_token_id must be a token id or a list of them, got {eos!r}")
+        check_rope_scaling(self.rope_scaling)
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"extra must be a dict, got {type(self.extra).__name__}")
 
     @property
     def resolved_head_dim(self) -> int:
@@ -93,6 +119,7 @@ class ModelConfig:
             if config.get("use_sliding_window"):
                 raise ValueError("Qwen2 sliding-window layers (use_sliding_window with "
                                  "max_window_layers) are not supported")  # fmt: skip
+        check_unimplemented_options(config)
         generated = ("model_type", "architectures")  # to_hf_config writes these from `architecture`
         extra = {k: v for k, v in config.items() if k not in known and k not in generated}
         return cls(architecture=model_type, extra=extra, **values)
@@ -127,3 +154,59 @@ def _legacy_rope_keys(config: dict) -> dict:
     if rest.get("rope_type", "default") != "default" and config.get("rope_scaling") is None:
         config["rope_scaling"] = rest
     return config
+
+
+ROPE_SCALING_FIELDS = {"default": (), "linear": ("factor",),
+                       "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                  "original_max_position_embeddings")}  # fmt: skip
+
+
+def check_rope_scaling(scaling: object) -> None:
+    """ValueError unless `scaling` is None or a RoPE scaling both backends implement."""
+    if scaling is None:
+        return
+    if not isinstance(scaling, dict):
+        raise ValueError(f"rope_scaling must be an object or null, got {scaling!r}")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ROPE_SCALING_FIELDS:
+        raise ValueError(f"rope_scaling type {kind!r} is not supported "
+                         f"(supported: {', '.join(ROPE_SCALING_FIELDS)})")  # fmt: skip
+    for name in ROPE_SCALING_FIELDS[kind]:
+        if not _positive_number(scaling.get(name)):
+            raise ValueError(f"rope_scaling.{name} must be a finite number > 0, got "
+                             f"{scaling.get(name)!r}")  # fmt: skip
+    if kind == "llama3" and scaling["low_freq_factor"] == scaling["high_freq_factor"]:
+        raise ValueError("rope_scaling: low_freq_factor and high_freq_factor must differ")
+
+
+# config.json options whose other values change the model in ways we do not implement:
+# field -> (what we run, the values that mean it)
+_IMPLEMENTED_OPTIONS = {
+    "hidden_act": ("silu", ("silu", "swish")),
+    "mlp_bias": (False, (False,)),
+    "attention_dropout": (0.0, (0, 0.0)),
+    "partial_rotary_factor": (1.0, (1, 1.0)),
+}
+
+
+def check_unimplemented_options(config: dict) -> None:
+    """ValueError naming an option of config.json whose value we do not implement."""
+    for name, (implemented, accepted) in _IMPLEMENTED_OPTIONS.items():
+        value = config.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) != isinstance(implemented, bool) or value not in accepted:
+            raise ValueError(f"{name} {value!r} is not supported (only {implemented!r})")
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _positive_number(value: object) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)  # fmt: skip
+
+
+def _token_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -79,7 +79,7 @@ def nf4_from_state_dict(state_dict: dict, prefix: str) -> NF4Tensor:
         )
     except NF4FormatError as exc:
         raise NF4FormatError(f"{key}: {exc}") from None
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise NF4FormatError(f"{key}: invalid quant_state: {exc}") from None
 
 
@@ -104,6 +104,8 @@ def _read_quant_state(state_dict: dict, key: str) -> dict:
         state = json.loads(raw.tobytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise NF4FormatError(f"{name!r} is not valid UTF-8 JSON: {exc}") from None
+    except RecursionError:
+        raise NF4FormatError(f"{name!r} is not valid UTF-8 JSON: nested too deeply") from None
     if not isinstance(state, dict):
         raise NF4FormatError(f"{name!r} must hold a JSON object, got {type(state).__name__}")
     fields = dict(_REQUIRED)

@@ -27,6 +27,13 @@ def _frozen(array: np.ndarray, dtype: type, ndim: int, what: str) -> np.ndarray:
     return view
 
 
+def _check_finite(array: np.ndarray, what: str) -> None:
+    """A scale or code table with NaN or Inf would turn every weight it touches into NaN."""
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        bad = int(np.flatnonzero(~np.isfinite(array))[0])
+        raise NF4FormatError(f"{what} holds non-finite values (first at index {bad}: {array[bad]})")
+
+
 @dataclass(frozen=True, eq=False)
 class DoubleQuantAbsmax:
     """The block absmax, itself quantized to 8 bits (bitsandbytes' "nested" statistics).
@@ -46,9 +53,16 @@ class DoubleQuantAbsmax:
         set_(self, "scales", _frozen(self.scales, np.float32, 1, "nested_absmax"))
         set_(self, "quant_map", _frozen(self.quant_map, np.float32, 1, "nested_quant_map"))
         set_(self, "blocksize", check_blocksize(self.blocksize, "nested blocksize"))
-        if not math.isfinite(self.offset):
-            raise NF4FormatError(f"nested offset must be finite, got {self.offset}")
-        set_(self, "offset", float(np.float32(self.offset)))
+        _check_finite(self.scales, "nested_absmax")
+        _check_finite(self.quant_map, "nested_quant_map")
+        try:
+            with np.errstate(over="ignore"):
+                offset = np.float32(self.offset)
+        except (TypeError, ValueError, OverflowError):
+            offset = np.float32("nan")
+        if isinstance(self.offset, bool) or not np.isfinite(offset):
+            raise NF4FormatError(f"nested offset must be a finite float32, got {self.offset!r}")
+        set_(self, "offset", float(offset))
         if self.quant_map.shape != (256,):
             raise NF4FormatError(f"nested_quant_map must hold 256 values, got {self.quant_map.shape}")
         expected = blockwise.n_blocks(self.codes.size, self.blocksize)
@@ -114,6 +128,7 @@ class NF4Tensor:
         set_(self, "quant_map", _frozen(self.quant_map, np.float32, 1, "quant_map"))
         if self.quant_map.shape != (16,):
             raise NF4FormatError(f"quant_map must hold 16 values, got shape {self.quant_map.shape}")
+        _check_finite(self.quant_map, "quant_map")
         if self.packed.size != (self.numel + 1) // 2:
             raise NF4FormatError(
                 f"packed codes hold {self.packed.size} bytes, but shape {list(self.shape)} "
@@ -124,6 +139,7 @@ class NF4Tensor:
         n_scales = self.n_blocks
         if self.absmax is not None:
             set_(self, "absmax", _frozen(self.absmax, np.float32, 1, "absmax"))
+            _check_finite(self.absmax, "absmax")
             got = self.absmax.size
         else:
             got = self.double_quant.codes.size

@@ -11,8 +11,9 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
 from .atomic import write_text_atomic
-from .chat_template import render_chat
+from .chat_template import ChatTemplateError, render_chat
 from .errors import ModelLoadError
+from .regular_file import check_regular_file
 
 # Pre-tokenizer split patterns by GGUF `tokenizer.ggml.pre` (facts of the models' own tokenizers).
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
@@ -37,6 +38,7 @@ class Tokenizer:
     unk_token: str | None = None
     chat_template: str | None = None
     extra_config: dict = field(default_factory=dict)
+    chat_template_source: str | None = None  # the file the template came from, for messages
 
     def __post_init__(self) -> None:
         for role in ("bos_token", "eos_token", "pad_token", "unk_token"):
@@ -46,7 +48,7 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids; special tokens written in the text are recognised as such."""
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return self.backend.encode(check_text(text), add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -76,9 +78,14 @@ class Tokenizer:
         """The conversation rendered with the model's own chat template."""
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template")
-        return render_chat(self.chat_template, messages, add_generation_prompt,
-                           bos_token=self.bos_token or "", eos_token=self.eos_token or "",
-                           **variables)  # fmt: skip
+        try:
+            return render_chat(self.chat_template, messages, add_generation_prompt,
+                               bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+                               **variables)  # fmt: skip
+        except ChatTemplateError as exc:
+            if self.chat_template_source is None:
+                raise
+            raise ChatTemplateError(f"{self.chat_template_source}: {exc}") from None
 
     def save(self, directory: str | Path) -> None:
         """tokenizer.json and tokenizer_config.json, readable by transformers' AutoTokenizer."""
@@ -96,6 +103,8 @@ class Tokenizer:
         """From tokenizer.json (+ tokenizer_config.json and chat_template.jinja when present)."""
         directory = Path(directory)
         path = directory / "tokenizer.json"
+        if path.exists():
+            check_regular_file(path)
         if not path.is_file():
             raise ModelLoadError(f"{path}: file not found (SentencePiece tokenizer.model files are "
                                  "not supported; a tokenizer.json is needed)")  # fmt: skip
@@ -110,15 +119,26 @@ class Tokenizer:
 
             config = read_json(config_path)
         template = config.get("chat_template")
+        source = f"{config_path} (chat_template)"
         if isinstance(template, list):  # named templates: take the default one
-            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+            named = [t for t in template if isinstance(t, dict)]
+            template = next((t.get("template") for t in named if t.get("name") == "default"), None)
+        if template is not None and not isinstance(template, str):
+            raise ModelLoadError(f"{config_path}: chat_template must be a string or a list of "
+                                 f"named templates, got {type(template).__name__}")  # fmt: skip
         jinja_path = directory / "chat_template.jinja"
-        if template is None and jinja_path.is_file():
-            template = jinja_path.read_text(encoding="utf-8")
+        if template is None and jinja_path.exists():
+            check_regular_file(jinja_path)
+            try:
+                template = jinja_path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ModelLoadError(f"{jinja_path}: cannot read: {exc}") from None
+            source = str(jinja_path)
         try:
             return cls(backend, _token(config.get("bos_token")), _token(config.get("eos_token")),
-                       _token(config.get("pad_token")), _token(config.get("unk_token")), template)
-        except ValueError as exc:
+                       _token(config.get("pad_token")), _token(config.get("unk_token")), template,
+                       chat_template_source=source)  # fmt: skip
+        except (ValueError, TypeError) as exc:
             raise ModelLoadError(f"{config_path}: {exc}") from None
 
     @classmethod
@@ -162,8 +182,11 @@ class Tokenizer:
             [(eos, token_id("eos"))] if add_eos and not (add_bos and eos == bos) else [])
         backend.post_processor = processors.TemplateProcessing(single=single, pair=pair,
                                                                special_tokens=specials)  # fmt: skip
-        return cls(backend, bos, eos, token("padding"), token("unknown"),
-                   get("tokenizer.chat_template", None))  # fmt: skip
+        template = get("tokenizer.chat_template", None)
+        if template is not None and not isinstance(template, str):
+            raise ModelLoadError(f"{path}: tokenizer.chat_template must be a string")
+        return cls(backend, bos, eos, token("padding"), token("unknown"), template,
+                   chat_template_source=f"{path} (tokenizer.chat_template)")  # fmt: skip
 
 
 def _token(value: object) -> str | None:
@@ -228,8 +251,21 @@ def _sentencepiece_bpe(tokens: list[str], scores: list[float] | None, types: lis
     return backend
 
 
+def check_text(text: object) -> str:
+    """`text` if it is a string of valid Unicode; ValueError for a lone surrogate or a
+    non-string."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected text, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"text holds a lone surrogate ({text[exc.start]!r} at character "
+                         f"{exc.start}), which is not valid Unicode") from None
+    return text
+
+
 def encode_with_offsets(tokenizer: Tokenizer, text: str, add_special_tokens: bool = True
                         ) -> tuple[list[int], list[tuple[int, int]]]:  # fmt: skip
     """Token ids and, for each, its (start, end) character span in `text` ((0, 0) for added ones)."""
-    encoding = tokenizer.backend.encode(text, add_special_tokens=add_special_tokens)
+    encoding = tokenizer.backend.encode(check_text(text), add_special_tokens=add_special_tokens)
     return encoding.ids, encoding.offsets

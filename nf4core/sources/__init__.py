@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from ..errors import ModelLoadError
+from ..regular_file import check_regular_file
 from .base import ModelSource
 from .bnb_dir import BnbDirSource
 from .gguf_file import GGUFSource
@@ -32,8 +33,12 @@ def open_model(path: str | os.PathLike) -> ModelSource:
         return HFDirSource(path)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or directory")
-    with open(path, "rb") as f:
-        magic = f.read(4)
+    check_regular_file(path)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if magic != GGUF_MAGIC:
         raise ModelLoadError(f"{path}: neither a model directory nor a GGUF file "
                              f"(starts with {magic!r}, not {GGUF_MAGIC!r})")  # fmt: skip

@@ -41,9 +41,25 @@ class ModelSource(ABC):
         if name not in self._shapes:
             raise KeyError(f"{self.path}: the model has no tensor {name!r}")
 
-    @abstractmethod
     def read(self, name: str) -> np.ndarray | NF4Tensor:
-        """One tensor: a numpy array, or an NF4Tensor where the checkpoint stores it as NF4."""
+        """One tensor: a numpy array, or an NF4Tensor where the checkpoint stores it as NF4.
+
+        ModelLoadError, naming the tensor and its file, if it holds NaN or Inf (NF4 tensors check
+        their scales and code tables when they are built).
+        """
+        self._check_name(name)
+        value = self._read(name)
+        if isinstance(value, np.ndarray):
+            check_finite(value, f"{self.file_of(name)}: tensor {name!r}")
+        return value
+
+    def _read(self, name: str) -> np.ndarray | NF4Tensor:
+        """The tensor as stored, unchecked (sources that override `read` itself need not)."""
+        raise NotImplementedError
+
+    def file_of(self, name: str) -> Path:
+        """The file that stores tensor `name`, for messages."""
+        return self.path
 
     @abstractmethod
     def tokenizer(self) -> Tokenizer:
@@ -66,6 +82,24 @@ class ModelSource(ABC):
             if tuple(available[name]) != shape:
                 raise ModelLoadError(f"{where}: tensor {name!r} has shape "
                                      f"{list(available[name])}, expected {list(shape)}")  # fmt: skip
+
+
+def check_finite(array: np.ndarray, what: str, chunk: int = 1 << 22) -> None:
+    """ModelLoadError unless every value of a float `array` is finite (checked in slices, so a
+    memory-mapped tensor is not copied whole)."""
+    if array.dtype.kind not in "fV" or array.size == 0:
+        return
+    flat = array.reshape(-1)
+    for start in range(0, flat.size, chunk):
+        part = flat[start : start + chunk]
+        finite = np.isfinite(part)
+        if not finite.all():
+            nan = sum(int(np.isnan(flat[i : i + chunk]).sum()) for i in range(0, flat.size, chunk))
+            inf = sum(int(np.isinf(flat[i : i + chunk]).sum()) for i in range(0, flat.size, chunk))
+            first = start + int(np.flatnonzero(~finite)[0])
+            where = tuple(int(i) for i in np.unravel_index(first, array.shape))
+            raise ModelLoadError(f"{what} holds {nan} NaN and {inf} Inf values (first at index "
+                                 f"{where}); the weights are corrupt")  # fmt: skip
 
 
 def normalized(config: ModelConfig) -> ModelConfig:

@@ -52,8 +52,13 @@ class BnbDirSource(HFDirSource):
             if quant_type != "nf4":
                 raise ModelLoadError(f"{self._file(key).path}: {name!r} is stored as "
                                      f"{quant_type!r}, not nf4 (not supported)")  # fmt: skip
-            shapes[name] = self.read(name).shape
+            shapes[name] = self._read(name).shape
         return shapes
+
+    def _parts(self, name: str) -> list[str]:
+        if not self.is_nf4(name):
+            return [name]
+        return [name] + [f"{name}.{part}" for part in _NF4_PARTS if f"{name}.{part}" in self._where]
 
     def is_nf4(self, name: str) -> bool:
         return f"{name}.{QUANT_STATE_SUFFIX}nf4" in self._where
@@ -61,10 +66,10 @@ class BnbDirSource(HFDirSource):
     def _is_packed(self, name: str) -> bool:
         return self.is_nf4(name)
 
-    def read(self, name: str) -> np.ndarray | NF4Tensor:
+    def _read(self, name: str) -> np.ndarray | NF4Tensor:
         """An NF4Tensor for a weight stored as NF4 (bytes as saved), else the array as stored."""
         if not self.is_nf4(name):
-            return super().read(name)
+            return super()._read(name)
         parts = {name: self._file(name).read(name)}
         for part in _NF4_PARTS:
             key = f"{name}.{part}"

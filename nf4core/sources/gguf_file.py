@@ -31,6 +31,7 @@ _LAYER_NAMES = {
 }  # fmt: skip
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
                  "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+_DERIVED_TENSORS = ("rope_freqs.weight",)  # Llama 3 RoPE factors: checked against the config
 _DEQUANT_CHUNK = 1 << 22  # elements dequantized per step
 _LAYER = re.compile(r"blk\.(\d+)\.(.+)")
 LLAMA3_CANDIDATES = tuple({"rope_type": "llama3", "factor": f, "low_freq_factor": 1.0,
@@ -112,6 +113,9 @@ class GGUFSource(ModelSource):
             name = hf_name(t.name)
             if name is not None:
                 self._tensors[name] = t
+            elif t.name not in _DERIVED_TENSORS:
+                raise ModelLoadError(f"{self.path}: tensor {t.name!r} is not part of a supported "
+                                     "Llama-family model (not supported)")  # fmt: skip
         self.arch = self._get("general.architecture")
         if self.arch not in ("llama", "mistral", "qwen2"):
             raise ModelLoadError(f"{self.path}: architecture {self.arch!r} is not supported "
@@ -123,6 +127,11 @@ class GGUFSource(ModelSource):
                                      f"not supported (supported: {', '.join(SUPPORTED_TYPES)})")
         shapes = {name: tuple(int(d) for d in reversed(t.shape)) for name, t in self._tensors.items()}
         self._check_layout(shapes, str(self.path))
+        for name in self._tensors:
+            if name not in self._shapes:
+                raise ModelLoadError(f"{self.path}: {self.arch}.block_count is "
+                                     f"{self.config.num_hidden_layers}, but the file holds "
+                                     f"{self._tensors[name].name!r}")  # fmt: skip
 
     def _sliding_window(self) -> int | None:
         """0 means none; a Mistral file without the key gets transformers' default, like config.json."""
@@ -137,6 +146,15 @@ class GGUFSource(ModelSource):
         return self.metadata[key]
 
     def _config(self) -> ModelConfig:
+        try:
+            return self._config_from_metadata()
+        except ModelLoadError:
+            raise
+        except (TypeError, ValueError, ArithmeticError) as exc:  # e.g. a string where a count goes
+            raise ModelLoadError(f"{self.path}: metadata does not describe a model: "
+                                 f"{exc}") from None  # fmt: skip
+
+    def _config_from_metadata(self) -> ModelConfig:
         a = self.arch
         embed = self._tensors.get("model.embed_tokens.weight")
         if embed is None:
@@ -188,9 +206,8 @@ class GGUFSource(ModelSource):
                 return dict(candidate)
         raise ModelLoadError(f"{self.path}: rope_freqs.weight matches no known Llama 3 RoPE scaling")
 
-    def read(self, name: str) -> np.ndarray:
+    def _read(self, name: str) -> np.ndarray:
         """One tensor dequantized to float32, in Hugging Face layout (q/k rows un-permuted)."""
-        self._check_name(name)
         t = self._tensors[name]
         shape = self._shapes[name]
         values = np.empty(shape, np.float32)
@@ -214,4 +231,10 @@ class GGUFSource(ModelSource):
     def tokenizer(self):
         from ..tokenizer import Tokenizer
 
-        return Tokenizer.from_gguf(self.path, self._get)
+        try:
+            return Tokenizer.from_gguf(self.path, self._get)
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # metadata of the wrong type reaches the tokenizers library
+            raise ModelLoadError(f"{self.path}: the tokenizer metadata is unusable: "
+                                 f"{type(exc).__name__}: {exc}") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from ..atomic import atomic_file
 from ..dtypes import FLOAT_DTYPES
 from ..errors import ModelLoadError
 from ..model_config import ModelConfig
+from ..regular_file import check_regular_file
 from ..tensor import NF4Tensor
 from .base import ModelSource, normalized
 from .safetensors_io import SafetensorsFile
@@ -20,16 +22,23 @@ INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja")
 _PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
+_DERIVED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")  # old checkpoints
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def read_json(path: Path) -> dict:
+    check_regular_file(path)
     try:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
     except FileNotFoundError:
         raise ModelLoadError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"{path}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ModelLoadError(f"{path}: not valid JSON: nested too deeply") from None
     if not isinstance(value, dict):
         raise ModelLoadError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
@@ -61,6 +70,35 @@ class HFDirSource(ModelSource):
             if not self._is_packed(name) and dtype.name not in FLOAT_DTYPES:
                 raise ModelLoadError(f"{self._file(name).path}: tensor {name!r} is {dtype.name}; "
                                      "expected float32, float16 or bfloat16")  # fmt: skip
+        self._check_all_consumed()
+
+    def _parts(self, name: str) -> list[str]:
+        """The stored tensors that make up the model tensor `name`."""
+        return [name]
+
+    def _check_all_consumed(self) -> None:
+        """Every stored tensor is one the config describes: nothing is silently dropped."""
+        used = {part for name in self.tensor_names() for part in self._parts(name)}
+        config_path = self.path / "config.json"
+        for name in self._where:
+            if name in used or _DERIVED.fullmatch(name):
+                continue
+            layer = _LAYER.match(name)
+            if layer and int(layer.group(1)) >= self.config.num_hidden_layers:
+                raise ModelLoadError(f"{config_path}: num_hidden_layers is "
+                                     f"{self.config.num_hidden_layers}, but the weights hold "
+                                     f"{name!r} (layer {layer.group(1)})")  # fmt: skip
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                if np.array_equal(self._file(name).read(name),
+                                  self._file("model.embed_tokens.weight").read(
+                                      "model.embed_tokens.weight")):  # fmt: skip
+                    continue
+                raise ModelLoadError(f"{config_path}: tie_word_embeddings is true, but "
+                                     f"{self._file(name).path} holds an lm_head.weight that "
+                                     "differs from the embeddings")  # fmt: skip
+            raise ModelLoadError(f"{self._file(name).path}: tensor {name!r} is not part of the "
+                                 f"{self.config.architecture} model config.json describes "
+                                 "(not supported)")  # fmt: skip
 
     def _is_packed(self, name: str) -> bool:
         return False
@@ -80,9 +118,12 @@ class HFDirSource(ModelSource):
             weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ModelLoadError(f"{index}: has no 'weight_map' object")
-            for file in sorted(set(weight_map.values())):
-                if not (self.path / file).is_file():
-                    raise ModelLoadError(f"{index}: names shard {file!r}, which is missing")
+            checked: set[str] = set()
+            for file in weight_map.values():
+                if not isinstance(file, str) or file not in checked:
+                    self._check_shard_name(index, file)
+                    checked.add(file)
+            self._check_shards_match(index, weight_map)
             return dict(weight_map)
         shards = sorted(p.name for p in self.path.glob("*.safetensors"))
         if not shards:
@@ -93,8 +134,36 @@ class HFDirSource(ModelSource):
         where: dict[str, str] = {}
         for shard in shards:
             for name in self._open(shard).names():
+                if name in where:
+                    raise ModelLoadError(f"{self.path}: tensor {name!r} is stored twice, in "
+                                         f"{where[name]} and {shard}")  # fmt: skip
                 where[name] = shard
         return where
+
+    def _check_shard_name(self, index: Path, file: object) -> None:
+        """A shard is a regular file named relative to the directory, and stays inside it."""
+        if not isinstance(file, str) or not file:
+            raise ModelLoadError(f"{index}: weight_map values must be file names, got {file!r}")
+        relative = Path(file)
+        if relative.is_absolute() or ".." in relative.parts:
+            raise ModelLoadError(f"{index}: shard {file!r} lies outside the model directory")
+        shard = self.path / relative
+        if not shard.exists():
+            raise ModelLoadError(f"{index}: names shard {file!r}, which is missing")
+        if not shard.resolve().is_relative_to(self.path.resolve()):
+            raise ModelLoadError(f"{index}: shard {file!r} links outside the model directory")
+        check_regular_file(shard)
+
+    def _check_shards_match(self, index: Path, weight_map: dict) -> None:
+        """Each shard holds exactly the tensors the index assigns to it."""
+        for file in sorted(set(weight_map.values())):
+            listed = {name for name, f in weight_map.items() if f == file}
+            stored = set(self._open(file).names())
+            for name in sorted(stored - listed):
+                other = weight_map.get(name)
+                where = f"assigns it to {other}" if other else "does not list it"
+                raise ModelLoadError(f"{self.path / file}: holds tensor {name!r}, but {INDEX_FILE} "
+                                     f"{where} (a tensor stored twice or a stale index)")
 
     def _open(self, file: str) -> SafetensorsFile:
         if file not in self._files:
@@ -109,10 +178,12 @@ class HFDirSource(ModelSource):
             raise ModelLoadError(f"{file.path}: missing tensor {name!r} (listed in {INDEX_FILE})")
         return file
 
-    def read(self, name: str) -> np.ndarray | NF4Tensor:
+    def _read(self, name: str) -> np.ndarray | NF4Tensor:
         """One tensor as stored (float32/float16/bfloat16), mapped read-only from its file."""
-        self._check_name(name)
         return self._file(name).read(name)
+
+    def file_of(self, name: str) -> Path:
+        return self._file(name).path
 
     @property
     def dtype(self) -> str:

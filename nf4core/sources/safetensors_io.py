@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_file
+from ..atomic import atomic_file, os_errors_name
 from ..dtypes import bfloat16
 from ..errors import ModelLoadError
+from ..regular_file import check_regular_file
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": bfloat16,
@@ -32,10 +33,15 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 
 class SafetensorsFile:
-    """A safetensors file, opened lazily: the header is parsed, tensors are mapped on `read`."""
+    """A safetensors file, opened lazily: the header is parsed, tensors are mapped on `read`.
+
+    The header is checked as strictly as the reference reader does: every entry has a known dtype,
+    a shape and offsets of non-negative integers, a byte size that matches dtype and shape, and the
+    entries, sorted by offset, tile the data exactly (no overlap, no gap, nothing after the last).
+    """
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
+        self.path = check_regular_file(path)
         try:
             size = self.path.stat().st_size
             with open(self.path, "rb") as f:
@@ -49,36 +55,69 @@ class SafetensorsFile:
         except OSError as exc:
             raise ModelLoadError(f"{self.path}: cannot read: {exc.strerror or exc}") from None
         try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+        except (UnicodeDecodeError, ValueError) as exc:
             raise self._error(f"header is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise self._error("header is not valid JSON: nested too deeply") from None
         if not isinstance(header, dict):
             raise self._error("header is not a JSON object")
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        metadata = header.pop("__metadata__", None) or {}
+        strings = isinstance(metadata, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+        if not strings:
+            raise self._error("__metadata__ must be an object of strings")
+        self.metadata: dict[str, str] = metadata
         self._data_start = 8 + n
         self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}
-        data_size = size - self._data_start
+        spans: list[tuple[int, int, str]] = []
         for name, entry in header.items():
-            self._entries[name] = self._check_entry(name, entry, data_size)
+            dtype, shape, begin, end = self._check_entry(name, entry)
+            self._entries[name] = dtype, shape, begin
+            spans.append((begin, end, name))
+        self._check_tiling(spans, size - self._data_start)
 
     def _error(self, problem: str) -> ModelLoadError:
         return ModelLoadError(f"{self.path}: {problem}")
 
-    def _check_entry(self, name: str, entry: object, data_size: int):
-        try:
-            dtype = DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise self._error(f"tensor {name!r} has a malformed or unsupported header entry: "
-                              f"{entry!r}") from None  # fmt: skip
-        if any(d < 0 for d in shape) or not 0 <= begin <= end <= data_size:
-            raise self._error(f"tensor {name!r}: offsets [{begin}, {end}] lie outside the data "
-                              f"({data_size} bytes); the file is truncated or corrupt")  # fmt: skip
+    def _check_entry(self, name: str, entry: object) -> tuple[np.dtype, tuple[int, ...], int, int]:
+        bad = self._error(f"tensor {name!r} has a malformed or unsupported header entry: "
+                          f"{_short(entry)}")  # fmt: skip
+        if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str):
+            raise bad
+        dtype = DTYPES.get(entry["dtype"])
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if dtype is None or not _int_list(shape) or not _int_list(offsets) or len(offsets) != 2:
+            raise bad
+        begin, end = offsets
+        if begin > end:
+            raise self._error(f"tensor {name!r}: data_offsets [{begin}, {end}] end before "
+                              "they begin")  # fmt: skip
         if end - begin != math.prod(shape) * dtype.itemsize:
             raise self._error(f"tensor {name!r}: {end - begin} bytes do not hold shape "
                               f"{list(shape)} of {entry['dtype']}")  # fmt: skip
-        return dtype, shape, begin
+        return dtype, tuple(shape), begin, end
+
+    def _check_tiling(self, spans: list[tuple[int, int, str]], data_size: int) -> None:
+        """Sorted by offset, each tensor starts where the previous one ended; the last one ends
+        the file."""
+        position, previous = 0, None
+        for begin, end, name in sorted(spans):
+            if begin != position:
+                if begin < position:
+                    what = f"overlaps tensor {previous!r}"
+                elif previous is None:
+                    what = f"start at byte {begin}: the data must start with a tensor"
+                else:
+                    what = f"leave a gap of {begin - position} bytes after tensor {previous!r}"
+                raise self._error(f"tensor {name!r}: data_offsets [{begin}, {end}] {what}")
+            position, previous = end, name
+        if position > data_size:
+            raise self._error(f"tensor {previous!r}: offsets end at byte {position}, past the data "
+                              f"({data_size} bytes); the file is truncated or corrupt")
+        if position < data_size:
+            raise self._error(f"{data_size - position} bytes after the last tensor belong to none "
+                              "(offsets do not cover the data)")
 
     def names(self) -> list[str]:
         return list(self._entries)
@@ -106,6 +145,23 @@ class SafetensorsFile:
                          shape=shape).view(np.ndarray)  # fmt: skip
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"key {next(k for k in keys if keys.count(k) > 1)!r} appears twice")
+    return dict(pairs)
+
+
+def _int_list(value: object) -> bool:
+    """A list of non-negative ints (not bools, not floats such as 2.0)."""
+    return isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 class SafetensorsWriter:
     """Writes a safetensors file tensor by tensor, atomically (nothing appears until `close`).
 
@@ -129,7 +185,8 @@ class SafetensorsWriter:
         if dtype not in _NAMES:
             raise TypeError(f"{name}: dtype {array.dtype} cannot be stored in safetensors")
         array = array.astype(dtype, copy=False)
-        self._data.write(array.reshape(-1).view(np.uint8).data)  # no copy of the tensor's bytes
+        with os_errors_name(self.path):
+            self._data.write(array.reshape(-1).view(np.uint8).data)  # no copy of the tensor's bytes
         end = self._offset + array.nbytes
         self._header[name] = {"dtype": _NAMES[dtype], "shape": list(array.shape),
                               "data_offsets": [self._offset, end]}  # fmt: skip

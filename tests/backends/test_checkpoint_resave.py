@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from backends import checkpoint as ckpt_mod
 from backends.checkpoint import NonFiniteStateError, load_checkpoint, save_checkpoint
 from backends.engine import TrainingState
+from backends.finetune_config import FinetuneConfig
 from cli import main
 from tests.backends.finetune_fixtures import tiny_setup
 
@@ -23,8 +24,8 @@ def _state(step: int, value: float = 0.5) -> TrainingState:
 
 
 def _save(root, step, value=0.5):
-    return save_checkpoint(root, _state(step, value), {"steps": step}, {"micro_batches": step},
-                           "torch")  # fmt: skip
+    return save_checkpoint(root, _state(step, value), FinetuneConfig(steps=step).to_dict(),
+                           {"micro_batches": step}, "torch")  # fmt: skip
 
 
 def _value(root) -> float:
