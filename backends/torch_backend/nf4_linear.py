@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import nf4core
 
 from . import ops
+from .dequant_cache import cached_weight
 from .nf4_weight import NF4Weight
 
 _BUFFERS = ("packed", "absmax", "nested_codes", "nested_scales", "nested_quant_map", "quant_map")
@@ -30,8 +32,10 @@ class _NF4Matmul(torch.autograd.Function):
 
 
 def nf4_linear(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Functional form: x (..., in) -> (..., out), computed in x's dtype."""
-    y = _NF4Matmul.apply(x, weight)
+    """Functional form: x (..., in) -> (..., out), computed in x's dtype. With autograd off inside
+    an active `DequantCache` (generation), the cached dequantized weight is used."""
+    dense = cached_weight(weight, x.dtype)
+    y = F.linear(x, dense) if dense is not None else _NF4Matmul.apply(x, weight)
     return y if bias is None else y + bias.to(y.dtype)
 
 
