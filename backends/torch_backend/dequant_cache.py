@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -49,7 +49,8 @@ class DequantCache:
     def __init__(self, budget_bytes: int | None = None) -> None:
         self.budget = budget_from_env() if budget_bytes is None else budget_bytes
         self.used = 0
-        self._entries: dict[tuple[int, torch.dtype], tuple[NF4Weight, tuple[int, ...], torch.Tensor]] = {}
+        self._entries: dict[tuple[int, torch.dtype],
+                            tuple[torch.Tensor, tuple[int, ...], torch.Tensor]] = {}
 
     @contextlib.contextmanager
     def active(self) -> Iterator[DequantCache]:
@@ -67,30 +68,40 @@ class DequantCache:
         self._entries.clear()
         self.used = 0
 
-    def dense(self, w: NF4Weight, dtype: torch.dtype) -> torch.Tensor | None:
-        """W (out, in) in `dtype`, cached; None when it does not fit the budget (the caller runs the
-        per-call path)."""
-        key = (id(w.packed), dtype)
-        versions = tuple(t._version for t in w.tensors())
+    def dense(self, tensors: Sequence[torch.Tensor], numel: int, dtype: torch.dtype,
+              make: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+        """The dense weight of the NF4 data `tensors` (packed codes first) in `dtype`: cached, or
+        made by `make()` and cached, or None when it does not fit the budget."""
+        packed = tensors[0]
+        key = (id(packed), dtype)
+        versions = tuple(t._version for t in tensors)
         entry = self._entries.get(key)
         if entry is not None:
             held, held_versions, dense = entry
-            if held.packed is w.packed and held_versions == versions:
+            if held is packed and held_versions == versions:
                 return dense
             self.used -= dense.numel() * dense.element_size()
             del self._entries[key]
-        nbytes = w.numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
         if self.used + nbytes > self.budget:
             return None
-        dense = ops.dequantize(w, dtype)
-        self._entries[key] = (w, versions, dense)  # w holds the packed tensor: its id stays unique
+        dense = make()
+        self._entries[key] = (packed, versions, dense)  # holding packed keeps its id unique
         self.used += nbytes
         return dense
 
 
-def cached_weight(w: NF4Weight, dtype: torch.dtype) -> torch.Tensor | None:
-    """The dequantized weight from the active cache, or None: no cache active, autograd on, the
-    reference path forced, or the budget spent."""
+def active_cache() -> DequantCache | None:
+    """The cache NF4 linears may use now, or None: no cache active, autograd on, or the reference
+    path forced."""
     if not _current or torch.is_grad_enabled() or not use_fast_paths():
         return None
-    return _current[-1].dense(w, dtype)
+    return _current[-1]
+
+
+def cached_weight(w: NF4Weight, dtype: torch.dtype) -> torch.Tensor | None:
+    """The dequantized weight from the active cache, or None (see `active_cache`; or over budget)."""
+    cache = active_cache()
+    if cache is None:
+        return None
+    return cache.dense(w.tensors(), w.numel, dtype, lambda: ops.dequantize(w, dtype))

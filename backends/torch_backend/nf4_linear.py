@@ -10,7 +10,7 @@ from torch import nn
 import nf4core
 
 from . import ops
-from .dequant_cache import cached_weight
+from .dequant_cache import active_cache, cached_weight
 from .nf4_weight import NF4Weight
 
 _BUFFERS = ("packed", "absmax", "nested_codes", "nested_scales", "nested_quant_map", "quant_map")
@@ -119,6 +119,14 @@ class NF4Linear(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        cache = active_cache()
+        if cache is not None:  # generation: skip building an NF4Weight per call
+            held = self._buffers  # skips Module.__getattr__ per buffer (per-token overhead)
+            tensors = [held[n] for n in _BUFFERS if held[n] is not None]
+            numel = self.out_features * self.in_features
+            dense = cache.dense(tensors, numel, x.dtype, lambda: self.dequantize(x.dtype))
+            if dense is not None:
+                return F.linear(x, dense, None if self.bias is None else self.bias.to(x.dtype))
         return nf4_linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:

@@ -9,7 +9,7 @@ from backends.torch_backend import dispatch
 from backends.torch_backend.dequant_cache import DequantCache, budget_from_env
 from backends.torch_backend.generate import SamplingConfig, generate, greedy_steps
 from backends.torch_backend.model import CausalLM
-from backends.torch_backend.nf4_linear import NF4Linear
+from backends.torch_backend.nf4_linear import NF4Linear, nf4_linear
 from tests.backends.torch_backend.conftest import bits, quantized
 from tests.backends.torch_backend.tiny_models import hf_model, state_of
 
@@ -28,7 +28,9 @@ def test_cached_linear_matches_the_spec(rng, shape, blocksize, double_quant):
         x = torch.randn(rows, shape[1])
         with torch.no_grad(), cache.active():
             y = layer(x)
+            y_functional = nf4_linear(x, layer.weight, layer.bias)
         assert torch.allclose(y, x @ spec.T + torch.from_numpy(bias), rtol=1e-5, atol=1e-5)
+        assert torch.equal(y, y_functional)
     assert len(cache) == 1
     (_, _, dense), = cache._entries.values()
     assert np.array_equal(bits(dense), bits(spec))  # the cached weight is the spec, bit for bit
