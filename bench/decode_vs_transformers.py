@@ -5,9 +5,10 @@ one token vs a dense FP32 `F.linear`.
 
 1. The default model (SmolLM2-135M-Instruct GGUF), the same prompt ids, greedy, exactly
    --new-tokens new tokens (no stop token) on both sides, FP32 compute: ours (NF4 weights, torch
-   backend, with the dequant cache as `generate` uses it, and with it off: NF4_QLORA_DEQUANT_CACHE_MB=0)
-   vs transformers' `generate` on the model loaded from the GGUF in float32. Each timed after a short
-   warmup generate, the faster of two calls; tokens/s = new tokens / wall time of the call (prefill included).
+   backend, with the dequant cache as `generate` uses it, and with it off:
+   NF4_QLORA_DEQUANT_CACHE_MB=0) vs transformers' `generate` on the model loaded from the GGUF in
+   float32. Each timed after a short warmup generate, the faster of two calls; tokens/s = new
+   tokens / wall time of the call (prefill included).
 2. NF4Linear (double quant, blocksize 64) on one token, no grad, for 576x1536, 1536x576 and
    4096x4096 (out x in): the per-call path (dequantize, then multiply), the cached path (inside an
    active DequantCache, as in generation) and FP32 `F.linear` on the dense weight.
@@ -56,7 +57,8 @@ def ours(source: nf4core.ModelSource, ids: list[int], new: int, layers: int) -> 
         del model.model.layers[layers:]
     cfg = SamplingConfig(max_new_tokens=new)
     rows = {}
-    for name, budget in (("ours, dequant cache (generate's default)", None), ("ours, cache off", "0")):
+    variants = (("ours, dequant cache (generate's default)", None), ("ours, cache off", "0"))
+    for name, budget in variants:
         if budget is not None:
             os.environ["NF4_QLORA_DEQUANT_CACHE_MB"] = budget
         generate(model, ids, SamplingConfig(max_new_tokens=4))  # warmup
@@ -124,11 +126,13 @@ def main() -> None:
         same = r["tokens"][:16] == ref["tokens"][:16]
         print(f"| {name} | {r['seconds']:.2f} | {rate:.1f} | "
               f"{ref['seconds'] / r['seconds']:.2f} | {'yes' if same else 'no'} |")
-    print("\nNF4Linear at one token (no grad, double quant, blocksize 64) vs FP32 F.linear, median ms:\n")
+    print("\nNF4Linear at one token (no grad, double quant, blocksize 64) vs FP32 F.linear, "
+          "median ms:\n")
     print("| out x in | per call (dequantize + matmul) | cached | FP32 F.linear | per call / FP32 "
           "| cached / FP32 |\n|---|---|---|---|---|---|")
     for r in one_token_linear(repeat):
-        print(f"| {r['shape']} | {r['per_call_ms']:.3f} | {r['cached_ms']:.3f} | {r['fp32_ms']:.3f} | "
+        print(f"| {r['shape']} | {r['per_call_ms']:.3f} | {r['cached_ms']:.3f} | "
+              f"{r['fp32_ms']:.3f} | "
               f"{r['per_call_ms'] / r['fp32_ms']:.1f} | {r['cached_ms'] / r['fp32_ms']:.2f} |")
 
 

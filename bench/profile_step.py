@@ -5,8 +5,8 @@
 The default model, LoRA r 8 on all seven projections, random tokens, as `cli.py finetune` trains it.
 Time: one step under torch.profiler after two warmup steps; every op's self time goes to one bucket:
 NF4 dequantize (everything under our dequantize call), matmuls (mm/addmm/bmm), attention (SDPA and
-its backward), LM head (the matmuls against the vocab-sized weight), loss (log-softmax, NLL and their
-backward), optimizer (clipping and the AdamW step), other ops (norms, RoPE, activations, adds,
+its backward), LM head (the matmuls against the vocab-sized weight), loss (log-softmax, NLL and
+their backward), optimizer (clipping and the AdamW step), other ops (norms, RoPE, activations, adds,
 copies), and Python overhead = wall time minus all of the above. Memory: the peak resident memory of
 each phase of another step (VmHWM, reset between phases through /proc/self/clear_refs).
 """
@@ -90,8 +90,8 @@ class PhasePeaks:
 
 
 def saved_for_backward(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, float]:
-    """MiB of distinct tensors (weights excepted) autograd saves for backward in one forward + loss, by the innermost
-    module that saved them (the loss outside the model is "loss")."""
+    """MiB of distinct tensors (weights excepted) autograd saves for backward in one forward +
+    loss, by the innermost module that saved them (the loss outside the model is "loss")."""
     stack = ["loss"]
     hooks = []
     for name, m in model.named_modules():
@@ -131,7 +131,8 @@ def main() -> None:
     model.gradient_checkpointing = args.grad_checkpoint
     trainer = Trainer(model, TrainConfig(learning_rate=2e-4))
     vocab = source.config.vocab_size
-    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=gen)
     batch = Batch(ids)
     for _ in range(2):
         trainer.train_step([batch])

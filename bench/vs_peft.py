@@ -107,7 +107,8 @@ for _ in range(steps):
 print(json.dumps({"tokens_per_s": rates, "tokens_per_step": batch * seq,
                   "imports_rss_mib": imports["VmRSS"], "peak_rss_mib": status()["VmHWM"],
                   "seconds": time.perf_counter() - start,
-                  "quant_class": type(model.base_model.model.model.layers[0].mlp.up_proj.base_layer).__name__}))
+                  "quant_class": type(model.base_model.model.model.layers[0].mlp.up_proj
+                                      .base_layer).__name__}))
 """
 
 
@@ -135,7 +136,8 @@ def write_data(path: Path, rows: int, seq: int) -> None:
              "hills and rivers flow toward distant seas under ancient bridges").split()
     with open(path, "w") as f:
         for _ in range(rows):
-            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(2 * seq))}) + "\n")
+            text = " ".join(rng.choice(words) for _ in range(2 * seq))
+            f.write(json.dumps({"text": text}) + "\n")
 
 
 def summary(name: str, r: dict) -> dict:

@@ -4,15 +4,14 @@ Decoding calls every linear once per token with one row of input. Dequantizing t
 each call costs 13-29x a dense FP32 `F.linear` on a CPU (bench/decode_vs_transformers.py). Inside
 `DequantCache.active()` and with autograd off, an NF4 linear keeps its dequantized weight (the same
 bits as `ops.dequantize`) and multiplies with `F.linear`: after the first token it runs at the dense
-layer's speed. Training never uses it (grad enabled): the NF4 linear must not keep W between forward and
-backward.
+layer's speed. Training never uses it (grad enabled): the NF4 linear must not keep W between forward
+and backward.
 
-Note (policy): decoding visits the layers in the same order every token, so an LRU cache smaller than
-the model would evict each weight just before its next use and never hit. This cache fills up to its
-byte budget and then stops adding: the first layers that fit stay, the rest dequantize per call, and the
-hit rate is budget / model size. Budget: NF4_QLORA_DEQUANT_CACHE_MB (default 1024; 0 turns it off).
-NF4_QLORA_KERNELS=reference bypasses it (the reference twin runs every call).
-"""
+Note (policy): decoding visits the layers in the same order every token, so an LRU cache smaller
+than the model would evict each weight just before its next use and never hit. This cache fills up
+to its byte budget and then stops adding: the first layers that fit stay, the rest dequantize per
+call, and the hit rate is budget / model size. Budget: NF4_QLORA_DEQUANT_CACHE_MB (default 1024; 0
+turns it off). NF4_QLORA_KERNELS=reference bypasses it (the reference twin runs every call)."""
 
 from __future__ import annotations
 
@@ -36,15 +35,16 @@ def budget_from_env() -> int:
     try:
         mb = float(raw)
     except ValueError:
-        raise ValueError(f"NF4_QLORA_DEQUANT_CACHE_MB must be a number of MiB, got {raw!r}") from None
+        msg = f"NF4_QLORA_DEQUANT_CACHE_MB must be a number of MiB, got {raw!r}"
+        raise ValueError(msg) from None
     if mb < 0:
         raise ValueError(f"NF4_QLORA_DEQUANT_CACHE_MB must be >= 0, got {raw!r}")
     return int(mb * 2**20)
 
 
 class DequantCache:
-    """Dequantized weights keyed by their packed tensor (the module's buffer), valid while none of the
-    weight's tensors has changed in place (their version counters)."""
+    """Dequantized weights keyed by their packed tensor (the module's buffer), valid while none of
+    the weight's tensors has changed in place (their version counters)."""
 
     def __init__(self, budget_bytes: int | None = None) -> None:
         self.budget = budget_from_env() if budget_bytes is None else budget_bytes
@@ -100,7 +100,8 @@ def active_cache() -> DequantCache | None:
 
 
 def cached_weight(w: NF4Weight, dtype: torch.dtype) -> torch.Tensor | None:
-    """The dequantized weight from the active cache, or None (see `active_cache`; or over budget)."""
+    """The dequantized weight from the active cache, or None (see `active_cache`, or over
+    budget)."""
     cache = active_cache()
     if cache is None:
         return None

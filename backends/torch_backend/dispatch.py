@@ -51,7 +51,7 @@ def use_host(t: torch.Tensor) -> bool:
 
 
 def use_fast_paths() -> bool:
-    """False when the reference twin is forced: CPU fast paths (e.g. the dequant cache) step aside."""
+    """False when the reference twin is forced: CPU fast paths (the dequant cache) step aside."""
     return _requested() != "reference"
 
 

@@ -1,11 +1,11 @@
 """The LM head and the next-token cross-entropy together, a chunk of rows at a time.
 
-The full path holds the (B, T, vocab) logits, their float32 log-softmax and their gradient at once: for
-the default model at batch 4 x 128 that is 3 x 96 MiB. This one never holds more than one chunk's
-logits: forward keeps only the summed loss, backward recomputes each chunk's logits and turns them into
-the hidden states' gradient right away. The price is one more LM head matmul per step. The LM head
-weight must be frozen (it is: LoRA adapts the block linears); a trainable head takes the full path.
-"""
+The full path holds the (B, T, vocab) logits, their float32 log-softmax and their gradient at once:
+for the default model at batch 4 x 128 that is 3 x 96 MiB. This one never holds more than one
+chunk's logits: forward keeps only the summed loss, backward recomputes each chunk's logits and
+turns them into the hidden states' gradient right away. The price is one more LM head matmul per
+step. The LM head weight must be frozen (it is: LoRA adapts the block linears); a trainable head
+takes the full path."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ CHUNK_ROWS = 128  # (128, 49152) float32 logits: 24 MiB per chunk for the defaul
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
-    """Summed cross-entropy of `hidden @ weight^T` over the rows where `mask`; grad for hidden only."""
+    """Summed cross-entropy of `hidden @ weight^T` over the rows where `mask`; grad for hidden
+    only."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -51,6 +52,7 @@ def chunked_head_loss(hidden: torch.Tensor, weight: torch.Tensor, input_ids: tor
     """Summed next-token cross-entropy (float32) of hidden states (B, T, C) through an LM head
     weight (V, C) (frozen), for targets input_ids[:, 1:] where `mask` (B, T-1) holds."""
     if weight.requires_grad:
-        raise ValueError("chunked_head_loss needs a frozen LM head (it computes no weight gradient)")
+        raise ValueError("chunked_head_loss needs a frozen LM head (it computes no weight "
+                         "gradient)")
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(T-1), C)
     return _ChunkedHeadLoss.apply(h, weight, input_ids[:, 1:].reshape(-1), mask.reshape(-1), chunk)
