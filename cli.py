@@ -164,7 +164,8 @@ def backend_options(f):
                    "used as stored) [default: absmax].")  # fmt: skip
 @backend_options
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=None,
-              help="Recompute activations in backward to save memory [default: off].")
+              help="Recompute activations in backward to save memory; on torch also computes "
+                   "the loss in chunks, never holding the full logits [default: off].")
 @click.option("--paged-optimizer/--no-paged-optimizer", default=None,
               help="Keep optimizer state in host memory, paged in [default: on for GPUs].")
 @click.option("--eval-every", type=int, help="Validation loss every N steps (0: only at the end).")

@@ -37,6 +37,7 @@ class TorchEngine:
         if train is not None:
             torch.manual_seed(train.seed)
             self.model.gradient_checkpointing = train.grad_checkpoint
+            self.model.chunked_loss = train.grad_checkpoint  # the memory options go together
             # the pipeline owns the schedule: each step runs at the lr it is given (constant here)
             self.trainer = Trainer(self.model, TrainConfig(
                 learning_rate=lr, weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .dequant_cache import DequantCache
 from .model import CausalLM
 
 
@@ -54,13 +55,16 @@ def generate_tokens(model: CausalLM, prompt: Sequence[int], cfg: SamplingConfig)
         device = model.inv_freq.device
         cache = model.new_cache(1, len(prompt) + cfg.max_new_tokens)
         gen = torch.Generator().manual_seed(cfg.seed)
-        logits = last_logits(model, torch.tensor([list(prompt)], device=device), cache)[0]
+        weights = DequantCache()  # active only inside each forward: callers may interleave
+        with weights.active():
+            logits = last_logits(model, torch.tensor([list(prompt)], device=device), cache)[0]
         for _ in range(cfg.max_new_tokens):
             token = _pick(logits, cfg, gen)
             yield token
             if token in cfg.eos_token_ids:
                 return
-            logits = last_logits(model, torch.tensor([[token]], device=device), cache)[0]
+            with weights.active():
+                logits = last_logits(model, torch.tensor([[token]], device=device), cache)[0]
     finally:
         model.train(was_training)
 
@@ -81,8 +85,10 @@ def greedy_steps(model: CausalLM, prompts: Sequence[Sequence[int]], max_new_toke
         device = model.inv_freq.device
         cache = model.new_cache(len(prompts), len(prompts[0]) + max_new_tokens)
         ids = torch.tensor([list(p) for p in prompts], device=device)
+        weights = DequantCache()
         for _ in range(max_new_tokens):
-            ids = last_logits(model, ids, cache).argmax(-1, keepdim=True)
+            with weights.active():
+                ids = last_logits(model, ids, cache).argmax(-1, keepdim=True)
             yield ids[:, 0].cpu().numpy()
     finally:
         model.train(was_training)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import nf4core
 
 from . import ops
+from .dequant_cache import active_cache, cached_weight
 from .nf4_weight import NF4Weight
 
 _BUFFERS = ("packed", "absmax", "nested_codes", "nested_scales", "nested_quant_map", "quant_map")
@@ -30,8 +32,10 @@ class _NF4Matmul(torch.autograd.Function):
 
 
 def nf4_linear(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Functional form: x (..., in) -> (..., out), computed in x's dtype."""
-    y = _NF4Matmul.apply(x, weight)
+    """Functional form: x (..., in) -> (..., out), computed in x's dtype. With autograd off inside
+    an active `DequantCache` (generation), the cached dequantized weight is used."""
+    dense = cached_weight(weight, x.dtype)
+    y = F.linear(x, dense) if dense is not None else _NF4Matmul.apply(x, weight)
     return y if bias is None else y + bias.to(y.dtype)
 
 
@@ -115,6 +119,14 @@ class NF4Linear(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        cache = active_cache()
+        if cache is not None:  # generation: skip building an NF4Weight per call
+            held = self._buffers  # skips Module.__getattr__ per buffer (per-token overhead)
+            tensors = [held[n] for n in _BUFFERS if held[n] is not None]
+            numel = self.out_features * self.in_features
+            dense = cache.dense(tensors, numel, x.dtype, lambda: self.dequantize(x.dtype))
+            if dense is not None:
+                return F.linear(x, dense, None if self.bias is None else self.bias.to(x.dtype))
         return nf4_linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:

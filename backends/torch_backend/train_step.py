@@ -102,9 +102,8 @@ class Trainer:
             raise ValueError("no target tokens in this step (check the loss masks)")
         loss_sum = 0.0
         for batch in micro_batches:
-            logits = self.model(batch.input_ids, position_ids=batch.position_ids,
-                                segment_ids=batch.segment_ids)
-            summed, _ = causal_lm_loss(logits, batch.input_ids, batch.loss_mask, batch.segment_ids)
+            summed, _ = self.model.loss(batch.input_ids, batch.loss_mask, batch.position_ids,
+                                        batch.segment_ids)
             (summed / total).backward()
             loss_sum += float(summed.detach())
         clip = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")

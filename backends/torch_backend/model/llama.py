@@ -14,6 +14,7 @@ from nf4core import ModelConfig, ModelSource
 
 from ..kv_cache import KVCache
 from .attention import Attention
+from .chunked_loss import chunked_head_loss
 from .layers import MLP, RMSNorm, make_linear
 from .masks import attention_mask
 from .rope import inverse_frequencies, rope_cos_sin
@@ -53,6 +54,7 @@ class CausalLM(nn.Module):
         self.config, self.model, self.lm_head = config, model, lm_head
         self.compute_dtype = compute_dtype
         self.gradient_checkpointing = False
+        self.chunked_loss = False  # `loss` runs the LM head and cross-entropy in chunks of rows
         self.register_buffer("inv_freq", inverse_frequencies(config), persistent=False)
 
     @classmethod
@@ -136,6 +138,21 @@ class CausalLM(nn.Module):
                 segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab) in the compute dtype (see `hidden_states`)."""
         return self.lm_head(self.hidden_states(input_ids, cache, position_ids, segment_ids))
+
+    def loss(self, input_ids: torch.Tensor, loss_mask: torch.Tensor | None = None,
+             position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed next-token cross-entropy (float32) and the number of counted targets, as
+        `causal_lm_loss(self(input_ids, ...), ...)`; with `chunked_loss` (and a frozen plain LM
+        head) the full logits are never held (model/chunked_loss.py)."""
+        head = self.lm_head
+        if (self.chunked_loss and isinstance(head, nn.Linear) and head.bias is None
+                and not head.weight.requires_grad):
+            hidden = self.hidden_states(input_ids, None, position_ids, segment_ids)
+            mask = target_mask(input_ids, loss_mask, segment_ids)
+            return chunked_head_loss(hidden, head.weight, input_ids, mask), mask.sum()
+        logits = self(input_ids, position_ids=position_ids, segment_ids=segment_ids)
+        return causal_lm_loss(logits, input_ids, loss_mask, segment_ids)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         c = self.config

@@ -1,0 +1,108 @@
+"""A bounded cache of dequantized NF4 weights for inference (generation, exact-match decoding).
+
+Decoding calls every linear once per token with one row of input. Dequantizing the whole weight for
+each call costs 13-29x a dense FP32 `F.linear` on a CPU (bench/decode_vs_transformers.py). Inside
+`DequantCache.active()` and with autograd off, an NF4 linear keeps its dequantized weight (the same
+bits as `ops.dequantize`) and multiplies with `F.linear`: after the first token it runs at the dense
+layer's speed. Training never uses it (grad enabled): the NF4 linear must not keep W between forward
+and backward.
+
+Note (policy): decoding visits the layers in the same order every token, so an LRU cache smaller
+than the model would evict each weight just before its next use and never hit. This cache fills up
+to its byte budget and then stops adding: the first layers that fit stay, the rest dequantize per
+call, and the hit rate is budget / model size. Budget: NF4_QLORA_DEQUANT_CACHE_MB (default 1024; 0
+turns it off). NF4_QLORA_KERNELS=reference bypasses it (the reference twin runs every call)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from . import ops
+from .dispatch import use_fast_paths
+from .nf4_weight import NF4Weight
+
+DEFAULT_BUDGET_MB = 1024
+_current: list[DequantCache] = []
+
+
+def budget_from_env() -> int:
+    """The byte budget NF4_QLORA_DEQUANT_CACHE_MB asks for (default 1024 MiB)."""
+    raw = os.environ.get("NF4_QLORA_DEQUANT_CACHE_MB", str(DEFAULT_BUDGET_MB))
+    try:
+        mb = float(raw)
+    except ValueError:
+        msg = f"NF4_QLORA_DEQUANT_CACHE_MB must be a number of MiB, got {raw!r}"
+        raise ValueError(msg) from None
+    if mb < 0:
+        raise ValueError(f"NF4_QLORA_DEQUANT_CACHE_MB must be >= 0, got {raw!r}")
+    return int(mb * 2**20)
+
+
+class DequantCache:
+    """Dequantized weights keyed by their packed tensor (the module's buffer), valid while none of
+    the weight's tensors has changed in place (their version counters)."""
+
+    def __init__(self, budget_bytes: int | None = None) -> None:
+        self.budget = budget_from_env() if budget_bytes is None else budget_bytes
+        self.used = 0
+        self._entries: dict[tuple[int, torch.dtype],
+                            tuple[torch.Tensor, tuple[int, ...], torch.Tensor]] = {}
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[DequantCache]:
+        """NF4 linears called inside the block (with grad off) use this cache; nests."""
+        _current.append(self)
+        try:
+            yield self
+        finally:
+            _current.pop()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.used = 0
+
+    def dense(self, tensors: Sequence[torch.Tensor], numel: int, dtype: torch.dtype,
+              make: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+        """The dense weight of the NF4 data `tensors` (packed codes first) in `dtype`: cached, or
+        made by `make()` and cached, or None when it does not fit the budget."""
+        packed = tensors[0]
+        key = (id(packed), dtype)
+        versions = tuple(t._version for t in tensors)
+        entry = self._entries.get(key)
+        if entry is not None:
+            held, held_versions, dense = entry
+            if held is packed and held_versions == versions:
+                return dense
+            self.used -= dense.numel() * dense.element_size()
+            del self._entries[key]
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if self.used + nbytes > self.budget:
+            return None
+        dense = make()
+        self._entries[key] = (packed, versions, dense)  # holding packed keeps its id unique
+        self.used += nbytes
+        return dense
+
+
+def active_cache() -> DequantCache | None:
+    """The cache NF4 linears may use now, or None: no cache active, autograd on, or the reference
+    path forced."""
+    if not _current or torch.is_grad_enabled() or not use_fast_paths():
+        return None
+    return _current[-1]
+
+
+def cached_weight(w: NF4Weight, dtype: torch.dtype) -> torch.Tensor | None:
+    """The dequantized weight from the active cache, or None (see `active_cache`, or over
+    budget)."""
+    cache = active_cache()
+    if cache is None:
+        return None
+    return cache.dense(w.tensors(), w.numel, dtype, lambda: ops.dequantize(w, dtype))
