@@ -20,6 +20,7 @@ from pathlib import Path
 import nf4core
 from nf4core.atomic import write_text_atomic
 from nf4core.default_task import DefaultTask, default_task
+from nf4core.regular_file import check_regular_file
 
 from .checkpoint import (Checkpoint, CheckpointError, check_fits, find_checkpoint, load_checkpoint,
                          save_checkpoint)  # fmt: skip
@@ -107,8 +108,8 @@ def load_data(cfg: FinetuneConfig, task: DefaultTask | None, tokenizer: nf4core.
             if not train.is_file():
                 raise ConfigError(f"{path}: a data directory needs train.jsonl (and may hold valid.jsonl)")
             valid = valid if valid.is_file() else None
-        elif path.is_file():
-            train, valid = path, None
+        elif path.exists():
+            train, valid = check_regular_file(path, ConfigError), None
         else:
             raise ConfigError(f"{path}: no such data file or directory")
         held = []

@@ -253,6 +253,9 @@ CASES = [
         "{d}/s.jsonl:1: a string holds a lone surrogate"),
     Case("data-fifo", lambda d, i: ["eval", fifo(d, "f.jsonl"), "--model", i.model],
          "{d}/f.jsonl: not a regular file (a FIFO)"),
+    Case("finetune-data-fifo", lambda d, i: [
+        "finetune", "--model", i.model, "--data", fifo(d, "t.jsonl"), "--out", d / "out"],
+        "{d}/t.jsonl: not a regular file (a FIFO)"),
     Case("data-bad-json", lambda d, i: [
         "eval", file(d, "b.jsonl", '{"text": "ok"}\n{oops\n'), "--model", i.model],
         "{d}/b.jsonl:2: not valid JSON"),

@@ -47,16 +47,16 @@ def _inject_nan_at(monkeypatch, backend: str, bad_call: int) -> None:
     """Make the loss (and so every gradient) of the `bad_call`-th training forward NaN."""
     calls = []
     if backend == "torch":
-        from backends.torch_backend import train_step
+        from backends.torch_backend.model.llama import CausalLM
 
-        real = train_step.causal_lm_loss
+        real = CausalLM.loss  # the training step's loss (evaluation computes its own)
 
-        def loss(*args, **kw):
+        def loss(self, *args, **kw):
             calls.append(1)
-            summed, n = real(*args, **kw)
+            summed, n = real(self, *args, **kw)
             return (summed * float("nan") if len(calls) == bad_call else summed), n
 
-        monkeypatch.setattr(train_step, "causal_lm_loss", loss)
+        monkeypatch.setattr(CausalLM, "loss", loss)
     else:
         from mlx.utils import tree_map
 
