@@ -24,7 +24,7 @@ from .validation import check_blocksize
 
 # The quantizer for models quantized from 16/32-bit weights (`quantize`, quantize on load); see
 # BENCHMARKS.md "Quantization quality". "absmax" is bitsandbytes' own, bit for bit.
-DEFAULT_QUANT_METHOD = "absmax"
+DEFAULT_QUANT_METHOD = "mse"
 
 
 @dataclass(frozen=True)
