@@ -133,8 +133,8 @@ def test_iter_quantized_for_quantize_on_load(tmp_path):
         names.append(name)
         if is_quantized_linear(name):
             assert isinstance(value, NF4Tensor) and value.blocksize == 32 and value.absmax is not None
-            np.testing.assert_array_equal(value.packed, quantize(weights[name].astype(bfloat16), 32,
-                                                                 False, DEFAULT_QUANT_METHOD).packed)
+            expected = quantize(weights[name].astype(bfloat16), 32, False, DEFAULT_QUANT_METHOD)
+            np.testing.assert_array_equal(value.packed, expected.packed)
         else:
             assert value.dtype == bfloat16  # float32 sources are kept in bfloat16
             np.testing.assert_array_equal(value, weights[name].astype(bfloat16))
