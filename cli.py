@@ -274,7 +274,7 @@ def evaluate(data, model, adapter, batch_size, max_seq_len, max_examples, backen
 @click.option("--blocksize", type=int, default=64, show_default=True)
 @click.option("--double-quant/--no-double-quant", default=True, show_default=True)
 @click.option("--method", type=click.Choice(["absmax", "mse"]),
-              help="Block scales: absmax (bitsandbytes' own, bit-identical) or mse (20% less "
+              help="Block scales: absmax (bitsandbytes' own, bit-identical) or mse (18% less "
                    "weight error, same format; see BENCHMARKS.md) [default: absmax].")  # fmt: skip
 def quantize(model, out, blocksize, double_quant, method) -> None:
     """Quantize MODEL (HF dir, GGUF, bnb dir) to a bitsandbytes-format NF4 directory OUT.

@@ -46,7 +46,9 @@ def _merged(source: nf4core.ModelSource, name: str, modules: set[str], adapter: 
     if isinstance(value, nf4core.NF4Tensor):
         w = nf4core.dequantize(value, np.float32)
     elif name.endswith(".weight") and module.rsplit(".", 1)[-1] in LINEARS:
-        w = nf4core.dequantize(nf4core.quantize(np.asarray(value, np.float32)), np.float32)
+        method = nf4core.model_quantize.DEFAULT_QUANT_METHOD  # as finetune quantized it on load
+        w = nf4core.dequantize(nf4core.quantize(np.asarray(value, np.float32), method=method),
+                               np.float32)  # fmt: skip
     else:
         w = np.asarray(value, np.float32)
     if module in modules:

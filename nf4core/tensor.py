@@ -212,8 +212,9 @@ def quantize(w: object, blocksize: int = 64, double_quant: bool = True,
 
     `method` chooses the scales, never the format: "absmax" is bitsandbytes' quantizer bit for bit
     (scale = max |x| of the block); "mse" stores, per block, the scale with the least squared
-    reconstruction error after its own double quantization (see nf4core.mse_scales). Both are read
-    by any bitsandbytes-format reader with no change.
+    reconstruction error after its own double quantization among those that clip the block's
+    largest value by at most 5% (see nf4core.mse_scales). Both are read by any bitsandbytes-format
+    reader with no change.
     """
     blocksize = check_blocksize(blocksize)
     check_quant_method(method)
@@ -222,11 +223,12 @@ def quantize(w: object, blocksize: int = 64, double_quant: bool = True,
     absmax = blockwise.nf4_absmax(flat, blocksize)
     if not np.isfinite(absmax).all():  # NaN and Inf reach the block maxima, so this check is free
         raise non_finite_error(flat, shape)
+    peak = absmax
     if method == "mse":
-        absmax = mse_scales.ideal_scales(flat, absmax, blocksize)
+        absmax = mse_scales.ideal_scales(flat, peak, blocksize)
     nested = DoubleQuantAbsmax.from_absmax(absmax) if double_quant else None
     if method == "mse" and double_quant:
-        codes = mse_scales.best_nested_codes(flat, absmax, blocksize, nested)
+        codes = mse_scales.best_nested_codes(flat, absmax, peak, blocksize, nested)
         nested = DoubleQuantAbsmax(codes=codes, scales=nested.scales, offset=nested.offset)
         absmax = nested.reconstruct()  # the codes are the nearest under the scale that is stored
     packed = blockwise.encode_nf4(flat, absmax, blocksize)

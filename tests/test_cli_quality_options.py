@@ -6,6 +6,7 @@ from click.testing import CliRunner
 
 import nf4core
 from nf4core.dtypes import float_dtype
+from nf4core.model_quantize import DEFAULT_QUANT_METHOD
 from cli import main
 from tests.backends.finetune_fixtures import tiny_setup
 
@@ -33,12 +34,13 @@ def test_quantize_method_writes_that_methods_bytes(setup, tmp_path):
 
 def test_finetune_base_dtype_and_a_resume_that_changes_it(setup, tmp_path):
     model, data = setup
+    other = "absmax" if DEFAULT_QUANT_METHOD == "mse" else "mse"  # not what run "a" recorded
     common = ["--model", str(model), "--data", str(data), "--batch-size", "4",
               "--max-seq-len", "64", "--backend", "torch", "--quiet"]  # fmt: skip
     r = CliRunner().invoke(main, ["finetune", *common, "--out", str(tmp_path / "a"), "--steps", "2",
                                   "--base-dtype", "float32"])  # fmt: skip
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(main, ["finetune", "--resume", str(tmp_path / "a"), "--out",
-                                  str(tmp_path / "b"), "--quant-method", "mse"])  # fmt: skip
+                                  str(tmp_path / "b"), "--quant-method", other])  # fmt: skip
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output
-    assert "--quant-method mse (checkpoint: absmax)" in r.output, r.output
+    assert f"--quant-method {other} (checkpoint: {DEFAULT_QUANT_METHOD})" in r.output, r.output

@@ -15,6 +15,7 @@ from safetensors.numpy import load_file, save_file
 import nf4core
 from backends import merge as merge_mod
 from backends.merge import merge, merged_tensors
+from nf4core.model_quantize import DEFAULT_QUANT_METHOD
 from backends import api
 from backends.peft_adapter import PEFT_PREFIX, Adapter, AdapterError, load_adapter, save_adapter
 from tests.nf4core.tiny_models import hf_config, random_weights, tiny_tokenizer, write_hf_dir
@@ -69,7 +70,7 @@ def test_nf4_merge_requantizes_the_fold(model_and_adapter, tmp_path):
     for name, value in want.items():
         stored = got.read(name)
         if isinstance(stored, nf4core.NF4Tensor):
-            expect = nf4core.quantize(value)
+            expect = nf4core.quantize(value, method=DEFAULT_QUANT_METHOD)
             assert np.array_equal(stored.packed, expect.packed), name
             assert np.array_equal(nf4core.dequantize(stored), nf4core.dequantize(expect)), name
         else:

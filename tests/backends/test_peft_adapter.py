@@ -12,6 +12,7 @@ from backends.finetune import finetune
 from backends.finetune_config import FinetuneConfig
 from backends.merge import merged_tensors
 from backends.peft_adapter import load_adapter
+from nf4core.model_quantize import DEFAULT_QUANT_METHOD
 from tests.backends.finetune_fixtures import tiny_setup
 
 torch = pytest.importorskip("torch")
@@ -39,7 +40,7 @@ def hf_model_of_nf4_base(model_dir):
     for name in source.tensor_names():
         w = np.array(source.read(name), np.float32)
         if name.endswith("proj.weight"):  # the base we trained on: NF4, dequantized
-            w = nf4core.dequantize(nf4core.quantize(w), np.float32)
+            w = nf4core.dequantize(nf4core.quantize(w, method=DEFAULT_QUANT_METHOD), np.float32)
         state[name] = torch.from_numpy(w)
     hf.load_state_dict(state, strict=True)
     return hf

@@ -71,14 +71,35 @@ def test_error_is_lower_than_absmax_on_random_weights(kind, double_quant, blocks
          "uniform": lambda: rng.uniform(-1, 1, (256, 512))}[kind]().astype(np.float32)  # fmt: skip
     absmax = _relative_error(w, nf4core.quantize(w, blocksize, double_quant, method="absmax"))
     mse = _relative_error(w, nf4core.quantize(w, blocksize, double_quant, method="mse"))
-    assert mse < 0.93 * absmax, (mse, absmax)
+    assert mse < 0.95 * absmax, (mse, absmax)  # measured 0.70-0.93 (least on heavy tails)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_no_stored_scale_clips_its_blocks_largest_value_by_more_than_5_percent(double_quant):
+    rng = np.random.default_rng(6)
+    w = (rng.standard_t(3, (64, 1024)) * rng.uniform(0.01, 1, (64, 1))).astype(np.float32)
+    w[0, :64] = 0.0
+    stored = nf4core.quantize(w, 64, double_quant, method="mse").block_absmax()
+    peak = np.abs(w.reshape(-1, 64)).max(axis=1)
+    stored, peak = stored[1:], peak[1:]  # a zero block's scale multiplies only zeros
+    assert (stored >= peak * np.float32(0.95 * (1 - 1e-6))).all()
+    assert (stored < peak * 0.999).any() and (stored > peak * 1.001).any()  # it does search
 
 
 def test_double_quant_is_optimised_for_the_stored_scale():
-    """Choosing among the nested codes beats rounding ideal scales to the nearest nested code."""
+    """Choosing among the nested codes beats rounding ideal scales to the nearest nested code (one
+    code up where the nearest would clip the block's largest value by more than 5%)."""
     w = np.random.default_rng(3).standard_normal((128, 1024)).astype(np.float32)
     ideal = nf4core.quantize(w, 64, double_quant=False, method="mse").absmax
-    rounded = nf4core.DoubleQuantAbsmax.from_absmax(ideal).reconstruct()
+    nested = nf4core.DoubleQuantAbsmax.from_absmax(ideal)
+    assert (np.diff(nested.quant_map) > 0).all()  # so code + 1 is the next larger scale
+    peak = np.abs(w.reshape(-1, 64)).max(axis=1)
+    clips = nested.reconstruct() < peak * np.float32(0.95)
+    assert clips.any()
+    codes = nested.codes + clips.astype(np.uint8)
+    rounded = nf4core.DoubleQuantAbsmax(codes=codes, scales=nested.scales,
+                                        offset=nested.offset).reconstruct()  # fmt: skip
+    assert (rounded >= peak * np.float32(0.95)).all()
     naive = nf4core.NF4Tensor(packed=blockwise.encode_nf4(w.reshape(-1), rounded, 64),
                               absmax=rounded, double_quant=None, shape=w.shape, dtype="float32")
     stored = nf4core.quantize(w, 64, double_quant=True, method="mse")

@@ -11,6 +11,7 @@ import pytest
 
 from nf4core import NF4Tensor, dequantize, iter_quantized, open_model, quantize, quantize_model
 from nf4core.dtypes import bfloat16
+from nf4core.model_quantize import DEFAULT_QUANT_METHOD
 from nf4core.sources import is_quantized_linear
 from nf4core.sources.safetensors_io import SafetensorsFile
 
@@ -70,7 +71,7 @@ def test_quantized_directory_contents(tmp_path):
     for name, w in weights.items():
         value = reread.read(name)
         if is_quantized_linear(name):
-            expected = quantize(w, 128, double_quant=True)
+            expected = quantize(w, 128, double_quant=True, method=DEFAULT_QUANT_METHOD)
             assert isinstance(value, NF4Tensor) and value.blocksize == 128
             np.testing.assert_array_equal(value.packed, expected.packed)
             np.testing.assert_array_equal(dequantize(value), dequantize(expected))
@@ -132,8 +133,8 @@ def test_iter_quantized_for_quantize_on_load(tmp_path):
         names.append(name)
         if is_quantized_linear(name):
             assert isinstance(value, NF4Tensor) and value.blocksize == 32 and value.absmax is not None
-            np.testing.assert_array_equal(value.packed, quantize(weights[name].astype(bfloat16),
-                                                                 32, double_quant=False).packed)
+            expected = quantize(weights[name].astype(bfloat16), 32, False, DEFAULT_QUANT_METHOD)
+            np.testing.assert_array_equal(value.packed, expected.packed)
         else:
             assert value.dtype == bfloat16  # float32 sources are kept in bfloat16
             np.testing.assert_array_equal(value, weights[name].astype(bfloat16))
