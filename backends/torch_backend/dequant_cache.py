@@ -11,7 +11,8 @@ Note (policy): decoding visits the layers in the same order every token, so an L
 than the model would evict each weight just before its next use and never hit. This cache fills up
 to its byte budget and then stops adding: the first layers that fit stay, the rest dequantize per
 call, and the hit rate is budget / model size. Budget: NF4_QLORA_DEQUANT_CACHE_MB (default 1024; 0
-turns it off). NF4_QLORA_KERNELS=reference bypasses it (the reference twin runs every call)."""
+turns it off). CPU tensors on the auto path only: NF4_QLORA_KERNELS=reference or triton bypasses
+it, and GPU tensors keep their fused 4-bit kernels."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from . import ops
-from .dispatch import use_fast_paths
+from .dispatch import use_host
 from .nf4_weight import NF4Weight
 
 DEFAULT_BUDGET_MB = 1024
@@ -92,17 +93,17 @@ class DequantCache:
 
 
 def active_cache() -> DequantCache | None:
-    """The cache NF4 linears may use now, or None: no cache active, autograd on, or the reference
-    path forced."""
-    if not _current or torch.is_grad_enabled() or not use_fast_paths():
+    """The cache NF4 linears may use now, or None: no cache active, or autograd on."""
+    if not _current or torch.is_grad_enabled():
         return None
     return _current[-1]
 
 
 def cached_weight(w: NF4Weight, dtype: torch.dtype) -> torch.Tensor | None:
-    """The dequantized weight from the active cache, or None (see `active_cache`, or over
-    budget)."""
+    """The dequantized weight from the active cache, or None: no active cache (see `active_cache`),
+    over budget, or not the host's auto path (a GPU's fused 4-bit kernels read less memory than a
+    dense copy would; a forced reference or triton path runs as forced)."""
     cache = active_cache()
-    if cache is None:
+    if cache is None or not use_host(w.packed):
         return None
     return cache.dense(w.tensors(), w.numel, dtype, lambda: ops.dequantize(w, dtype))

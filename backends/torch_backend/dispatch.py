@@ -50,11 +50,6 @@ def use_host(t: torch.Tensor) -> bool:
     return _requested() == "auto" and t.device.type == "cpu"
 
 
-def use_fast_paths() -> bool:
-    """False when the reference twin is forced: CPU fast paths (the dequant cache) step aside."""
-    return _requested() != "reference"
-
-
 @contextlib.contextmanager
 def force_path(path: str) -> Iterator[None]:
     """Force `reference`, `triton` or `auto` inside the block (nests; thread-unsafe by design)."""

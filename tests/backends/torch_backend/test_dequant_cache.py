@@ -6,7 +6,7 @@ import torch
 
 import nf4core
 from backends.torch_backend import dispatch
-from backends.torch_backend.dequant_cache import DequantCache, budget_from_env
+from backends.torch_backend.dequant_cache import DequantCache, budget_from_env, cached_weight
 from backends.torch_backend.generate import SamplingConfig, generate, greedy_steps
 from backends.torch_backend.model import CausalLM
 from backends.torch_backend.nf4_linear import NF4Linear, nf4_linear
@@ -51,15 +51,16 @@ def test_budget_bounds_the_cache_and_the_rest_runs_per_call(rng):
     assert len(DequantCache(budget_bytes=0)) == 0
 
 
-def test_not_used_with_grad_on_or_the_reference_forced_or_outside_the_block(rng):
+def test_not_used_with_grad_on_or_a_path_forced_or_outside_the_block(rng):
     layer = NF4Linear.from_nf4(quantized(rng, (8, 32))[1])
     x = torch.randn(2, 32, requires_grad=True)
     cache = DequantCache(budget_bytes=1 << 20)
     with cache.active():
         layer(x).sum().backward()  # training: the weight must not stay dequantized
     assert len(cache) == 0 and x.grad is not None
-    with torch.no_grad(), dispatch.force_path("reference"), cache.active():
-        layer(x)
+    for forced in ("reference", "triton"):  # a forced path runs as forced, every call
+        with torch.no_grad(), dispatch.force_path(forced), cache.active():
+            assert cached_weight(layer.weight, torch.float32) is None
     assert len(cache) == 0
     with torch.no_grad():
         layer(x)
