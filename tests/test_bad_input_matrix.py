@@ -369,19 +369,26 @@ def fifo_in_model(d: Path, i: Inputs, name: str) -> Path:
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    """Every path under `root` (symlinks not followed) with its kind and content hash."""
+    """Every path under `root` (symlinks not followed) with its kind and content hash. Cases run
+    side by side, so another case's temporary files may vanish during the walk: they are skipped
+    (a case's own directory is still, its command having ended)."""
     seen = {}
-    for path in sorted(root.rglob("*")):
-        rel = str(path.relative_to(root))
-        if path.is_symlink():
-            seen[rel] = f"link {os.readlink(path)}"
-        elif path.is_fifo():
-            seen[rel] = "fifo"
-        elif path.is_dir():
-            seen[rel] = "dir"
-        else:
-            seen[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return seen
+    for top, dirs, files in os.walk(root):  # os.walk skips directories that vanish
+        for name in dirs + files:
+            path = Path(top, name)
+            rel = str(path.relative_to(root))
+            try:
+                if path.is_symlink():
+                    seen[rel] = f"link {os.readlink(path)}"
+                elif path.is_fifo():
+                    seen[rel] = "fifo"
+                elif path.is_dir():
+                    seen[rel] = "dir"
+                else:
+                    seen[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+            except FileNotFoundError:
+                continue
+    return dict(sorted(seen.items()))
 
 
 @dataclass(frozen=True)
