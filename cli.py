@@ -1,7 +1,7 @@
 """Command-line interface: a thin layer over `backends.api` (every command is a library call).
 
-    python cli.py finetune                # the embedded default run (SmolLM2-135M + built-in task)
-    python cli.py finetune --model DIR --data train.jsonl --out runs/x --steps 200
+python cli.py finetune                # the embedded default run (SmolLM2-135M + built-in task)
+python cli.py finetune --model DIR --data train.jsonl --out runs/x --steps 200
 """
 
 from __future__ import annotations
@@ -67,8 +67,15 @@ def user_errors():
 
     try:
         yield
-    except (ModelLoadError, CheckpointError, AdapterError, BackendUnavailable, ValueError, KeyError,
-            OSError) as e:  # fmt: skip
+    except (
+        ModelLoadError,
+        CheckpointError,
+        AdapterError,
+        BackendUnavailable,
+        ValueError,
+        KeyError,
+        OSError,
+    ) as e:
         if DEBUG["on"]:
             raise
         if isinstance(e, KeyError) and e.args:
@@ -102,8 +109,10 @@ class OneLineErrors(click.Group):
         except Exception as e:  # a bug, or a user error we did not foresee: still one line
             if DEBUG["on"] or _env_debug():
                 raise
-            click.echo(f"Error: {type(e).__name__}: {one_line(e)} (run with --debug for the "
-                       "traceback)", err=True)  # fmt: skip
+            click.echo(
+                f"Error: {type(e).__name__}: {one_line(e)} (run with --debug for the traceback)",
+                err=True,
+            )
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
 
@@ -117,75 +126,140 @@ def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
     return value
 
 
-@click.group(cls=OneLineErrors,
-             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    cls=OneLineErrors,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(package_name="nf4-qlora")
-@click.option("--debug", is_flag=True, is_eager=True, expose_value=False, callback=_set_debug,
-              help="Show the full traceback of an error [env NF4_DEBUG=1].")  # fmt: skip
+@click.option(
+    "--debug",
+    is_flag=True,
+    is_eager=True,
+    expose_value=False,
+    callback=_set_debug,
+    help="Show the full traceback of an error [env NF4_DEBUG=1].",
+)
 def main() -> None:
     """QLoRA fine-tuning with bitsandbytes-exact NF4 weights, on PyTorch (CUDA/CPU) or MLX
     (Metal/CPU). Run `python cli.py finetune` for the built-in demo run."""
 
 
 def backend_options(f):
-    f = click.option("--compute-dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
-                     help="Activation/adapter compute dtype [default: BF16 on GPUs, FP32 on CPUs; "
-                          "env NF4_COMPUTE_DTYPE].")(f)  # fmt: skip
-    f = click.option("--device", help="cpu, cuda, cuda:N or metal [default: auto; env NF4_DEVICE].")(f)
-    return click.option("--backend", type=BACKENDS,
-                        help="torch or mlx [default: auto; env NF4_BACKEND].")(f)  # fmt: skip
+    f = click.option(
+        "--compute-dtype",
+        type=click.Choice(["float32", "bfloat16", "float16"]),
+        help="Activation/adapter compute dtype [default: BF16 on GPUs, FP32 on CPUs; "
+        "env NF4_COMPUTE_DTYPE].",
+    )(f)
+    f = click.option(
+        "--device", help="cpu, cuda, cuda:N or metal [default: auto; env NF4_DEVICE]."
+    )(f)
+    return click.option(
+        "--backend", type=BACKENDS, help="torch or mlx [default: auto; env NF4_BACKEND]."
+    )(f)
 
 
 @main.command()
-@click.option("--model", help="HF directory, GGUF file or bitsandbytes-4bit directory "
-              "[default: the embedded SmolLM2-135M-Instruct].")  # fmt: skip
-@click.option("--data", help="JSONL file, or a directory with train.jsonl (+ valid.jsonl) "
-              "[default: the built-in digit-shift task].")  # fmt: skip
+@click.option(
+    "--model",
+    help="HF directory, GGUF file or bitsandbytes-4bit directory "
+    "[default: the embedded SmolLM2-135M-Instruct].",
+)
+@click.option(
+    "--data",
+    help="JSONL file, or a directory with train.jsonl (+ valid.jsonl) "
+    "[default: the built-in digit-shift task].",
+)
 @click.option("--out", help="Output directory [default: finetune-out].")
-@click.option("--steps", type=int, help="Optimizer steps [default: the task's recommendation, or 100].")
-@click.option("--epochs", type=float, help="Train this many passes over the data instead of --steps.")
+@click.option(
+    "--steps", type=int, help="Optimizer steps [default: the task's recommendation, or 100]."
+)
+@click.option(
+    "--epochs", type=float, help="Train this many passes over the data instead of --steps."
+)
 @click.option("--batch-size", type=int, help="Examples per micro-batch.")
 @click.option("--grad-accum", type=int, help="Micro-batches per optimizer step [default: 1].")
 @click.option("--max-seq-len", type=int, help="Longer examples are truncated to this many tokens.")
 @click.option("--lr", type=float, help="Peak learning rate.")
 @click.option("--warmup-steps", type=int, help="Linear warmup steps [default: 0].")
-@click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]),
-              help="Learning-rate decay after warmup [default: cosine].")
+@click.option(
+    "--schedule",
+    type=click.Choice(["cosine", "linear", "constant"]),
+    help="Learning-rate decay after warmup [default: cosine].",
+)
 @click.option("--lora-r", type=int, help="LoRA rank.")
 @click.option("--lora-alpha", type=float, help="LoRA alpha (scale = alpha / r).")
 @click.option("--lora-dropout", type=float, help="Dropout on the adapter input [default: 0].")
 @click.option("--targets", help="Comma-separated module names to adapt, e.g. q_proj,v_proj.")
 @click.option("--seed", type=int, help="Seed of adapters, data order and dropout [default: 0].")
-@click.option("--base-dtype", type=click.Choice(["nf4", "bfloat16", "float32"]),
-              help="The frozen base: nf4 (QLoRA) or unquantized bfloat16/float32 (plain LoRA, a "
-                   "baseline) [default: nf4].")  # fmt: skip
-@click.option("--quant-method", type=click.Choice(["absmax", "mse"]),
-              help="How a 16/32-bit base is quantized on load: absmax or mse (an NF4 model is "
-                   "used as stored) [default: absmax].")  # fmt: skip
+@click.option(
+    "--base-dtype",
+    type=click.Choice(["nf4", "bfloat16", "float32"]),
+    help="The frozen base: nf4 (QLoRA) or unquantized bfloat16/float32 (plain LoRA, a "
+    "baseline) [default: nf4].",
+)
+@click.option(
+    "--quant-method",
+    type=click.Choice(["absmax", "mse"]),
+    help="How a 16/32-bit base is quantized on load: absmax or mse (an NF4 model is "
+    "used as stored) [default: absmax].",
+)
 @backend_options
-@click.option("--grad-checkpoint/--no-grad-checkpoint", default=None,
-              help="Recompute activations in backward to save memory; on torch also computes "
-                   "the loss in chunks, never holding the full logits [default: off].")
-@click.option("--paged-optimizer/--no-paged-optimizer", default=None,
-              help="Keep optimizer state in host memory, paged in [default: on for GPUs].")
+@click.option(
+    "--grad-checkpoint/--no-grad-checkpoint",
+    default=None,
+    help="Recompute activations in backward to save memory; on torch also computes "
+    "the loss in chunks, never holding the full logits [default: off].",
+)
+@click.option(
+    "--paged-optimizer/--no-paged-optimizer",
+    default=None,
+    help="Keep optimizer state in host memory, paged in [default: on for GPUs].",
+)
 @click.option("--eval-every", type=int, help="Validation loss every N steps (0: only at the end).")
-@click.option("--save-every", type=int, help="Training checkpoint every N steps (always at the end).")
-@click.option("--eval-max-examples", type=int,
-              help="Held-out examples for exact match of the built-in task (0: all).")
-@click.option("--export", "export", type=click.Choice(["mlx-lm"]), multiple=True,
-              help="Also write the adapter in another format (under OUT/mlx-lm).")
-@click.option("--resume", type=click.Path(),
-              help="Continue from a run's output or checkpoint directory (writes there, or to "
-                   "--out).")
-@click.option("--overwrite", is_flag=True, default=None,
-              help="Move a non-empty --out aside (to OUT.old-N) and start afresh.")
-@click.option("--skip-nonfinite", type=int,
-              help="Skip up to N steps with a NaN/Inf loss or gradient instead of stopping "
-                   "[default: 0].")
-@click.option("--strict-data", is_flag=True, default=None,
-              help="Refuse records with no target tokens instead of skipping them.")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False),
-              help="YAML file of settings (names as the options, with _ or -); the command line wins.")
+@click.option(
+    "--save-every", type=int, help="Training checkpoint every N steps (always at the end)."
+)
+@click.option(
+    "--eval-max-examples",
+    type=int,
+    help="Held-out examples for exact match of the built-in task (0: all).",
+)
+@click.option(
+    "--export",
+    "export",
+    type=click.Choice(["mlx-lm"]),
+    multiple=True,
+    help="Also write the adapter in another format (under OUT/mlx-lm).",
+)
+@click.option(
+    "--resume",
+    type=click.Path(),
+    help="Continue from a run's output or checkpoint directory (writes there, or to --out).",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    default=None,
+    help="Move a non-empty --out aside (to OUT.old-N) and start afresh.",
+)
+@click.option(
+    "--skip-nonfinite",
+    type=int,
+    help="Skip up to N steps with a NaN/Inf loss or gradient instead of stopping [default: 0].",
+)
+@click.option(
+    "--strict-data",
+    is_flag=True,
+    default=None,
+    help="Refuse records with no target tokens instead of skipping them.",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    help="YAML file of settings (names as the options, with _ or -); the command line wins.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def finetune(config_file, quiet, export, **options) -> None:
     """Fine-tune a model with QLoRA (NF4 base, LoRA adapters).
@@ -211,36 +285,60 @@ def finetune(config_file, quiet, export, **options) -> None:
     if result.exact_match_before and result.exact_match_after:
         b, a = result.exact_match_before, result.exact_match_after
         phases = ", ".join(f"{k} {v:.0f}s" for k, v in result.phases.items())
-        click.echo(f"held-out exact match: {b.score:.1%} before -> {a.score:.1%} after "
-                   f"({result.seconds:.0f}s: {phases})")  # fmt: skip
+        click.echo(
+            f"held-out exact match: {b.score:.1%} before -> {a.score:.1%} after "
+            f"({result.seconds:.0f}s: {phases})"
+        )
 
 
 @main.command()
 @click.argument("prompt")
 @click.option("--model", help="Base model [default: the embedded SmolLM2-135M-Instruct].")
-@click.option("--adapter", type=click.Path(), help="A PEFT adapter directory (e.g. a finetune OUT).")
+@click.option(
+    "--adapter", type=click.Path(), help="A PEFT adapter directory (e.g. a finetune OUT)."
+)
 @click.option("--max-new-tokens", type=COUNT, default=128, show_default=True)
-@click.option("--temperature", type=FiniteFloat(0.0), default=0.0, show_default=True,
-              help="0 is greedy.")
+@click.option(
+    "--temperature", type=FiniteFloat(0.0), default=0.0, show_default=True, help="0 is greedy."
+)
 @click.option("--top-p", type=FiniteFloat(0.0, 1.0, low_open=True), default=1.0, show_default=True)
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @click.option("--raw", is_flag=True, help="Do not apply the chat template.")
 @backend_options
-def generate(prompt, model, adapter, max_new_tokens, temperature, top_p, seed, raw, backend, device,
-             compute_dtype) -> None:
+def generate(
+    prompt,
+    model,
+    adapter,
+    max_new_tokens,
+    temperature,
+    top_p,
+    seed,
+    raw,
+    backend,
+    device,
+    compute_dtype,
+) -> None:
     """Generate a reply to PROMPT, streamed token by token."""
     from backends import api
 
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError as e:  # bytes that are not UTF-8 arrive as lone surrogates
-        raise click.BadParameter(f"not valid UTF-8 text (at character {e.start})",
-                                 param_hint="PROMPT") from None  # fmt: skip
+        raise click.BadParameter(
+            f"not valid UTF-8 text (at character {e.start})", param_hint="PROMPT"
+        ) from None
     with user_errors():
-        loaded = api.load(model, adapter=adapter, backend=backend, device=device,
-                          compute_dtype=compute_dtype)  # fmt: skip
-        for piece in loaded.stream(prompt, chat=not raw, max_new_tokens=max_new_tokens,
-                                   temperature=temperature, top_p=top_p, seed=seed):  # fmt: skip
+        loaded = api.load(
+            model, adapter=adapter, backend=backend, device=device, compute_dtype=compute_dtype
+        )
+        for piece in loaded.stream(
+            prompt,
+            chat=not raw,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+        ):
             click.echo(piece, nl=False)
             sys.stdout.flush()
     click.echo()
@@ -254,16 +352,20 @@ def generate(prompt, model, adapter, max_new_tokens, temperature, top_p, seed, r
 @click.option("--max-seq-len", type=click.IntRange(min=2), default=2048, show_default=True)
 @click.option("--max-examples", type=COUNT, default=0, help="Exact match on the first N (0: all).")
 @backend_options
-def evaluate(data, model, adapter, batch_size, max_seq_len, max_examples, backend, device,
-             compute_dtype) -> None:
+def evaluate(
+    data, model, adapter, batch_size, max_seq_len, max_examples, backend, device, compute_dtype
+) -> None:
     """Perplexity on DATA (JSONL), and exact match on its chat / prompt-completion records."""
     from backends import api
 
     with user_errors():
-        loaded = api.load(model, adapter=adapter, backend=backend, device=device,
-                          compute_dtype=compute_dtype)  # fmt: skip
+        loaded = api.load(
+            model, adapter=adapter, backend=backend, device=device, compute_dtype=compute_dtype
+        )
         r = loaded.evaluate(data, batch_size, max_seq_len, max_examples)
-    click.echo(f"loss {r['loss']:.4f}  perplexity {r['perplexity']:.3f}  ({r['examples']} examples)")
+    click.echo(
+        f"loss {r['loss']:.4f}  perplexity {r['perplexity']:.3f}  ({r['examples']} examples)"
+    )
     if r["exact_match"] is not None:
         click.echo(f"exact match {r['exact_match']:.1%} ({r['exact_match_examples']} examples)")
 
@@ -273,9 +375,12 @@ def evaluate(data, model, adapter, batch_size, max_seq_len, max_examples, backen
 @click.argument("out", type=click.Path())
 @click.option("--blocksize", type=int, default=64, show_default=True)
 @click.option("--double-quant/--no-double-quant", default=True, show_default=True)
-@click.option("--method", type=click.Choice(["absmax", "mse"]),
-              help="Block scales: absmax (bitsandbytes' own, bit-identical) or mse (18% less "
-                   "weight error, same format; see BENCHMARKS.md) [default: absmax].")  # fmt: skip
+@click.option(
+    "--method",
+    type=click.Choice(["absmax", "mse"]),
+    help="Block scales: absmax (bitsandbytes' own, bit-identical) or mse (18% less "
+    "weight error, same format; see BENCHMARKS.md) [default: absmax].",
+)
 def quantize(model, out, blocksize, double_quant, method) -> None:
     """Quantize MODEL (HF dir, GGUF, bnb dir) to a bitsandbytes-format NF4 directory OUT.
     Weights already stored as NF4 are copied, never requantized."""
@@ -290,8 +395,13 @@ def quantize(model, out, blocksize, double_quant, method) -> None:
 @click.argument("adapter", type=click.Path())
 @click.argument("out", type=click.Path())
 @click.option("--model", help="Base model [default: the adapter's base, else the embedded model].")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
-              show_default=True, help="Dtype of the merged weights.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["bfloat16", "float16", "float32"]),
+    default="bfloat16",
+    show_default=True,
+    help="Dtype of the merged weights.",
+)
 @click.option("--nf4", "requantize", is_flag=True, help="Re-quantize the merged weights to NF4.")
 def merge(adapter, out, model, dtype, requantize) -> None:
     """Merge ADAPTER into its base model; write a Hugging Face directory OUT."""
@@ -306,8 +416,13 @@ def merge(adapter, out, model, dtype, requantize) -> None:
 
 @main.command()
 @click.argument("path", required=False)
-@click.option("--seq-len", type=POSITIVE, default=512, show_default=True,
-              help="Sequence length of the training-memory estimate.")
+@click.option(
+    "--seq-len",
+    type=POSITIVE,
+    default=512,
+    show_default=True,
+    help="Sequence length of the training-memory estimate.",
+)
 @click.option("--batch-size", type=POSITIVE, default=1, show_default=True)
 @click.option("--lora-r", type=POSITIVE, default=8, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -322,7 +437,9 @@ def info(path, seq_len, batch_size, lora_r, as_json) -> None:
         return
     for key, value in d.items():
         if key == "memory_estimate_bytes":
-            value = f"{value / 2**30:.2f} GiB (training, seq {d['seq_len']}, batch {d['batch_size']})"
+            value = (
+                f"{value / 2**30:.2f} GiB (training, seq {d['seq_len']}, batch {d['batch_size']})"
+            )
         elif key == "bits_per_weight":
             value = f"{value:.3f}"
         elif isinstance(value, dict):

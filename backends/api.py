@@ -1,9 +1,9 @@
 """The public Python API: everything the CLI does, as functions (the CLI calls only these).
 
-    from backends import api
-    model = api.load("path/or/None", adapter="runs/x")          # base (+ adapter), backend chosen
-    print(model.chat("Shift every digit up by one ...\\n1 2 3"))
-    result = api.finetune(api.FinetuneConfig(steps=20, out="runs/x"))
+from backends import api
+model = api.load("path/or/None", adapter="runs/x")          # base (+ adapter), backend chosen
+print(model.chat("Shift every digit up by one ...\\n1 2 3"))
+result = api.finetune(api.FinetuneConfig(steps=20, out="runs/x"))
 """
 
 from __future__ import annotations
@@ -37,13 +37,22 @@ class LoadedModel:
     path: str
     adapter: str | None = None  # the adapter directory loaded, for messages
 
-    def stream(self, prompt: str, *, chat: bool = True, max_new_tokens: int = 128,
-               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> Iterator[str]:
+    def stream(
+        self,
+        prompt: str,
+        *,
+        chat: bool = True,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> Iterator[str]:
         """Yield the decoded text of new tokens as they come (chat template applied when `chat`)."""
         check_sampling(max_new_tokens, temperature, top_p)
         if chat and self.tokenizer.chat_template:
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                      add_generation_prompt=True)  # fmt: skip
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True
+            )
             ids = self.tokenizer.encode(text, add_special_tokens=False)
         else:
             ids = self.tokenizer.encode(prompt)
@@ -57,37 +66,53 @@ class LoadedModel:
                 out.append(token)
                 text = self.tokenizer.decode(out, skip_special_tokens=True)
                 if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence waits
-                    yield text[len(shown):]
+                    yield text[len(shown) :]
                     shown = text
 
     def chat(self, prompt: str, **kw) -> str:
         return "".join(self.stream(prompt, **kw))
 
-    def evaluate(self, data: str | os.PathLike, batch_size: int = 4, max_seq_len: int = 2048,
-                 max_examples: int = 0) -> dict:
+    def evaluate(
+        self,
+        data: str | os.PathLike,
+        batch_size: int = 4,
+        max_seq_len: int = 2048,
+        max_examples: int = 0,
+    ) -> dict:
         """Perplexity on a JSONL file, and exact match on its chat / prompt-completion records."""
         import json
 
-        ds, _ = nf4core.load_dataset(nf4core.DataConfig(train=data, max_length=max_seq_len),
-                                     self.tokenizer)  # fmt: skip
+        ds, _ = nf4core.load_dataset(
+            nf4core.DataConfig(train=data, max_length=max_seq_len), self.tokenizer
+        )
         pad = self.tokenizer.pad_token_id or 0
         loss, ppl = perplexity(self.engine, ds, batch_size, pad)
         if not math.isfinite(loss):
-            raise NonFiniteError(f"{self.adapter or self.path}: the loss on {data} is {loss} (not "
-                                 "finite); check the adapter's weights and lora_alpha")
+            raise NonFiniteError(
+                f"{self.adapter or self.path}: the loss on {data} is {loss} (not "
+                "finite); check the adapter's weights and lora_alpha"
+            )
         lines = Path(data).read_text(encoding="utf-8-sig").splitlines()  # a BOM, as read_jsonl
         records = [json.loads(line) for line in lines if line.strip()]
         records = [r for r in records if "messages" in r or ("prompt" in r and "completion" in r)]
         if max_examples:
             records = records[:max_examples]
         em = exact_match_score(self.engine, self.tokenizer, records) if records else None
-        return {"loss": loss, "perplexity": ppl, "examples": len(ds),
-                "exact_match": None if em is None else em.score,
-                "exact_match_examples": 0 if em is None else em.total}  # fmt: skip
+        return {
+            "loss": loss,
+            "perplexity": ppl,
+            "examples": len(ds),
+            "exact_match": None if em is None else em.score,
+            "exact_match_examples": 0 if em is None else em.total,
+        }
 
     def save_adapter(self, directory: str | os.PathLike, lora: LoRASettings) -> Path:
-        return save_adapter(directory, Adapter(self.engine.adapters(), lora.r, lora.alpha,
-                                               lora.dropout, lora.targets, self.path))  # fmt: skip
+        return save_adapter(
+            directory,
+            Adapter(
+                self.engine.adapters(), lora.r, lora.alpha, lora.dropout, lora.targets, self.path
+            ),
+        )
 
 
 def check_sampling(max_new_tokens: object, temperature: object, top_p: object) -> None:
@@ -105,9 +130,15 @@ def check_sampling(max_new_tokens: object, temperature: object, top_p: object) -
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
-def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike | None = None,
-         lora: LoRASettings | None = None, backend: str | None = None, device: str | None = None,
-         compute_dtype: str | None = None) -> LoadedModel:
+def load(
+    model: str | os.PathLike | None = None,
+    *,
+    adapter: str | os.PathLike | None = None,
+    lora: LoRASettings | None = None,
+    backend: str | None = None,
+    device: str | None = None,
+    compute_dtype: str | None = None,
+) -> LoadedModel:
     """Open `model` (default: the embedded SmolLM2-135M-Instruct) as NF4 on the chosen backend, with
     the PEFT adapter in `adapter` loaded, or fresh adapters from `lora` attached."""
     path = str(model) if model is not None else str(nf4core.default_model_path())
@@ -122,33 +153,58 @@ def load(model: str | os.PathLike | None = None, *, adapter: str | os.PathLike |
     engine = build_engine(choice, source, lora, None)
     if loaded is not None:
         engine.load_adapters(loaded.tensors)
-    return LoadedModel(engine, source.tokenizer(), choice, path,
-                       None if adapter is None else str(adapter))
+    return LoadedModel(
+        engine, source.tokenizer(), choice, path, None if adapter is None else str(adapter)
+    )
 
 
-def quantize(model: str | os.PathLike, out: str | os.PathLike, blocksize: int = 64,
-             double_quant: bool = True, method: str | None = None) -> Path:
+def quantize(
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    blocksize: int = 64,
+    double_quant: bool = True,
+    method: str | None = None,
+) -> Path:
     """Any source -> a bitsandbytes-format NF4 Hugging Face directory. `method` chooses the block
     scales ("absmax": bitsandbytes' own; "mse": least error; default DEFAULT_QUANT_METHOD)."""
     method = method or nf4core.model_quantize.DEFAULT_QUANT_METHOD
     return nf4core.quantize_model(model, out, blocksize, double_quant, method)
 
 
-def merge_adapter(model: str | os.PathLike | None, adapter: str | os.PathLike, out: str | os.PathLike,
-                  dtype: str = "bfloat16", requantize: bool = False) -> Path:
+def merge_adapter(
+    model: str | os.PathLike | None,
+    adapter: str | os.PathLike,
+    out: str | os.PathLike,
+    dtype: str = "bfloat16",
+    requantize: bool = False,
+) -> Path:
     """Adapter + base -> a merged directory (16-bit, or NF4 again with `requantize`)."""
     path = str(model) if model is not None else str(nf4core.default_model_path())
     return merge(path, load_adapter(adapter), out, dtype, requantize)
 
 
-def info(path: str | os.PathLike | None, seq_len: int = 512, batch_size: int = 1,
-         lora_r: int = 8) -> dict:
+def info(
+    path: str | os.PathLike | None, seq_len: int = 512, batch_size: int = 1, lora_r: int = 8
+) -> dict:
     """Architecture, parameter counts, bits per weight and a training-memory estimate (models);
     rank and targets (adapters); step, backend and config (checkpoints)."""
-    return describe(path if path is not None else nf4core.default_model_path(), seq_len, batch_size,
-                    lora_r)  # fmt: skip
+    return describe(
+        path if path is not None else nf4core.default_model_path(), seq_len, batch_size, lora_r
+    )
 
 
-__all__ = ["ConfigError", "ExactMatch", "FinetuneConfig", "FinetuneResult", "LoRASettings",
-           "LoadedModel", "NonFiniteError", "RunInterrupted", "finetune", "info", "load",
-           "merge_adapter", "quantize"]  # fmt: skip
+__all__ = [
+    "ConfigError",
+    "ExactMatch",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "LoRASettings",
+    "LoadedModel",
+    "NonFiniteError",
+    "RunInterrupted",
+    "finetune",
+    "info",
+    "load",
+    "merge_adapter",
+    "quantize",
+]

@@ -29,7 +29,11 @@ from nf4core.atomic import _fsync_dir, atomic_file, write_text_atomic
 from .checkpoint_schema import FORMAT_VERSION, CheckpointError, read_latest, read_state
 from .engine import TrainingState
 
-STATE_NAME, ADAPTERS_NAME, OPTIMIZER_NAME = "trainer_state.json", "adapters.safetensors", "optimizer.safetensors"
+STATE_NAME, ADAPTERS_NAME, OPTIMIZER_NAME = (
+    "trainer_state.json",
+    "adapters.safetensors",
+    "optimizer.safetensors",
+)
 
 
 class NonFiniteStateError(CheckpointError):
@@ -53,8 +57,9 @@ def _save_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict
         f.write(blob)
 
 
-def save_checkpoint(root: str | Path, state: TrainingState, config: dict, data_position: dict,
-                    backend: str) -> Path:
+def save_checkpoint(
+    root: str | Path, state: TrainingState, config: dict, data_position: dict, backend: str
+) -> Path:
     """Write checkpoint `step-<step>` under `root` atomically and name it in latest.json; returns
     its path. A state with non-finite values is refused before anything is written. Re-saving a
     step writes the new copy under a new name (`step-<step>.<n>`), switches latest.json to it, and
@@ -69,16 +74,24 @@ def save_checkpoint(root: str | Path, state: TrainingState, config: dict, data_p
     _remove_leftovers(root)
     name = f"step-{state.step:06d}"
     older = [p for p in _complete(root) if _step_of(p.name) == state.step]
-    suffixes = [int(m.group(2) or 0) for p in root.iterdir()
-                if (m := _STEP_NAME.fullmatch(p.name)) and int(m.group(1)) == state.step]
+    suffixes = [
+        int(m.group(2) or 0)
+        for p in root.iterdir()
+        if (m := _STEP_NAME.fullmatch(p.name)) and int(m.group(1)) == state.step
+    ]
     final = root / (f"{name}.{max(suffixes) + 1}" if suffixes else name)  # newer copies sort later
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
     try:
         meta = {"format_version": str(FORMAT_VERSION)}
         _save_safetensors(tmp / ADAPTERS_NAME, state.adapters, meta)
         _save_safetensors(tmp / OPTIMIZER_NAME, {**state.moments, **state.rng}, meta)
-        info = {"format_version": FORMAT_VERSION, "step": state.step, "backend": backend,
-                "data_position": data_position, "config": config}  # fmt: skip
+        info = {
+            "format_version": FORMAT_VERSION,
+            "step": state.step,
+            "backend": backend,
+            "data_position": data_position,
+            "config": config,
+        }
         write_text_atomic(tmp / STATE_NAME, json.dumps(info, indent=2) + "\n")
         os.replace(tmp, final)
         _fsync_dir(root)
@@ -141,8 +154,9 @@ def find_checkpoint(path: str | Path) -> Path:
             if (target / STATE_NAME).is_file():
                 return target
             raise CheckpointError(f"{latest}: names {target.name}, which holds no {STATE_NAME}")
-    raise CheckpointError(f"{path}: no training checkpoint here (expected {STATE_NAME} or "
-                          "checkpoints/latest.json)")
+    raise CheckpointError(
+        f"{path}: no training checkpoint here (expected {STATE_NAME} or checkpoints/latest.json)"
+    )
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -163,8 +177,13 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{directory}: {problem}")
     try:
         state = TrainingState(adapters, moments, int(info["step"]), rng)
-        return Checkpoint(directory, state, dict(info["config"]), dict(info["data_position"]),
-                          str(info["backend"]))  # fmt: skip
+        return Checkpoint(
+            directory,
+            state,
+            dict(info["config"]),
+            dict(info["data_position"]),
+            str(info["backend"]),
+        )
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{directory / STATE_NAME}: missing or bad field ({e})") from e
 
@@ -199,8 +218,10 @@ def check_fits(ckpt: Checkpoint, adapters: dict[str, np.ndarray]) -> None:
         saved = ckpt.state.adapters.get(key)
         if saved is None or saved.shape != value.shape:
             got = "nothing" if saved is None else list(saved.shape)
-            raise CheckpointError(f"{ckpt.path}: {key} is {got} in the checkpoint but "
-                                  f"{list(value.shape)} in the model")
+            raise CheckpointError(
+                f"{ckpt.path}: {key} is {got} in the checkpoint but "
+                f"{list(value.shape)} in the model"
+            )
     extra = sorted(set(ckpt.state.adapters) - set(adapters))
     if extra:
         raise CheckpointError(f"{ckpt.path}: the checkpoint has {extra[0]}, which the model lacks")

@@ -34,14 +34,17 @@ def read_latest(path: Path) -> str:
     """The checkpoint name latest.json points to: a plain directory name beside it."""
     value = read_json_file(path)
     if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: expected a JSON object like "
-                              f'{{"checkpoint": "step-000050"}}, got {type(value).__name__}')
+        raise CheckpointError(
+            f"{path}: expected a JSON object like "
+            f'{{"checkpoint": "step-000050"}}, got {type(value).__name__}'
+        )
     name = value.get("checkpoint")
     if not isinstance(name, str) or not name:
         raise CheckpointError(f"{path}: field 'checkpoint' must be a directory name, got {name!r}")
     if Path(name).name != name or name in (".", "..") or name.startswith("."):
-        raise CheckpointError(f"{path}: field 'checkpoint' must name a checkpoint beside it, "
-                              f"got {name!r}")  # fmt: skip
+        raise CheckpointError(
+            f"{path}: field 'checkpoint' must name a checkpoint beside it, got {name!r}"
+        )
     return name
 
 
@@ -51,9 +54,11 @@ def read_state(path: Path) -> dict:
     if not isinstance(info, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(info).__name__}")
     if info.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: unknown checkpoint format version "
-                              f"{info.get('format_version')!r} "
-                              f"(this version reads {FORMAT_VERSION})")  # fmt: skip
+        raise CheckpointError(
+            f"{path}: unknown checkpoint format version "
+            f"{info.get('format_version')!r} "
+            f"(this version reads {FORMAT_VERSION})"
+        )
     for name in ("step", "backend", "data_position", "config"):
         if name not in info:
             raise CheckpointError(f"{path}: missing or bad field {name!r} (not present)")
@@ -64,8 +69,10 @@ def read_state(path: Path) -> dict:
         raise CheckpointError(f"{path}: backend must be one of {BACKENDS}, got {info['backend']!r}")
     position = info["data_position"]
     if not isinstance(position, dict) or not _count(position.get("micro_batches")):
-        raise CheckpointError(f"{path}: data_position must be an object with an integer "
-                              f"micro_batches >= 0, got {position!r}")  # fmt: skip
+        raise CheckpointError(
+            f"{path}: data_position must be an object with an integer "
+            f"micro_batches >= 0, got {position!r}"
+        )
     config = info["config"]
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: config must be an object, got {type(config).__name__}")
@@ -77,8 +84,9 @@ def read_state(path: Path) -> dict:
         raise CheckpointError(f"{path}: step {step} is beyond the run's {run.steps} steps")
     named = _STEP_DIR.fullmatch(path.parent.name)
     if named and int(named.group(1)) != step:
-        raise CheckpointError(f"{path}: step {step} does not match the checkpoint directory "
-                              f"{path.parent.name}")  # fmt: skip
+        raise CheckpointError(
+            f"{path}: step {step} does not match the checkpoint directory {path.parent.name}"
+        )
     return info
 
 

@@ -8,8 +8,8 @@ from one engine loads into the other.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -85,13 +85,20 @@ class Engine(Protocol):
 
     def eval_loss(self, batches: Sequence[nf4core.Batch]) -> tuple[float, int]: ...
 
-    def generate(self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0,
-                 eos_ids: Sequence[int] = ()) -> Iterator[int]: ...  # fmt: skip
+    def generate(
+        self,
+        prompt: Sequence[int],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        eos_ids: Sequence[int] = (),
+    ) -> Iterator[int]: ...
 
     # prompts of one token length decoded together; each row cut before its first stop id
-    def greedy_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                     eos_ids: Sequence[int] = ()) -> list[list[int]]: ...  # fmt: skip
+    def greedy_batch(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Sequence[int] = ()
+    ) -> list[list[int]]: ...
 
     def inference(self) -> AbstractContextManager: ...  # faster eval/generation inside, no training
 
@@ -104,7 +111,9 @@ class Engine(Protocol):
     def load_training_state(self, state: TrainingState) -> None: ...
 
 
-def rows_until_stop(steps: Iterator[np.ndarray], rows: int, eos_ids: Sequence[int]) -> list[list[int]]:
+def rows_until_stop(
+    steps: Iterator[np.ndarray], rows: int, eos_ids: Sequence[int]
+) -> list[list[int]]:
     """Collect batched greedy decoding: `steps` yields the next token of every row; each row keeps its
     tokens before its first stop id, and drawing ends once every row has stopped."""
     out: list[list[int]] = [[] for _ in range(rows)]
@@ -124,8 +133,10 @@ def rows_until_stop(steps: Iterator[np.ndarray], rows: int, eos_ids: Sequence[in
 def check_one_length(prompts: Sequence[Sequence[int]]) -> None:
     lengths = {len(p) for p in prompts}
     if len(lengths) != 1 or 0 in lengths:
-        raise ValueError(f"batched greedy decoding needs non-empty prompts of one length, got lengths "
-                         f"{sorted(lengths)}")
+        raise ValueError(
+            f"batched greedy decoding needs non-empty prompts of one length, got lengths "
+            f"{sorted(lengths)}"
+        )
 
 
 class SourceTensors(Mapping):
@@ -147,9 +158,14 @@ class SourceTensors(Mapping):
         return len(self.names)
 
 
-def build_engine(choice: BackendChoice, source: nf4core.ModelSource, lora: LoRASettings | None,
-                 train: TrainSettings | None = None, lr: float = 1e-4,
-                 base: BaseWeights | None = None) -> Engine:
+def build_engine(
+    choice: BackendChoice,
+    source: nf4core.ModelSource,
+    lora: LoRASettings | None,
+    train: TrainSettings | None = None,
+    lr: float = 1e-4,
+    base: BaseWeights | None = None,
+) -> Engine:
     """The chosen backend's model built from `source` (NF4 base), with adapters when `lora` is given
     (always, to train), ready to train with `train` settings."""
     if choice.backend == "torch":

@@ -25,8 +25,12 @@ class ExactMatch:
 
 
 def stop_ids(tokenizer: nf4core.Tokenizer) -> tuple[int, ...]:
-    ids = {tokenizer.eos_token_id, tokenizer.token_id("<|im_end|>") if
-           tokenizer.backend.token_to_id("<|im_end|>") is not None else None}  # fmt: skip
+    ids = {
+        tokenizer.eos_token_id,
+        tokenizer.token_id("<|im_end|>")
+        if tokenizer.backend.token_to_id("<|im_end|>") is not None
+        else None,
+    }
     return tuple(sorted(i for i in ids if i is not None))
 
 
@@ -44,8 +48,13 @@ def prompt_and_answer(record: dict, tokenizer: nf4core.Tokenizer) -> tuple[list[
     raise ValueError("exact match needs records with 'messages' or 'prompt' and 'completion'")
 
 
-def exact_match_score(engine: Engine, tokenizer: nf4core.Tokenizer, records: Sequence[dict],
-                      keep_samples: int = 3, max_batch: int = 32) -> ExactMatch:
+def exact_match_score(
+    engine: Engine,
+    tokenizer: nf4core.Tokenizer,
+    records: Sequence[dict],
+    keep_samples: int = 3,
+    max_batch: int = 32,
+) -> ExactMatch:
     """Greedy answers to each record's prompt compared with its reference (white space trimmed).
 
     Prompts of one token length are decoded together (`Engine.greedy_batch`), up to `max_batch` rows;
@@ -61,8 +70,9 @@ def exact_match_score(engine: Engine, tokenizer: nf4core.Tokenizer, records: Seq
         for members in by_length.values():
             for s in range(0, len(members), max_batch):
                 rows = members[s : s + max_batch]
-                out = engine.greedy_batch([prepared[i][0] for i in rows],
-                                          max(budgets[i] for i in rows), eos)  # fmt: skip
+                out = engine.greedy_batch(
+                    [prepared[i][0] for i in rows], max(budgets[i] for i in rows), eos
+                )
                 answers.update((i, ids[: budgets[i]]) for i, ids in zip(rows, out))
     correct, samples = 0, []
     for i, (_, reference) in enumerate(prepared):
@@ -73,10 +83,13 @@ def exact_match_score(engine: Engine, tokenizer: nf4core.Tokenizer, records: Seq
     return ExactMatch(correct, len(records), samples)
 
 
-def perplexity(engine: Engine, dataset: nf4core.Dataset, batch_size: int, pad_id: int
-               ) -> tuple[float, float]:
+def perplexity(
+    engine: Engine, dataset: nf4core.Dataset, batch_size: int, pad_id: int
+) -> tuple[float, float]:
     """(mean loss per target token, its exp) over the dataset, in order."""
     with engine.inference():
-        total, n = engine.eval_loss(list(nf4core.batches(dataset, batch_size, pad_id, shuffle=False)))
+        total, n = engine.eval_loss(
+            list(nf4core.batches(dataset, batch_size, pad_id, shuffle=False))
+        )
     loss = total / max(1, n)
     return loss, math.exp(min(loss, 700.0))

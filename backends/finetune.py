@@ -22,8 +22,14 @@ from nf4core.atomic import write_text_atomic
 from nf4core.default_task import DefaultTask, default_task
 from nf4core.regular_file import check_regular_file
 
-from .checkpoint import (Checkpoint, CheckpointError, check_fits, find_checkpoint, load_checkpoint,
-                         save_checkpoint)  # fmt: skip
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    check_fits,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .engine import BaseWeights, Engine, LoRASettings, TrainSettings, build_engine
 from .evaluate import ExactMatch, exact_match_score, perplexity
 from .finetune_config import ConfigError, FinetuneConfig, learning_rate
@@ -36,8 +42,7 @@ from .run_log import MetricsLog, Progress, plot_loss
 
 
 class RunInterrupted(Exception):
-    """The run stopped at the user's request (SIGINT), after saving; the message says how to go on.
-    """
+    """The run stopped at the user's request (SIGINT), after saving; the message says how to go on."""
 
 
 @dataclass(frozen=True)
@@ -69,13 +74,17 @@ class _Data:
         epoch, index = divmod(g, self.per_epoch)
         if epoch != self._epoch:
             self._epoch = epoch
-            self._batches = list(nf4core.batches(self.dataset, self.batch_size, self.pad_id,
-                                                 seed=self.seed, epoch=epoch))  # fmt: skip
+            self._batches = list(
+                nf4core.batches(
+                    self.dataset, self.batch_size, self.pad_id, seed=self.seed, epoch=epoch
+                )
+            )
         return self._batches[index]
 
 
-def resolve(cfg: FinetuneConfig, echo: Callable[[str], None] = print
-            ) -> tuple[FinetuneConfig, DefaultTask | None, Checkpoint | None]:
+def resolve(
+    cfg: FinetuneConfig, echo: Callable[[str], None] = print
+) -> tuple[FinetuneConfig, DefaultTask | None, Checkpoint | None]:
     """The resolved config (with a resume's checkpoint config applied), the built-in task if used."""
     ckpt = None
     if cfg.resume:
@@ -87,13 +96,19 @@ def resolve(cfg: FinetuneConfig, echo: Callable[[str], None] = print
 
 def task_files(task: DefaultTask) -> dict[str, str]:
     """The built-in task's data as JSONL texts (written to OUT/data for reference)."""
-    return {name: "".join(json.dumps(r) + "\n" for r in records)
-            for name, records in (("train.jsonl", task.train), ("valid.jsonl", task.heldout))}
+    return {
+        name: "".join(json.dumps(r) + "\n" for r in records)
+        for name, records in (("train.jsonl", task.train), ("valid.jsonl", task.heldout))
+    }
 
 
-def load_data(cfg: FinetuneConfig, task: DefaultTask | None, tokenizer: nf4core.Tokenizer,
-              scratch: Path, echo: Callable[[str], None] = print
-              ) -> tuple[nf4core.Dataset, nf4core.Dataset | None, list[dict]]:
+def load_data(
+    cfg: FinetuneConfig,
+    task: DefaultTask | None,
+    tokenizer: nf4core.Tokenizer,
+    scratch: Path,
+    echo: Callable[[str], None] = print,
+) -> tuple[nf4core.Dataset, nf4core.Dataset | None, list[dict]]:
     """(train set, validation set or None, held-out records for exact match (built-in task only)).
     The built-in task's files are written under `scratch`."""
     if task is not None:
@@ -106,7 +121,9 @@ def load_data(cfg: FinetuneConfig, task: DefaultTask | None, tokenizer: nf4core.
         if path.is_dir():
             train, valid = path / "train.jsonl", path / "valid.jsonl"
             if not train.is_file():
-                raise ConfigError(f"{path}: a data directory needs train.jsonl (and may hold valid.jsonl)")
+                raise ConfigError(
+                    f"{path}: a data directory needs train.jsonl (and may hold valid.jsonl)"
+                )
             valid = valid if valid.is_file() else None
         elif path.exists():
             train, valid = check_regular_file(path, ConfigError), None
@@ -131,8 +148,9 @@ def load_data(cfg: FinetuneConfig, task: DefaultTask | None, tokenizer: nf4core.
 
 
 def _report_no_targets(where: list[str], cfg: FinetuneConfig, echo: Callable[[str], None]) -> None:
-    why = (f"no target tokens (a prompt of --max-seq-len {cfg.max_seq_len} tokens or more, or no "
-           "text)")
+    why = (
+        f"no target tokens (a prompt of --max-seq-len {cfg.max_seq_len} tokens or more, or no text)"
+    )
     n = len(where)
     if cfg.strict_data:
         raise ConfigError(f"{where[0]}: {why}; {n} such record(s) (--strict-data refuses them)")
@@ -146,8 +164,9 @@ def total_steps(cfg: FinetuneConfig, data: _Data) -> int:
     return max(1, math.ceil(cfg.epochs * data.per_epoch / cfg.grad_accum))
 
 
-def finetune(cfg: FinetuneConfig, echo: Callable[[str], None] = print, progress: bool = True
-             ) -> FinetuneResult:
+def finetune(
+    cfg: FinetuneConfig, echo: Callable[[str], None] = print, progress: bool = True
+) -> FinetuneResult:
     """Fine-tune as `cfg` says (see FinetuneConfig); writes adapters, checkpoints, metrics.jsonl,
     loss.png and the resolved config.yaml under `cfg.out`, and returns what happened.
 
@@ -165,8 +184,10 @@ def finetune(cfg: FinetuneConfig, echo: Callable[[str], None] = print, progress:
     model_path = cfg.model or str(nf4core.default_model_path())
     source = nf4core.open_model(model_path)
     if cfg.base_dtype != "nf4" and isinstance(source, nf4core.sources.BnbDirSource):
-        raise ConfigError(f"base_dtype {cfg.base_dtype}: {model_path} is already NF4; a 16/32-bit "
-                          f"baseline needs the unquantized model")
+        raise ConfigError(
+            f"base_dtype {cfg.base_dtype}: {model_path} is already NF4; a 16/32-bit "
+            f"baseline needs the unquantized model"
+        )
     tokenizer = source.tokenizer()
     with tempfile.TemporaryDirectory() as scratch:
         train_set, valid_set, heldout = load_data(cfg, task, tokenizer, Path(scratch), echo)
@@ -174,10 +195,17 @@ def finetune(cfg: FinetuneConfig, echo: Callable[[str], None] = print, progress:
     data = _Data(train_set, cfg.batch_size, pad, cfg.seed)
     steps = total_steps(cfg, data)
     lora = LoRASettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.targets, cfg.seed)
-    train = TrainSettings(cfg.grad_accum, cfg.max_grad_norm, cfg.weight_decay, cfg.grad_checkpoint,
-                          cfg.paged_optimizer, cfg.seed)  # fmt: skip
-    engine = build_engine(choice, source, lora, train, cfg.lr,
-                          BaseWeights(cfg.base_dtype, cfg.quant_method))  # fmt: skip
+    train = TrainSettings(
+        cfg.grad_accum,
+        cfg.max_grad_norm,
+        cfg.weight_decay,
+        cfg.grad_checkpoint,
+        cfg.paged_optimizer,
+        cfg.seed,
+    )
+    engine = build_engine(
+        choice, source, lora, train, cfg.lr, BaseWeights(cfg.base_dtype, cfg.quant_method)
+    )
     start = 0
     if ckpt is not None:
         check_fits(ckpt, engine.adapters())
@@ -203,8 +231,16 @@ def finetune(cfg: FinetuneConfig, echo: Callable[[str], None] = print, progress:
 class _Run:
     """The training loop of one `finetune` call, from `start` to `steps`, in its locked `out`."""
 
-    def __init__(self, cfg: FinetuneConfig, engine: Engine, out: Path, steps: int, start: int,
-                 echo: Callable[[str], None], model_path: str) -> None:
+    def __init__(
+        self,
+        cfg: FinetuneConfig,
+        engine: Engine,
+        out: Path,
+        steps: int,
+        start: int,
+        echo: Callable[[str], None],
+        model_path: str,
+    ) -> None:
         self.cfg, self.engine, self.out, self.steps, self.start = cfg, engine, out, steps, start
         self.echo, self.model_path = echo, model_path
         self.log = MetricsLog(out / "metrics.jsonl")
@@ -216,18 +252,35 @@ class _Run:
             self._truncate = False
         self.log.write(record)
 
-    def train(self, data: _Data, valid_set: nf4core.Dataset | None, heldout: list[dict],
-              tokenizer: nf4core.Tokenizer, pad: int, progress: bool, phases: _Phases, t0: float
-              ) -> FinetuneResult:
-        cfg, engine, out, steps, start, echo = (self.cfg, self.engine, self.out, self.steps,
-                                                self.start, self.echo)
+    def train(
+        self,
+        data: _Data,
+        valid_set: nf4core.Dataset | None,
+        heldout: list[dict],
+        tokenizer: nf4core.Tokenizer,
+        pad: int,
+        progress: bool,
+        phases: _Phases,
+        t0: float,
+    ) -> FinetuneResult:
+        cfg, engine, out, steps, start, echo = (
+            self.cfg,
+            self.engine,
+            self.out,
+            self.steps,
+            self.start,
+            self.echo,
+        )
         before = after = None
         if heldout and start == 0:
             before = exact_match_score(engine, tokenizer, heldout)
-            self.write({"event": "exact_match", "phase": "before", "step": 0,
-                        "exact_match": before.score})
-            echo(f"exact match on {before.total} held-out examples before training: "
-                 f"{before.score:.1%}")
+            self.write(
+                {"event": "exact_match", "phase": "before", "step": 0, "exact_match": before.score}
+            )
+            echo(
+                f"exact match on {before.total} held-out examples before training: "
+                f"{before.score:.1%}"
+            )
             phases.mark("exact match before")
         bar = Progress(steps, start, enabled=progress)
         losses, last_ckpt, eval_loss, bad_steps = [], None, None, 0
@@ -244,25 +297,44 @@ class _Run:
                     bad_steps += 1
                     skipped = bad_steps <= cfg.skip_nonfinite
                     what = f"loss {r.loss}, gradient norm {r.grad_norm}"
-                    record = {"step": done, "event": "nonfinite", "detail": what, "skipped": skipped}
+                    record = {
+                        "step": done,
+                        "event": "nonfinite",
+                        "detail": what,
+                        "skipped": skipped,
+                    }
                     if not skipped:  # appended: a failed run removes no record of an earlier one
                         self.log.write(record)
                         bar.close()
                         raise NonFiniteError(self._stopped(done, what))
                     self.write(record)
-                    echo(f"step {done}: non-finite {what}; update skipped ({bad_steps} of "
-                         f"--skip-nonfinite {cfg.skip_nonfinite})")
+                    echo(
+                        f"step {done}: non-finite {what}; update skipped ({bad_steps} of "
+                        f"--skip-nonfinite {cfg.skip_nonfinite})"
+                    )
                 else:
                     losses.append(r.loss)
                     seen = sum(int(b.attention_mask.sum()) for b in micro)  # prompt and target
-                    self.write({"step": done, "loss": r.loss, "lr": lr, "grad_norm": r.grad_norm,
-                                "tokens": seen, "target_tokens": r.tokens,
-                                "tokens_per_s": seen / max(dt, 1e-9)})  # fmt: skip
+                    self.write(
+                        {
+                            "step": done,
+                            "loss": r.loss,
+                            "lr": lr,
+                            "grad_norm": r.grad_norm,
+                            "tokens": seen,
+                            "target_tokens": r.tokens,
+                            "tokens_per_s": seen / max(dt, 1e-9),
+                        }
+                    )
                     bar.update(done, r.loss, seen)
                 if interrupts.requested:
                     break
-                if valid_set is not None and cfg.eval_every and done % cfg.eval_every == 0 and (
-                        done < steps):  # fmt: skip
+                if (
+                    valid_set is not None
+                    and cfg.eval_every
+                    and done % cfg.eval_every == 0
+                    and (done < steps)
+                ):
                     eval_loss, ppl = perplexity(engine, valid_set, cfg.batch_size, pad)
                     self.write({"step": done, "eval_loss": eval_loss, "perplexity": ppl})
                 if cfg.save_every and done % cfg.save_every == 0 and done < steps:
@@ -271,8 +343,10 @@ class _Run:
             phases.mark("train")
             if interrupts.requested:  # a second interrupt while saving aborts; the save is atomic
                 self._save_result(done)
-                raise RunInterrupted(f"interrupted: saved step {done} of {steps} to {out}; "
-                                     f"continue with: python cli.py finetune --resume {out}")
+                raise RunInterrupted(
+                    f"interrupted: saved step {done} of {steps} to {out}; "
+                    f"continue with: python cli.py finetune --resume {out}"
+                )
         if valid_set is not None:
             eval_loss, ppl = perplexity(engine, valid_set, cfg.batch_size, pad)
             self.write({"step": steps, "eval_loss": eval_loss, "perplexity": ppl})
@@ -282,16 +356,36 @@ class _Run:
         phases.mark("save")
         if heldout:
             after = exact_match_score(engine, tokenizer, heldout)
-            self.write({"event": "exact_match", "phase": "after", "step": steps,
-                        "exact_match": after.score})
-            echo(f"exact match on {after.total} held-out examples after training: "
-                 f"{after.score:.1%}")
+            self.write(
+                {
+                    "event": "exact_match",
+                    "phase": "after",
+                    "step": steps,
+                    "exact_match": after.score,
+                }
+            )
+            echo(
+                f"exact match on {after.total} held-out examples after training: {after.score:.1%}"
+            )
             phases.mark("exact match after")
         png = plot_loss(self.log.read(), out / "loss.png")
-        echo(f"adapter: {out / 'adapter_model.safetensors'}; metrics: {self.log.path}"
-             + (f"; loss curve: {png}" if png else ""))
-        return FinetuneResult(cfg, engine.choice, out, steps, losses, before, after, eval_loss,
-                              time.perf_counter() - t0, last_ckpt, phases.seconds)
+        echo(
+            f"adapter: {out / 'adapter_model.safetensors'}; metrics: {self.log.path}"
+            + (f"; loss curve: {png}" if png else "")
+        )
+        return FinetuneResult(
+            cfg,
+            engine.choice,
+            out,
+            steps,
+            losses,
+            before,
+            after,
+            eval_loss,
+            time.perf_counter() - t0,
+            last_ckpt,
+            phases.seconds,
+        )
 
     def _save_result(self, step: int, saved: Path | None = None) -> Path:
         """The checkpoint of `step` (unless this call ran no step and saved one), the adapter and
@@ -299,8 +393,14 @@ class _Run:
         if step > self.start or saved is None:
             saved = self._checkpoint(step)
         cfg = self.cfg
-        adapter = Adapter(self.engine.adapters(), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-                          cfg.targets, self.model_path)  # fmt: skip
+        adapter = Adapter(
+            self.engine.adapters(),
+            cfg.lora_r,
+            cfg.lora_alpha,
+            cfg.lora_dropout,
+            cfg.targets,
+            self.model_path,
+        )
         save_adapter(self.out, adapter, cfg.export)
         _write_config(self.out, cfg)
         return saved
@@ -308,17 +408,23 @@ class _Run:
     def _checkpoint(self, step: int) -> Path:
         state = self.engine.training_state()
         assert state.step == step, (state.step, step)
-        return save_checkpoint(self.out / "checkpoints", state, self.cfg.to_dict(),
-                               {"micro_batches": step * self.cfg.grad_accum},
-                               self.engine.choice.backend)  # fmt: skip
+        return save_checkpoint(
+            self.out / "checkpoints",
+            state,
+            self.cfg.to_dict(),
+            {"micro_batches": step * self.cfg.grad_accum},
+            self.engine.choice.backend,
+        )
 
     def _stopped(self, step: int, what: str) -> str:
         try:
             latest = f"the latest checkpoint stays {find_checkpoint(self.out)}"
         except CheckpointError:
             latest = "no checkpoint was saved"
-        return (f"step {step}: non-finite {what}; stopped without saving this state ({latest}); "
-                "lower --lr, check the data and model, or pass --skip-nonfinite N")
+        return (
+            f"step {step}: non-finite {what}; stopped without saving this state ({latest}); "
+            "lower --lr, check the data and model, or pass --skip-nonfinite N"
+        )
 
 
 class _Interrupts:
@@ -360,5 +466,11 @@ def _write_config(out: Path, cfg: FinetuneConfig) -> None:
     write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "NonFiniteError", "RunInterrupted", "finetune",
-           "resolve"]
+__all__ = [
+    "FinetuneConfig",
+    "FinetuneResult",
+    "NonFiniteError",
+    "RunInterrupted",
+    "finetune",
+    "resolve",
+]

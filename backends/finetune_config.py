@@ -14,18 +14,39 @@ from pathlib import Path
 
 from nf4core.model_config import LINEAR_NAMES
 from nf4core.model_quantize import DEFAULT_QUANT_METHOD
-from nf4core.tensor import QUANT_METHODS
 from nf4core.regular_file import check_regular_file
+from nf4core.tensor import QUANT_METHODS
 
 CONFIG_VERSION = 1
-GENERIC_DEFAULTS = {"steps": 100, "lr": 2e-4, "lora_r": 8, "lora_alpha": 16.0, "batch_size": 4,
-                    "max_seq_len": 512, "targets": list(LINEAR_NAMES)}  # fmt: skip
-FIXED_DEFAULTS = {"grad_accum": 1, "lora_dropout": 0.0, "seed": 0, "grad_checkpoint": False,
-                  "eval_every": 0, "save_every": 0, "warmup_steps": 0, "schedule": "cosine",
-                  "max_grad_norm": 1.0, "weight_decay": 0.0, "export": (), "out": "finetune-out",
-                  "eval_max_examples": 0, "overwrite": False, "skip_nonfinite": 0,
-                  "strict_data": False, "base_dtype": "nf4",
-                  "quant_method": DEFAULT_QUANT_METHOD}  # fmt: skip
+GENERIC_DEFAULTS = {
+    "steps": 100,
+    "lr": 2e-4,
+    "lora_r": 8,
+    "lora_alpha": 16.0,
+    "batch_size": 4,
+    "max_seq_len": 512,
+    "targets": list(LINEAR_NAMES),
+}
+FIXED_DEFAULTS = {
+    "grad_accum": 1,
+    "lora_dropout": 0.0,
+    "seed": 0,
+    "grad_checkpoint": False,
+    "eval_every": 0,
+    "save_every": 0,
+    "warmup_steps": 0,
+    "schedule": "cosine",
+    "max_grad_norm": 1.0,
+    "weight_decay": 0.0,
+    "export": (),
+    "out": "finetune-out",
+    "eval_max_examples": 0,
+    "overwrite": False,
+    "skip_nonfinite": 0,
+    "strict_data": False,
+    "base_dtype": "nf4",
+    "quant_method": DEFAULT_QUANT_METHOD,
+}
 BASE_DTYPES = ("nf4", "bfloat16", "float32")
 # what a checkpoint written before these settings existed was trained with
 LEGACY_BASE = {"base_dtype": "nf4", "quant_method": "absmax"}
@@ -92,23 +113,36 @@ class FinetuneConfig:
             object.__setattr__(self, "export", e)
         for name in ("steps", "batch_size", "grad_accum", "max_seq_len", "lora_r"):
             _check_int(self, name, 2 if name == "max_seq_len" else 1)
-        for name in ("warmup_steps", "seed", "eval_every", "save_every", "eval_max_examples",
-                     "skip_nonfinite"):
+        for name in (
+            "warmup_steps",
+            "seed",
+            "eval_every",
+            "save_every",
+            "eval_max_examples",
+            "skip_nonfinite",
+        ):
             _check_int(self, name, 0)
         for name in ("lr", "lora_alpha", "epochs"):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
-                                  or not math.isfinite(v) or v <= 0):  # fmt: skip
+            if v is not None and (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float))
+                or not math.isfinite(v)
+                or v <= 0
+            ):
                 raise ConfigError(f"{name} must be a positive number, got {v!r}")
         for name in ("lora_dropout", "max_grad_norm", "weight_decay"):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
-                                  or not math.isfinite(v)):  # fmt: skip
+            if v is not None and (
+                isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+            ):
                 raise ConfigError(f"{name} must be a finite number, got {v!r}")
         if self.lora_dropout is not None and not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.max_grad_norm is not None and self.max_grad_norm < 0:
-            raise ConfigError(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
+            raise ConfigError(
+                f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}"
+            )
         if self.weight_decay is not None and self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.schedule is not None and self.schedule not in SCHEDULES:
@@ -116,8 +150,9 @@ class FinetuneConfig:
         if self.base_dtype is not None and self.base_dtype not in BASE_DTYPES:
             raise ConfigError(f"base_dtype must be one of {BASE_DTYPES}, got {self.base_dtype!r}")
         if self.quant_method is not None and self.quant_method not in QUANT_METHODS:
-            raise ConfigError(f"quant_method must be one of {QUANT_METHODS}, "
-                              f"got {self.quant_method!r}")
+            raise ConfigError(
+                f"quant_method must be one of {QUANT_METHODS}, got {self.quant_method!r}"
+            )
         if self.steps is not None and self.epochs is not None:
             raise ConfigError("give either steps or epochs, not both")
 
@@ -205,16 +240,19 @@ def _check_types(cfg: FinetuneConfig) -> None:
         if v is not None and not isinstance(v, (str, os.PathLike)):
             raise ConfigError(f"{name} must be a string, got {v!r}")
         if isinstance(v, str) and (not v or "\0" in v):
-            raise ConfigError(f"{name} must be a non-empty string without NUL characters, "
-                              f"got {v!r}")  # fmt: skip
+            raise ConfigError(
+                f"{name} must be a non-empty string without NUL characters, got {v!r}"
+            )
     for name in _FLAG_FIELDS:
         v = getattr(cfg, name)
         if v is not None and not isinstance(v, bool):
             raise ConfigError(f"{name} must be true or false, got {v!r}")
     for name in ("targets", "export"):
         v = getattr(cfg, name)
-        if v is not None and not (isinstance(v, str) or (
-                isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v))):  # fmt: skip
+        if v is not None and not (
+            isinstance(v, str)
+            or (isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v))
+        ):
             raise ConfigError(f"{name} must be a list of names, got {v!r}")
 
 

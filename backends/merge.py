@@ -35,29 +35,36 @@ def merged_tensors(source: nf4core.ModelSource, adapter: Adapter, dtype: str):
     for name in source.tensor_names():
         value = _merged(source, name, modules, adapter).astype(DTYPES[dtype], copy=False)
         if not np.isfinite(value).all():
-            raise NonFiniteError(f"{_named(adapter)}: merged into the base, {name} would hold NaN "
-                                 f"or infinite values in {dtype}; nothing was written")
+            raise NonFiniteError(
+                f"{_named(adapter)}: merged into the base, {name} would hold NaN "
+                f"or infinite values in {dtype}; nothing was written"
+            )
         yield name, value
 
 
-def _merged(source: nf4core.ModelSource, name: str, modules: set[str], adapter: Adapter) -> np.ndarray:
+def _merged(
+    source: nf4core.ModelSource, name: str, modules: set[str], adapter: Adapter
+) -> np.ndarray:
     value = source.read(name)
     module = name.removesuffix(".weight")
     if isinstance(value, nf4core.NF4Tensor):
         w = nf4core.dequantize(value, np.float32)
     elif name.endswith(".weight") and module.rsplit(".", 1)[-1] in LINEARS:
         method = nf4core.model_quantize.DEFAULT_QUANT_METHOD  # as finetune quantized it on load
-        w = nf4core.dequantize(nf4core.quantize(np.asarray(value, np.float32), method=method),
-                               np.float32)  # fmt: skip
+        w = nf4core.dequantize(
+            nf4core.quantize(np.asarray(value, np.float32), method=method), np.float32
+        )
     else:
         w = np.asarray(value, np.float32)
     if module in modules:
         with np.errstate(over="ignore", invalid="ignore"):  # refused just below, by name
             w = w + adapter.delta(module)
         if not np.isfinite(w).all():
-            raise NonFiniteError(f"{_named(adapter)}: merged into the base, {name} would hold NaN "
-                                 "or infinite values (check the adapter's weights and lora_alpha); "
-                                 "nothing was written")
+            raise NonFiniteError(
+                f"{_named(adapter)}: merged into the base, {name} would hold NaN "
+                "or infinite values (check the adapter's weights and lora_alpha); "
+                "nothing was written"
+            )
     return w
 
 
@@ -90,8 +97,13 @@ class MergedSource(nf4core.ModelSource):
         return self.source.dtype
 
 
-def merge(model: str | os.PathLike, adapter: Adapter, out: str | os.PathLike, dtype: str = "bfloat16",
-          requantize: bool = False) -> Path:
+def merge(
+    model: str | os.PathLike,
+    adapter: Adapter,
+    out: str | os.PathLike,
+    dtype: str = "bfloat16",
+    requantize: bool = False,
+) -> Path:
     """Write the merged model to `out` (a Hugging Face directory; bitsandbytes-NF4 when `requantize`).
     Tensors are merged and written one at a time: memory holds one weight, not the model."""
     if dtype not in DTYPES:

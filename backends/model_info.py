@@ -16,8 +16,13 @@ NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # double-quantized, blocksize 64
 LINEARS = LINEAR_NAMES
 
 
-def model_info(path: str | Path, seq_len: int = 512, batch_size: int = 1, lora_r: int = 8,
-               compute_bytes: int = 4) -> dict:
+def model_info(
+    path: str | Path,
+    seq_len: int = 512,
+    batch_size: int = 1,
+    lora_r: int = 8,
+    compute_bytes: int = 4,
+) -> dict:
     source = nf4core.open_model(path)
     c = source.config
     linear = other = 0
@@ -36,14 +41,26 @@ def model_info(path: str | Path, seq_len: int = 512, batch_size: int = 1, lora_r
     # and attention scores and probabilities (heads x seq_len each) where attention is not fused
     per_token = 10 * c.hidden_size + 3 * c.intermediate_size + 2 * c.num_attention_heads * seq_len
     act = c.num_hidden_layers * batch_size * seq_len * per_token
-    logits = batch_size * seq_len * c.vocab_size * 4 * 3  # float32 logits, log-probs, their gradient
+    logits = (
+        batch_size * seq_len * c.vocab_size * 4 * 3
+    )  # float32 logits, log-probs, their gradient
     train_bytes = base_bytes + lora * 16 + act * compute_bytes + logits
-    return {"kind": "model", "path": str(path), "architecture": c.architecture,
-            "layers": c.num_hidden_layers, "hidden_size": c.hidden_size, "vocab_size": c.vocab_size,
-            "parameters": linear + other, "quantized_parameters": linear,
-            "bits_per_weight": (linear * NF4_BITS + other * 8 * compute_bytes) / max(1, linear + other),
-            "lora_parameters": lora, "lora_r": lora_r, "seq_len": seq_len, "batch_size": batch_size,
-            "memory_estimate_bytes": int(train_bytes)}  # fmt: skip
+    return {
+        "kind": "model",
+        "path": str(path),
+        "architecture": c.architecture,
+        "layers": c.num_hidden_layers,
+        "hidden_size": c.hidden_size,
+        "vocab_size": c.vocab_size,
+        "parameters": linear + other,
+        "quantized_parameters": linear,
+        "bits_per_weight": (linear * NF4_BITS + other * 8 * compute_bytes) / max(1, linear + other),
+        "lora_parameters": lora,
+        "lora_r": lora_r,
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "memory_estimate_bytes": int(train_bytes),
+    }
 
 
 def describe(path: str | Path, seq_len: int = 512, batch_size: int = 1, lora_r: int = 8) -> dict:
@@ -51,10 +68,16 @@ def describe(path: str | Path, seq_len: int = 512, batch_size: int = 1, lora_r: 
     p = Path(path)
     if (p / CONFIG_NAME).is_file() and (p / "adapter_model.safetensors").is_file():
         a = load_adapter(p)
-        return {"kind": "adapter", "path": str(p), "r": a.r, "alpha": a.alpha,
-                "targets": list(a.targets), "modules": len(a.modules()),
-                "parameters": int(sum(v.size for v in a.tensors.values())),
-                "base_model": a.base_model}  # fmt: skip
+        return {
+            "kind": "adapter",
+            "path": str(p),
+            "r": a.r,
+            "alpha": a.alpha,
+            "targets": list(a.targets),
+            "modules": len(a.modules()),
+            "parameters": int(sum(v.size for v in a.tensors.values())),
+            "base_model": a.base_model,
+        }
     if (p / STATE_NAME).is_file() or (p / "checkpoints").is_dir() or (p / "latest.json").is_file():
         try:
             ck = load_checkpoint(p)
@@ -62,7 +85,12 @@ def describe(path: str | Path, seq_len: int = 512, batch_size: int = 1, lora_r: 
             if not (p / "config.json").is_file():
                 raise
         else:
-            return {"kind": "checkpoint", "path": str(ck.path), "step": ck.state.step,
-                    "backend": ck.backend, "adapter_parameters": int(sum(
-                        v.size for v in ck.state.adapters.values())), "config": ck.config}  # fmt: skip
+            return {
+                "kind": "checkpoint",
+                "path": str(ck.path),
+                "step": ck.state.step,
+                "backend": ck.backend,
+                "adapter_parameters": int(sum(v.size for v in ck.state.adapters.values())),
+                "config": ck.config,
+            }
     return model_info(p, seq_len, batch_size, lora_r)

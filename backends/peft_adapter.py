@@ -41,7 +41,7 @@ class Adapter:
         return self.alpha / self.r
 
     def modules(self) -> list[str]:
-        return sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in self.tensors})
+        return sorted({k[len(PEFT_PREFIX) :].rsplit(".lora_", 1)[0] for k in self.tensors})
 
     def delta(self, module: str) -> np.ndarray:
         """scale * B @ A, (out, in) float32."""
@@ -51,11 +51,20 @@ class Adapter:
 
 
 def peft_config(adapter: Adapter) -> dict:
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": adapter.r,
-            "lora_alpha": adapter.alpha, "lora_dropout": adapter.dropout, "use_rslora": False,
-            "bias": "none", "target_modules": sorted(adapter.targets),
-            "base_model_name_or_path": adapter.base_model, "inference_mode": True,
-            "fan_in_fan_out": False, "init_lora_weights": True}  # fmt: skip
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": adapter.r,
+        "lora_alpha": adapter.alpha,
+        "lora_dropout": adapter.dropout,
+        "use_rslora": False,
+        "bias": "none",
+        "target_modules": sorted(adapter.targets),
+        "base_model_name_or_path": adapter.base_model,
+        "inference_mode": True,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+    }
 
 
 def save_adapter(directory: str | Path, adapter: Adapter, export: tuple[str, ...] = ()) -> Path:
@@ -64,8 +73,10 @@ def save_adapter(directory: str | Path, adapter: Adapter, export: tuple[str, ...
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    blob = save({k: np.ascontiguousarray(v, np.float32) for k, v in adapter.tensors.items()},
-                metadata={"format": "pt"})
+    blob = save(
+        {k: np.ascontiguousarray(v, np.float32) for k, v in adapter.tensors.items()},
+        metadata={"format": "pt"},
+    )
     with atomic_file(directory / WEIGHTS_NAME) as f:
         f.write(blob)
     write_text_atomic(directory / CONFIG_NAME, json.dumps(peft_config(adapter), indent=2) + "\n")
@@ -86,9 +97,16 @@ def save_mlx_lm(directory: Path, adapter: Adapter) -> None:
     keys = sorted({".".join(m.split(".")[3:]) for m in adapter.modules()})
     with atomic_file(directory / "adapters.safetensors") as f:
         f.write(save({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}))
-    config = {"fine_tune_type": "lora", "num_layers": len(layers),
-              "lora_parameters": {"rank": adapter.r, "scale": adapter.scale,
-                                  "dropout": adapter.dropout, "keys": keys}}  # fmt: skip
+    config = {
+        "fine_tune_type": "lora",
+        "num_layers": len(layers),
+        "lora_parameters": {
+            "rank": adapter.r,
+            "scale": adapter.scale,
+            "dropout": adapter.dropout,
+            "keys": keys,
+        },
+    }
     write_text_atomic(directory / "adapter_config.json", json.dumps(config, indent=2) + "\n")
 
 
@@ -99,7 +117,9 @@ def load_adapter(directory: str | Path) -> Adapter:
     directory = Path(directory)
     cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     if not cfg_path.exists() or not w_path.exists():
-        raise AdapterError(f"{directory}: not an adapter directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+        raise AdapterError(
+            f"{directory}: not an adapter directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})"
+        )
     check_regular_file(cfg_path, AdapterError)
     check_regular_file(w_path, AdapterError)
     try:
@@ -118,8 +138,9 @@ def load_adapter(directory: str | Path) -> Adapter:
         raise AdapterError(f"{w_path}: unexpected key {bad[0]!r} (expected PEFT LoRA keys)")
     for key, value in tensors.items():
         if value.dtype.kind != "f":
-            raise AdapterError(f"{w_path}: tensor {key!r} is {value.dtype}, not a float tensor "
-                               "(not supported)")  # fmt: skip
+            raise AdapterError(
+                f"{w_path}: tensor {key!r} is {value.dtype}, not a float tensor (not supported)"
+            )
     base = cfg.get("base_model_name_or_path")
     if base is not None and not isinstance(base, str):
         raise AdapterError(f"{cfg_path}: base_model_name_or_path must be a string, got {base!r}")
@@ -131,12 +152,24 @@ def load_adapter(directory: str | Path) -> Adapter:
 
 
 # PEFT options that change what the adapter computes; we implement the value on the right only.
-_UNSUPPORTED_OPTIONS = {"use_dora": "DoRA", "use_rslora": "rank-stabilised scaling",
-                        "fan_in_fan_out": "transposed (fan_in_fan_out) weights",
-                        "lora_bias": "LoRA biases", "use_qalora": "QA-LoRA"}  # fmt: skip
-_MUST_BE_EMPTY = ("modules_to_save", "layers_to_transform", "layers_pattern", "rank_pattern",
-                  "alpha_pattern", "layer_replication", "target_parameters",
-                  "trainable_token_indices", "alora_invocation_tokens")  # fmt: skip
+_UNSUPPORTED_OPTIONS = {
+    "use_dora": "DoRA",
+    "use_rslora": "rank-stabilised scaling",
+    "fan_in_fan_out": "transposed (fan_in_fan_out) weights",
+    "lora_bias": "LoRA biases",
+    "use_qalora": "QA-LoRA",
+}
+_MUST_BE_EMPTY = (
+    "modules_to_save",
+    "layers_to_transform",
+    "layers_pattern",
+    "rank_pattern",
+    "alpha_pattern",
+    "layer_replication",
+    "target_parameters",
+    "trainable_token_indices",
+    "alora_invocation_tokens",
+)
 
 
 def _check_config(cfg_path: Path, cfg: object) -> tuple[int, float, float, tuple[str, ...]]:
@@ -145,13 +178,16 @@ def _check_config(cfg_path: Path, cfg: object) -> tuple[int, float, float, tuple
     if not isinstance(cfg, dict):
         raise AdapterError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported "
-                           "(only plain LoRA adapters)")  # fmt: skip
+        raise AdapterError(
+            f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported "
+            "(only plain LoRA adapters)"
+        )
     for name, what in _UNSUPPORTED_OPTIONS.items():
         value = cfg.get(name, False)
         if value not in (False, None):
-            raise AdapterError(f"{cfg_path}: {name}: {value!r}: {what} is not supported "
-                               "(only plain LoRA adapters)")  # fmt: skip
+            raise AdapterError(
+                f"{cfg_path}: {name}: {value!r}: {what} is not supported (only plain LoRA adapters)"
+            )
     for name in _MUST_BE_EMPTY:
         if cfg.get(name) not in (None, [], {}, ""):
             raise AdapterError(f"{cfg_path}: {name} is not supported (only plain LoRA adapters)")
@@ -168,8 +204,9 @@ def _check_config(cfg_path: Path, cfg: object) -> tuple[int, float, float, tuple
     targets = cfg.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else targets
     if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
-        raise AdapterError(f"{cfg_path}: target_modules must be module names, got "
-                           f"{cfg.get('target_modules')!r}")  # fmt: skip
+        raise AdapterError(
+            f"{cfg_path}: target_modules must be module names, got {cfg.get('target_modules')!r}"
+        )
     return r, float(alpha), float(dropout), tuple(targets)
 
 
@@ -185,8 +222,10 @@ def _shape_problem(adapter: Adapter) -> str | None:
         if a is None or b is None:
             return f"{module} lacks its lora_{'A' if a is None else 'B'}.weight"
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != adapter.r or b.shape[1] != adapter.r:
-            return (f"{module}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not match "
-                    f"r = {adapter.r} of {CONFIG_NAME}")
+            return (
+                f"{module}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not match "
+                f"r = {adapter.r} of {CONFIG_NAME}"
+            )
         if not (np.isfinite(a).all() and np.isfinite(b).all()):
             return f"{module} holds NaN or infinite values"
     return None
@@ -199,10 +238,14 @@ def check_adapter_fits(adapter: Adapter, source) -> None:
     names = set(source.tensor_names())
     for module in adapter.modules():
         if f"{module}.weight" not in names:
-            raise AdapterError(f"{where}: the model has no {module} (an adapter for another model?)")
+            raise AdapterError(
+                f"{where}: the model has no {module} (an adapter for another model?)"
+            )
         out_f = adapter.tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"].shape[0]
         in_f = adapter.tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"].shape[1]
         shape = tuple(source.tensor_shape(f"{module}.weight"))
         if shape != (out_f, in_f):
-            raise AdapterError(f"{where}: {module} is {list(shape)} in the model but "
-                               f"{[out_f, in_f]} in the adapter (an adapter for another model?)")
+            raise AdapterError(
+                f"{where}: {module} is {list(shape)} in the model but "
+                f"{[out_f, in_f]} in the adapter (an adapter for another model?)"
+            )

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 BACKENDS = ("torch", "mlx")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -53,7 +53,9 @@ class BackendChoice:
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
-            raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+            raise ValueError(
+                f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}"
+            )
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(
                 f"unknown compute dtype {self.compute_dtype!r}; choose one of {', '.join(COMPUTE_DTYPES)}"
@@ -78,7 +80,9 @@ def select_backend(
     device = device or env.get("NF4_DEVICE") or None
     compute_dtype = compute_dtype or env.get("NF4_COMPUTE_DTYPE") or None
     if backend is not None and backend not in BACKENDS:
-        raise BackendUnavailable(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        raise BackendUnavailable(
+            f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}"
+        )
     installed = [name for name in BACKENDS if probe.has_package(name)]
     if backend is not None and backend not in installed:
         raise BackendUnavailable(
@@ -111,7 +115,9 @@ def _backend_and_device(backend, device, installed, probe) -> tuple[str, str, st
             return "torch", device, "device as requested"
         if kind == "metal":
             if backend == "torch":
-                raise BackendUnavailable("the torch backend does not run on Metal here; use --backend mlx")
+                raise BackendUnavailable(
+                    "the torch backend does not run on Metal here; use --backend mlx"
+                )
             if "mlx" not in installed or not probe.metal_available():
                 raise BackendUnavailable("device 'metal' asked for, but no Apple GPU is usable")
             return "mlx", "metal", "device as requested"

@@ -17,12 +17,40 @@ from pathlib import Path
 from .checkpoint import Checkpoint
 from .finetune_config import LEGACY_BASE, ConfigError, FinetuneConfig
 
-FIXED = ("model", "data", "batch_size", "grad_accum", "max_seq_len", "lr", "warmup_steps",
-         "schedule", "lora_r", "lora_alpha", "lora_dropout", "targets", "seed", "max_grad_norm",
-         "weight_decay", "base_dtype", "quant_method")  # fmt: skip
-CHANGEABLE = ("steps", "epochs", "backend", "device", "compute_dtype", "grad_checkpoint",
-              "paged_optimizer", "eval_every", "save_every", "eval_max_examples", "export",
-              "skip_nonfinite", "strict_data")  # fmt: skip
+FIXED = (
+    "model",
+    "data",
+    "batch_size",
+    "grad_accum",
+    "max_seq_len",
+    "lr",
+    "warmup_steps",
+    "schedule",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "targets",
+    "seed",
+    "max_grad_norm",
+    "weight_decay",
+    "base_dtype",
+    "quant_method",
+)
+CHANGEABLE = (
+    "steps",
+    "epochs",
+    "backend",
+    "device",
+    "compute_dtype",
+    "grad_checkpoint",
+    "paged_optimizer",
+    "eval_every",
+    "save_every",
+    "eval_max_examples",
+    "export",
+    "skip_nonfinite",
+    "strict_data",
+)
 FROM_COMMAND_LINE_ONLY = ("out", "resume", "overwrite")
 
 
@@ -59,28 +87,37 @@ def _same(name: str, given: object, saved: object) -> bool:
     return given == saved
 
 
-def resumed_config(cfg: FinetuneConfig, ckpt: Checkpoint, echo: Callable[[str], None]
-                   ) -> FinetuneConfig:
+def resumed_config(
+    cfg: FinetuneConfig, ckpt: Checkpoint, echo: Callable[[str], None]
+) -> FinetuneConfig:
     """The checkpoint's config with the command line's changeable settings applied (and reported),
     writing to `--out` or the checkpoint's run directory. ConfigError lists contradicting flags."""
     saved = FinetuneConfig.from_dict({**LEGACY_BASE, **ckpt.config})
     given = {k: getattr(cfg, k) for k in FIXED + CHANGEABLE if getattr(cfg, k) is not None}
-    clashes = [f"{_flag(k)} {_show(v, k)} (checkpoint: {_show(getattr(saved, k), k)})"
-               for k, v in given.items() if k in FIXED and not _same(k, v, getattr(saved, k))]
+    clashes = [
+        f"{_flag(k)} {_show(v, k)} (checkpoint: {_show(getattr(saved, k), k)})"
+        for k, v in given.items()
+        if k in FIXED and not _same(k, v, getattr(saved, k))
+    ]
     if clashes:
-        raise ConfigError(f"{cfg.resume}: cannot change on resume: {', '.join(clashes)}; drop "
-                          "these flags to continue the run, or start a new run with --out")
+        raise ConfigError(
+            f"{cfg.resume}: cannot change on resume: {', '.join(clashes)}; drop "
+            "these flags to continue the run, or start a new run with --out"
+        )
     changes = {k: v for k, v in given.items() if k in CHANGEABLE}
-    shown = [f"{_flag(k)} {_show(v)} (was {_show(getattr(saved, k))})" for k, v in changes.items()
-             if v != getattr(saved, k)]
+    shown = [
+        f"{_flag(k)} {_show(v)} (was {_show(getattr(saved, k))})"
+        for k, v in changes.items()
+        if v != getattr(saved, k)
+    ]
     if shown:
         echo(f"resume: applying {', '.join(shown)}")
     if "steps" in changes or "epochs" in changes:
         saved = replace(saved, steps=None, epochs=None)
     out = cfg.out if cfg.out is not None else run_dir_of(ckpt)
     if out is None:
-        raise ConfigError(f"{cfg.resume}: the checkpoint lies in no run directory "
-                          "(<run>/checkpoints/); give --out")
-    return replace(saved, **changes, out=str(out), resume=str(cfg.resume),
-                   overwrite=cfg.overwrite)  # fmt: skip
-
+        raise ConfigError(
+            f"{cfg.resume}: the checkpoint lies in no run directory "
+            "(<run>/checkpoints/); give --out"
+        )
+    return replace(saved, **changes, out=str(out), resume=str(cfg.resume), overwrite=cfg.overwrite)

@@ -39,8 +39,10 @@ def _describe(holder: dict) -> str:
 
 
 def _locked_message(out: Path, holder: dict) -> str:
-    return (f"{out}: another run is writing here ({_describe(holder)}); wait for it to finish, "
-            "or choose another --out")
+    return (
+        f"{out}: another run is writing here ({_describe(holder)}); wait for it to finish, "
+        "or choose another --out"
+    )
 
 
 def _try_lock(fd: int, out: Path) -> bool:
@@ -92,9 +94,11 @@ def check_out(out: Path, may_continue: bool, overwrite: bool) -> None:
     check_not_locked(out)
     if is_empty(out) or may_continue or overwrite:
         return
-    raise RunDirError(f"{out}: the output directory is not empty (an earlier run?); pass "
-                      "--overwrite to move it aside, --resume to continue it, or choose another "
-                      "--out")
+    raise RunDirError(
+        f"{out}: the output directory is not empty (an earlier run?); pass "
+        "--overwrite to move it aside, --resume to continue it, or choose another "
+        "--out"
+    )
 
 
 def move_aside(out: Path) -> Path:
@@ -127,8 +131,9 @@ def run_lock(out: Path, echo: Callable[[str], None]) -> Iterator[Path]:
         os.close(fd)
     stale = _holder(out)
     if stale:
-        echo(f"note: {path} was left by {_describe(stale)}, which no longer holds it; taking it "
-             "over")
+        echo(
+            f"note: {path} was left by {_describe(stale)}, which no longer holds it; taking it over"
+        )
     os.ftruncate(fd, 0)
     body = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
     os.write(fd, (json.dumps(body) + "\n").encode())

@@ -46,7 +46,12 @@ class Progress:
     """`step 12/150 [####....] loss 1.234 | 345 tok/s | ETA 3m10s` on one line of `stream`."""
 
     def __init__(self, total: int, start: int = 0, stream=None, enabled: bool = True) -> None:
-        self.total, self.start, self.stream, self.enabled = total, start, stream or sys.stderr, enabled
+        self.total, self.start, self.stream, self.enabled = (
+            total,
+            start,
+            stream or sys.stderr,
+            enabled,
+        )
         self.t0, self.tokens = time.perf_counter(), 0
 
     def update(self, step: int, loss: float, tokens: int) -> None:
@@ -56,8 +61,10 @@ class Progress:
         rate = self.tokens / elapsed if elapsed > 0 else 0.0
         eta = elapsed / done * (self.total - step) if done else 0.0
         filled = int(20 * step / max(1, self.total))
-        line = (f"\rstep {step}/{self.total} [{'#' * filled}{'.' * (20 - filled)}] loss {loss:.4f}"
-                f" | {rate:.0f} tok/s | ETA {_duration(eta)}")  # fmt: skip
+        line = (
+            f"\rstep {step}/{self.total} [{'#' * filled}{'.' * (20 - filled)}] loss {loss:.4f}"
+            f" | {rate:.0f} tok/s | ETA {_duration(eta)}"
+        )
         if self.enabled:
             self.stream.write(line)
             self.stream.flush()

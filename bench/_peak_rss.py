@@ -19,8 +19,9 @@ def status():
 def run_child(code: str, *args: str) -> dict:
     """Run STATUS + `code` with `args` in a new interpreter; its last stdout line is a JSON object
     (or {"error": last stderr line})."""
-    proc = subprocess.run([sys.executable, "-c", STATUS + code, *args], capture_output=True,
-                          text=True, check=False)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", STATUS + code, *args], capture_output=True, text=True, check=False
+    )
     if proc.returncode:
         return {"error": proc.stderr.strip().splitlines()[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -7,8 +7,12 @@ import time
 from collections.abc import Callable
 
 
-def median_seconds(fn: Callable[[], object], repeat: int = 5, warmup: int = 1,
-                   sync: Callable[[], None] = lambda: None) -> float:
+def median_seconds(
+    fn: Callable[[], object],
+    repeat: int = 5,
+    warmup: int = 1,
+    sync: Callable[[], None] = lambda: None,
+) -> float:
     for _ in range(warmup):
         fn()
     sync()

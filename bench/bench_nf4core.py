@@ -39,15 +39,17 @@ def main() -> None:
     args = parser.parse_args()
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    import torch
     import bitsandbytes.functional as F
+    import torch
 
     w = np.random.default_rng(0).standard_normal((args.rows, args.cols)).astype(np.float32)
     w_torch = torch.from_numpy(w)
     print(f"machine: {describe()}; torch threads {torch.get_num_threads()}")
-    print(f"matrix {args.rows}x{args.cols} float32, blocksize {args.blocksize}, best of {args.repeat}")
-    print(f"| operation | double quant | nf4core (ms) | bitsandbytes CPU (ms) | ratio ours/bnb |")
-    print(f"|---|---|---|---|---|")
+    print(
+        f"matrix {args.rows}x{args.cols} float32, blocksize {args.blocksize}, best of {args.repeat}"
+    )
+    print("| operation | double quant | nf4core (ms) | bitsandbytes CPU (ms) | ratio ours/bnb |")
+    print("|---|---|---|---|---|")
     for double_quant in (False, True):
         ours_t = nf4core.quantize(w, args.blocksize, double_quant)
         packed, state = F.quantize_4bit(
@@ -56,18 +58,24 @@ def main() -> None:
         rows = {
             "quantize": (
                 lambda: nf4core.quantize(w, args.blocksize, double_quant),
-                lambda: F.quantize_4bit(w_torch, blocksize=args.blocksize, quant_type="nf4",
-                                        compress_statistics=double_quant),
+                lambda: F.quantize_4bit(
+                    w_torch,
+                    blocksize=args.blocksize,
+                    quant_type="nf4",
+                    compress_statistics=double_quant,
+                ),
             ),
             "dequantize": (
                 lambda: nf4core.dequantize(ours_t),
                 lambda: F.dequantize_4bit(packed, state),
             ),
-        }  # fmt: skip
+        }
         for name, (ours, theirs) in rows.items():
             t_ours, t_theirs = best_of(ours, args.repeat), best_of(theirs, args.repeat)
-            print(f"| {name} | {'on' if double_quant else 'off'} | {t_ours * 1e3:.1f} | "
-                  f"{t_theirs * 1e3:.1f} | {t_ours / t_theirs:.2f} |")  # fmt: skip
+            print(
+                f"| {name} | {'on' if double_quant else 'off'} | {t_ours * 1e3:.1f} | "
+                f"{t_theirs * 1e3:.1f} | {t_ours / t_theirs:.2f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -72,8 +72,9 @@ def peer(source: nf4core.ModelSource, ids: list[int], new: int, layers: int) -> 
     import transformers
 
     path = source.path
-    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                              dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    )
     if layers:
         del model.model.layers[layers:]
         model.config.num_hidden_layers = layers
@@ -82,10 +83,14 @@ def peer(source: nf4core.ModelSource, ids: list[int], new: int, layers: int) -> 
     kw = dict(do_sample=False, pad_token_id=0)
     with torch.no_grad():
         model.generate(x, max_new_tokens=4, min_new_tokens=4, **kw)
-        seconds, out = min((time_call(lambda: model.generate(x, max_new_tokens=new,
-                                                              min_new_tokens=new, **kw))
-                            for _ in range(2)), key=lambda r: r[0])
-    return {"transformers FP32 generate": dict(seconds=seconds, tokens=out[0, len(ids):].tolist())}
+        seconds, out = min(
+            (
+                time_call(lambda: model.generate(x, max_new_tokens=new, min_new_tokens=new, **kw))
+                for _ in range(2)
+            ),
+            key=lambda r: r[0],
+        )
+    return {"transformers FP32 generate": dict(seconds=seconds, tokens=out[0, len(ids) :].tolist())}
 
 
 def one_token_linear(repeat: int) -> list[dict]:
@@ -101,8 +106,14 @@ def one_token_linear(repeat: int) -> list[dict]:
             with DequantCache(budget_bytes=1 << 40).active():  # as in generation: once per forward
                 hit = median_seconds(lambda: layer(x), repeat)
             fp32 = median_seconds(lambda: F.linear(x, w), repeat)
-        rows.append(dict(shape=f"{out_f}x{in_f}", per_call_ms=per_call * 1e3, cached_ms=hit * 1e3,
-                         fp32_ms=fp32 * 1e3))
+        rows.append(
+            dict(
+                shape=f"{out_f}x{in_f}",
+                per_call_ms=per_call * 1e3,
+                cached_ms=hit * 1e3,
+                fp32_ms=fp32 * 1e3,
+            )
+        )
     return rows
 
 
@@ -115,8 +126,10 @@ def main() -> None:
     print(f"machine: {describe()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     source = nf4core.open_model(nf4core.default_model_path())
     ids = prompt_ids(source)
-    print(f"model: {source.path.name}{f' (first {layers} layers)' if layers else ''}; prompt "
-          f"{len(ids)} tokens; greedy, {new} new tokens; FP32 compute\n")
+    print(
+        f"model: {source.path.name}{f' (first {layers} layers)' if layers else ''}; prompt "
+        f"{len(ids)} tokens; greedy, {new} new tokens; FP32 compute\n"
+    )
     rows = {**ours(source, ids, new, layers), **peer(source, ids, new, layers)}
     ref = rows["transformers FP32 generate"]
     print("| decoder | seconds | tokens/s | / transformers | first 16 tokens match transformers |")
@@ -124,16 +137,24 @@ def main() -> None:
     for name, r in rows.items():
         rate = new / r["seconds"]
         same = r["tokens"][:16] == ref["tokens"][:16]
-        print(f"| {name} | {r['seconds']:.2f} | {rate:.1f} | "
-              f"{ref['seconds'] / r['seconds']:.2f} | {'yes' if same else 'no'} |")
-    print("\nNF4Linear at one token (no grad, double quant, blocksize 64) vs FP32 F.linear, "
-          "median ms:\n")
-    print("| out x in | per call (dequantize + matmul) | cached | FP32 F.linear | per call / FP32 "
-          "| cached / FP32 |\n|---|---|---|---|---|---|")
+        print(
+            f"| {name} | {r['seconds']:.2f} | {rate:.1f} | "
+            f"{ref['seconds'] / r['seconds']:.2f} | {'yes' if same else 'no'} |"
+        )
+    print(
+        "\nNF4Linear at one token (no grad, double quant, blocksize 64) vs FP32 F.linear, "
+        "median ms:\n"
+    )
+    print(
+        "| out x in | per call (dequantize + matmul) | cached | FP32 F.linear | per call / FP32 "
+        "| cached / FP32 |\n|---|---|---|---|---|---|"
+    )
     for r in one_token_linear(repeat):
-        print(f"| {r['shape']} | {r['per_call_ms']:.3f} | {r['cached_ms']:.3f} | "
-              f"{r['fp32_ms']:.3f} | "
-              f"{r['per_call_ms'] / r['fp32_ms']:.1f} | {r['cached_ms'] / r['fp32_ms']:.2f} |")
+        print(
+            f"| {r['shape']} | {r['per_call_ms']:.3f} | {r['cached_ms']:.3f} | "
+            f"{r['fp32_ms']:.3f} | "
+            f"{r['per_call_ms'] / r['fp32_ms']:.1f} | {r['cached_ms'] / r['fp32_ms']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

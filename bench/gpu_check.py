@@ -68,8 +68,12 @@ def check_launch_configs() -> dict:
     launched once (a fallback shows up as a warning in this section)."""
     cap = torch.cuda.get_device_capability() if DEVICE.type == "cuda" else None
     props = torch.cuda.get_device_properties(DEVICE) if DEVICE.type == "cuda" else None
-    out = dict(capability=cap, table_limit=launch_config.SHARED_MEMORY_PER_BLOCK.get(cap),
-               device_limit=getattr(props, "shared_memory_per_block_optin", None), launched=[])
+    out = dict(
+        capability=cap,
+        table_limit=launch_config.SHARED_MEMORY_PER_BLOCK.get(cap),
+        device_limit=getattr(props, "shared_memory_per_block_optin", None),
+        launched=[],
+    )
     t = nf4core.quantize(np.random.default_rng(4).standard_normal((70, 300)).astype(np.float32))
     w = NF4Weight.from_nf4(t, DEVICE)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -78,8 +82,14 @@ def check_launch_configs() -> dict:
             ops_triton.linear(x, w)
             ops_triton.linear_grad_input(torch.randn(m, 70, device=DEVICE).to(dtype), w)
             configs = launch_config.matmul_configs(cap, x.element_size(), m)
-            out["launched"].append(dict(dtype=str(dtype), m=m, matmul=str(configs[0]),
-                                        gemv=str(launch_config.gemv_config(cap))))
+            out["launched"].append(
+                dict(
+                    dtype=str(dtype),
+                    m=m,
+                    matmul=str(configs[0]),
+                    gemv=str(launch_config.gemv_config(cap)),
+                )
+            )
     sync()
     out["ok"] = out["device_limit"] is None or out["table_limit"] in (None, out["device_limit"])
     return out
@@ -88,20 +98,36 @@ def check_launch_configs() -> dict:
 def check_dequant() -> dict:
     rng = np.random.default_rng(0)
     failures, cases = [], 0
-    shapes = [(1,), (3, 37), (2, 2101)] if SMOKE else [(1,), (3, 37), (2, 2101), (257, 4099), (4096, 1000)]
+    shapes = (
+        [(1,), (3, 37), (2, 2101)]
+        if SMOKE
+        else [(1,), (3, 37), (2, 2101), (257, 4099), (4096, 1000)]
+    )
     for blocksize in (32, 64, 128, 256, 512, 1024, 2048, 4096):
         for dq in (True, False):
             for shape in shapes:
-                t = nf4core.quantize((rng.standard_normal(shape) * 3).astype(np.float32), blocksize, dq)
+                t = nf4core.quantize(
+                    (rng.standard_normal(shape) * 3).astype(np.float32), blocksize, dq
+                )
                 w = NF4Weight.from_nf4(t, DEVICE)
                 cases += 1
-                same_absmax = np.array_equal(bits(ops_triton.block_absmax(w)), bits(t.block_absmax()))
+                same_absmax = np.array_equal(
+                    bits(ops_triton.block_absmax(w)), bits(t.block_absmax())
+                )
                 same = np.array_equal(bits(ops_triton.dequantize(w)), bits(nf4core.dequantize(t)))
                 ref16 = torch.from_numpy(nf4core.dequantize(t)).to(torch.bfloat16)
                 same16 = torch.equal(ops_triton.dequantize(w, torch.bfloat16).cpu(), ref16)
                 if not (same and same_absmax and same16):
-                    failures.append(dict(blocksize=blocksize, double_quant=dq, shape=shape,
-                                         absmax=same_absmax, fp32=same, bf16=same16))
+                    failures.append(
+                        dict(
+                            blocksize=blocksize,
+                            double_quant=dq,
+                            shape=shape,
+                            absmax=same_absmax,
+                            fp32=same,
+                            bf16=same16,
+                        )
+                    )
     return dict(ok=not failures, cases=cases, failures=failures)
 
 
@@ -117,13 +143,17 @@ def check_matmuls() -> dict:
         for m in (1, 3, 33):
             x = torch.randn(m, k, device=DEVICE).to(dtype)
             g = torch.randn(m, n, device=DEVICE).to(dtype)
-            results = {"forward": (ops_triton._matmul(x, w, True), x.float() @ wc.T),
-                       "input_grad": (ops_triton.linear_grad_input(g, w), g.float() @ wc)}
+            results = {
+                "forward": (ops_triton._matmul(x, w, True), x.float() @ wc.T),
+                "input_grad": (ops_triton.linear_grad_input(g, w), g.float() @ wc),
+            }
             if m <= ops_triton.GEMV_MAX_ROWS:
                 results["gemv"] = (ops_triton.gemv(x, w), x.float() @ wc.T)
             for name, (got, want) in results.items():
                 err = ((got.float() - want).abs().max() / want.abs().max()).item()
-                rows.append(dict(kernel=name, dtype=str(dtype), m=m, rel_err=err, ok=err <= TOL[dtype]))
+                rows.append(
+                    dict(kernel=name, dtype=str(dtype), m=m, rel_err=err, ok=err <= TOL[dtype])
+                )
     return dict(ok=all(r["ok"] for r in rows), rows=rows)
 
 
@@ -143,11 +173,13 @@ def check_dispatch_and_optimizer() -> dict:
         out["auto_dispatch_uses_triton"] = bool(calls)
         out["reference_path_on_cuda_runs"] = y_ref.shape == y.shape
     g = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, generator=g).to(DEVICE)) for s in [(7,), (300, 301)]]
+    params = [
+        torch.nn.Parameter(torch.randn(s, generator=g).to(DEVICE)) for s in [(7,), (300, 301)]
+    ]
     ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
     opt = PagedAdamW(params, lr=1e-3, page_bytes=1 << 16, paged=True)
     ref_opt = torch.optim.AdamW(ref, lr=1e-3, weight_decay=0.01, foreach=False)
-    for step in range(20):
+    for _step in range(20):
         for p, q in zip(params, ref):
             grad = torch.randn(p.shape, generator=g).to(DEVICE)
             p.grad, q.grad = grad, grad.clone()
@@ -155,16 +187,21 @@ def check_dispatch_and_optimizer() -> dict:
         ref_opt.step()
     err = max((p - q).abs().max().item() for p, q in zip(params, ref))
     state = opt.state[params[1]]["exp_avg"]
-    out.update(paged_adamw_max_err=err, paged_adamw_ok=err <= 1e-6,
-               state_on_host=state.device.type == "cpu",
-               state_pinned=state.is_pinned() if DEVICE.type == "cuda" else None)
+    out.update(
+        paged_adamw_max_err=err,
+        paged_adamw_ok=err <= 1e-6,
+        state_on_host=state.device.type == "cpu",
+        state_pinned=state.is_pinned() if DEVICE.type == "cuda" else None,
+    )
     out["ok"] = out["paged_adamw_ok"] and out.get("auto_dispatch_uses_triton", True)
     return out
 
 
 def bench_dequant() -> dict:
     n, k = (256, 512) if SMOKE else (14336, 4096)
-    t = nf4core.quantize(np.random.default_rng(2).standard_normal((n, k)).astype(np.float32), 64, True)
+    t = nf4core.quantize(
+        np.random.default_rng(2).standard_normal((n, k)).astype(np.float32), 64, True
+    )
     w = NF4Weight.from_nf4(t, DEVICE)
     out16 = torch.empty(n, k, dtype=torch.bfloat16, device=DEVICE)
     repeat = 2 if SMOKE else 20
@@ -174,20 +211,29 @@ def bench_dequant() -> dict:
     t_copy = median_seconds(lambda: out16.copy_(src), repeat, sync=sync)
     moved = w.nbytes + out16.numel() * 2  # read 4-bit data + scales, write bf16
     copy_moved = 2 * out16.numel() * 2
-    return dict(shape=[n, k], triton_s=t_ours, torch_reference_s=t_ref, copy_s=t_copy,
-                triton_GBps=moved / t_ours / 1e9, copy_GBps=copy_moved / t_copy / 1e9,
-                fraction_of_copy_bandwidth=(moved / t_ours) / (copy_moved / t_copy),
-                triton_over_copy_time=t_ours / t_copy, reference_over_triton=t_ref / t_ours)
+    return dict(
+        shape=[n, k],
+        triton_s=t_ours,
+        torch_reference_s=t_ref,
+        copy_s=t_copy,
+        triton_GBps=moved / t_ours / 1e9,
+        copy_GBps=copy_moved / t_copy / 1e9,
+        fraction_of_copy_bandwidth=(moved / t_ours) / (copy_moved / t_copy),
+        triton_over_copy_time=t_ours / t_copy,
+        reference_over_triton=t_ref / t_ours,
+    )
 
 
 def bench_matmul() -> list[dict]:
     rows = []
     shapes = [(64, 128)] if SMOKE else [(4096, 4096), (14336, 4096), (4096, 14336)]
     for n, k in shapes:
-        t = nf4core.quantize(np.random.default_rng(3).standard_normal((n, k)).astype(np.float32), 64, True)
+        t = nf4core.quantize(
+            np.random.default_rng(3).standard_normal((n, k)).astype(np.float32), 64, True
+        )
         w = NF4Weight.from_nf4(t, DEVICE)
         dense = torch.from_numpy(nf4core.dequantize(t)).to(DEVICE, torch.bfloat16)
-        for m in ((1, 17) if SMOKE else (1, 16, 512)):
+        for m in (1, 17) if SMOKE else (1, 16, 512):
             x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
             repeat = 2 if SMOKE else 50
             t_ours = median_seconds(lambda: ops_triton.linear(x, w), repeat, sync=sync)
@@ -195,9 +241,19 @@ def bench_matmul() -> list[dict]:
             g = torch.randn(m, n, device=DEVICE, dtype=torch.bfloat16)
             t_grad = median_seconds(lambda: ops_triton.linear_grad_input(g, w), repeat, sync=sync)
             t_grad_bf16 = median_seconds(lambda: g @ dense, repeat, sync=sync)
-            rows.append(dict(out_features=n, in_features=k, batch=m, fused_s=t_ours, bf16_linear_s=t_bf16,
-                             speedup_vs_bf16=t_bf16 / t_ours, grad_fused_s=t_grad,
-                             grad_bf16_s=t_grad_bf16, grad_speedup=t_grad_bf16 / t_grad))
+            rows.append(
+                dict(
+                    out_features=n,
+                    in_features=k,
+                    batch=m,
+                    fused_s=t_ours,
+                    bf16_linear_s=t_bf16,
+                    speedup_vs_bf16=t_bf16 / t_ours,
+                    grad_fused_s=t_grad,
+                    grad_bf16_s=t_grad_bf16,
+                    grad_speedup=t_grad_bf16 / t_grad,
+                )
+            )
     return rows
 
 
@@ -207,12 +263,24 @@ def bench_train() -> list[dict]:
     from backends.torch_backend.train_step import Batch, TrainConfig, Trainer
 
     if SMOKE:
-        dims = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2)
+        dims = dict(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
         batch, seq = 2, 16
     else:
-        dims = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
-                    num_attention_heads=32, num_key_value_heads=4)
+        dims = dict(
+            vocab_size=32000,
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=8,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+        )
         batch, seq = 4, 1024
     cfg = nf4core.ModelConfig("llama", **dims, tie_word_embeddings=False)
     state = random_llama_state(cfg)
@@ -221,16 +289,25 @@ def bench_train() -> list[dict]:
         if DEVICE.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        model = CausalLM.from_state(cfg, state, quantize=kind == "qlora_nf4",
-                                    compute_dtype=torch.bfloat16).to(DEVICE)
+        model = CausalLM.from_state(
+            cfg, state, quantize=kind == "qlora_nf4", compute_dtype=torch.bfloat16
+        ).to(DEVICE)
         apply_lora(model, LoRAConfig(rank=16, alpha=32), adapter_dtype=torch.float32)
         model.gradient_checkpointing = True
         trainer = Trainer(model, TrainConfig(learning_rate=1e-4))
         ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=DEVICE)
-        step_s = median_seconds(lambda: trainer.train_step([Batch(ids)]), 2 if SMOKE else 5, sync=sync)
+        step_s = median_seconds(
+            lambda trainer=trainer: trainer.train_step([Batch(ids)]), 2 if SMOKE else 5, sync=sync
+        )
         peak = torch.cuda.max_memory_allocated() / 2**20 if DEVICE.type == "cuda" else None
-        rows.append(dict(kind=kind, seconds_per_step=step_s, tokens_per_s=batch * seq / step_s,
-                         peak_mem_mb=peak))
+        rows.append(
+            dict(
+                kind=kind,
+                seconds_per_step=step_s,
+                tokens_per_s=batch * seq / step_s,
+                peak_mem_mb=peak,
+            )
+        )
         del model, trainer
     rows[0]["tokens_per_s_ratio_vs_bf16_lora"] = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
     return rows
@@ -253,16 +330,27 @@ def main() -> int:
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device; run with --smoke for the CPU interpreter check", file=sys.stderr)
         return 2
-    name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "CPU (TRITON_INTERPRET=1 smoke)"
+    name = (
+        torch.cuda.get_device_name() if DEVICE.type == "cuda" else "CPU (TRITON_INTERPRET=1 smoke)"
+    )
     from importlib.metadata import version
 
-    results = {"device": name, "torch": torch.__version__, "triton": version("triton"),
-               "python": sys.version.split()[0], "sections": {}}
-    sections = [("device and launch configurations", check_launch_configs),
-                ("correctness: dequantize", check_dequant), ("correctness: matmuls", check_matmuls),
-                ("correctness: dispatch and paged AdamW", check_dispatch_and_optimizer),
-                ("bench: dequantize", bench_dequant), ("bench: fused matmul", bench_matmul),
-                ("bench: training step", bench_train)]
+    results = {
+        "device": name,
+        "torch": torch.__version__,
+        "triton": version("triton"),
+        "python": sys.version.split()[0],
+        "sections": {},
+    }
+    sections = [
+        ("device and launch configurations", check_launch_configs),
+        ("correctness: dequantize", check_dequant),
+        ("correctness: matmuls", check_matmuls),
+        ("correctness: dispatch and paged AdamW", check_dispatch_and_optimizer),
+        ("bench: dequantize", bench_dequant),
+        ("bench: fused matmul", bench_matmul),
+        ("bench: training step", bench_train),
+    ]
     failed = False
     began = time.time()
     for title, fn in sections:
@@ -283,8 +371,11 @@ def main() -> int:
         if isinstance(value, dict) and value.get("ok") is False:
             failed = True
         results["sections"][title] = value
-        print(f"[{time.time() - start:6.1f}s] {title}: "
-              f"{'FAIL' if isinstance(value, dict) and value.get('ok') is False else 'done'}", flush=True)
+        print(
+            f"[{time.time() - start:6.1f}s] {title}: "
+            f"{'FAIL' if isinstance(value, dict) and value.get('ok') is False else 'done'}",
+            flush=True,
+        )
         (out / "gpu_check.json").write_text(json.dumps(results, indent=2, default=str))
         (out / "gpu_check.md").write_text(to_markdown(results) + "\n")
     return 1 if failed else 0

@@ -20,8 +20,10 @@ def main() -> None:
     a16, b16 = a.bfloat16(), b.bfloat16()
     t16 = median_seconds(lambda: a16 @ b16, 5)
     flops = 2 * 1024 * 2048 * 2048
-    print(f"(1024x2048)@(2048x2048): FP32 {flops / t32 / 1e9:.1f} GFLOP/s, BF16 {flops / t16 / 1e9:.1f} "
-          f"GFLOP/s, BF16 / FP32 time {t16 / t32:.2f}")
+    print(
+        f"(1024x2048)@(2048x2048): FP32 {flops / t32 / 1e9:.1f} GFLOP/s, BF16 {flops / t16 / 1e9:.1f} "
+        f"GFLOP/s, BF16 / FP32 time {t16 / t32:.2f}"
+    )
 
 
 if __name__ == "__main__":

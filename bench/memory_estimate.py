@@ -56,8 +56,10 @@ def main() -> None:
             print(f"| {seq} | {batch} | {estimate:.0f} MiB | {r['error']} | |")
             continue
         measured = r["peak_mib"] - r["imports_mib"]
-        print(f"| {seq} | {batch} | {estimate:.0f} MiB | {measured} MiB (loaded: "
-              f"{r['loaded_mib'] - r['imports_mib']} MiB) | {estimate / measured:.2f} |")
+        print(
+            f"| {seq} | {batch} | {estimate:.0f} MiB | {measured} MiB (loaded: "
+            f"{r['loaded_mib'] - r['imports_mib']} MiB) | {estimate / measured:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -64,8 +64,12 @@ def random_adapter(source: nf4core.ModelSource, r: int) -> Adapter:
         module = name.removesuffix(".weight")
         if module.rsplit(".", 1)[-1] in LINEAR_NAMES:
             out_f, in_f = source.tensor_shape(name)
-            tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = rng.standard_normal((r, in_f), np.float32) * 0.01
-            tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = rng.standard_normal((out_f, r), np.float32) * 0.01
+            tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = (
+                rng.standard_normal((r, in_f), np.float32) * 0.01
+            )
+            tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = (
+                rng.standard_normal((out_f, r), np.float32) * 0.01
+            )
     return Adapter(tensors, r, 2.0 * r, 0.0, LINEAR_NAMES, str(source.path))
 
 
@@ -75,12 +79,16 @@ def main() -> None:
     args = ap.parse_args()
     path = nf4core.default_model_path()
     print(f"machine: {describe()}")
-    print(f"model: {path.name} ({path.stat().st_size / 2**20:.1f} MiB); adapter r {args.r}, all seven projections")
+    print(
+        f"model: {path.name} ({path.stat().st_size / 2**20:.1f} MiB); adapter r {args.r}, all seven projections"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         save_adapter(os.path.join(tmp, "adapter"), random_adapter(nf4core.open_model(path), args.r))
         results = {}
         for which in ("ours", "peer"):
-            results[which] = run_child(CHILD, which, os.path.join(tmp, "adapter"), os.path.join(tmp, which))
+            results[which] = run_child(
+                CHILD, which, os.path.join(tmp, "adapter"), os.path.join(tmp, which)
+            )
     for name, key in (("backends.merge.merge", "ours"), ("peft merge_and_unload", "peer")):
         print(f"{name:24s} {json.dumps(results[key])}")
     ours, peer = results["ours"], results["peer"]

@@ -18,19 +18,19 @@ Without Metal (and without --cpu-smoke) it prints that it skipped and exits 0.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nf4core  # noqa: E402
-from bench._timing import median_seconds  # noqa: E402
-from bench.machine import describe as machine  # noqa: E402
 from backends.mlx_backend import dispatch, ops_reference
 from backends.mlx_backend.nf4_linear import NF4Linear
 from backends.mlx_backend.nf4_weight import NF4Weight
+from bench._timing import median_seconds  # noqa: E402
+from bench.machine import describe as machine  # noqa: E402
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}  # relative to the output's scale
@@ -62,8 +62,9 @@ def check_correctness(ops, quick: bool) -> None:
                 w = NF4Weight.from_nf4(t)
                 ok = np.array_equal(bits(ops.reconstruct_absmax(w)), np_bits(t.block_absmax()))
                 for name, dtype in DTYPES.items():
-                    ok &= np.array_equal(bits(ops.dequantize(w, dtype)),
-                                         np_bits(nf4core.dequantize(t, name)))  # fmt: skip
+                    ok &= np.array_equal(
+                        bits(ops.dequantize(w, dtype)), np_bits(nf4core.dequantize(t, name))
+                    )
                 report(bool(ok), f"dequantize bit-exact bs={bs} dq={dq} shape={shape} (3 dtypes)")
     for m in (1, 3, 8, 9, 130):
         for name, dtype in DTYPES.items():
@@ -132,8 +133,11 @@ def bench_matmul(ops, n: int, k: int, rows: tuple[int, ...]) -> None:
         x = mx.array(rng.standard_normal((m, k)).astype(np.float32)).astype(mx.bfloat16)
         s_ours = timed(lambda x=x: ops.matmul(x, w))
         s_fused = timed(lambda x=x: ops.matmul(x, w, strategy="fused"))
-        s_aff = timed(lambda x=x: mx.quantized_matmul(x, wq, scales, biases, transpose=True,
-                                                  group_size=64, bits=4))  # fmt: skip
+        s_aff = timed(
+            lambda x=x: mx.quantized_matmul(
+                x, wq, scales, biases, transpose=True, group_size=64, bits=4
+            )
+        )
         s_bf16 = timed(lambda x=x: x @ wb.T)
         print(
             f"  | {m} | {s_ours * 1e3:.3f} ms | {s_fused * 1e3:.3f} ms | {s_aff * 1e3:.3f} ms "
@@ -150,8 +154,11 @@ def bench_step(smoke: bool) -> None:
     print(
         f"QLoRA step, {cfg.num_hidden_layers} layers x {cfg.hidden_size}, {batch}x{seq} tokens, r=16:"
     )
-    runs = [("NF4 base, kernels (auto)", "auto", True), ("NF4 base, reference ops", "reference", True),
-            ("bf16/fp32 dense base", "auto", False)]  # fmt: skip
+    runs = [
+        ("NF4 base, kernels (auto)", "auto", True),
+        ("NF4 base, reference ops", "reference", True),
+        ("bf16/fp32 dense base", "auto", False),
+    ]
     results = {}
     for label, path, quantize in runs:
         with dispatch.use_path(path):

@@ -20,10 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nf4core  # noqa: E402
-from bench._timing import median_seconds  # noqa: E402
-from bench.machine import describe as machine  # noqa: E402
 from backends.mlx_backend import ops_reference
 from backends.mlx_backend.nf4_linear import NF4Linear
+from bench._timing import median_seconds  # noqa: E402
+from bench.machine import describe as machine  # noqa: E402
 
 
 def torch_dequantize(packed, codes8, nested, offset, dq_map, table, numel, blocksize):
@@ -46,8 +46,10 @@ def main() -> None:
         help="skip the QLoRA training-step comparison",
     )
     args = parser.parse_args()
-    print(f"machine: {machine()}; mlx {mx.__version__}, torch {torch.__version__}, "
-          f"torch threads {torch.get_num_threads()}")  # fmt: skip
+    print(
+        f"machine: {machine()}; mlx {mx.__version__}, torch {torch.__version__}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
 
     rng = np.random.default_rng(0)
     n = args.size
@@ -55,11 +57,21 @@ def main() -> None:
     t = nf4core.quantize(w, blocksize=64, double_quant=True)
     layer = NF4Linear.from_nf4(t)
     dq = t.double_quant
-    table = torch.from_numpy(np.stack([t.quant_map[np.arange(256) >> 4],
-                                       t.quant_map[np.arange(256) & 15]], axis=1).copy())  # fmt: skip
-    targs = (torch.from_numpy(t.packed.copy()), torch.from_numpy(dq.codes.copy()),
-             torch.from_numpy(dq.scales.copy()), torch.tensor(dq.offset, dtype=torch.float32),
-             torch.from_numpy(dq.quant_map.copy()), table, t.numel, 64)  # fmt: skip
+    table = torch.from_numpy(
+        np.stack(
+            [t.quant_map[np.arange(256) >> 4], t.quant_map[np.arange(256) & 15]], axis=1
+        ).copy()
+    )
+    targs = (
+        torch.from_numpy(t.packed.copy()),
+        torch.from_numpy(dq.codes.copy()),
+        torch.from_numpy(dq.scales.copy()),
+        torch.tensor(dq.offset, dtype=torch.float32),
+        torch.from_numpy(dq.quant_map.copy()),
+        table,
+        t.numel,
+        64,
+    )
     assert np.array_equal(torch_dequantize(*targs).numpy(), nf4core.dequantize(t).reshape(-1))
 
     results = []
@@ -71,8 +83,9 @@ def main() -> None:
     try:
         import bitsandbytes.functional as F
 
-        q, state = F.quantize_4bit(torch.from_numpy(w), blocksize=64, quant_type="nf4",
-                                   compress_statistics=True)  # fmt: skip
+        q, state = F.quantize_4bit(
+            torch.from_numpy(w), blocksize=64, quant_type="nf4", compress_statistics=True
+        )
         s_bnb = median_seconds(lambda: F.dequantize_4bit(q, state))
         results.append((f"dequantize {n}x{n} -> fp32", s_mlx, s_bnb, "bitsandbytes CPU"))
     except (ImportError, RuntimeError, ValueError) as exc:  # bitsandbytes is optional here
@@ -86,11 +99,16 @@ def main() -> None:
     x = mx.array(x_np)
     dense = mx.array(nf4core.dequantize(tl))
     xt = torch.from_numpy(x_np)
-    targs_l = (torch.from_numpy(tl.packed.copy()), torch.from_numpy(tl.double_quant.codes.copy()),
-               torch.from_numpy(tl.double_quant.scales.copy()),
-               torch.tensor(tl.double_quant.offset),
-               torch.from_numpy(tl.double_quant.quant_map.copy()),
-               table, tl.numel, 64)  # fmt: skip
+    targs_l = (
+        torch.from_numpy(tl.packed.copy()),
+        torch.from_numpy(tl.double_quant.codes.copy()),
+        torch.from_numpy(tl.double_quant.scales.copy()),
+        torch.tensor(tl.double_quant.offset),
+        torch.from_numpy(tl.double_quant.quant_map.copy()),
+        table,
+        tl.numel,
+        64,
+    )
     wt_dense = torch.from_numpy(nf4core.dequantize(tl))
 
     def torch_nf4_linear(inp):

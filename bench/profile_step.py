@@ -159,8 +159,9 @@ def main() -> None:
     start = time.perf_counter()
     trainer.train_step([batch])
     plain = time.perf_counter() - start
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                record_shapes=True) as prof:
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True
+    ) as prof:
         start = time.perf_counter()
         trainer.train_step([batch])
         wall = time.perf_counter() - start
@@ -176,11 +177,15 @@ def main() -> None:
     buckets["Python overhead (wall - ops)"] = max(wall - profiled, 0.0)
 
     print(f"machine: {describe()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"model: {source.path.name}, {source.config.num_hidden_layers} layers; batch "
-          f"{args.batch} x {args.seq}; LoRA r 8 on all seven projections; FP32; gradient "
-          f"checkpointing {'on' if args.grad_checkpoint else 'off'}")
-    print(f"step: {plain:.3f} s unprofiled, {wall:.3f} s profiled "
-          f"({args.batch * args.seq / plain:.0f} tokens/s unprofiled)\n")
+    print(
+        f"model: {source.path.name}, {source.config.num_hidden_layers} layers; batch "
+        f"{args.batch} x {args.seq}; LoRA r 8 on all seven projections; FP32; gradient "
+        f"checkpointing {'on' if args.grad_checkpoint else 'off'}"
+    )
+    print(
+        f"step: {plain:.3f} s unprofiled, {wall:.3f} s profiled "
+        f"({args.batch * args.seq / plain:.0f} tokens/s unprofiled)\n"
+    )
     print("| where | seconds | share of the profiled step |\n|---|---|---|")
     for name, sec in sorted(buckets.items(), key=lambda kv: -kv[1]):
         print(f"| {name} | {sec:.3f} | {sec / wall:.0%} |")
@@ -193,8 +198,10 @@ def main() -> None:
         weights[kind] += t.numel() * t.element_size() / 2**20
     print("\nWeights (MiB): " + ", ".join(f"{k} {v:.1f}" for k, v in weights.items()))
     saved = saved_for_backward(model, ids)
-    print(f"Saved for backward (MiB, {sum(saved.values()):.0f} in all): "
-          + ", ".join(f"{k} {v:.1f}" for k, v in sorted(saved.items(), key=lambda kv: -kv[1])))
+    print(
+        f"Saved for backward (MiB, {sum(saved.values()):.0f} in all): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in sorted(saved.items(), key=lambda kv: -kv[1]))
+    )
     logits_mib = args.batch * args.seq * vocab * 4 / 2**20
     print(f"\nMemory by phase (RSS MiB; one (B, T, vocab) FP32 tensor is {logits_mib:.0f} MiB):\n")
     print("| phase | RSS at start | peak in phase | RSS at end |\n|---|---|---|---|")

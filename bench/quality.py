@@ -42,8 +42,11 @@ HERE = Path(__file__).resolve().parent
 TEXT = HERE / "data" / "heldout_english.txt"
 SECTIONS = ("weights", "timing", "perplexity", "finetune-task", "finetune-text")
 # (label, base_dtype, quant_method): the three bases every fine-tune row compares
-BASES = (("16-bit LoRA (bfloat16 base)", "bfloat16", "absmax"),
-         ("QLoRA, NF4 absmax", "nf4", "absmax"), ("QLoRA, NF4 mse", "nf4", "mse"))  # fmt: skip
+BASES = (
+    ("16-bit LoRA (bfloat16 base)", "bfloat16", "absmax"),
+    ("QLoRA, NF4 absmax", "nf4", "absmax"),
+    ("QLoRA, NF4 mse", "nf4", "mse"),
+)
 
 
 def _relative_error(w: np.ndarray, t: nf4core.NF4Tensor) -> float:
@@ -61,15 +64,22 @@ def weight_errors(model: str, max_tensors: int = 0) -> list[dict]:
         for dq in (True, False):
             for method in ("absmax", "mse"):
                 errors.setdefault((method, dq), []).append(
-                    _relative_error(w, nf4core.quantize(w, 64, dq, method)))
+                    _relative_error(w, nf4core.quantize(w, 64, dq, method))
+                )
     rows = []
     for (method, dq), values in errors.items():
         base = np.array(errors[("absmax", dq)])
-        rows.append({"method": method, "double_quant": dq, "tensors": len(values),
-                     "bits_per_weight": 4 + 8 / 64 + 32 / (64 * 256) if dq else 4 + 32 / 64,
-                     "mean_rel_sq_error": float(np.mean(values)),
-                     "vs_absmax": float(np.mean(values) / base.mean()),
-                     "tensors_better_than_absmax": int(np.sum(np.array(values) < base))})
+        rows.append(
+            {
+                "method": method,
+                "double_quant": dq,
+                "tensors": len(values),
+                "bits_per_weight": 4 + 8 / 64 + 32 / (64 * 256) if dq else 4 + 32 / 64,
+                "mean_rel_sq_error": float(np.mean(values)),
+                "vs_absmax": float(np.mean(values) / base.mean()),
+                "tensors_better_than_absmax": int(np.sum(np.array(values) < base)),
+            }
+        )
     return rows
 
 
@@ -93,18 +103,23 @@ def _windows(tokenizer: nf4core.Tokenizer, text: str, window: int, max_windows: 
     return np.array(ids[: n * window], np.int64).reshape(n, window)
 
 
-def perplexities(model: str, text_path: Path = TEXT, window: int = 512,
-                 max_windows: int = 0) -> list[dict]:  # fmt: skip
+def perplexities(
+    model: str, text_path: Path = TEXT, window: int = 512, max_windows: int = 0
+) -> list[dict]:
     import torch
 
     from backends.torch_backend.model import CausalLM
 
     source = nf4core.open_model(model)
-    windows = torch.from_numpy(_windows(source.tokenizer(), text_path.read_text(), window,
-                                        max_windows))  # fmt: skip
-    variants = (("float32 base", dict(quantize=False)),
-                ("bfloat16 base", dict(quantize=False, base_dtype=torch.bfloat16)),
-                ("NF4 absmax", dict(method="absmax")), ("NF4 mse", dict(method="mse")))  # fmt: skip
+    windows = torch.from_numpy(
+        _windows(source.tokenizer(), text_path.read_text(), window, max_windows)
+    )
+    variants = (
+        ("float32 base", dict(quantize=False)),
+        ("bfloat16 base", dict(quantize=False, base_dtype=torch.bfloat16)),
+        ("NF4 absmax", dict(method="absmax")),
+        ("NF4 mse", dict(method="mse")),
+    )
     rows, reference, base_logprobs = [], None, []
     for label, kw in variants:
         lm = CausalLM.from_source(source, compute_dtype=torch.float32, **kw).eval()
@@ -121,10 +136,15 @@ def perplexities(model: str, text_path: Path = TEXT, window: int = 512,
                     kl.append((p.exp() * (p - logprobs)).sum(-1))
         nll_t, top1_t = torch.cat(nll), torch.cat(top1)
         reference = top1_t if reference is None else reference
-        rows.append({"model": label, "perplexity": math.exp(nll_t.mean().item()),
-                     "tokens": int(nll_t.numel()),
-                     "top1_same_as_float32": float((top1_t == reference).float().mean()),
-                     "kl_from_float32": float(torch.cat(kl).mean()) if kl else 0.0})
+        rows.append(
+            {
+                "model": label,
+                "perplexity": math.exp(nll_t.mean().item()),
+                "tokens": int(nll_t.numel()),
+                "top1_same_as_float32": float((top1_t == reference).float().mean()),
+                "kl_from_float32": float(torch.cat(kl).mean()) if kl else 0.0,
+            }
+        )
         del lm
     return rows
 
@@ -140,25 +160,46 @@ def _text_data(directory: Path) -> Path:
     return directory
 
 
-def finetunes(kind: str, model: str | None, steps: int | None, eval_max_examples: int = 0,
-              backend: str = "torch") -> list[dict]:  # fmt: skip
+def finetunes(
+    kind: str,
+    model: str | None,
+    steps: int | None,
+    eval_max_examples: int = 0,
+    backend: str = "torch",
+) -> list[dict]:
     from backends import api
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         settings = dict(model=model, backend=backend, device="cpu", seed=0)
         if kind == "text":
-            settings.update(data=str(_text_data(Path(tmp) / "data")), steps=steps or 60,
-                            batch_size=4, max_seq_len=256, lr=2e-4)  # fmt: skip
+            settings.update(
+                data=str(_text_data(Path(tmp) / "data")),
+                steps=steps or 60,
+                batch_size=4,
+                max_seq_len=256,
+                lr=2e-4,
+            )
         else:
             settings.update(steps=steps, eval_max_examples=eval_max_examples or None)
         for label, base_dtype, method in BASES:
-            cfg = api.FinetuneConfig(out=str(Path(tmp) / f"{base_dtype}-{method}"),
-                                     base_dtype=base_dtype, quant_method=method, **settings)
+            cfg = api.FinetuneConfig(
+                out=str(Path(tmp) / f"{base_dtype}-{method}"),
+                base_dtype=base_dtype,
+                quant_method=method,
+                **settings,
+            )
             r = api.finetune(cfg, echo=lambda s: None, progress=False)
             after = r.exact_match_after
-            rows.append({"run": label, "steps": r.steps, "final_eval_loss": r.eval_loss,
-                         "exact_match": after.score if after else None, "seconds": r.seconds})
+            rows.append(
+                {
+                    "run": label,
+                    "steps": r.steps,
+                    "final_eval_loss": r.eval_loss,
+                    "exact_match": after.score if after else None,
+                    "seconds": r.seconds,
+                }
+            )
     reference = rows[0]["final_eval_loss"]
     for row in rows:
         row["eval_loss_vs_16bit"] = row["final_eval_loss"] / reference - 1
@@ -181,8 +222,9 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sections", default=",".join(SECTIONS))
     p.add_argument("--model", help="[default: the embedded SmolLM2-135M-Instruct]")
-    p.add_argument("--max-tensors", type=int, default=0,
-                   help="weights: the first N linears (0: all)")
+    p.add_argument(
+        "--max-tensors", type=int, default=0, help="weights: the first N linears (0: all)"
+    )
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=0)
     p.add_argument("--steps", type=int, help="fine-tune steps [default: the task's, 60 for text]")

@@ -62,8 +62,9 @@ def run(which: str) -> dict:
         result = run_child(CHILD, which, out)
         if "error" in result:
             return result
-        result["output_mib"] = round(sum(os.path.getsize(os.path.join(out, f))
-                                         for f in os.listdir(out)) / 2**20, 1)  # fmt: skip
+        result["output_mib"] = round(
+            sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)) / 2**20, 1
+        )
         return result
 
 
@@ -71,7 +72,9 @@ def main() -> None:
     import nf4core
 
     path = nf4core.default_model_path()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
+    )
     print(f"model: {path.name} ({path.stat().st_size / 2**20:.1f} MiB)")
     ours = run("nf4core")
     peer = run("peer")

@@ -30,8 +30,8 @@ from backends.torch_backend import ops_reference
 from backends.torch_backend.nf4_linear import NF4Linear
 from backends.torch_backend.nf4_weight import NF4Weight
 from bench._timing import median_seconds
-from bench.random_llama import random_llama_state
 from bench.machine import describe
+from bench.random_llama import random_llama_state
 
 
 def machine() -> str:
@@ -79,14 +79,22 @@ def bench_linear(repeat: int, tokens_list=(1, 32, 512)) -> list[dict]:
             def run():
                 layer(x).sum().backward()
                 x.grad = None
+
             return run
 
         t_nf4 = median_seconds(step(nf4), repeat)
         t_dense = median_seconds(step(dense), repeat)
         x = x.detach().bfloat16().requires_grad_()
         t_nf4_bf16 = median_seconds(step(nf4), repeat)
-        rows.append(dict(tokens=tokens, nf4_seconds=t_nf4, fp32_seconds=t_dense, ratio=t_nf4 / t_dense,
-                         nf4_bf16_seconds=t_nf4_bf16))
+        rows.append(
+            dict(
+                tokens=tokens,
+                nf4_seconds=t_nf4,
+                fp32_seconds=t_dense,
+                ratio=t_nf4 / t_dense,
+                nf4_bf16_seconds=t_nf4_bf16,
+            )
+        )
     return rows
 
 
@@ -96,9 +104,16 @@ def _train_step_child(kind: str, steps: int) -> dict:
     from backends.torch_backend.model import CausalLM
     from backends.torch_backend.train_step import Batch, TrainConfig, Trainer
 
-    cfg = nf4core.ModelConfig("llama", vocab_size=8192, hidden_size=1024, intermediate_size=2816,
-                              num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
-                              tie_word_embeddings=True)  # fmt: skip
+    cfg = nf4core.ModelConfig(
+        "llama",
+        vocab_size=8192,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        tie_word_embeddings=True,
+    )
     state = random_llama_state(cfg)
     dtype = torch.bfloat16 if kind.endswith("bf16") else torch.float32
     model = CausalLM.from_state(cfg, state, quantize=kind.startswith("qlora"), compute_dtype=dtype)
@@ -110,17 +125,26 @@ def _train_step_child(kind: str, steps: int) -> dict:
     batch = [Batch(ids)]
     seconds = median_seconds(lambda: trainer.train_step(batch), repeat=steps, warmup=1)
     base_bytes = sum(b.numel() * b.element_size() for n, b in model.named_buffers()) + sum(
-        p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n)
-    return dict(kind=kind, seconds_per_step=seconds, tokens_per_s=ids.numel() / seconds,
-                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                base_weight_mb=base_bytes / 2**20)
+        p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n
+    )
+    return dict(
+        kind=kind,
+        seconds_per_step=seconds,
+        tokens_per_s=ids.numel() / seconds,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        base_weight_mb=base_bytes / 2**20,
+    )
 
 
 def bench_train(steps: int) -> list[dict]:
     rows = []
     for kind in ("qlora", "lora_fp32_base", "qlora_bf16"):
-        out = subprocess.run([sys.executable, __file__, "--child", kind, "--steps", str(steps)],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", kind, "--steps", str(steps)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     rows[0]["time_ratio"] = rows[0]["seconds_per_step"] / rows[1]["seconds_per_step"]
     rows[0]["peak_rss_ratio"] = rows[0]["peak_rss_mb"] / rows[1]["peak_rss_mb"]
@@ -133,37 +157,69 @@ def bench_bf16_vs_fp32(repeat: int) -> dict:
     a16, b16 = a.bfloat16(), b.bfloat16()
     t16 = median_seconds(lambda: a16 @ b16, repeat)
     flops = 2 * 1024 * 2048 * 2048
-    return dict(shape="(1024x2048)@(2048x2048)", fp32_seconds=t32, bf16_seconds=t16,
-                fp32_gflops=flops / t32 / 1e9, bf16_gflops=flops / t16 / 1e9, bf16_over_fp32=t16 / t32)
+    return dict(
+        shape="(1024x2048)@(2048x2048)",
+        fp32_seconds=t32,
+        bf16_seconds=t16,
+        fp32_gflops=flops / t32 / 1e9,
+        bf16_gflops=flops / t16 / 1e9,
+        bf16_over_fp32=t16 / t32,
+    )
 
 
 def to_markdown(r: dict) -> str:
-    lines = [f"Machine: {r['machine']}", "", "Dequantize 4096x4096 NF4 (double quant) to FP32 "
-             "(median seconds; ratio = ours / peer time, < 1 means ours is faster):", "",
-             "| implementation | seconds | output GB/s | ours / peer |", "|---|---|---|---|"]
+    lines = [
+        f"Machine: {r['machine']}",
+        "",
+        "Dequantize 4096x4096 NF4 (double quant) to FP32 "
+        "(median seconds; ratio = ours / peer time, < 1 means ours is faster):",
+        "",
+        "| implementation | seconds | output GB/s | ours / peer |",
+        "|---|---|---|---|",
+    ]
     for d in r["dequant"]:
         if d["seconds"] is None:
             lines.append(f"| {d['impl']} | - | - | - |")
         else:
-            lines.append(f"| {d['impl']} | {d['seconds']:.4f} | {d['GB_per_s_output']:.2f} | {d['ratio']:.2f} |")
-    lines += ["", "NF4Linear 4096x4096 forward + input-grad backward vs frozen FP32 nn.Linear:", "",
-              "| tokens | NF4Linear FP32 s | FP32 nn.Linear s | NF4 / FP32 | NF4Linear BF16 compute s |",
-              "|---|---|---|---|---|"]
+            lines.append(
+                f"| {d['impl']} | {d['seconds']:.4f} | {d['GB_per_s_output']:.2f} | {d['ratio']:.2f} |"
+            )
+    lines += [
+        "",
+        "NF4Linear 4096x4096 forward + input-grad backward vs frozen FP32 nn.Linear:",
+        "",
+        "| tokens | NF4Linear FP32 s | FP32 nn.Linear s | NF4 / FP32 | NF4Linear BF16 compute s |",
+        "|---|---|---|---|---|",
+    ]
     for d in r["linear"]:
-        lines.append(f"| {d['tokens']} | {d['nf4_seconds']:.4f} | {d['fp32_seconds']:.4f} | "
-                     f"{d['ratio']:.2f} | {d['nf4_bf16_seconds']:.4f} |")
+        lines.append(
+            f"| {d['tokens']} | {d['nf4_seconds']:.4f} | {d['fp32_seconds']:.4f} | "
+            f"{d['ratio']:.2f} | {d['nf4_bf16_seconds']:.4f} |"
+        )
     if r.get("train"):
-        q, l, qb = r["train"]
-        lines += ["", "Training step (8 layers, hidden 1024, vocab 8192, LoRA r=16 on all 7 projections, "
-                  "batch 4x256, gradient checkpointing), each in its own process:", "",
-                  "| base | s / step | tokens/s | peak RSS MB | base weights MB |", "|---|---|---|---|---|"]
-        for d in (q, l, qb):
-            lines.append(f"| {d['kind']} | {d['seconds_per_step']:.2f} | {d['tokens_per_s']:.0f} | "
-                         f"{d['peak_rss_mb']:.0f} | {d['base_weight_mb']:.0f} |")
-        lines.append(f"\nQLoRA / LoRA-FP32: time {q['time_ratio']:.2f}, peak RSS {q['peak_rss_ratio']:.2f}")
+        q, lora_s, qb = r["train"]
+        lines += [
+            "",
+            "Training step (8 layers, hidden 1024, vocab 8192, LoRA r=16 on all 7 projections, "
+            "batch 4x256, gradient checkpointing), each in its own process:",
+            "",
+            "| base | s / step | tokens/s | peak RSS MB | base weights MB |",
+            "|---|---|---|---|---|",
+        ]
+        for d in (q, lora_s, qb):
+            lines.append(
+                f"| {d['kind']} | {d['seconds_per_step']:.2f} | {d['tokens_per_s']:.0f} | "
+                f"{d['peak_rss_mb']:.0f} | {d['base_weight_mb']:.0f} |"
+            )
+        lines.append(
+            f"\nQLoRA / LoRA-FP32: time {q['time_ratio']:.2f}, peak RSS {q['peak_rss_ratio']:.2f}"
+        )
     m = r["matmul_dtype"]
-    lines += ["", f"BF16 vs FP32 matmul {m['shape']}: FP32 {m['fp32_gflops']:.1f} GFLOP/s, BF16 "
-              f"{m['bf16_gflops']:.1f} GFLOP/s (BF16 takes {m['bf16_over_fp32']:.2f}x the FP32 time)"]
+    lines += [
+        "",
+        f"BF16 vs FP32 matmul {m['shape']}: FP32 {m['fp32_gflops']:.1f} GFLOP/s, BF16 "
+        f"{m['bf16_gflops']:.1f} GFLOP/s (BF16 takes {m['bf16_over_fp32']:.2f}x the FP32 time)",
+    ]
     return "\n".join(lines)
 
 
@@ -178,8 +234,12 @@ def main() -> None:
         print(json.dumps(_train_step_child(args.child, args.steps)))
         return
     repeat = 3 if args.quick else 7
-    results = dict(machine=machine(), dequant=bench_dequant(repeat), linear=bench_linear(repeat),
-                   matmul_dtype=bench_bf16_vs_fp32(repeat))
+    results = dict(
+        machine=machine(),
+        dequant=bench_dequant(repeat),
+        linear=bench_linear(repeat),
+        matmul_dtype=bench_bf16_vs_fp32(repeat),
+    )
     results["train"] = None if args.quick else bench_train(args.steps)
     md = to_markdown(results)
     print(md)

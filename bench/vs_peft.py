@@ -132,8 +132,10 @@ def write_data(path: Path, rows: int, seq: int) -> None:
     import random
 
     rng = random.Random(0)
-    words = ("the quick brown fox jumps over a lazy dog while seven bright stars shine above quiet "
-             "hills and rivers flow toward distant seas under ancient bridges").split()
+    words = (
+        "the quick brown fox jumps over a lazy dog while seven bright stars shine above quiet "
+        "hills and rivers flow toward distant seas under ancient bridges"
+    ).split()
     with open(path, "w") as f:
         for _ in range(rows):
             text = " ".join(rng.choice(words) for _ in range(2 * seq))
@@ -146,9 +148,11 @@ def summary(name: str, r: dict) -> dict:
         return r
     rates = r["tokens_per_s"][1:] or r["tokens_per_s"]
     r["median_tokens_per_s"] = statistics.median(rates)
-    print(f"{name}: tokens/s per step {[round(x, 1) for x in r['tokens_per_s']]} "
-          f"(median after the first: {r['median_tokens_per_s']:.1f}); "
-          f"peak RSS {r['peak_rss_mib']} MiB (after imports {r['imports_rss_mib']} MiB)")
+    print(
+        f"{name}: tokens/s per step {[round(x, 1) for x in r['tokens_per_s']]} "
+        f"(median after the first: {r['median_tokens_per_s']:.1f}); "
+        f"peak RSS {r['peak_rss_mib']} MiB (after imports {r['imports_rss_mib']} MiB)"
+    )
     return r
 
 
@@ -157,8 +161,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--hf-dir", type=Path, default=None,
-                    help="where the 32-bit HF export lives [default: a folder under the temp dir]")
+    ap.add_argument(
+        "--hf-dir",
+        type=Path,
+        default=None,
+        help="where the 32-bit HF export lives [default: a folder under the temp dir]",
+    )
     ap.add_argument("--quick", action="store_true", help="2 layers, 2 steps (smoke test)")
     ap.add_argument("--no-peer", action="store_true", help="only our runs")
     args = ap.parse_args()
@@ -167,34 +175,46 @@ def main() -> None:
     export(hf_dir, layers)
     print(f"machine: {describe()}")
     print(f"versions: {versions()}")
-    print(f"model: {hf_dir} (default model, 32-bit HF export); batch {args.batch} x {args.seq}, "
-          f"LoRA r 8 on {TARGETS}, FP32 compute, {steps} steps")
+    print(
+        f"model: {hf_dir} (default model, 32-bit HF export); batch {args.batch} x {args.seq}, "
+        f"LoRA r 8 on {TARGETS}, FP32 compute, {steps} steps"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "train.jsonl"
         write_data(data, args.batch * steps, args.seq)
         common = (str(hf_dir), str(data))
         size = (str(steps), str(args.batch), str(args.seq))
         prelude = f"TARGETS = {TARGETS!r}\n"
-        ours = summary("ours (cli.py finetune)", run_child(
-            prelude + OURS, *common, f"{tmp}/ours", *size, "--no-grad-checkpoint"))
-        ours_mem = summary("ours, memory options on (--grad-checkpoint)", run_child(
-            prelude + OURS, *common, f"{tmp}/ours_mem", *size, "--grad-checkpoint"))
+        ours = summary(
+            "ours (cli.py finetune)",
+            run_child(prelude + OURS, *common, f"{tmp}/ours", *size, "--no-grad-checkpoint"),
+        )
+        ours_mem = summary(
+            "ours, memory options on (--grad-checkpoint)",
+            run_child(prelude + OURS, *common, f"{tmp}/ours_mem", *size, "--grad-checkpoint"),
+        )
         peer = None
         if not args.no_peer:
-            peer = summary("peer (transformers + peft + bitsandbytes NF4)", run_child(
-                prelude + PEER, str(hf_dir), *size))
+            peer = summary(
+                "peer (transformers + peft + bitsandbytes NF4)",
+                run_child(prelude + PEER, str(hf_dir), *size),
+            )
             if "error" not in peer:
                 print(f"peer's quantized linear: {peer['quant_class']}")
     if peer and "error" not in peer:
         for name, r in (("ours", ours), ("ours, memory options on", ours_mem)):
             if "error" not in r:
-                print(f"ratio {name} / peer: tokens/s "
-                      f"{r['median_tokens_per_s'] / peer['median_tokens_per_s']:.2f}, "
-                      f"peak RSS {r['peak_rss_mib'] / peer['peak_rss_mib']:.2f}")
+                print(
+                    f"ratio {name} / peer: tokens/s "
+                    f"{r['median_tokens_per_s'] / peer['median_tokens_per_s']:.2f}, "
+                    f"peak RSS {r['peak_rss_mib'] / peer['peak_rss_mib']:.2f}"
+                )
     if "error" not in ours and "error" not in ours_mem:
-        print(f"memory options on / off (ours): step time "
-              f"{ours['median_tokens_per_s'] / ours_mem['median_tokens_per_s']:.2f}, "
-              f"peak RSS {ours_mem['peak_rss_mib'] / ours['peak_rss_mib']:.2f}")
+        print(
+            f"memory options on / off (ours): step time "
+            f"{ours['median_tokens_per_s'] / ours_mem['median_tokens_per_s']:.2f}, "
+            f"peak RSS {ours_mem['peak_rss_mib'] / ours['peak_rss_mib']:.2f}"
+        )
     if any("error" in r for r in (ours, ours_mem, peer or {})):
         sys.exit(1)
 

@@ -48,8 +48,16 @@ def _decode(packed_ptr, absmax_ptr, quant_map_ptr, flat, mask, BLOCKSIZE: tl.con
 
 
 @triton.jit
-def nf4_absmax_kernel(codes_ptr, scales_ptr, nested_map_ptr, offset, out_ptr, n_blocks,
-                      NESTED_BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr):
+def nf4_absmax_kernel(
+    codes_ptr,
+    scales_ptr,
+    nested_map_ptr,
+    offset,
+    out_ptr,
+    n_blocks,
+    NESTED_BLOCKSIZE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_blocks
     code = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.int32)
@@ -60,8 +68,15 @@ def nf4_absmax_kernel(codes_ptr, scales_ptr, nested_map_ptr, offset, out_ptr, n_
 
 
 @triton.jit
-def nf4_dequant_kernel(packed_ptr, absmax_ptr, quant_map_ptr, out_ptr, numel,
-                       BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr):
+def nf4_dequant_kernel(
+    packed_ptr,
+    absmax_ptr,
+    quant_map_ptr,
+    out_ptr,
+    numel,
+    BLOCKSIZE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     values = _decode(packed_ptr, absmax_ptr, quant_map_ptr, offs, mask, BLOCKSIZE)
@@ -69,9 +84,27 @@ def nf4_dequant_kernel(packed_ptr, absmax_ptr, quant_map_ptr, out_ptr, numel,
 
 
 @triton.jit
-def _matmul_step(acc, r0, a_ptr, packed_ptr, absmax_ptr, quant_map_ptr, rm, rn, M, N, R, stride_am,
-                 stride_ar, w_cols, BLOCKSIZE: tl.constexpr, W_TRANSPOSED: tl.constexpr,
-                 DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BR: tl.constexpr):
+def _matmul_step(
+    acc,
+    r0,
+    a_ptr,
+    packed_ptr,
+    absmax_ptr,
+    quant_map_ptr,
+    rm,
+    rn,
+    M,
+    N,
+    R,
+    stride_am,
+    stride_ar,
+    w_cols,
+    BLOCKSIZE: tl.constexpr,
+    W_TRANSPOSED: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BR: tl.constexpr,
+):
     """acc (BM, BN) += A[rm, r0:r0+BR] @ B[r0:r0+BR, rn]."""
     rr = r0 + tl.arange(0, BR).to(tl.int64)  # (BR,)
     a_mask = (rm < M)[:, None] & (rr < R)[None, :]
@@ -81,8 +114,10 @@ def _matmul_step(acc, r0, a_ptr, packed_ptr, absmax_ptr, quant_map_ptr, rm, rn, 
     else:
         flat = rr[:, None] * w_cols + rn[None, :]  # (BR, BN): W[r, n]
     b_mask = (rr < R)[:, None] & (rn < N)[None, :]
-    b = _round_to(_decode(packed_ptr, absmax_ptr, quant_map_ptr, flat, b_mask, BLOCKSIZE),
-                  a_ptr.dtype.element_ty)
+    b = _round_to(
+        _decode(packed_ptr, absmax_ptr, quant_map_ptr, flat, b_mask, BLOCKSIZE),
+        a_ptr.dtype.element_ty,
+    )
     if DOT_FP32:
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
@@ -91,11 +126,29 @@ def _matmul_step(acc, r0, a_ptr, packed_ptr, absmax_ptr, quant_map_ptr, rm, rn, 
 
 
 @triton.jit
-def nf4_matmul_kernel(a_ptr, packed_ptr, absmax_ptr, quant_map_ptr, c_ptr, M, N, R,
-                      stride_am, stride_ar, stride_cm, stride_cn, w_cols,
-                      BLOCKSIZE: tl.constexpr, W_TRANSPOSED: tl.constexpr, DOT_FP32: tl.constexpr,
-                      PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr, BM: tl.constexpr,
-                      BN: tl.constexpr, BR: tl.constexpr):
+def nf4_matmul_kernel(
+    a_ptr,
+    packed_ptr,
+    absmax_ptr,
+    quant_map_ptr,
+    c_ptr,
+    M,
+    N,
+    R,
+    stride_am,
+    stride_ar,
+    stride_cm,
+    stride_cn,
+    w_cols,
+    BLOCKSIZE: tl.constexpr,
+    W_TRANSPOSED: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    WHILE_LOOP: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BR: tl.constexpr,
+):
     # DOT_FP32: feed the dot float32 copies of the (already rounded) operands: the launcher sets it
     # only under the interpreter, whose dot cannot multiply bfloat16; the products are the same.
     # PRECISION: "ieee" for float32 operands (no TF32 rounding), the default otherwise.
@@ -108,49 +161,137 @@ def nf4_matmul_kernel(a_ptr, packed_ptr, absmax_ptr, quant_map_ptr, c_ptr, M, N,
     if WHILE_LOOP:
         r0 = 0
         while r0 < R:
-            acc = _matmul_step(acc, r0, a_ptr, packed_ptr, absmax_ptr, quant_map_ptr, rm, rn, M, N,
-                               R, stride_am, stride_ar, w_cols, BLOCKSIZE, W_TRANSPOSED, DOT_FP32,
-                               PRECISION, BR)  # fmt: skip
+            acc = _matmul_step(
+                acc,
+                r0,
+                a_ptr,
+                packed_ptr,
+                absmax_ptr,
+                quant_map_ptr,
+                rm,
+                rn,
+                M,
+                N,
+                R,
+                stride_am,
+                stride_ar,
+                w_cols,
+                BLOCKSIZE,
+                W_TRANSPOSED,
+                DOT_FP32,
+                PRECISION,
+                BR,
+            )
             r0 += BR
     else:
         for r0 in range(0, R, BR):
-            acc = _matmul_step(acc, r0, a_ptr, packed_ptr, absmax_ptr, quant_map_ptr, rm, rn, M, N,
-                               R, stride_am, stride_ar, w_cols, BLOCKSIZE, W_TRANSPOSED, DOT_FP32,
-                               PRECISION, BR)  # fmt: skip
+            acc = _matmul_step(
+                acc,
+                r0,
+                a_ptr,
+                packed_ptr,
+                absmax_ptr,
+                quant_map_ptr,
+                rm,
+                rn,
+                M,
+                N,
+                R,
+                stride_am,
+                stride_ar,
+                w_cols,
+                BLOCKSIZE,
+                W_TRANSPOSED,
+                DOT_FP32,
+                PRECISION,
+                BR,
+            )
     c_mask = (rm < M)[:, None] & (rn < N)[None, :]
     c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
     tl.store(c_ptrs, _round_to(acc, c_ptr.dtype.element_ty), mask=c_mask)
 
 
 @triton.jit
-def _gemv_step(acc, k0, x_ptr, packed_ptr, absmax_ptr, quant_map_ptr, rn, m, N, K, stride_xm,
-               BLOCKSIZE: tl.constexpr, BK: tl.constexpr):
+def _gemv_step(
+    acc,
+    k0,
+    x_ptr,
+    packed_ptr,
+    absmax_ptr,
+    quant_map_ptr,
+    rn,
+    m,
+    N,
+    K,
+    stride_xm,
+    BLOCKSIZE: tl.constexpr,
+    BK: tl.constexpr,
+):
     """acc (BN, BK) += W[rn, k0:k0+BK] * x[m, k0:k0+BK], elementwise in float32."""
     rk = k0 + tl.arange(0, BK).to(tl.int64)  # (BK,)
     x = tl.load(x_ptr + m * stride_xm + rk, mask=rk < K, other=0.0).to(tl.float32)
     mask = (rn < N)[:, None] & (rk < K)[None, :]
-    w = _decode(packed_ptr, absmax_ptr, quant_map_ptr, rn[:, None] * K + rk[None, :], mask,
-                BLOCKSIZE)  # (BN, BK)
+    w = _decode(
+        packed_ptr, absmax_ptr, quant_map_ptr, rn[:, None] * K + rk[None, :], mask, BLOCKSIZE
+    )  # (BN, BK)
     w = _round_to(w, x_ptr.dtype.element_ty).to(tl.float32)
     return acc + w * x[None, :]
 
 
 @triton.jit
-def nf4_gemv_kernel(x_ptr, packed_ptr, absmax_ptr, quant_map_ptr, y_ptr, N, K, stride_xm, stride_ym,
-                    BLOCKSIZE: tl.constexpr, WHILE_LOOP: tl.constexpr, BN: tl.constexpr,
-                    BK: tl.constexpr):
+def nf4_gemv_kernel(
+    x_ptr,
+    packed_ptr,
+    absmax_ptr,
+    quant_map_ptr,
+    y_ptr,
+    N,
+    K,
+    stride_xm,
+    stride_ym,
+    BLOCKSIZE: tl.constexpr,
+    WHILE_LOOP: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
     rn = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)  # (BN,)
     m = tl.program_id(1).to(tl.int64)
     acc = tl.zeros((BN, BK), dtype=tl.float32)
     if WHILE_LOOP:  # see nf4_matmul_kernel
         k0 = 0
         while k0 < K:
-            acc = _gemv_step(acc, k0, x_ptr, packed_ptr, absmax_ptr, quant_map_ptr, rn, m, N, K,
-                             stride_xm, BLOCKSIZE, BK)  # fmt: skip
+            acc = _gemv_step(
+                acc,
+                k0,
+                x_ptr,
+                packed_ptr,
+                absmax_ptr,
+                quant_map_ptr,
+                rn,
+                m,
+                N,
+                K,
+                stride_xm,
+                BLOCKSIZE,
+                BK,
+            )
             k0 += BK
     else:
         for k0 in range(0, K, BK):
-            acc = _gemv_step(acc, k0, x_ptr, packed_ptr, absmax_ptr, quant_map_ptr, rn, m, N, K,
-                             stride_xm, BLOCKSIZE, BK)  # fmt: skip
+            acc = _gemv_step(
+                acc,
+                k0,
+                x_ptr,
+                packed_ptr,
+                absmax_ptr,
+                quant_map_ptr,
+                rn,
+                m,
+                N,
+                K,
+                stride_xm,
+                BLOCKSIZE,
+                BK,
+            )
     y = tl.sum(acc, axis=1)
     tl.store(y_ptr + m * stride_ym + rn, _round_to(y, y_ptr.dtype.element_ty), mask=rn < N)

@@ -58,8 +58,9 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
         if time.monotonic() > limits.deadline:
             raise _Timeout
         if limits.depth >= MAX_CALL_DEPTH:
-            raise ChatTemplateError(f"chat template nests calls more than {MAX_CALL_DEPTH} deep "
-                                    "(recursion?)")  # fmt: skip
+            raise ChatTemplateError(
+                f"chat template nests calls more than {MAX_CALL_DEPTH} deep (recursion?)"
+            )
         limits.depth += 1
         try:
             return super().call(context, obj, *args, **kwargs)
@@ -73,8 +74,11 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
             for seq, count in ((left, right), (right, left)):
                 if isinstance(seq, (str, list, tuple)) and isinstance(count, int):
                     _check_size(len(seq) * count)
-        if operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(
-                right, (str, list, tuple)):  # fmt: skip
+        if (
+            operator == "+"
+            and isinstance(left, (str, list, tuple))
+            and isinstance(right, (str, list, tuple))
+        ):
             _check_size(len(left) + len(right))
         return super().call_binop(context, operator, left, right)
 
@@ -84,14 +88,19 @@ def _check_size(size: int) -> None:
         raise ChatTemplateError(f"chat template builds a value of {size} items (limit {MAX_SIZE})")
 
 
-_UNSUPPORTED_TAGS = {nodes.Include: "include", nodes.Import: "import", nodes.FromImport: "import",
-                     nodes.Extends: "extends"}  # fmt: skip
+_UNSUPPORTED_TAGS = {
+    nodes.Include: "include",
+    nodes.Import: "import",
+    nodes.FromImport: "import",
+    nodes.Extends: "extends",
+}
 
 
 @lru_cache(maxsize=16)
 def _compile(source: str) -> jinja2.Template:
-    env = _BoundedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                              extensions=["jinja2.ext.loopcontrols"])  # fmt: skip
+    env = _BoundedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -100,8 +109,10 @@ def _compile(source: str) -> jinja2.Template:
         for kind, tag in _UNSUPPORTED_TAGS.items():
             node = next(tree.find_all(kind), None)
             if node is not None:
-                raise ChatTemplateError(f"chat template line {node.lineno}: {{% {tag} %}} is not "
-                                        "supported (a template must be self-contained)")
+                raise ChatTemplateError(
+                    f"chat template line {node.lineno}: {{% {tag} %}} is not "
+                    "supported (a template must be self-contained)"
+                )
         return env.from_string(tree)
     except jinja2.TemplateSyntaxError as exc:
         raise ChatTemplateError(f"chat template line {exc.lineno}: {exc.message}") from None
@@ -116,9 +127,11 @@ def _time_limit(seconds: float) -> Iterator[None]:
     limits = _BoundedEnvironment.limits
     limits.deadline, limits.depth = time.monotonic() + seconds, 0
     use_signal = threading.current_thread() is threading.main_thread() and hasattr(
-        signal, "setitimer")  # fmt: skip
+        signal, "setitimer"
+    )
     previous = None
     if use_signal:
+
         def on_alarm(signum, frame):
             raise _Timeout
 
@@ -133,8 +146,9 @@ def _time_limit(seconds: float) -> Iterator[None]:
             signal.signal(signal.SIGALRM, previous)
 
 
-def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = False,
-                **variables: object) -> str:  # fmt: skip
+def render_chat(
+    template: str, messages: list[dict], add_generation_prompt: bool = False, **variables: object
+) -> str:
     """The conversation as one prompt string, e.g. ChatML for SmolLM2."""
     if not isinstance(template, str):
         raise ChatTemplateError(f"chat template must be a string, got {type(template).__name__}")
@@ -144,8 +158,9 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
     compiled = _compile(template)
     try:
         with _time_limit(RENDER_SECONDS):
-            text = compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                   **variables)  # fmt: skip
+            text = compiled.render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **variables
+            )
     except ChatTemplateError:
         raise
     except _Timeout:

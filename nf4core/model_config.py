@@ -46,8 +46,14 @@ class ModelConfig:
                 f"architecture {self.architecture!r} is not supported; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads"):  # fmt: skip
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -61,11 +67,14 @@ class ModelConfig:
             if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
                 raise ValueError(f"sliding_window must be a positive int or None, got {window!r}")
             if self.architecture != "mistral":
-                raise ValueError(f"sliding_window is supported for mistral only, not "
-                                 f"{self.architecture!r}")  # fmt: skip
+                raise ValueError(
+                    f"sliding_window is supported for mistral only, not {self.architecture!r}"
+                )
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
-                raise ValueError("hidden_size must divide by num_attention_heads when head_dim is unset")
+                raise ValueError(
+                    "hidden_size must divide by num_attention_heads when head_dim is unset"
+                )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         self._check_other_fields()
 
@@ -75,8 +84,10 @@ class ModelConfig:
         if not _positive_int(self.head_dim) or self.head_dim % 2:
             raise ValueError(f"head_dim must be a positive even int, got {self.head_dim!r}")
         if not _positive_int(self.max_position_embeddings):
-            raise ValueError(f"max_position_embeddings must be a positive int, got "
-                             f"{self.max_position_embeddings!r}")  # fmt: skip
+            raise ValueError(
+                f"max_position_embeddings must be a positive int, got "
+                f"{self.max_position_embeddings!r}"
+            )
         for name in ("rms_norm_eps", "rope_theta"):
             if not _positive_number(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
@@ -86,8 +97,11 @@ class ModelConfig:
         if not (self.bos_token_id is None or _token_id(self.bos_token_id)):
             raise ValueError(f"bos_token_id must be a token id, got {self.bos_token_id!r}")
         eos = self.eos_token_id
-        if not (eos is None or _token_id(eos) or (isinstance(eos, list) and eos
-                                                  and all(map(_token_id, eos)))):  # fmt: skip
+        if not (
+            eos is None
+            or _token_id(eos)
+            or (isinstance(eos, list) and eos and all(map(_token_id, eos)))
+        ):
             raise ValueError(f"eos_token_id must be a token id or a list of them, got {eos!r}")
         check_rope_scaling(self.rope_scaling)
         if not isinstance(self.extra, dict):
@@ -98,7 +112,7 @@ class ModelConfig:
         return self.head_dim
 
     @classmethod
-    def from_hf_config(cls, config: dict) -> "ModelConfig":
+    def from_hf_config(cls, config: dict) -> ModelConfig:
         """From a Hugging Face config.json dict; ValueError names an unsupported model_type."""
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_ARCHITECTURES:
@@ -117,8 +131,10 @@ class ModelConfig:
         if model_type == "qwen2":
             values["attention_bias"] = True
             if config.get("use_sliding_window"):
-                raise ValueError("Qwen2 sliding-window layers (use_sliding_window with "
-                                 "max_window_layers) are not supported")  # fmt: skip
+                raise ValueError(
+                    "Qwen2 sliding-window layers (use_sliding_window with "
+                    "max_window_layers) are not supported"
+                )
         check_unimplemented_options(config)
         generated = ("model_type", "architectures")  # to_hf_config writes these from `architecture`
         extra = {k: v for k, v in config.items() if k not in known and k not in generated}
@@ -135,8 +151,11 @@ class ModelConfig:
             fields.pop("sliding_window")
         # For mistral a None window is written as null: transformers reads a missing key as 4096.
         config = {**self.extra, **fields}
-        arch_class = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                      "qwen2": "Qwen2ForCausalLM"}[self.architecture]  # fmt: skip
+        arch_class = {
+            "llama": "LlamaForCausalLM",
+            "mistral": "MistralForCausalLM",
+            "qwen2": "Qwen2ForCausalLM",
+        }[self.architecture]
         config.update(model_type=self.architecture, architectures=[arch_class])
         return config
 
@@ -156,9 +175,11 @@ def _legacy_rope_keys(config: dict) -> dict:
     return config
 
 
-ROPE_SCALING_FIELDS = {"default": (), "linear": ("factor",),
-                       "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-                                  "original_max_position_embeddings")}  # fmt: skip
+ROPE_SCALING_FIELDS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 
 def check_rope_scaling(scaling: object) -> None:
@@ -169,12 +190,15 @@ def check_rope_scaling(scaling: object) -> None:
         raise ValueError(f"rope_scaling must be an object or null, got {scaling!r}")
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind not in ROPE_SCALING_FIELDS:
-        raise ValueError(f"rope_scaling type {kind!r} is not supported "
-                         f"(supported: {', '.join(ROPE_SCALING_FIELDS)})")  # fmt: skip
+        raise ValueError(
+            f"rope_scaling type {kind!r} is not supported "
+            f"(supported: {', '.join(ROPE_SCALING_FIELDS)})"
+        )
     for name in ROPE_SCALING_FIELDS[kind]:
         if not _positive_number(scaling.get(name)):
-            raise ValueError(f"rope_scaling.{name} must be a finite number > 0, got "
-                             f"{scaling.get(name)!r}")  # fmt: skip
+            raise ValueError(
+                f"rope_scaling.{name} must be a finite number > 0, got {scaling.get(name)!r}"
+            )
     if kind == "llama3" and scaling["low_freq_factor"] == scaling["high_freq_factor"]:
         raise ValueError("rope_scaling: low_freq_factor and high_freq_factor must differ")
 
@@ -204,8 +228,12 @@ def _positive_int(value: object) -> bool:
 
 
 def _positive_number(value: object) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value) and value > 0)  # fmt: skip
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
 
 
 def _token_id(value: object) -> bool:

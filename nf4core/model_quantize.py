@@ -44,20 +44,28 @@ def quantization_config(compute_dtype: str, double_quant: bool) -> dict:
     """The `quantization_config` transformers writes for a bitsandbytes 4-bit NF4 model."""
     return {
         "quant_method": "bitsandbytes",
-        "_load_in_4bit": True, "_load_in_8bit": False,
-        "load_in_4bit": True, "load_in_8bit": False,
+        "_load_in_4bit": True,
+        "_load_in_8bit": False,
+        "load_in_4bit": True,
+        "load_in_8bit": False,
         "bnb_4bit_quant_type": "nf4",
         "bnb_4bit_use_double_quant": double_quant,
         "bnb_4bit_compute_dtype": compute_dtype,
         "bnb_4bit_quant_storage": "uint8",
-        "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
-        "llm_int8_skip_modules": None, "llm_int8_threshold": 6.0,
-    }  # fmt: skip
+        "llm_int8_enable_fp32_cpu_offload": False,
+        "llm_int8_has_fp16_weight": False,
+        "llm_int8_skip_modules": None,
+        "llm_int8_threshold": 6.0,
+    }
 
 
-def quantize_model(source: str | os.PathLike | ModelSource, out_dir: str | os.PathLike,
-                   blocksize: int = 64, double_quant: bool = True,
-                   method: str = DEFAULT_QUANT_METHOD) -> Path:  # fmt: skip
+def quantize_model(
+    source: str | os.PathLike | ModelSource,
+    out_dir: str | os.PathLike,
+    blocksize: int = 64,
+    double_quant: bool = True,
+    method: str = DEFAULT_QUANT_METHOD,
+) -> Path:
     """Quantize a model to NF4 and save it as a Hugging Face bitsandbytes-4bit directory.
 
     `source` is anything `open_model` opens (or an opened source). The attention and MLP weights
@@ -92,9 +100,12 @@ def quantize_model(source: str | os.PathLike | ModelSource, out_dir: str | os.Pa
     return out
 
 
-def iter_quantized(source: str | os.PathLike | ModelSource, blocksize: int = 64,
-                   double_quant: bool = True, method: str = DEFAULT_QUANT_METHOD
-                   ) -> Iterator[tuple[str, NF4Tensor | np.ndarray]]:  # fmt: skip
+def iter_quantized(
+    source: str | os.PathLike | ModelSource,
+    blocksize: int = 64,
+    double_quant: bool = True,
+    method: str = DEFAULT_QUANT_METHOD,
+) -> Iterator[tuple[str, NF4Tensor | np.ndarray]]:
     """Every tensor of a model, one at a time, as it is kept in the NF4 model: (name, NF4Tensor) for
     the attention and MLP weights (quantized here, or as stored when the source holds NF4), else
     (name, 16-bit array in the source's dtype). For quantizing on load: drop each value before
@@ -107,8 +118,12 @@ def iter_quantized(source: str | os.PathLike | ModelSource, blocksize: int = 64,
         if isinstance(value, NF4Tensor):  # already NF4: never requantized
             out = value
         elif is_quantized_linear(name):
-            out = quantize(np.asarray(value).astype(dtype, copy=False), options.blocksize,
-                           options.double_quant, options.method)  # fmt: skip
+            out = quantize(
+                np.asarray(value).astype(dtype, copy=False),
+                options.blocksize,
+                options.double_quant,
+                options.method,
+            )
         else:
             out = np.asarray(value).astype(dtype, copy=False)
         del value  # the next read must not overlap this tensor
@@ -119,10 +134,15 @@ def iter_quantized(source: str | os.PathLike | ModelSource, blocksize: int = 64,
 def _write_weights(src: ModelSource, path: Path, options: QuantizeOptions) -> bool:
     """Stream every tensor into `path`; returns whether the NF4 weights are double-quantized."""
     double_quant = options.double_quant
-    metadata = {"format": "pt", "producer": "nf4core", "nf4core_format_version": str(FORMAT_VERSION)}
+    metadata = {
+        "format": "pt",
+        "producer": "nf4core",
+        "nf4core_format_version": str(FORMAT_VERSION),
+    }
     with SafetensorsWriter(path, metadata=metadata) as writer:
-        for name, value in iter_quantized(src, options.blocksize, options.double_quant,
-                                          options.method):  # fmt: skip
+        for name, value in iter_quantized(
+            src, options.blocksize, options.double_quant, options.method
+        ):
             if isinstance(value, NF4Tensor):
                 double_quant = value.double_quant is not None
                 entries = value.to_state_dict(name.removesuffix(".weight"))
@@ -138,14 +158,18 @@ def _write_weights(src: ModelSource, path: Path, options: QuantizeOptions) -> bo
 def _write_config(src: ModelSource, directory: Path, double_quant: bool) -> None:
     config = src.config.to_hf_config()
     config.pop("rope_parameters", None)
-    config.update(dtype=src.dtype, torch_dtype=src.dtype,
-                  quantization_config=quantization_config(src.dtype, double_quant))  # fmt: skip
+    config.update(
+        dtype=src.dtype,
+        torch_dtype=src.dtype,
+        quantization_config=quantization_config(src.dtype, double_quant),
+    )
     config.setdefault("hidden_act", "silu")
     write_text_atomic(directory / "config.json", json.dumps(config, indent=2) + "\n")
     original = Path(src.path) / "generation_config.json"
     if original.is_file():  # a Hugging Face source: keep its sampling defaults
         generation = read_json(original)
     else:
-        generation = {k: config[k] for k in ("bos_token_id", "eos_token_id")
-                      if config.get(k) is not None}  # fmt: skip
+        generation = {
+            k: config[k] for k in ("bos_token_id", "eos_token_id") if config.get(k) is not None
+        }
     write_text_atomic(directory / "generation_config.json", json.dumps(generation, indent=2) + "\n")

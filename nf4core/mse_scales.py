@@ -107,8 +107,9 @@ def ideal_scales(flat: np.ndarray, absmax: np.ndarray, blocksize: int) -> np.nda
     return scales
 
 
-def best_nested_codes(flat: np.ndarray, ideal: np.ndarray, absmax: np.ndarray, blocksize: int,
-                      nested) -> np.ndarray:  # fmt: skip
+def best_nested_codes(
+    flat: np.ndarray, ideal: np.ndarray, absmax: np.ndarray, blocksize: int, nested
+) -> np.ndarray:
     """uint8 (n_blocks,): for the double quantization `nested` of the `ideal` scales (its offset and
     nested absmax kept), each block's 8-bit code among the nearest and its neighbours whose
     reconstructed scale gives the block the least squared error. A candidate below `CLIP_FLOOR` x

@@ -27,7 +27,12 @@ def _weight_key(prefix: str) -> str:
 
 def nf4_to_state_dict(t: NF4Tensor, prefix: str) -> dict[str, np.ndarray]:
     key = _weight_key(prefix)
-    state = {"quant_type": "nf4", "blocksize": t.blocksize, "dtype": t.dtype, "shape": list(t.shape)}
+    state = {
+        "quant_type": "nf4",
+        "blocksize": t.blocksize,
+        "dtype": t.dtype,
+        "shape": list(t.shape),
+    }
     out = {key: t.packed.reshape(-1, 1), f"{key}.quant_map": t.quant_map}
     if t.double_quant is None:
         out[f"{key}.absmax"] = t.absmax
@@ -37,7 +42,9 @@ def nf4_to_state_dict(t: NF4Tensor, prefix: str) -> dict[str, np.ndarray]:
         out[f"{key}.nested_absmax"] = dq.scales
         out[f"{key}.nested_quant_map"] = dq.quant_map
         state.update(nested_blocksize=dq.blocksize, nested_dtype="float32", nested_offset=dq.offset)
-    out[f"{key}.{QUANT_STATE_SUFFIX}nf4"] = np.frombuffer(json.dumps(state).encode(), dtype=np.uint8)
+    out[f"{key}.{QUANT_STATE_SUFFIX}nf4"] = np.frombuffer(
+        json.dumps(state).encode(), dtype=np.uint8
+    )
     return out
 
 
@@ -59,12 +66,15 @@ def nf4_from_state_dict(state_dict: dict, prefix: str) -> NF4Tensor:
         )
     try:
         if "nested_offset" in state:
-            absmax, double_quant = None, DoubleQuantAbsmax(
-                codes=tensor("absmax").reshape(-1),
-                scales=tensor("nested_absmax").reshape(-1),
-                offset=state["nested_offset"],
-                quant_map=tensor("nested_quant_map").reshape(-1),
-                blocksize=state["nested_blocksize"],
+            absmax, double_quant = (
+                None,
+                DoubleQuantAbsmax(
+                    codes=tensor("absmax").reshape(-1),
+                    scales=tensor("nested_absmax").reshape(-1),
+                    offset=state["nested_offset"],
+                    quant_map=tensor("nested_quant_map").reshape(-1),
+                    blocksize=state["nested_blocksize"],
+                ),
             )
         else:
             absmax, double_quant = tensor("absmax").reshape(-1), None
@@ -118,7 +128,9 @@ def _read_quant_state(state_dict: dict, key: str) -> dict:
         if isinstance(value, bool) or not isinstance(value, kind):
             raise NF4FormatError(f"{name!r}: field {field_name!r} has the wrong type: {value!r}")
     if state["quant_type"] != "nf4":
-        raise NF4FormatError(f"{name!r}: quant_type {state['quant_type']!r} is not supported, only nf4")
+        raise NF4FormatError(
+            f"{name!r}: quant_type {state['quant_type']!r} is not supported, only nf4"
+        )
     if not all(isinstance(d, int) and not isinstance(d, bool) for d in state["shape"]):
         raise NF4FormatError(f"{name!r}: shape must be a list of ints, got {state['shape']!r}")
     if "nested_dtype" in state and state["nested_dtype"] != "float32":

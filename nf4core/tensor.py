@@ -64,7 +64,9 @@ class DoubleQuantAbsmax:
             raise NF4FormatError(f"nested offset must be a finite float32, got {self.offset!r}")
         set_(self, "offset", float(offset))
         if self.quant_map.shape != (256,):
-            raise NF4FormatError(f"nested_quant_map must hold 256 values, got {self.quant_map.shape}")
+            raise NF4FormatError(
+                f"nested_quant_map must hold 256 values, got {self.quant_map.shape}"
+            )
         expected = blockwise.n_blocks(self.codes.size, self.blocksize)
         if self.scales.size != expected:
             raise NF4FormatError(
@@ -73,7 +75,9 @@ class DoubleQuantAbsmax:
             )
 
     @classmethod
-    def from_absmax(cls, absmax: np.ndarray, blocksize: int = NESTED_BLOCKSIZE) -> "DoubleQuantAbsmax":
+    def from_absmax(
+        cls, absmax: np.ndarray, blocksize: int = NESTED_BLOCKSIZE
+    ) -> DoubleQuantAbsmax:
         offset = np.float32(np.mean(absmax, dtype=np.float64))
         codes, scales = blockwise.quantize_dynamic_blockwise(absmax - offset, blocksize)
         return cls(codes=codes, scales=scales, offset=float(offset), blocksize=blocksize)
@@ -182,7 +186,9 @@ class NF4Tensor:
         """
         bits = 4.0 + 32.0 / self.blocksize
         if self.double_quant is not None:
-            bits = 4.0 + 8.0 / self.blocksize + 32.0 / (self.blocksize * self.double_quant.blocksize)
+            bits = (
+                4.0 + 8.0 / self.blocksize + 32.0 / (self.blocksize * self.double_quant.blocksize)
+            )
         return bits
 
     def to_state_dict(self, prefix: str) -> dict[str, np.ndarray]:
@@ -192,7 +198,7 @@ class NF4Tensor:
         return nf4_to_state_dict(self, prefix)
 
     @classmethod
-    def from_state_dict(cls, state_dict: dict, prefix: str) -> "NF4Tensor":
+    def from_state_dict(cls, state_dict: dict, prefix: str) -> NF4Tensor:
         """Read the bitsandbytes entries of `prefix` (with or without double quant)."""
         from .state_dict import nf4_from_state_dict
 
@@ -202,8 +208,9 @@ class NF4Tensor:
 QUANT_METHODS = ("absmax", "mse")
 
 
-def quantize(w: object, blocksize: int = 64, double_quant: bool = True,
-             method: str = "absmax") -> NF4Tensor:  # fmt: skip
+def quantize(
+    w: object, blocksize: int = 64, double_quant: bool = True, method: str = "absmax"
+) -> NF4Tensor:
     """Quantize a float32, float16 or bfloat16 array of any shape to NF4 (bitsandbytes' layout).
 
     Each run of `blocksize` consecutive elements (row-major) shares one scale; each element gets the

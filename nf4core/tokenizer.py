@@ -16,10 +16,14 @@ from .errors import ModelLoadError
 from .regular_file import check_regular_file
 
 # Pre-tokenizer split patterns by GGUF `tokenizer.ggml.pre` (facts of the models' own tokenizers).
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
-                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")  # fmt: skip
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
-                r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")  # fmt: skip
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _SPLIT_PRE = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}
 _GPT2_PRE = ("default", "gpt-2", "gpt2")
 _IGNORE_MERGES = ("llama-bpe", "llama3")
@@ -73,15 +77,21 @@ class Tokenizer:
         """The pad token's id, else the eos token's."""
         return self.token_id(self.pad_token) if self.pad_token else self.eos_token_id
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
-                            **variables: object) -> str:  # fmt: skip
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = False, **variables: object
+    ) -> str:
         """The conversation rendered with the model's own chat template."""
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template")
         try:
-            return render_chat(self.chat_template, messages, add_generation_prompt,
-                               bos_token=self.bos_token or "", eos_token=self.eos_token or "",
-                               **variables)  # fmt: skip
+            return render_chat(
+                self.chat_template,
+                messages,
+                add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+                **variables,
+            )
         except ChatTemplateError as exc:
             if self.chat_template_source is None:
                 raise
@@ -91,9 +101,14 @@ class Tokenizer:
         """tokenizer.json and tokenizer_config.json, readable by transformers' AutoTokenizer."""
         directory = Path(directory)
         write_text_atomic(directory / "tokenizer.json", self.backend.to_str())
-        config = {**self.extra_config, "tokenizer_class": "PreTrainedTokenizerFast",
-                  "bos_token": self.bos_token, "eos_token": self.eos_token,
-                  "pad_token": self.pad_token, "unk_token": self.unk_token}  # fmt: skip
+        config = {
+            **self.extra_config,
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "unk_token": self.unk_token,
+        }
         if self.chat_template:
             config["chat_template"] = self.chat_template
         write_text_atomic(directory / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
@@ -106,8 +121,10 @@ class Tokenizer:
         if path.exists():
             check_regular_file(path)
         if not path.is_file():
-            raise ModelLoadError(f"{path}: file not found (SentencePiece tokenizer.model files are "
-                                 "not supported; a tokenizer.json is needed)")  # fmt: skip
+            raise ModelLoadError(
+                f"{path}: file not found (SentencePiece tokenizer.model files are "
+                "not supported; a tokenizer.json is needed)"
+            )
         try:
             backend = tokenizers.Tokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises its own Exception type for malformed files
@@ -124,8 +141,10 @@ class Tokenizer:
             named = [t for t in template if isinstance(t, dict)]
             template = next((t.get("template") for t in named if t.get("name") == "default"), None)
         if template is not None and not isinstance(template, str):
-            raise ModelLoadError(f"{config_path}: chat_template must be a string or a list of "
-                                 f"named templates, got {type(template).__name__}")  # fmt: skip
+            raise ModelLoadError(
+                f"{config_path}: chat_template must be a string or a list of "
+                f"named templates, got {type(template).__name__}"
+            )
         jinja_path = directory / "chat_template.jinja"
         if template is None and jinja_path.exists():
             check_regular_file(jinja_path)
@@ -135,9 +154,15 @@ class Tokenizer:
                 raise ModelLoadError(f"{jinja_path}: cannot read: {exc}") from None
             source = str(jinja_path)
         try:
-            return cls(backend, _token(config.get("bos_token")), _token(config.get("eos_token")),
-                       _token(config.get("pad_token")), _token(config.get("unk_token")), template,
-                       chat_template_source=source)  # fmt: skip
+            return cls(
+                backend,
+                _token(config.get("bos_token")),
+                _token(config.get("eos_token")),
+                _token(config.get("pad_token")),
+                _token(config.get("unk_token")),
+                template,
+                chat_template_source=source,
+            )
         except (ValueError, TypeError) as exc:
             raise ModelLoadError(f"{config_path}: {exc}") from None
 
@@ -150,20 +175,40 @@ class Tokenizer:
             raise ModelLoadError(f"{path}: has no tokenizer (tokenizer.ggml.tokens is missing)")
         types = get("tokenizer.ggml.token_type", None) or [1] * len(tokens)
         if kind == "gpt2":
-            backend = _byte_level_bpe(path, tokens, get("tokenizer.ggml.merges", None),
-                                      get("tokenizer.ggml.pre", "default"))  # fmt: skip
+            backend = _byte_level_bpe(
+                path,
+                tokens,
+                get("tokenizer.ggml.merges", None),
+                get("tokenizer.ggml.pre", "default"),
+            )
             default_add_bos = False
         elif kind == "llama":
-            backend = _sentencepiece_bpe(tokens, get("tokenizer.ggml.scores", None), types,
-                                         get("tokenizer.ggml.add_space_prefix", True))  # fmt: skip
+            backend = _sentencepiece_bpe(
+                tokens,
+                get("tokenizer.ggml.scores", None),
+                types,
+                get("tokenizer.ggml.add_space_prefix", True),
+            )
             default_add_bos = True
         else:
-            raise ModelLoadError(f"{path}: tokenizer model {kind!r} is not supported "
-                                 "(supported: gpt2 byte-level BPE, llama SentencePiece BPE)")
-        backend.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
-                            for i, t in enumerate(types) if t == _TOKEN_USER_DEFINED])  # fmt: skip
-        backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
-                                    for i, t in enumerate(types) if t == _TOKEN_CONTROL])  # fmt: skip
+            raise ModelLoadError(
+                f"{path}: tokenizer model {kind!r} is not supported "
+                "(supported: gpt2 byte-level BPE, llama SentencePiece BPE)"
+            )
+        backend.add_tokens(
+            [
+                AddedToken(tokens[i], special=False, normalized=False)
+                for i, t in enumerate(types)
+                if t == _TOKEN_USER_DEFINED
+            ]
+        )
+        backend.add_special_tokens(
+            [
+                AddedToken(tokens[i], special=True, normalized=False)
+                for i, t in enumerate(types)
+                if t == _TOKEN_CONTROL
+            ]
+        )
 
         def token_id(key: str) -> int | None:
             index = get(f"tokenizer.ggml.{key}_token_id", None)
@@ -177,16 +222,30 @@ class Tokenizer:
         add_bos = bool(get("tokenizer.ggml.add_bos_token", default_add_bos)) and bos is not None
         add_eos = bool(get("tokenizer.ggml.add_eos_token", False)) and eos is not None
         single = ([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else [])
-        pair = single + ([f"{bos}:1"] if add_bos else []) + ["$B:1"] + ([f"{eos}:1"] if add_eos else [])
+        pair = (
+            single
+            + ([f"{bos}:1"] if add_bos else [])
+            + ["$B:1"]
+            + ([f"{eos}:1"] if add_eos else [])
+        )
         specials = ([(bos, token_id("bos"))] if add_bos else []) + (
-            [(eos, token_id("eos"))] if add_eos and not (add_bos and eos == bos) else [])
-        backend.post_processor = processors.TemplateProcessing(single=single, pair=pair,
-                                                               special_tokens=specials)  # fmt: skip
+            [(eos, token_id("eos"))] if add_eos and not (add_bos and eos == bos) else []
+        )
+        backend.post_processor = processors.TemplateProcessing(
+            single=single, pair=pair, special_tokens=specials
+        )
         template = get("tokenizer.chat_template", None)
         if template is not None and not isinstance(template, str):
             raise ModelLoadError(f"{path}: tokenizer.chat_template must be a string")
-        return cls(backend, bos, eos, token("padding"), token("unknown"), template,
-                   chat_template_source=f"{path} (tokenizer.chat_template)")  # fmt: skip
+        return cls(
+            backend,
+            bos,
+            eos,
+            token("padding"),
+            token("unknown"),
+            template,
+            chat_template_source=f"{path} (tokenizer.chat_template)",
+        )
 
 
 def _token(value: object) -> str | None:
@@ -196,8 +255,9 @@ def _token(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _byte_level_bpe(path: str | Path, tokens: list[str], merges: list[str] | None,
-                    pre: str) -> tokenizers.Tokenizer:  # fmt: skip
+def _byte_level_bpe(
+    path: str | Path, tokens: list[str], merges: list[str] | None, pre: str
+) -> tokenizers.Tokenizer:
     if not merges:
         raise ModelLoadError(f"{path}: byte-level BPE tokenizer without tokenizer.ggml.merges")
     vocab = {token: i for i, token in enumerate(tokens)}
@@ -207,24 +267,33 @@ def _byte_level_bpe(path: str | Path, tokens: list[str], merges: list[str] | Non
     if pre in _GPT2_PRE:
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     elif pre == "smollm":
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])  # fmt: skip
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
     elif pre in _SPLIT_PRE:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_SPLIT_PRE[pre]), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])  # fmt: skip
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_SPLIT_PRE[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
         if pre == "qwen2":  # Qwen2's tokenizer.json normalizes to NFC first
             backend.normalizer = normalizers.NFC()
     else:
-        raise ModelLoadError(f"{path}: pre-tokenizer {pre!r} is not supported (supported: "
-                             f"{', '.join(sorted({*_GPT2_PRE, 'smollm', *_SPLIT_PRE}))})")
+        raise ModelLoadError(
+            f"{path}: pre-tokenizer {pre!r} is not supported (supported: "
+            f"{', '.join(sorted({*_GPT2_PRE, 'smollm', *_SPLIT_PRE}))})"
+        )
     backend.decoder = decoders.ByteLevel()
     return backend
 
 
-def _sentencepiece_bpe(tokens: list[str], scores: list[float] | None, types: list[int],
-                       add_space_prefix: bool) -> tokenizers.Tokenizer:  # fmt: skip
+def _sentencepiece_bpe(
+    tokens: list[str], scores: list[float] | None, types: list[int], add_space_prefix: bool
+) -> tokenizers.Tokenizer:
     """A SentencePiece BPE vocabulary (Llama 2, Mistral, TinyLlama) as a `tokenizers` BPE.
 
     GGUF stores no merges for it: a merge (a, b) exists where a, b and a+b are all pieces, ranked
@@ -240,8 +309,9 @@ def _sentencepiece_bpe(tokens: list[str], scores: list[float] | None, types: lis
                 found.append((-scores[piece_id], vocab[left], vocab[right], left, right))
     merges = [(left, right) for *_, left, right in sorted(found)]
     unk = next((tokens[i] for i, t in enumerate(types) if t == 2), None)
-    backend = tokenizers.Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True,
-                                              byte_fallback=True))  # fmt: skip
+    backend = tokenizers.Tokenizer(
+        models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
+    )
     steps = [normalizers.Prepend(SPIECE_SPACE)] if add_space_prefix else []
     backend.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", SPIECE_SPACE)])
     decode = [decoders.Replace(SPIECE_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
@@ -259,13 +329,16 @@ def check_text(text: object) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise ValueError(f"text holds a lone surrogate ({text[exc.start]!r} at character "
-                         f"{exc.start}), which is not valid Unicode") from None
+        raise ValueError(
+            f"text holds a lone surrogate ({text[exc.start]!r} at character "
+            f"{exc.start}), which is not valid Unicode"
+        ) from None
     return text
 
 
-def encode_with_offsets(tokenizer: Tokenizer, text: str, add_special_tokens: bool = True
-                        ) -> tuple[list[int], list[tuple[int, int]]]:  # fmt: skip
+def encode_with_offsets(
+    tokenizer: Tokenizer, text: str, add_special_tokens: bool = True
+) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids and, for each, its (start, end) character span in `text` ((0, 0) for added ones)."""
     encoding = tokenizer.backend.encode(check_text(text), add_special_tokens=add_special_tokens)
     return encoding.ids, encoding.offsets

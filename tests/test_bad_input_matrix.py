@@ -109,15 +109,17 @@ def spoiled_model(change: Callable[[dict], bytes | None]) -> Callable[[Path, Inp
 
 def overlap(header: dict) -> None:
     header["model.norm.weight"]["data_offsets"] = header["model.layers.1.input_layernorm.weight"][
-        "data_offsets"]  # fmt: skip
+        "data_offsets"
+    ]
 
 
 def sharded(d: Path, i: Inputs, shard_name: str) -> Path:
     """The model with an index whose weight_map points every tensor at `shard_name`."""
     model = copy(i.model, d, "model")
     names = nf4core.open_model(i.model).tensor_names()
-    (model / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {n: shard_name for n in names}}))  # fmt: skip
+    (model / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {n: shard_name for n in names}})
+    )
     return model
 
 
@@ -206,8 +208,19 @@ def run_with(latest: str | None = None, **state) -> Callable[[Path, Inputs], lis
             (run / "checkpoints/latest.json").write_text(latest)
         if state:
             edit_json(run / "checkpoints/step-000002/trainer_state.json", **state)
-        return ["finetune", "--model", i.model, "--data", i.data, "--resume", run, "--out",
-                d / "out", "--steps", "4"]  # fmt: skip
+        return [
+            "finetune",
+            "--model",
+            i.model,
+            "--data",
+            i.data,
+            "--resume",
+            run,
+            "--out",
+            d / "out",
+            "--steps",
+            "4",
+        ]
 
     return setup
 
@@ -234,127 +247,286 @@ CASES = [
     # settings files
     Case("config-integer-key", config_file("1: 3\n"), "{d}/c.yaml: setting names must be strings"),
     Case("config-list-path", config_file("data: [1, 2]\n"), "{d}/c.yaml: data must be a string"),
-    Case("config-string-steps", config_file('steps: "3"\n'),
-         "{d}/c.yaml: steps must be an integer >= 1, got '3'"),
-    Case("config-string-bool", config_file('grad_checkpoint: "yes"\n'),
-         "{d}/c.yaml: grad_checkpoint must be true or false"),
-    Case("config-huge-seed", config_file("seed: 99999999999999999999999\n"),
-         "{d}/c.yaml: seed must be at most"),
-    Case("config-python-tag", config_file("steps: !!python/object:os.system {}\n"),
-         "{d}/c.yaml: not valid YAML"),
-    Case("config-not-utf8", lambda d, i: ["finetune", "--config", file(d, "c.yaml", b"\xff\xfe"),
-                                          "--out", d / "out"], "{d}/c.yaml: not UTF-8"),
-    Case("config-fifo", lambda d, i: ["finetune", "--config", fifo(d, "c.yaml"),
-                                      "--out", d / "out"],
-         "{d}/c.yaml: not a regular file (a FIFO)"),
+    Case(
+        "config-string-steps",
+        config_file('steps: "3"\n'),
+        "{d}/c.yaml: steps must be an integer >= 1, got '3'",
+    ),
+    Case(
+        "config-string-bool",
+        config_file('grad_checkpoint: "yes"\n'),
+        "{d}/c.yaml: grad_checkpoint must be true or false",
+    ),
+    Case(
+        "config-huge-seed",
+        config_file("seed: 99999999999999999999999\n"),
+        "{d}/c.yaml: seed must be at most",
+    ),
+    Case(
+        "config-python-tag",
+        config_file("steps: !!python/object:os.system {}\n"),
+        "{d}/c.yaml: not valid YAML",
+    ),
+    Case(
+        "config-not-utf8",
+        lambda d, i: ["finetune", "--config", file(d, "c.yaml", b"\xff\xfe"), "--out", d / "out"],
+        "{d}/c.yaml: not UTF-8",
+    ),
+    Case(
+        "config-fifo",
+        lambda d, i: ["finetune", "--config", fifo(d, "c.yaml"), "--out", d / "out"],
+        "{d}/c.yaml: not a regular file (a FIFO)",
+    ),
     # data
-    Case("data-lone-surrogate", lambda d, i: [
-        "eval", file(d, "s.jsonl", '{"text": "a\\ud800b"}\n'), "--model", i.model],
-        "{d}/s.jsonl:1: a string holds a lone surrogate"),
-    Case("data-fifo", lambda d, i: ["eval", fifo(d, "f.jsonl"), "--model", i.model],
-         "{d}/f.jsonl: not a regular file (a FIFO)"),
-    Case("finetune-data-fifo", lambda d, i: [
-        "finetune", "--model", i.model, "--data", fifo(d, "t.jsonl"), "--out", d / "out"],
-        "{d}/t.jsonl: not a regular file (a FIFO)"),
-    Case("data-bad-json", lambda d, i: [
-        "eval", file(d, "b.jsonl", '{"text": "ok"}\n{oops\n'), "--model", i.model],
-        "{d}/b.jsonl:2: not valid JSON"),
+    Case(
+        "data-lone-surrogate",
+        lambda d, i: ["eval", file(d, "s.jsonl", '{"text": "a\\ud800b"}\n'), "--model", i.model],
+        "{d}/s.jsonl:1: a string holds a lone surrogate",
+    ),
+    Case(
+        "data-fifo",
+        lambda d, i: ["eval", fifo(d, "f.jsonl"), "--model", i.model],
+        "{d}/f.jsonl: not a regular file (a FIFO)",
+    ),
+    Case(
+        "finetune-data-fifo",
+        lambda d, i: [
+            "finetune",
+            "--model",
+            i.model,
+            "--data",
+            fifo(d, "t.jsonl"),
+            "--out",
+            d / "out",
+        ],
+        "{d}/t.jsonl: not a regular file (a FIFO)",
+    ),
+    Case(
+        "data-bad-json",
+        lambda d, i: ["eval", file(d, "b.jsonl", '{"text": "ok"}\n{oops\n'), "--model", i.model],
+        "{d}/b.jsonl:2: not valid JSON",
+    ),
     # model config
-    Case("config-gelu", lambda d, i: ["info", model_with(d, i, hidden_act="gelu")],
-         "{d}/model/config.json: hidden_act 'gelu' is not supported"),
-    Case("config-tie-string", lambda d, i: ["info", model_with(d, i, tie_word_embeddings="false")],
-         "{d}/model/config.json: tie_word_embeddings must be true or false, got 'false'"),
-    Case("config-rope-theta-0", lambda d, i: ["info", model_with(d, i, rope_theta=0)],
-         "{d}/model/config.json: rope_theta must be a finite number > 0"),
-    Case("config-fewer-layers", lambda d, i: ["info", model_with(d, i, num_hidden_layers=1)],
-         "{d}/model/config.json: num_hidden_layers is 1, but the weights hold "
-         "'model.layers.1.input_layernorm.weight'"),
-    Case("config-float-size", lambda d, i: ["info", model_with(d, i, hidden_size=64.0)],
-         "{d}/model/config.json: hidden_size must be a positive int, got 64.0"),
-    Case("config-yarn", lambda d, i: ["info", model_with(d, i, rope_scaling={"rope_type": "yarn",
-                                                                            "factor": 2.0})],
-         "{d}/model/config.json: rope_scaling type 'yarn' is not supported"),
-    Case("config-is-a-list", lambda d, i: ["info", file(copy(i.model, d, "model"), "config.json",
-                                                        "[1]").parent],
-         "{d}/model/config.json: expected a JSON object, got list"),
-    Case("config-json-fifo", lambda d, i: ["info", fifo_in_model(d, i, "config.json")],
-         "{d}/model/config.json: not a regular file (a FIFO)"),
-    Case("model-dev-null", lambda d, i: ["info", "/dev/null"],
-         "/dev/null: not a regular file (a character device)"),
+    Case(
+        "config-gelu",
+        lambda d, i: ["info", model_with(d, i, hidden_act="gelu")],
+        "{d}/model/config.json: hidden_act 'gelu' is not supported",
+    ),
+    Case(
+        "config-tie-string",
+        lambda d, i: ["info", model_with(d, i, tie_word_embeddings="false")],
+        "{d}/model/config.json: tie_word_embeddings must be true or false, got 'false'",
+    ),
+    Case(
+        "config-rope-theta-0",
+        lambda d, i: ["info", model_with(d, i, rope_theta=0)],
+        "{d}/model/config.json: rope_theta must be a finite number > 0",
+    ),
+    Case(
+        "config-fewer-layers",
+        lambda d, i: ["info", model_with(d, i, num_hidden_layers=1)],
+        "{d}/model/config.json: num_hidden_layers is 1, but the weights hold "
+        "'model.layers.1.input_layernorm.weight'",
+    ),
+    Case(
+        "config-float-size",
+        lambda d, i: ["info", model_with(d, i, hidden_size=64.0)],
+        "{d}/model/config.json: hidden_size must be a positive int, got 64.0",
+    ),
+    Case(
+        "config-yarn",
+        lambda d, i: ["info", model_with(d, i, rope_scaling={"rope_type": "yarn", "factor": 2.0})],
+        "{d}/model/config.json: rope_scaling type 'yarn' is not supported",
+    ),
+    Case(
+        "config-is-a-list",
+        lambda d, i: ["info", file(copy(i.model, d, "model"), "config.json", "[1]").parent],
+        "{d}/model/config.json: expected a JSON object, got list",
+    ),
+    Case(
+        "config-json-fifo",
+        lambda d, i: ["info", fifo_in_model(d, i, "config.json")],
+        "{d}/model/config.json: not a regular file (a FIFO)",
+    ),
+    Case(
+        "model-dev-null",
+        lambda d, i: ["info", "/dev/null"],
+        "/dev/null: not a regular file (a character device)",
+    ),
     # safetensors
     Case("safetensors-overlap", spoiled_model(overlap), "{d}/model/model.safetensors: tensor "),
-    Case("safetensors-float-offsets", spoiled_model(lambda h: h["model.norm.weight"].update(
-        data_offsets=[float(x) for x in h["model.norm.weight"]["data_offsets"]])),
-         "{d}/model/model.safetensors: tensor 'model.norm.weight' has a malformed"),
-    Case("safetensors-float-shape", spoiled_model(lambda h: h["model.norm.weight"].update(
-        shape=[64.0])), "{d}/model/model.safetensors: tensor 'model.norm.weight' has a malformed"),
-    Case("safetensors-trailing-bytes", spoiled_model(lambda h: b"\0" * 16),
-         "{d}/model/model.safetensors: 16 bytes after the last tensor belong to none"),
-    Case("safetensors-dtype-size", spoiled_model(lambda h: h["model.norm.weight"].update(
-        dtype="F16")), "{d}/model/model.safetensors: tensor 'model.norm.weight': 256 bytes do not"),
-    Case("index-parent-dir", lambda d, i: outside_shard(d, i, relative=True),
-         "{d}/model/model.safetensors.index.json: shard '../elsewhere.safetensors' lies outside"),
-    Case("index-absolute", lambda d, i: outside_shard(d, i, relative=False),
-         "{d}/model/model.safetensors.index.json: shard '{d}/elsewhere.safetensors' lies outside"),
-    Case("index-symlink-out", linked_shard,
-         "{d}/model/model.safetensors.index.json: shard 'shard.safetensors' links outside"),
-    Case("tensor-in-two-shards", lambda d, i: ["info", copy(
-        i.model / "model.safetensors", copy(i.model, d, "model"), "more.safetensors").parent],
-         "{d}/model: tensor 'model.embed_tokens.weight' is stored twice"),
-    Case("weights-nan", nan_weight, "{d}/model/model.safetensors: tensor 'model.norm.weight' "
-                                    "holds 1 NaN and 0 Inf values (first at index (3,))"),
-    Case("quant-map-inf", nan_quant_map,
-         "{d}/nf4/model.safetensors: model.layers.0.mlp.up_proj.weight: quant_map holds"),
-    Case("gguf-extra-layer", gguf_with_extra_layer, "{d}/m.gguf: llama.block_count is 1, but the "
-                                                    "file holds 'blk.1."),
+    Case(
+        "safetensors-float-offsets",
+        spoiled_model(
+            lambda h: h["model.norm.weight"].update(
+                data_offsets=[float(x) for x in h["model.norm.weight"]["data_offsets"]]
+            )
+        ),
+        "{d}/model/model.safetensors: tensor 'model.norm.weight' has a malformed",
+    ),
+    Case(
+        "safetensors-float-shape",
+        spoiled_model(lambda h: h["model.norm.weight"].update(shape=[64.0])),
+        "{d}/model/model.safetensors: tensor 'model.norm.weight' has a malformed",
+    ),
+    Case(
+        "safetensors-trailing-bytes",
+        spoiled_model(lambda h: b"\0" * 16),
+        "{d}/model/model.safetensors: 16 bytes after the last tensor belong to none",
+    ),
+    Case(
+        "safetensors-dtype-size",
+        spoiled_model(lambda h: h["model.norm.weight"].update(dtype="F16")),
+        "{d}/model/model.safetensors: tensor 'model.norm.weight': 256 bytes do not",
+    ),
+    Case(
+        "index-parent-dir",
+        lambda d, i: outside_shard(d, i, relative=True),
+        "{d}/model/model.safetensors.index.json: shard '../elsewhere.safetensors' lies outside",
+    ),
+    Case(
+        "index-absolute",
+        lambda d, i: outside_shard(d, i, relative=False),
+        "{d}/model/model.safetensors.index.json: shard '{d}/elsewhere.safetensors' lies outside",
+    ),
+    Case(
+        "index-symlink-out",
+        linked_shard,
+        "{d}/model/model.safetensors.index.json: shard 'shard.safetensors' links outside",
+    ),
+    Case(
+        "tensor-in-two-shards",
+        lambda d, i: [
+            "info",
+            copy(
+                i.model / "model.safetensors", copy(i.model, d, "model"), "more.safetensors"
+            ).parent,
+        ],
+        "{d}/model: tensor 'model.embed_tokens.weight' is stored twice",
+    ),
+    Case(
+        "weights-nan",
+        nan_weight,
+        "{d}/model/model.safetensors: tensor 'model.norm.weight' "
+        "holds 1 NaN and 0 Inf values (first at index (3,))",
+    ),
+    Case(
+        "quant-map-inf",
+        nan_quant_map,
+        "{d}/nf4/model.safetensors: model.layers.0.mlp.up_proj.weight: quant_map holds",
+    ),
+    Case(
+        "gguf-extra-layer",
+        gguf_with_extra_layer,
+        "{d}/m.gguf: llama.block_count is 1, but the file holds 'blk.1.",
+    ),
     # adapters
-    Case("adapter-config-list", adapter_config_is("[1]"),
-         "{d}/adapter/adapter_config.json: expected a JSON object, got list"),
-    Case("adapter-dora", adapter_with(use_dora=True),
-         "{d}/adapter/adapter_config.json: use_dora: True: DoRA is not supported"),
-    Case("adapter-fan-in-fan-out", adapter_with(fan_in_fan_out=True),
-         "{d}/adapter/adapter_config.json: fan_in_fan_out: True"),
-    Case("adapter-alpha-infinity", adapter_config_is(
-        '{"peft_type": "LORA", "r": 2, "lora_alpha": Infinity, "target_modules": ["q_proj"]}'),
-         "{d}/adapter/adapter_config.json: lora_alpha must be a finite number, got inf"),
-    Case("adapter-integer-tensor", integer_adapter,
-         f"{{d}}/adapter/adapter_model.safetensors: tensor '{MODULE}.lora_A.weight' is int32"),
+    Case(
+        "adapter-config-list",
+        adapter_config_is("[1]"),
+        "{d}/adapter/adapter_config.json: expected a JSON object, got list",
+    ),
+    Case(
+        "adapter-dora",
+        adapter_with(use_dora=True),
+        "{d}/adapter/adapter_config.json: use_dora: True: DoRA is not supported",
+    ),
+    Case(
+        "adapter-fan-in-fan-out",
+        adapter_with(fan_in_fan_out=True),
+        "{d}/adapter/adapter_config.json: fan_in_fan_out: True",
+    ),
+    Case(
+        "adapter-alpha-infinity",
+        adapter_config_is(
+            '{"peft_type": "LORA", "r": 2, "lora_alpha": Infinity, "target_modules": ["q_proj"]}'
+        ),
+        "{d}/adapter/adapter_config.json: lora_alpha must be a finite number, got inf",
+    ),
+    Case(
+        "adapter-integer-tensor",
+        integer_adapter,
+        f"{{d}}/adapter/adapter_model.safetensors: tensor '{MODULE}.lora_A.weight' is int32",
+    ),
     Case("adapter-fifo", fifo_adapter, "{d}/adapter/adapter_config.json: not a regular file"),
     # checkpoints
-    Case("latest-is-a-list", run_with(latest='["step-000002"]'),
-         "{d}/run/checkpoints/latest.json: expected a JSON object"),
-    Case("latest-leaves-the-run", run_with(latest='{"checkpoint": "../../model"}'),
-         "{d}/run/checkpoints/latest.json: field 'checkpoint' must name a checkpoint beside it"),
-    Case("step-beyond-the-run", run_with(step=99),
-         "{d}/run/checkpoints/step-000002/trainer_state.json: step 99 is beyond the run's 4 steps"),
-    Case("state-bad-config", run_with(config={"config_version": 1, "lora_r": "x"}),
-         "{d}/run/checkpoints/step-000002/trainer_state.json: config: lora_r must be an integer"),
-    Case("state-is-a-list", state_is("[]"),
-         "{d}/run/checkpoints/step-000002/trainer_state.json: expected a JSON object, got list"),
+    Case(
+        "latest-is-a-list",
+        run_with(latest='["step-000002"]'),
+        "{d}/run/checkpoints/latest.json: expected a JSON object",
+    ),
+    Case(
+        "latest-leaves-the-run",
+        run_with(latest='{"checkpoint": "../../model"}'),
+        "{d}/run/checkpoints/latest.json: field 'checkpoint' must name a checkpoint beside it",
+    ),
+    Case(
+        "step-beyond-the-run",
+        run_with(step=99),
+        "{d}/run/checkpoints/step-000002/trainer_state.json: step 99 is beyond the run's 4 steps",
+    ),
+    Case(
+        "state-bad-config",
+        run_with(config={"config_version": 1, "lora_r": "x"}),
+        "{d}/run/checkpoints/step-000002/trainer_state.json: config: lora_r must be an integer",
+    ),
+    Case(
+        "state-is-a-list",
+        state_is("[]"),
+        "{d}/run/checkpoints/step-000002/trainer_state.json: expected a JSON object, got list",
+    ),
     # flags and arguments
-    Case("temperature-nan", lambda d, i: ["generate", "hi", "--temperature", "nan"],
-         "Invalid value for '--temperature': nan is not a finite number"),
-    Case("top-p-zero", lambda d, i: ["generate", "hi", "--top-p", "0"],
-         "Invalid value for '--top-p'"),
-    Case("seed-too-big", lambda d, i: ["generate", "hi", "--seed", str(2**64)],
-         "Invalid value for '--seed'"),
-    Case("max-examples-negative", lambda d, i: ["eval", i.data, "--max-examples", "-1"],
-         "Invalid value for '--max-examples'"),
-    Case("seq-len-zero", lambda d, i: ["info", i.model, "--seq-len", "0"],
-         "Invalid value for '--seq-len'"),
-    Case("steps-not-a-number", lambda d, i: ["finetune", "--steps", "abc", "--out", d / "out"],
-         "Invalid value for '--steps'"),
-    Case("prompt-not-utf8", lambda d, i: ["generate", b"hi \xff", "--model", i.model],
-         "Invalid value for PROMPT: not valid UTF-8 text"),
+    Case(
+        "temperature-nan",
+        lambda d, i: ["generate", "hi", "--temperature", "nan"],
+        "Invalid value for '--temperature': nan is not a finite number",
+    ),
+    Case(
+        "top-p-zero", lambda d, i: ["generate", "hi", "--top-p", "0"], "Invalid value for '--top-p'"
+    ),
+    Case(
+        "seed-too-big",
+        lambda d, i: ["generate", "hi", "--seed", str(2**64)],
+        "Invalid value for '--seed'",
+    ),
+    Case(
+        "max-examples-negative",
+        lambda d, i: ["eval", i.data, "--max-examples", "-1"],
+        "Invalid value for '--max-examples'",
+    ),
+    Case(
+        "seq-len-zero",
+        lambda d, i: ["info", i.model, "--seq-len", "0"],
+        "Invalid value for '--seq-len'",
+    ),
+    Case(
+        "steps-not-a-number",
+        lambda d, i: ["finetune", "--steps", "abc", "--out", d / "out"],
+        "Invalid value for '--steps'",
+    ),
+    Case(
+        "prompt-not-utf8",
+        lambda d, i: ["generate", b"hi \xff", "--model", i.model],
+        "Invalid value for PROMPT: not valid UTF-8 text",
+    ),
     Case("unknown-command", lambda d, i: ["fintune"], "No such command 'fintune'"),
-    Case("quantize-into-a-file", lambda d, i: ["quantize", i.model, file(d, "out", "keep me")],
-         "{d}/out: exists and is not an empty directory"),
+    Case(
+        "quantize-into-a-file",
+        lambda d, i: ["quantize", i.model, file(d, "out", "keep me")],
+        "{d}/out: exists and is not an empty directory",
+    ),
     # chat templates
-    Case("template-include", template("{% include 'other.jinja' %}"),
-         "{d}/model/tokenizer_config.json (chat_template): chat template line 1: {% include %} is "
-         "not supported"),
-    Case("template-recursion", template("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}"),
-         "{d}/model/tokenizer_config.json (chat_template): chat template nests calls more than"),
+    Case(
+        "template-include",
+        template("{% include 'other.jinja' %}"),
+        "{d}/model/tokenizer_config.json (chat_template): chat template line 1: {% include %} is "
+        "not supported",
+    ),
+    Case(
+        "template-recursion",
+        template("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}"),
+        "{d}/model/tokenizer_config.json (chat_template): chat template nests calls more than",
+    ),
 ]
 
 
@@ -405,14 +577,23 @@ def run_case(case: Case, root: Path, inputs: Inputs) -> Outcome:
     before = snapshot(root)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NF4_BACKEND": "torch"}
     env.pop("NF4_DEBUG", None)
-    proc = subprocess.run([sys.executable, str(REPO / "cli.py"), *argv], cwd=d, env=env,
-                          capture_output=True, timeout=120, stdin=subprocess.DEVNULL,
-                          check=False)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "cli.py"), *argv],
+        cwd=d,
+        env=env,
+        capture_output=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
     after = snapshot(root)
     out = f"{case.id}/out"
     created_in_out = {p for p in set(after) - set(before) if p == out or p.startswith(out + "/")}
-    changed = sorted(p for p in set(before) | set(after)
-                     if before.get(p) != after.get(p) and p not in created_in_out)  # fmt: skip
+    changed = sorted(
+        p
+        for p in set(before) | set(after)
+        if before.get(p) != after.get(p) and p not in created_in_out
+    )
     return Outcome(proc.returncode, proc.stderr.decode("utf-8", "replace"), changed)
 
 
@@ -423,17 +604,36 @@ def inputs(tmp_path_factory) -> Inputs:
     model = tiny_model_dir(base / "model")
     data = write_jsonl(base / "train.jsonl", chat_records(4))
     source = nf4core.open_model(model)
-    adapters = {f"{MODULE}.lora_A.weight": np.full((2, 64), 0.01, np.float32),
-                f"{MODULE}.lora_B.weight": np.zeros((64, 2), np.float32)}  # fmt: skip
+    adapters = {
+        f"{MODULE}.lora_A.weight": np.full((2, 64), 0.01, np.float32),
+        f"{MODULE}.lora_B.weight": np.zeros((64, 2), np.float32),
+    }
     assert source.tensor_shape("model.layers.0.self_attn.q_proj.weight") == (64, 64)
     adapter = save_adapter(base / "adapter", Adapter(adapters, 2, 4.0, 0.0, ("q_proj",)))
     run = save_adapter(base / "run", Adapter(adapters, 2, 4.0, 0.0, ("q_proj",)))
-    moments = {f"{k}.{m}": np.zeros_like(v) for k, v in adapters.items()
-               for m in ("exp_avg", "exp_avg_sq")}  # fmt: skip
-    config = FinetuneConfig(model=str(model), data=str(data), steps=4, lora_r=2, lora_alpha=4.0,
-                            targets=("q_proj",), out=str(run)).resolve(None).to_dict()  # fmt: skip
-    save_checkpoint(run / "checkpoints", TrainingState(adapters, moments, 2), config,
-                    {"micro_batches": 2}, "torch")  # fmt: skip
+    moments = {
+        f"{k}.{m}": np.zeros_like(v) for k, v in adapters.items() for m in ("exp_avg", "exp_avg_sq")
+    }
+    config = (
+        FinetuneConfig(
+            model=str(model),
+            data=str(data),
+            steps=4,
+            lora_r=2,
+            lora_alpha=4.0,
+            targets=("q_proj",),
+            out=str(run),
+        )
+        .resolve(None)
+        .to_dict()
+    )
+    save_checkpoint(
+        run / "checkpoints",
+        TrainingState(adapters, moments, 2),
+        config,
+        {"micro_batches": 2},
+        "torch",
+    )
     return Inputs(model, data, adapter, run)
 
 
@@ -473,9 +673,17 @@ def test_debug_shows_the_traceback(tmp_path):
     base = [sys.executable, str(REPO / "cli.py")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("NF4_DEBUG", None)
-    for argv, extra in ((["--debug", "finetune", "--config", str(bad)], {}),
-                        (["finetune", "--config", str(bad)], {"NF4_DEBUG": "1"})):  # fmt: skip
-        proc = subprocess.run(base + argv, env={**env, **extra}, capture_output=True, text=True,
-                              timeout=60, check=False)  # fmt: skip
+    for argv, extra in (
+        (["--debug", "finetune", "--config", str(bad)], {}),
+        (["finetune", "--config", str(bad)], {"NF4_DEBUG": "1"}),
+    ):
+        proc = subprocess.run(
+            base + argv,
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert proc.returncode != 0
         assert "Traceback" in proc.stderr and "setting names must be strings" in proc.stderr

@@ -25,8 +25,13 @@ def default_run(tmp_path_factory):
         pytest.skip(str(e))
     out = tmp_path_factory.mktemp("default-run") / "out"
     start = time.perf_counter()
-    r = subprocess.run([sys.executable, "cli.py", "finetune", "--out", str(out), "--quiet"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=1800)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "cli.py", "finetune", "--out", str(out), "--quiet"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     print(f"default run: {time.perf_counter() - start:.0f} s\n{r.stdout}")
     return out, r.stdout
@@ -38,7 +43,12 @@ def test_default_finetune_teaches_the_held_out_skill(default_run):
     assert m, stdout
     before, after = float(m[1]), float(m[2])
     assert before <= 10.0 and after >= 80.0, (before, after)
-    for name in ("adapter_model.safetensors", "adapter_config.json", "metrics.jsonl", "config.yaml"):
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "metrics.jsonl",
+        "config.yaml",
+    ):
         assert (out / name).is_file(), name
 
 
@@ -50,18 +60,25 @@ def test_peft_on_the_unquantized_model_answers_with_our_adapter(default_run):
     out, _ = default_run
     path = nf4core.default_model_path()
     tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    base = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                             dtype=torch.float32)  # fmt: skip
+    base = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    )
     model = peft.PeftModel.from_pretrained(base, out).eval()
 
     def score(m, records) -> int:
         hits = 0
         for rec in records:
-            ids = tok.apply_chat_template(rec["messages"][:-1], add_generation_prompt=True,
-                                          return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
+            ids = tok.apply_chat_template(
+                rec["messages"][:-1],
+                add_generation_prompt=True,
+                return_tensors="pt",
+                return_dict=True,
+            )["input_ids"]
             with torch.no_grad():
-                new = m.generate(ids, max_new_tokens=40, do_sample=False)[0, ids.shape[1]:]
-            hits += exact_match(tok.decode(new, skip_special_tokens=True), rec["messages"][-1]["content"])
+                new = m.generate(ids, max_new_tokens=40, do_sample=False)[0, ids.shape[1] :]
+            hits += exact_match(
+                tok.decode(new, skip_special_tokens=True), rec["messages"][-1]["content"]
+            )
         return hits
 
     held = default_task(0).heldout[:10]

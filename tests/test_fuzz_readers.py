@@ -28,14 +28,17 @@ from nf4core.sources.safetensors_io import DTYPES, SafetensorsFile
 from nf4core.state_dict import nf4_from_state_dict
 from tests.nf4core.tiny_models import hf_config, random_weights, tiny_tokenizer, write_gguf
 
-FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "60")), deadline=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                       HealthCheck.too_slow])  # fmt: skip
+FUZZ = settings(
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "60")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
-    lambda inner: (st.lists(inner, max_size=4)
-                   | st.dictionaries(st.text(max_size=6), inner, max_size=4)),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -56,8 +59,10 @@ def mutated(data: bytes) -> st.SearchStrategy[bytes]:
             elif kind == "insert":
                 out[at:at] = draw(st.binary(min_size=1, max_size=8))
             elif kind == "word" and len(out) >= at + 8:  # a length or an offset gone wrong
-                out[at:at + 8] = struct.pack("<Q", draw(st.sampled_from(
-                    [0, 1, 7, 255, 2**31, 2**32 + 1, 2**63 - 1, 2**64 - 1])))  # fmt: skip
+                out[at : at + 8] = struct.pack(
+                    "<Q",
+                    draw(st.sampled_from([0, 1, 7, 255, 2**31, 2**32 + 1, 2**63 - 1, 2**64 - 1])),
+                )
         return bytes(out)
 
     return build()
@@ -69,11 +74,13 @@ def assert_one_line(error: Exception) -> None:
 
 # -- safetensors ----------------------------------------------------------------------------------
 
-entries = st.fixed_dictionaries({
-    "dtype": st.sampled_from([*DTYPES, "F8_E4M3", 3]) | json_values,
-    "shape": st.lists(st.integers(0, 5), max_size=3) | json_values,
-    "data_offsets": st.lists(st.integers(0, 80), min_size=2, max_size=2) | json_values,
-})  # fmt: skip
+entries = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from([*DTYPES, "F8_E4M3", 3]) | json_values,
+        "shape": st.lists(st.integers(0, 5), max_size=3) | json_values,
+        "data_offsets": st.lists(st.integers(0, 80), min_size=2, max_size=2) | json_values,
+    }
+)
 headers = st.dictionaries(st.text(max_size=6), entries | json_values, max_size=4)
 
 
@@ -103,8 +110,11 @@ def test_safetensors_header_reader(tmp_path, data):
 def test_safetensors_reader_takes_what_the_reference_writer_writes(tmp_path):
     from safetensors.numpy import save_file
 
-    tensors = {"b": np.arange(6, dtype=np.float16).reshape(2, 3), "a": np.ones(0, np.float32),
-               "c": np.arange(5, dtype=np.int64)}  # fmt: skip
+    tensors = {
+        "b": np.arange(6, dtype=np.float16).reshape(2, 3),
+        "a": np.ones(0, np.float32),
+        "c": np.arange(5, dtype=np.int64),
+    }
     save_file(tensors, tmp_path / "x.safetensors")
     file = SafetensorsFile(tmp_path / "x.safetensors")
     for name, value in tensors.items():
@@ -117,8 +127,13 @@ def test_safetensors_reader_takes_what_the_reference_writer_writes(tmp_path):
 @pytest.fixture(scope="module")
 def gguf_bytes(tmp_path_factory) -> bytes:
     config = hf_config("llama", vocab=300)
-    path = write_gguf(tmp_path_factory.mktemp("gguf") / "m.gguf", config, random_weights(config),
-                      qtype="Q8_0", tokenizer=tiny_tokenizer())  # fmt: skip
+    path = write_gguf(
+        tmp_path_factory.mktemp("gguf") / "m.gguf",
+        config,
+        random_weights(config),
+        qtype="Q8_0",
+        tokenizer=tiny_tokenizer(),
+    )
     return path.read_bytes()
 
 
@@ -141,14 +156,18 @@ def test_gguf_reader(tmp_path, gguf_bytes, data):
 # -- bitsandbytes quant state ---------------------------------------------------------------------
 
 quant_states = st.fixed_dictionaries(
-    {"quant_type": st.sampled_from(["nf4", "fp4"]) | json_values,
-     "blocksize": st.sampled_from([64, 32, 0, -1, 64.0]) | json_values,
-     "dtype": st.sampled_from(["bfloat16", "float32", "int8"]) | json_values,
-     "shape": st.lists(st.integers(-2, 40), max_size=3) | json_values},
-    optional={"nested_blocksize": st.sampled_from([256, 3]) | json_values,
-              "nested_dtype": st.sampled_from(["float32", "float16"]) | json_values,
-              "nested_offset": st.floats() | st.integers(-(2**1100), 2**1100) | json_values},
-)  # fmt: skip
+    {
+        "quant_type": st.sampled_from(["nf4", "fp4"]) | json_values,
+        "blocksize": st.sampled_from([64, 32, 0, -1, 64.0]) | json_values,
+        "dtype": st.sampled_from(["bfloat16", "float32", "int8"]) | json_values,
+        "shape": st.lists(st.integers(-2, 40), max_size=3) | json_values,
+    },
+    optional={
+        "nested_blocksize": st.sampled_from([256, 3]) | json_values,
+        "nested_dtype": st.sampled_from(["float32", "float16"]) | json_values,
+        "nested_offset": st.floats() | st.integers(-(2**1100), 2**1100) | json_values,
+    },
+)
 
 
 def _filled(dtype: type, n: int, fill: float) -> np.ndarray:
@@ -158,15 +177,21 @@ def _filled(dtype: type, n: int, fill: float) -> np.ndarray:
 
 small_arrays = st.builds(
     _filled,
-    st.sampled_from([np.uint8, np.float32, np.float16, np.int64]), st.integers(0, 300),
+    st.sampled_from([np.uint8, np.float32, np.float16, np.int64]),
+    st.integers(0, 300),
     st.sampled_from([0, 1, 7, 255, np.nan, np.inf, -3.5]),
-)  # fmt: skip
+)
 
 
 @FUZZ
-@given(state=quant_states | json_values, raw=st.none() | st.binary(max_size=40),
-       parts=st.dictionaries(st.sampled_from(["", ".absmax", ".quant_map", ".nested_absmax",
-                                              ".nested_quant_map"]), small_arrays))  # fmt: skip
+@given(
+    state=quant_states | json_values,
+    raw=st.none() | st.binary(max_size=40),
+    parts=st.dictionaries(
+        st.sampled_from(["", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map"]),
+        small_arrays,
+    ),
+)
 def test_quant_state_parser(state, raw, parts):
     blob = raw if raw is not None else json.dumps(state).encode()
     state_dict = {f"m.weight{k}": v for k, v in parts.items()}
@@ -184,19 +209,23 @@ KEY = f"{PEFT_PREFIX}model.layers.0.self_attn.q_proj"
 
 
 def tiny_adapters() -> dict[str, np.ndarray]:
-    return {f"{KEY}.lora_A.weight": np.ones((2, 8), np.float32),
-            f"{KEY}.lora_B.weight": np.zeros((8, 2), np.float32)}  # fmt: skip
+    return {
+        f"{KEY}.lora_A.weight": np.ones((2, 8), np.float32),
+        f"{KEY}.lora_B.weight": np.zeros((8, 2), np.float32),
+    }
 
 
 @pytest.fixture(scope="module")
 def checkpoint_files(tmp_path_factory) -> dict[str, bytes]:
     root = tmp_path_factory.mktemp("ck") / "checkpoints"
     adapters = tiny_adapters()
-    moments = {f"{k}.{m}": np.zeros_like(v) for k, v in adapters.items()
-               for m in ("exp_avg", "exp_avg_sq")}  # fmt: skip
+    moments = {
+        f"{k}.{m}": np.zeros_like(v) for k, v in adapters.items() for m in ("exp_avg", "exp_avg_sq")
+    }
     config = FinetuneConfig(steps=4, lora_r=2).resolve(None).to_dict()
-    path = save_checkpoint(root, TrainingState(adapters, moments, 2), config, {"micro_batches": 2},
-                           "torch")  # fmt: skip
+    path = save_checkpoint(
+        root, TrainingState(adapters, moments, 2), config, {"micro_batches": 2}, "torch"
+    )
     files = {p.name: p.read_bytes() for p in path.iterdir()}
     files["latest.json"] = (root / "latest.json").read_bytes()
     load_checkpoint(root)  # the unmutated checkpoint loads
@@ -247,7 +276,8 @@ def test_adapter_loader(tmp_path, adapter_files, data):
         value = json.loads(files[target])
         if data.draw(st.booleans()):
             value[data.draw(st.sampled_from(sorted(value) + ["use_dora", "fan_in_fan_out"]))] = (
-                data.draw(json_values))  # fmt: skip
+                data.draw(json_values)
+            )
         else:
             value = data.draw(json_values)
         files[target] = json.dumps(value).encode()
@@ -264,12 +294,17 @@ def test_adapter_loader(tmp_path, adapter_files, data):
 def test_fuzz_targets_reject_what_they_must(tmp_path):
     """The allowed outcome is 'success or our error': make sure the errors do happen."""
     path = tmp_path / "x.safetensors"
-    header = json.dumps({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
-                         "b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    header = json.dumps(
+        {
+            "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+            "b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+        }
+    ).encode()
     path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
     with pytest.raises(ModelLoadError, match="'b': data_offsets \\[0, 4\\] overlaps tensor 'a'"):
         SafetensorsFile(path)
     with pytest.raises(NF4FormatError, match="not valid UTF-8 JSON"):
-        nf4_from_state_dict({"m.weight.quant_state.bitsandbytes__nf4":
-                             np.frombuffer(b"[" * 100000, np.uint8)}, "m")  # fmt: skip
+        nf4_from_state_dict(
+            {"m.weight.quant_state.bitsandbytes__nf4": np.frombuffer(b"[" * 100000, np.uint8)}, "m"
+        )
     assert Path(tmp_path).is_dir()

@@ -28,8 +28,14 @@ except ModelLoadError as exc:
 
 
 def test_library_imports_and_reports_a_missing_gguf(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "m.gguf")], cwd=REPO,
-                          capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path / "m.gguf")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     message = proc.stdout.strip().splitlines()[-1]
     assert message.startswith("ERROR:") and "m.gguf" in message and "`gguf` package" in message

@@ -18,15 +18,24 @@ CONFIG_NAME = "adapter_config.json"
 def peft_config(config: LoRAConfig, base_model: str | None = None) -> dict:
     """The adapter_config.json that PEFT's LoraConfig reads back to the same adapters."""
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.r, "lora_alpha": config.alpha,
-        "lora_dropout": config.dropout, "use_rslora": config.use_rslora, "bias": "none",
-        "target_modules": sorted(config.target_modules), "base_model_name_or_path": base_model,
-        "inference_mode": True, "fan_in_fan_out": False, "init_lora_weights": True,
-    }  # fmt: skip
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "use_rslora": config.use_rslora,
+        "bias": "none",
+        "target_modules": sorted(config.target_modules),
+        "base_model_name_or_path": base_model,
+        "inference_mode": True,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+    }
 
 
-def save_peft_adapter(model: nn.Module, directory: str | Path, config: LoRAConfig,
-                      base_model: str | None = None) -> Path:  # fmt: skip
+def save_peft_adapter(
+    model: nn.Module, directory: str | Path, config: LoRAConfig, base_model: str | None = None
+) -> Path:
     """Write the model's adapters (float32) and config where PeftModel.from_pretrained finds them."""
     from safetensors.numpy import save_file
 

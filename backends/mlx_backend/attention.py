@@ -49,8 +49,9 @@ def causal_mask(t: int, offset: int, dtype: mx.Dtype, window: int | None = None)
 class Attention(nn.Module):
     """Linear layers are created dense here; the model swaps in NF4Linear / LoRALinear."""
 
-    def __init__(self, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int, bias: bool,
-                 rope: RoPE) -> None:  # fmt: skip
+    def __init__(
+        self, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int, bias: bool, rope: RoPE
+    ) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.q_proj = nn.Linear(hidden, n_heads * head_dim, bias=bias)

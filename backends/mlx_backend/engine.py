@@ -32,21 +32,39 @@ class MLXEngine:
             mx.set_default_device(mx.cpu)
         quantized = base is None or base.quantized
         self.model = LlamaModel.from_state(
-            source.config, SourceTensors(source), quantize=quantized,
+            source.config,
+            SourceTensors(source),
+            quantize=quantized,
             compute_dtype=choice.compute_dtype,
             method=base.quant_method if base is not None else "absmax",
-            base_dtype=None if quantized else base.dtype)  # fmt: skip
+            base_dtype=None if quantized else base.dtype,
+        )
         self.trainer = None
         if lora is not None:
-            apply_lora(self.model, LoRAConfig(r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                                              target_modules=lora.targets, seed=lora.seed))
+            apply_lora(
+                self.model,
+                LoRAConfig(
+                    r=lora.r,
+                    alpha=lora.alpha,
+                    dropout=lora.dropout,
+                    target_modules=lora.targets,
+                    seed=lora.seed,
+                ),
+            )
         self.seed = train.seed if train is not None else 0
         if train is not None:
             paged = PagedAdamWConfig(weight_decay=train.weight_decay)
-            self.trainer = Trainer(self.model, TrainConfig(
-                schedule=ScheduleConfig(learning_rate=lr), optimizer=paged,
-                grad_accum_steps=train.grad_accum, max_grad_norm=train.max_grad_norm or None,
-                seed=train.seed, gradient_checkpointing=train.grad_checkpoint))  # fmt: skip
+            self.trainer = Trainer(
+                self.model,
+                TrainConfig(
+                    schedule=ScheduleConfig(learning_rate=lr),
+                    optimizer=paged,
+                    grad_accum_steps=train.grad_accum,
+                    max_grad_norm=train.max_grad_norm or None,
+                    seed=train.seed,
+                    gradient_checkpointing=train.grad_checkpoint,
+                ),
+            )
 
     @staticmethod
     def _batch(b) -> Batch:
@@ -57,7 +75,8 @@ class MLXEngine:
 
         # the pipeline owns the schedule: each step runs at the lr it is given
         self.trainer.config = dataclasses.replace(
-            self.trainer.config, schedule=ScheduleConfig(learning_rate=lr))
+            self.trainer.config, schedule=ScheduleConfig(learning_rate=lr)
+        )
         # Note: MLX offers no way to restore a saved generator state, so the dropout generator is
         # reseeded from (seed, step) every step: a resumed run draws the same masks.
         mx.random.seed(self.seed * 1_000_003 + self.trainer.optimizer.step_count)
@@ -75,8 +94,15 @@ class MLXEngine:
         self.model.train(was)
         return total, n
 
-    def generate(self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0, eos_ids: Sequence[int] = ()) -> Iterator[int]:
+    def generate(
+        self,
+        prompt: Sequence[int],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        eos_ids: Sequence[int] = (),
+    ) -> Iterator[int]:
         if not prompt:
             raise ValueError("the prompt must hold at least one token")
         was = self.model.training
@@ -95,15 +121,17 @@ class MLXEngine:
         finally:
             self.model.train(was)
 
-    def greedy_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                     eos_ids: Sequence[int] = ()) -> list[list[int]]:
+    def greedy_batch(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Sequence[int] = ()
+    ) -> list[list[int]]:
         from ..engine import check_one_length, rows_until_stop
 
         check_one_length(prompts)
         return rows_until_stop(self._greedy_steps(prompts, max_new_tokens), len(prompts), eos_ids)
 
-    def _greedy_steps(self, prompts: Sequence[Sequence[int]], max_new_tokens: int
-                      ) -> Iterator[np.ndarray]:
+    def _greedy_steps(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int
+    ) -> Iterator[np.ndarray]:
         was = self.model.training
         self.model.eval()
         try:
@@ -128,8 +156,9 @@ class MLXEngine:
             raise KeyError(f"adapter state lacks {len(missing)} keys, e.g. {missing[0]}")
         updates = []
         for path, value in tree_flatten(self.model.trainable_parameters()):
-            updates.append((path, mx.array(np.asarray(tensors[_peft(path)], np.float32)
-                                           ).astype(value.dtype)))  # fmt: skip
+            updates.append(
+                (path, mx.array(np.asarray(tensors[_peft(path)], np.float32)).astype(value.dtype))
+            )
         self.model.update(tree_unflatten(updates))
         mx.eval(self.model.parameters())
 
@@ -152,7 +181,8 @@ class MLXEngine:
             for key in ("exp_avg", "exp_avg_sq"):
                 tensors[f"{path}.{key}"] = state.moments[f"{_peft(path)}.{key}"]
         self.trainer.optimizer.load_state_dict(
-            tensors, {"format_version": str(FORMAT_VERSION), "step": str(state.step)})
+            tensors, {"format_version": str(FORMAT_VERSION), "step": str(state.step)}
+        )
 
 
 def _pick(logits: mx.array, temperature: float, top_p: float, key: mx.array) -> int:

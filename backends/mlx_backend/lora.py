@@ -54,14 +54,22 @@ def _shape_of(base: nn.Module) -> tuple[int, int]:
 class LoRALinear(nn.Module):
     """A frozen base linear plus trainable adapters `lora_A` (r, in) and `lora_B` (out, r)."""
 
-    def __init__(self, base: nn.Module, lora_A: mx.array, lora_B: mx.array, scale: float,
-                 dropout: float = 0.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        base: nn.Module,
+        lora_A: mx.array,
+        lora_B: mx.array,
+        scale: float,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         out_features, in_features = _shape_of(base)
         r = lora_A.shape[0]
         if lora_A.shape != (r, in_features) or lora_B.shape != (out_features, r):
-            raise ValueError(f"adapter shapes {lora_A.shape}, {lora_B.shape} do not fit a "
-                             f"({out_features}, {in_features}) layer")  # fmt: skip
+            raise ValueError(
+                f"adapter shapes {lora_A.shape}, {lora_B.shape} do not fit a "
+                f"({out_features}, {in_features}) layer"
+            )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
         base.freeze()
@@ -87,12 +95,21 @@ class LoRALinear(nn.Module):
         return x * keep.astype(x.dtype) * (1.0 / (1.0 - self.dropout_p))
 
     @classmethod
-    def from_base(cls, base: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-                  use_rslora: bool = False, name: str = "", seed: int = 0,
-                  dtype: str = "float32") -> LoRALinear:  # fmt: skip
+    def from_base(
+        cls,
+        base: nn.Module,
+        r: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        name: str = "",
+        seed: int = 0,
+        dtype: str = "float32",
+    ) -> LoRALinear:
         """Wrap `base`; A from nf4core's seeded init for module `name`, B zero (PEFT's default)."""
-        config = LoRAConfig(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, seed=seed,
-                            dtype=dtype)  # fmt: skip
+        config = LoRAConfig(
+            r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, seed=seed, dtype=dtype
+        )
         out_features, in_features = _shape_of(base)
         a, b = lora_init(name, in_features, out_features, r, seed)
         cast = mx_dtype(dtype)
@@ -105,8 +122,9 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self, dtype: mx.Dtype = mx.float32) -> mx.array:
         """scale * B @ A, (out, in)."""
-        return (self.scale * (self.lora_B.astype(mx.float32) @ self.lora_A.astype(mx.float32))
-                ).astype(dtype)  # fmt: skip
+        return (
+            self.scale * (self.lora_B.astype(mx.float32) @ self.lora_A.astype(mx.float32))
+        ).astype(dtype)
 
     def merge(self, dtype: mx.Dtype = mx.float32) -> nn.Linear:
         """A dense nn.Linear holding W + scale * B A (the base dequantized in float32 first)."""
@@ -141,8 +159,16 @@ def apply_lora(model: nn.Module, config: LoRAConfig, prefix: str = "") -> list[s
         for part in parts[:-1]:
             parent = parent[int(part)] if part.isdigit() else getattr(parent, part)
         name = f"{prefix}.{path}" if prefix else path
-        lora = LoRALinear.from_base(module, config.r, config.alpha, config.dropout,
-                                    config.use_rslora, name, config.seed, config.dtype)  # fmt: skip
+        lora = LoRALinear.from_base(
+            module,
+            config.r,
+            config.alpha,
+            config.dropout,
+            config.use_rslora,
+            name,
+            config.seed,
+            config.dtype,
+        )
         setattr(parent, parts[-1], lora)
         wrapped.append(name)
     if not wrapped:

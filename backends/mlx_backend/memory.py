@@ -44,11 +44,16 @@ class MemoryPlan:
             ("optimizer state", self.optimizer_resident),
             ("activations", self.activations),
         )
-        return ", ".join(f"{name} {value / GIB:.2f} GiB" for name, value in parts)  # fmt: skip
+        return ", ".join(f"{name} {value / GIB:.2f} GiB" for name, value in parts)
 
 
-def plan_training(model: nn.Module, batch_size: int, seq_len: int, checkpointing: bool,
-                  optimizer_budget: int | None = None) -> MemoryPlan:  # fmt: skip
+def plan_training(
+    model: nn.Module,
+    batch_size: int,
+    seq_len: int,
+    checkpointing: bool,
+    optimizer_budget: int | None = None,
+) -> MemoryPlan:
     """Estimate the memory of training `model` (frozen NF4 base + trainable adapters)."""
     base = sum(m.nf4.nbytes for _, m in model.named_modules() if isinstance(m, NF4Linear))
     trainable = tree_flatten(model.trainable_parameters())
@@ -79,17 +84,28 @@ def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
     """(out, in) of each linear of one decoder layer, by its Hugging Face name."""
     c, d = config, config.resolved_head_dim
     q, kv = c.num_attention_heads * d, c.num_key_value_heads * d
-    return {"q_proj": (q, c.hidden_size), "k_proj": (kv, c.hidden_size),
-            "v_proj": (kv, c.hidden_size), "o_proj": (c.hidden_size, q),
-            "gate_proj": (c.intermediate_size, c.hidden_size),
-            "up_proj": (c.intermediate_size, c.hidden_size),
-            "down_proj": (c.hidden_size, c.intermediate_size)}  # fmt: skip
+    return {
+        "q_proj": (q, c.hidden_size),
+        "k_proj": (kv, c.hidden_size),
+        "v_proj": (kv, c.hidden_size),
+        "o_proj": (c.hidden_size, q),
+        "gate_proj": (c.intermediate_size, c.hidden_size),
+        "up_proj": (c.intermediate_size, c.hidden_size),
+        "down_proj": (c.hidden_size, c.intermediate_size),
+    }
 
 
-def plan_from_config(config: ModelConfig, lora: LoRAConfig, batch_size: int, seq_len: int,
-                     checkpointing: bool = False, compute_dtype: str = "float32",
-                     blocksize: int = 64, double_quant: bool = True,
-                     optimizer_budget: int | None = None) -> MemoryPlan:  # fmt: skip
+def plan_from_config(
+    config: ModelConfig,
+    lora: LoRAConfig,
+    batch_size: int,
+    seq_len: int,
+    checkpointing: bool = False,
+    compute_dtype: str = "float32",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    optimizer_budget: int | None = None,
+) -> MemoryPlan:
     """The same estimate as `plan_training`, before loading anything (for a "won't fit" up front)."""
     dense_bytes = np.dtype(float_dtype(compute_dtype)).itemsize
     bits = 4 + 8 / blocksize + 32 / (blocksize * 256) if double_quant else 4 + 32 / blocksize

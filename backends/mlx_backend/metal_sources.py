@@ -46,18 +46,29 @@ _WEIGHT = (("packed", "uint8_t"), ("absmax", "float"), ("quant_map", "float"), (
 KERNELS: dict[str, KernelSpec] = {
     spec.name: spec
     for spec in (
-        KernelSpec("nf4_absmax_scale",
-                   (("dq_codes", "uint8_t"), ("dq_scales", "float"), ("dq_quant_map", "float"),
-                    ("dims", "uint32_t")), (("scaled", "float"),), ("DQ_BS",)),
-        KernelSpec("nf4_absmax_offset",
-                   (("scaled", "float"), ("offset", "float"), ("dims", "uint32_t")),
-                   (("absmax", "float"),), ()),
+        KernelSpec(
+            "nf4_absmax_scale",
+            (
+                ("dq_codes", "uint8_t"),
+                ("dq_scales", "float"),
+                ("dq_quant_map", "float"),
+                ("dims", "uint32_t"),
+            ),
+            (("scaled", "float"),),
+            ("DQ_BS",),
+        ),
+        KernelSpec(
+            "nf4_absmax_offset",
+            (("scaled", "float"), ("offset", "float"), ("dims", "uint32_t")),
+            (("absmax", "float"),),
+            (),
+        ),
         KernelSpec("nf4_dequant", _WEIGHT, (("out", "T"),), ("BS",)),
         KernelSpec("nf4_matmul", (("x", "T"), *_WEIGHT), (("y", "T"),), ("BS",)),
         KernelSpec("nf4_matmul_t", (("dy", "T"), *_WEIGHT), (("dx", "T"),), ("BS",)),
         KernelSpec("nf4_gemv", (("x", "T"), *_WEIGHT), (("y", "T"),), ("BS", "ROWS")),
     )
-}  # fmt: skip
+}
 
 
 def _candidates() -> list[Path]:

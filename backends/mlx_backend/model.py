@@ -37,8 +37,14 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, rope: RoPE) -> None:
         super().__init__()
         c = config
-        self.self_attn = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
-                                   c.resolved_head_dim, c.attention_bias, rope)  # fmt: skip
+        self.self_attn = Attention(
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.resolved_head_dim,
+            c.attention_bias,
+            rope,
+        )
         self.mlp = MLP(c.hidden_size, c.intermediate_size)
         self.input_layernorm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
@@ -95,8 +101,9 @@ def _with_dropout_key(layer: nn.Module, key: mx.array | None, *args) -> mx.array
             module.set_dropout_key(None)
 
 
-def _checkpointed(layer: nn.Module, h: mx.array, mask: mx.array | None,
-                  key: mx.array | None) -> mx.array:  # fmt: skip
+def _checkpointed(
+    layer: nn.Module, h: mx.array, mask: mx.array | None, key: mx.array | None
+) -> mx.array:
     """Run one block under mx.checkpoint: its activations are recomputed in the backward pass,
     with the same dropout masks (drawn from `key`, an input of the checkpointed function)."""
 
@@ -156,10 +163,17 @@ class LlamaModel(nn.Module):
             self.train(was_training)
 
     @classmethod
-    def from_state(cls, config: ModelConfig, tensors: dict, quantize: bool = True,
-                   blocksize: int = 64, double_quant: bool = True,
-                   compute_dtype: str = "auto", method: str = "absmax",
-                   base_dtype: str | None = None) -> LlamaModel:  # fmt: skip
+    def from_state(
+        cls,
+        config: ModelConfig,
+        tensors: dict,
+        quantize: bool = True,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: str = "auto",
+        method: str = "absmax",
+        base_dtype: str | None = None,
+    ) -> LlamaModel:
         """Build from Hugging Face-named tensors (numpy arrays, or NF4Tensors for the linears).
 
         Dense linear weights are quantized with nf4core (one tensor at a time, by `method`) when
@@ -190,8 +204,9 @@ class LlamaModel(nn.Module):
             if isinstance(value, NF4Tensor):
                 layer = NF4Linear.from_nf4(value, b)
             elif quantize:
-                layer = NF4Linear.from_dense(np.asarray(value, dtype=np.float32), None, blocksize,
-                                             double_quant, method)  # fmt: skip
+                layer = NF4Linear.from_dense(
+                    np.asarray(value, dtype=np.float32), None, blocksize, double_quant, method
+                )
                 if b is not None:
                     layer = NF4Linear(layer.nf4, b)
             else:
@@ -217,8 +232,11 @@ class LlamaModel(nn.Module):
                 old = getattr(layer.self_attn, mod_name)
                 out_f, in_f = old.weight.shape
                 bias = config.attention_bias and mod_name != "o_proj"
-                setattr(layer.self_attn, mod_name,
-                        linear(f"{p}.self_attn.{mod_name}", out_f, in_f, bias))  # fmt: skip
+                setattr(
+                    layer.self_attn,
+                    mod_name,
+                    linear(f"{p}.self_attn.{mod_name}", out_f, in_f, bias),
+                )
             for mod_name in MLP_LINEARS:
                 out_f, in_f = getattr(layer.mlp, mod_name).weight.shape
                 setattr(layer.mlp, mod_name, linear(f"{p}.mlp.{mod_name}", out_f, in_f, False))

@@ -57,11 +57,18 @@ class NF4Linear(nn.Module):
         return cls(NF4Weight.from_nf4(t), None if bias is None else mx.array(bias))
 
     @classmethod
-    def from_dense(cls, weight: np.ndarray, bias: np.ndarray | None = None, blocksize: int = 64,
-                   double_quant: bool = True, method: str = "absmax") -> NF4Linear:  # fmt: skip
+    def from_dense(
+        cls,
+        weight: np.ndarray,
+        bias: np.ndarray | None = None,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        method: str = "absmax",
+    ) -> NF4Linear:
         """Quantize a dense (out, in) weight with nf4core (the one quantizer of the project)."""
-        t = nf4core.quantize(np.asarray(weight), blocksize=blocksize, double_quant=double_quant,
-                             method=method)  # fmt: skip
+        t = nf4core.quantize(
+            np.asarray(weight), blocksize=blocksize, double_quant=double_quant, method=method
+        )
         return cls.from_nf4(t, bias)
 
     @property

@@ -66,14 +66,26 @@ class NF4Weight:
 
     @property
     def nbytes(self) -> int:
-        arrays = (self.packed, self.absmax, self.dq_codes, self.dq_scales, self.dq_quant_map,
-                  self.quant_map)  # fmt: skip
+        arrays = (
+            self.packed,
+            self.absmax,
+            self.dq_codes,
+            self.dq_scales,
+            self.dq_quant_map,
+            self.quant_map,
+        )
         return sum(a.nbytes for a in arrays if a is not None)
 
     def arrays(self) -> list[mx.array]:
         """Every device array of the weight (for mx.eval and memory accounting)."""
-        arrays = (self.packed, self.absmax, self.dq_codes, self.dq_scales, self.dq_quant_map,
-                  self.quant_map)  # fmt: skip
+        arrays = (
+            self.packed,
+            self.absmax,
+            self.dq_codes,
+            self.dq_scales,
+            self.dq_quant_map,
+            self.quant_map,
+        )
         return [a for a in arrays if a is not None]
 
     @classmethod

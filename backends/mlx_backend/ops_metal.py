@@ -22,8 +22,12 @@ _GROUP = 256
 @functools.cache
 def _kernel(name: str):
     spec = KERNELS[name]
-    args = {"name": name, "input_names": spec.input_names, "output_names": spec.output_names,
-            "source": load_source(name)}  # fmt: skip
+    args = {
+        "name": name,
+        "input_names": spec.input_names,
+        "output_names": spec.output_names,
+        "source": load_source(name),
+    }
     try:  # IEEE arithmetic, no fast-math rewrites (mlx >= 0.29 takes compile_options)
         return mx.fast.metal_kernel(**args, compile_options={"math_mode": "safe"})
     except TypeError:
@@ -38,9 +42,13 @@ def _run(name, inputs, template, grid, shape, dtype):
     group = (min(_GROUP, grid[0]), max(1, min(_GROUP // min(_GROUP, grid[0]), grid[1])), 1)
     extra = {"template": template} if template else {}
     return _kernel(name)(
-        inputs=inputs, grid=grid, threadgroup=group, output_shapes=[shape], output_dtypes=[dtype],
+        inputs=inputs,
+        grid=grid,
+        threadgroup=group,
+        output_shapes=[shape],
+        output_dtypes=[dtype],
         **extra,
-    )[0]  # fmt: skip
+    )[0]
 
 
 def reconstruct_absmax(w: NF4Weight) -> mx.array:
@@ -50,8 +58,14 @@ def reconstruct_absmax(w: NF4Weight) -> mx.array:
     n = w.n_blocks
     if n == 0:  # no dispatch for an empty grid (Metal refuses zero-sized grids and threadgroups)
         return mx.zeros((0,), dtype=mx.float32)
-    scaled = _run("nf4_absmax_scale", [w.dq_codes, w.dq_scales, w.dq_quant_map, _dims(n)],
-                  [("DQ_BS", w.dq_blocksize)], (n, 1, 1), (n,), mx.float32)  # fmt: skip
+    scaled = _run(
+        "nf4_absmax_scale",
+        [w.dq_codes, w.dq_scales, w.dq_quant_map, _dims(n)],
+        [("DQ_BS", w.dq_blocksize)],
+        (n, 1, 1),
+        (n,),
+        mx.float32,
+    )
     offset = mx.array([w.dq_offset], dtype=mx.float32)
     return _run("nf4_absmax_offset", [scaled, offset, _dims(n)], [], (n, 1, 1), (n,), mx.float32)
 
@@ -87,8 +101,9 @@ def _strategy(strategy: str, m: int) -> str:
     return strategy
 
 
-def matmul(x: mx.array, w: NF4Weight, absmax: mx.array | None = None,
-           strategy: str = "auto") -> mx.array:  # fmt: skip
+def matmul(
+    x: mx.array, w: NF4Weight, absmax: mx.array | None = None, strategy: str = "auto"
+) -> mx.array:
     """x @ W^T, x (..., K), W (N, K): GEMV kernel up to 8 rows, the fused kernel up to 64, then
     (by default) the dequantize kernel and MLX's GEMM. Note (trade-off): the fused kernels are one
     thread per output, simple and checked by the shim, but not tiled; a large batch is compute-bound,
@@ -113,8 +128,9 @@ def matmul(x: mx.array, w: NF4Weight, absmax: mx.array | None = None,
     return y.reshape(*lead, n)
 
 
-def matmul_t(g: mx.array, w: NF4Weight, absmax: mx.array | None = None,
-             strategy: str = "auto") -> mx.array:  # fmt: skip
+def matmul_t(
+    g: mx.array, w: NF4Weight, absmax: mx.array | None = None, strategy: str = "auto"
+) -> mx.array:
     """g @ W, g (..., N), W (N, K): the input gradient of `matmul` (same strategies)."""
     n, k = w.shape
     lead = g.shape[:-1]
@@ -126,6 +142,7 @@ def matmul_t(g: mx.array, w: NF4Weight, absmax: mx.array | None = None,
     if _strategy(strategy, m) == "dequant":
         return g @ dequantize(_after(w, g), g.dtype, absmax)
     inputs = [g2, w.packed, absmax, w.quant_map, _dims(m, n, k)]
-    dx = _run("nf4_matmul_t", inputs, [("T", g.dtype), ("BS", w.blocksize)], (k, m, 1), (m, k),
-              g.dtype)  # fmt: skip
+    dx = _run(
+        "nf4_matmul_t", inputs, [("T", g.dtype), ("BS", w.blocksize)], (k, m, 1), (m, k), g.dtype
+    )
     return dx.reshape(*lead, k)

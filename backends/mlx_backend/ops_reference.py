@@ -44,8 +44,9 @@ def pair_table(quant_map: mx.array) -> mx.array:
     return pairs.view(mx.uint64).reshape(256)  # (256, 2) float32 -> one uint64 per row
 
 
-def dequantize_with_absmax(w: NF4Weight, absmax: mx.array, dtype: mx.Dtype = mx.float32,
-                           after: mx.array | None = None) -> mx.array:  # fmt: skip
+def dequantize_with_absmax(
+    w: NF4Weight, absmax: mx.array, dtype: mx.Dtype = mx.float32, after: mx.array | None = None
+) -> mx.array:
     """The weight in `dtype` and its shape: float32 quant_map[code] * absmax[block], one rounding.
 
     `after`: an array this dequantization must wait for (see `matmul`).
@@ -64,8 +65,9 @@ def dequantize(w: NF4Weight, dtype: mx.Dtype = mx.float32) -> mx.array:
     return dequantize_with_absmax(w, reconstruct_absmax(w), dtype)
 
 
-def matmul(x: mx.array, w: NF4Weight, absmax: mx.array | None = None,
-           strategy: str = "dequant") -> mx.array:  # fmt: skip
+def matmul(
+    x: mx.array, w: NF4Weight, absmax: mx.array | None = None, strategy: str = "dequant"
+) -> mx.array:
     """x @ W^T for x (..., in) and W (out, in): (..., out), in x's dtype.
 
     Note (memory): a dequantization depends only on constants, so MLX's scheduler may run those of
@@ -76,8 +78,9 @@ def matmul(x: mx.array, w: NF4Weight, absmax: mx.array | None = None,
     return x @ dequantize_with_absmax(w, absmax, x.dtype, after=x).T
 
 
-def matmul_t(g: mx.array, w: NF4Weight, absmax: mx.array | None = None,
-             strategy: str = "dequant") -> mx.array:  # fmt: skip
+def matmul_t(
+    g: mx.array, w: NF4Weight, absmax: mx.array | None = None, strategy: str = "dequant"
+) -> mx.array:
     """g @ W for g (..., out): (..., in), the input gradient of `matmul`. (`strategy` exists for
     signature parity with ops_metal; the reference always dequantizes.)"""
     absmax = reconstruct_absmax(w) if absmax is None else absmax

@@ -114,7 +114,7 @@ class PagedAdamW:
         """Cut (master, m, v) per name into pages; mx or numpy arrays, None moments meaning zeros."""
         budget = self.config.resident_budget_bytes
         resident_bytes, pages, spilled = 0, [], 0
-        for name, (master, m, v) in values.items():
+        for name, (master, _m, _v) in values.items():
             n = master.size
             for start in range(0, n, self.config.page_elements):
                 page = _Page(name, start, min(start + self.config.page_elements, n))
@@ -136,8 +136,11 @@ class PagedAdamW:
 
     def _open_spill(self, elements: int) -> _Spill:
         # kept open for the optimizer's lifetime; the file goes when the handle is collected
-        handle = tempfile.NamedTemporaryFile(prefix="nf4-paged-adamw-", suffix=".f32",  # noqa: SIM115
-                                             dir=self.config.spill_dir)  # fmt: skip
+        handle = tempfile.NamedTemporaryFile(
+            prefix="nf4-paged-adamw-",
+            suffix=".f32",  # noqa: SIM115
+            dir=self.config.spill_dir,
+        )
         array = np.memmap(handle.name, dtype=np.float32, mode="w+", shape=(3, elements))
         return _Spill(Path(handle.name), array, handle)
 
@@ -175,8 +178,10 @@ class PagedAdamW:
             raise RuntimeError("call init(params) before step()")
         flat_grads = dict(tree_flatten(grads))
         if set(flat_grads) != set(self._meta):
-            raise KeyError(f"gradients do not match the parameters: "
-                           f"{sorted(set(flat_grads) ^ set(self._meta))[:5]}")  # fmt: skip
+            raise KeyError(
+                f"gradients do not match the parameters: "
+                f"{sorted(set(flat_grads) ^ set(self._meta))[:5]}"
+            )
         self.step_count += 1
         b1, b2 = self.config.betas
         t = float(self.step_count)
@@ -212,8 +217,9 @@ class PagedAdamW:
 
     def parameters(self) -> dict:
         """The current parameters, rounded from the masters to their dtypes."""
-        return self._assemble({n: [self._load(p)[0] for p in self._pages if p.name == n]
-                               for n in self._meta})  # fmt: skip
+        return self._assemble(
+            {n: [self._load(p)[0] for p in self._pages if p.name == n] for n in self._meta}
+        )
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -225,9 +231,12 @@ class PagedAdamW:
                 tensors[f"{name}.{key}"] = np.concatenate([np.array(q[i]) for q in parts]).reshape(
                     shape
                 )
-        meta = {"format_version": str(FORMAT_VERSION), "step": str(self.step_count),
-                "config": json.dumps(asdict(self.config)),
-                "dtypes": json.dumps({n: str(d) for n, (_, d) in self._meta.items()})}  # fmt: skip
+        meta = {
+            "format_version": str(FORMAT_VERSION),
+            "step": str(self.step_count),
+            "config": json.dumps(asdict(self.config)),
+            "dtypes": json.dumps({n: str(d) for n, (_, d) in self._meta.items()}),
+        }
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:

@@ -17,8 +17,10 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> np
     inv = inv.astype(np.float32)
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind not in SUPPORTED_ROPE_TYPES:
-        raise NotImplementedError(f"rope_scaling type {kind!r} is not supported; "
-                                  f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}")  # fmt: skip
+        raise NotImplementedError(
+            f"rope_scaling type {kind!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
     if kind == "linear":
         return (inv / np.float32(scaling["factor"])).astype(np.float32)
     if kind == "llama3":

@@ -28,11 +28,14 @@ class ScheduleConfig:
             raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.name != "constant" and (self.total_steps is None
-                                        or self.total_steps <= self.warmup_steps):  # fmt: skip
-            raise ValueError(f"the {self.name} schedule needs total_steps > warmup_steps "
-                             f"(got total_steps={self.total_steps}, "
-                             f"warmup_steps={self.warmup_steps})")  # fmt: skip
+        if self.name != "constant" and (
+            self.total_steps is None or self.total_steps <= self.warmup_steps
+        ):
+            raise ValueError(
+                f"the {self.name} schedule needs total_steps > warmup_steps "
+                f"(got total_steps={self.total_steps}, "
+                f"warmup_steps={self.warmup_steps})"
+            )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 

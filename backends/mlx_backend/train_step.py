@@ -51,8 +51,11 @@ class Batch:
         completion, not the prompt, and not padding). Position t predicts token t + 1."""
         tokens = np.asarray(tokens, dtype=np.int32)
         mask = np.ones_like(tokens, dtype=np.float32) if loss_mask is None else loss_mask
-        return cls(mx.array(tokens[:, :-1]), mx.array(tokens[:, 1:]),
-                   mx.array(np.asarray(mask, dtype=np.float32)[:, 1:]))  # fmt: skip
+        return cls(
+            mx.array(tokens[:, :-1]),
+            mx.array(tokens[:, 1:]),
+            mx.array(np.asarray(mask, dtype=np.float32)[:, 1:]),
+        )
 
 
 def masked_cross_entropy(logits: mx.array, targets: mx.array, mask: mx.array):
@@ -80,9 +83,13 @@ class Trainer:
         if hasattr(model, "set_gradient_checkpointing"):
             model.set_gradient_checkpointing(self.config.gradient_checkpointing)
         if self.config.memory_limit_bytes is not None:
-            plan = plan_training(model, self.config.batch_size, self.config.seq_len,
-                                 self.config.gradient_checkpointing,
-                                 self.config.optimizer.resident_budget_bytes)  # fmt: skip
+            plan = plan_training(
+                model,
+                self.config.batch_size,
+                self.config.seq_len,
+                self.config.gradient_checkpointing,
+                self.config.optimizer.resident_budget_bytes,
+            )
             check_fits(plan, self.config.memory_limit_bytes)
             set_memory_limit(self.config.memory_limit_bytes)
         params = model.trainable_parameters()
@@ -119,8 +126,9 @@ class Trainer:
         """One optimizer step over `grad_accum_steps` micro-batches; returns loss, lr, grad_norm. A
         non-finite loss or gradient norm skips the update (the caller sees it in the result)."""
         if len(micro_batches) != self.config.grad_accum_steps:
-            raise ValueError(f"expected {self.config.grad_accum_steps} micro-batches, "
-                             f"got {len(micro_batches)}")  # fmt: skip
+            raise ValueError(
+                f"expected {self.config.grad_accum_steps} micro-batches, got {len(micro_batches)}"
+            )
         self.model.train()
         grads, loss, tokens = self.gradients(micro_batches)
         grads, norm = clip_by_global_norm(grads, self.config.max_grad_norm)

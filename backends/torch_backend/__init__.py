@@ -24,8 +24,26 @@ from .schedule import ScheduleConfig
 from .train_step import Batch, StepStats, TrainConfig, Trainer
 
 __all__ = [
-    "Batch", "CausalLM", "KVCache", "LoRAConfig", "LoRALinear", "NF4Linear", "NF4Weight",
-    "PagedAdamW", "SamplingConfig", "ScheduleConfig", "StepStats", "TrainConfig", "Trainer",
-    "apply_lora", "causal_lm_loss", "force_path", "generate",
-    "generate_tokens", "load_lora_state_dict", "lora_state_dict", "merge_lora", "nf4_linear",
-]  # fmt: skip
+    "Batch",
+    "CausalLM",
+    "KVCache",
+    "LoRAConfig",
+    "LoRALinear",
+    "NF4Linear",
+    "NF4Weight",
+    "PagedAdamW",
+    "SamplingConfig",
+    "ScheduleConfig",
+    "StepStats",
+    "TrainConfig",
+    "Trainer",
+    "apply_lora",
+    "causal_lm_loss",
+    "force_path",
+    "generate",
+    "generate_tokens",
+    "load_lora_state_dict",
+    "lora_state_dict",
+    "merge_lora",
+    "nf4_linear",
+]

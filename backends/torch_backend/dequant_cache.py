@@ -50,8 +50,9 @@ class DequantCache:
     def __init__(self, budget_bytes: int | None = None) -> None:
         self.budget = budget_from_env() if budget_bytes is None else budget_bytes
         self.used = 0
-        self._entries: dict[tuple[int, torch.dtype],
-                            tuple[torch.Tensor, tuple[int, ...], torch.Tensor]] = {}
+        self._entries: dict[
+            tuple[int, torch.dtype], tuple[torch.Tensor, tuple[int, ...], torch.Tensor]
+        ] = {}
 
     @contextlib.contextmanager
     def active(self) -> Iterator[DequantCache]:
@@ -69,8 +70,13 @@ class DequantCache:
         self._entries.clear()
         self.used = 0
 
-    def dense(self, tensors: Sequence[torch.Tensor], numel: int, dtype: torch.dtype,
-              make: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+    def dense(
+        self,
+        tensors: Sequence[torch.Tensor],
+        numel: int,
+        dtype: torch.dtype,
+        make: Callable[[], torch.Tensor],
+    ) -> torch.Tensor | None:
         """The dense weight of the NF4 data `tensors` (packed codes first) in `dtype`: cached, or
         made by `make()` and cached, or None when it does not fit the budget."""
         packed = tensors[0]

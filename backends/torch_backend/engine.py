@@ -26,25 +26,44 @@ class TorchEngine:
         self.device = torch.device(choice.device)
         quantized = base is None or base.quantized
         self.model = CausalLM.from_source(
-            source, quantize=quantized, compute_dtype=DTYPES[choice.compute_dtype],
+            source,
+            quantize=quantized,
+            compute_dtype=DTYPES[choice.compute_dtype],
             method=base.quant_method if base is not None else "absmax",
-            base_dtype=None if quantized else DTYPES[base.dtype])  # fmt: skip
+            base_dtype=None if quantized else DTYPES[base.dtype],
+        )
         self.model.to(self.device)
         self.trainer = None
         if lora is not None:
-            apply_lora(self.model, LoRAConfig(rank=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                                              target_modules=lora.targets, seed=lora.seed))
+            apply_lora(
+                self.model,
+                LoRAConfig(
+                    rank=lora.r,
+                    alpha=lora.alpha,
+                    dropout=lora.dropout,
+                    target_modules=lora.targets,
+                    seed=lora.seed,
+                ),
+            )
         if train is not None:
             torch.manual_seed(train.seed)
             self.model.gradient_checkpointing = train.grad_checkpoint
             self.model.chunked_loss = train.grad_checkpoint  # the memory options go together
             # the pipeline owns the schedule: each step runs at the lr it is given (constant here)
-            self.trainer = Trainer(self.model, TrainConfig(
-                learning_rate=lr, weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm,
-                grad_accum_steps=train.grad_accum, paged=train.paged,
-                schedule=ScheduleConfig("constant", total_steps=1)))  # fmt: skip
-            self._names = [PEFT_PREFIX + n for n, p in self.model.named_parameters()
-                           if p.requires_grad]  # fmt: skip
+            self.trainer = Trainer(
+                self.model,
+                TrainConfig(
+                    learning_rate=lr,
+                    weight_decay=train.weight_decay,
+                    max_grad_norm=train.max_grad_norm,
+                    grad_accum_steps=train.grad_accum,
+                    paged=train.paged,
+                    schedule=ScheduleConfig("constant", total_steps=1),
+                ),
+            )
+            self._names = [
+                PEFT_PREFIX + n for n, p in self.model.named_parameters() if p.requires_grad
+            ]
 
     def _batch(self, b) -> Batch:
         return Batch.from_numpy(b, self.device)
@@ -63,24 +82,35 @@ class TorchEngine:
         total, n = 0.0, 0
         for b in batches:
             batch = self._batch(b)
-            logits = self.model(batch.input_ids, position_ids=batch.position_ids,
-                                segment_ids=batch.segment_ids)
+            logits = self.model(
+                batch.input_ids, position_ids=batch.position_ids, segment_ids=batch.segment_ids
+            )
             s, k = causal_lm_loss(logits, batch.input_ids, batch.loss_mask, batch.segment_ids)
             total, n = total + float(s), n + int(k)
         self.model.train(was)
         return total, n
 
-    def generate(self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0, eos_ids: Sequence[int] = ()) -> Iterator[int]:
+    def generate(
+        self,
+        prompt: Sequence[int],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        eos_ids: Sequence[int] = (),
+    ) -> Iterator[int]:
         cfg = SamplingConfig(max_new_tokens, temperature, top_p, seed, tuple(eos_ids))
         return generate_tokens(self.model, list(prompt), cfg)
 
-    def greedy_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                     eos_ids: Sequence[int] = ()) -> list[list[int]]:
+    def greedy_batch(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Sequence[int] = ()
+    ) -> list[list[int]]:
         from ..engine import check_one_length, rows_until_stop
 
         check_one_length(prompts)
-        return rows_until_stop(greedy_steps(self.model, prompts, max_new_tokens), len(prompts), eos_ids)
+        return rows_until_stop(
+            greedy_steps(self.model, prompts, max_new_tokens), len(prompts), eos_ids
+        )
 
     @contextlib.contextmanager
     def inference(self, budget_bytes: int = 2 << 30) -> Iterator[None]:
@@ -107,8 +137,9 @@ class TorchEngine:
         return {k: v.float().cpu().numpy().copy() for k, v in lora_state_dict(self.model).items()}
 
     def load_adapters(self, tensors: Mapping[str, np.ndarray]) -> None:
-        load_lora_state_dict(self.model, {k: torch.from_numpy(np.ascontiguousarray(v))
-                                          for k, v in tensors.items()})  # fmt: skip
+        load_lora_state_dict(
+            self.model, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}
+        )
 
     def training_state(self):
         from ..engine import TrainingState
@@ -118,14 +149,23 @@ class TorchEngine:
         for name, p in zip(self._names, self.trainer.params):
             state = opt.state.get(p)
             for key in ("exp_avg", "exp_avg_sq"):
-                value = np.zeros(p.shape, np.float32) if not state else (
-                    state[key].float().cpu().numpy().reshape(p.shape).copy())
+                value = (
+                    np.zeros(p.shape, np.float32)
+                    if not state
+                    else (state[key].float().cpu().numpy().reshape(p.shape).copy())
+                )
                 moments[f"{name}.{key}"] = value
         adapters = {}
         for name, p in zip(self._names, self.trainer.params):
             master = (opt.state.get(p) or {}).get("master")
-            adapters[name] = (master.reshape(p.shape) if master is not None else p).detach(
-                ).float().cpu().numpy().copy()  # fmt: skip
+            adapters[name] = (
+                (master.reshape(p.shape) if master is not None else p)
+                .detach()
+                .float()
+                .cpu()
+                .numpy()
+                .copy()
+            )
         rng = {"rng.torch": torch.get_rng_state().numpy().copy()}
         return TrainingState(adapters, moments, step, rng)
 
@@ -136,11 +176,13 @@ class TorchEngine:
         for i, (name, p) in enumerate(zip(self._names, self.trainer.params)):
             entry = {"step": state.step}
             for key in ("exp_avg", "exp_avg_sq"):
-                entry[key] = torch.from_numpy(np.ascontiguousarray(
-                    state.moments[f"{name}.{key}"], np.float32)).reshape(-1)  # fmt: skip
+                entry[key] = torch.from_numpy(
+                    np.ascontiguousarray(state.moments[f"{name}.{key}"], np.float32)
+                ).reshape(-1)
             if p.dtype != torch.float32:
-                entry["master"] = torch.from_numpy(np.ascontiguousarray(
-                    state.adapters[name], np.float32)).reshape(-1)  # fmt: skip
+                entry["master"] = torch.from_numpy(
+                    np.ascontiguousarray(state.adapters[name], np.float32)
+                ).reshape(-1)
             saved[i] = entry
         groups = opt.state_dict()["param_groups"]
         opt.load_state_dict({"state": saved if state.step > 0 else {}, "param_groups": groups})
@@ -151,7 +193,9 @@ class TorchEngine:
 
 def _dense(m: NF4Linear, dtype: torch.dtype) -> torch.nn.Linear:
     w = m.dequantize(dtype)
-    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=m.bias is not None, device=w.device, dtype=dtype)
+    lin = torch.nn.Linear(
+        w.shape[1], w.shape[0], bias=m.bias is not None, device=w.device, dtype=dtype
+    )
     lin.weight = torch.nn.Parameter(w, requires_grad=False)
     if m.bias is not None:
         lin.bias = torch.nn.Parameter(m.bias.detach().to(dtype), requires_grad=False)

@@ -75,8 +75,9 @@ def last_logits(model: CausalLM, input_ids: torch.Tensor, cache) -> torch.Tensor
 
 
 @torch.no_grad()
-def greedy_steps(model: CausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int
-                 ) -> Iterator[np.ndarray]:
+def greedy_steps(
+    model: CausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int
+) -> Iterator[np.ndarray]:
     """The next greedy token of every row (int64 array), step by step: prompts of one length share
     each forward and one KV cache, so no row needs padding."""
     was_training = model.training

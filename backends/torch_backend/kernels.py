@@ -25,10 +25,14 @@ def candidate_dirs() -> list[Path]:
     if os.environ.get("NF4_QLORA_KERNEL_DIR"):
         dirs.append(Path(os.environ["NF4_QLORA_KERNEL_DIR"]))
     repo = Path(__file__).resolve().parents[2]
-    if (repo / "pyproject.toml").is_file():  # a checkout, not site-packages (whose cuda/ is NVIDIA's)
+    if (
+        repo / "pyproject.toml"
+    ).is_file():  # a checkout, not site-packages (whose cuda/ is NVIDIA's)
         dirs.append(repo / "cuda")
     here = Path(__file__).resolve()
-    install_prefix = here.parents[5] if len(here.parents) > 5 else None  # <prefix>/lib/pythonX.Y/site-packages/backends/torch_backend
+    install_prefix = (
+        here.parents[5] if len(here.parents) > 5 else None
+    )  # <prefix>/lib/pythonX.Y/site-packages/backends/torch_backend
     for prefix in (sysconfig.get_path("data"), sys.prefix, sys.base_prefix, install_prefix):
         if prefix is not None:
             d = Path(prefix) / "share" / "nf4-qlora" / "cuda"
@@ -43,7 +47,9 @@ def kernel_dir() -> Path:
     for d in dirs:
         if (d / _MARKER).is_file():
             return d
-    raise FileNotFoundError("Triton kernel sources not found; looked in " + ", ".join(map(str, dirs)))
+    raise FileNotFoundError(
+        "Triton kernel sources not found; looked in " + ", ".join(map(str, dirs))
+    )
 
 
 def load_kernel_module(filename: str) -> ModuleType:

@@ -12,8 +12,16 @@ class KVCache:
     forward, after every layer has written the same positions.
     """
 
-    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
         if max_len <= 0:
             raise ValueError(f"max_len must be positive, got {max_len}")
         shape = (batch, num_kv_heads, max_len, head_dim)
@@ -22,8 +30,9 @@ class KVCache:
         self.max_len = max_len
         self.length = 0  # positions already stored
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, H_kv, T, D) after the cached positions; return all (B, H_kv, length+T, D)."""
         end = self.length + k.shape[2]
         if end > self.max_len:

@@ -69,8 +69,9 @@ def _large_shared_memory(capability: tuple[int, int] | None) -> bool:
     return SHARED_MEMORY_PER_BLOCK.get(capability, SMALLEST_SHARED_MEMORY) >= 160 * 1024
 
 
-def matmul_configs(capability: tuple[int, int] | None, dtype_bytes: int,
-                   m: int) -> tuple[MatmulConfig, ...]:
+def matmul_configs(
+    capability: tuple[int, int] | None, dtype_bytes: int, m: int
+) -> tuple[MatmulConfig, ...]:
     """Preferred configuration first, then the smaller fallback. `capability` (major, minor) of the
     GPU (None or an unknown one: the 99 KB parts' choice), `dtype_bytes` of the operands (4 or 2),
     `m` rows of the left operand."""

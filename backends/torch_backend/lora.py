@@ -63,13 +63,16 @@ class LoRALinear(nn.Module):
     input's dtype in forward; with float32 adapters that is the FP32 master copy itself.
     """
 
-    def __init__(self, base: nn.Module, a: torch.Tensor, b: torch.Tensor, scale: float,
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self, base: nn.Module, a: torch.Tensor, b: torch.Tensor, scale: float, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         rank, in_features = a.shape
         if (base.in_features, base.out_features) != (in_features, b.shape[0]) or b.shape[1] != rank:
-            raise ValueError(f"adapter shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit a "
-                             f"base of {base.in_features} -> {base.out_features}")
+            raise ValueError(
+                f"adapter shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit a "
+                f"base of {base.in_features} -> {base.out_features}"
+            )
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
@@ -83,14 +86,26 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = in_features, b.shape[0]
 
     @classmethod
-    def from_base(cls, base: nn.Module, name: str, config: LoRAConfig,
-                  adapter_dtype: torch.dtype = torch.float32) -> LoRALinear:
+    def from_base(
+        cls,
+        base: nn.Module,
+        name: str,
+        config: LoRAConfig,
+        adapter_dtype: torch.dtype = torch.float32,
+    ) -> LoRALinear:
         """Wrap `base` (NF4Linear or nn.Linear) with adapters initialised by nf4core.lora_init(name)."""
-        a, b = nf4core.lora_init(name, base.in_features, base.out_features, config.rank, config.seed)
+        a, b = nf4core.lora_init(
+            name, base.in_features, base.out_features, config.rank, config.seed
+        )
         device = base.bias.device if getattr(base, "bias", None) is not None else _device_of(base)
         to = dict(device=device, dtype=adapter_dtype)
-        return cls(base, torch.from_numpy(a).to(**to), torch.from_numpy(b).to(**to), config.scale,
-                   config.dropout)
+        return cls(
+            base,
+            torch.from_numpy(a).to(**to),
+            torch.from_numpy(b).to(**to),
+            config.scale,
+            config.dropout,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         y = self.base(x)
@@ -102,8 +117,9 @@ class LoRALinear(nn.Module):
         """scale * B @ A in float32, (out, in)."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scale
 
-    def merge(self, requantize: bool = False, blocksize: int = 64, double_quant: bool = True
-              ) -> nn.Module:
+    def merge(
+        self, requantize: bool = False, blocksize: int = 64, double_quant: bool = True
+    ) -> nn.Module:
         """The base with the adapter folded in: a dense float32 nn.Linear, or an NF4Linear re-quantized
         by nf4core when `requantize`."""
         if isinstance(self.base, NF4Linear):
@@ -113,11 +129,18 @@ class LoRALinear(nn.Module):
         merged = w + self.delta_weight().detach()
         bias = getattr(self.base, "bias", None)
         if requantize:
-            t = nf4core.quantize(merged.cpu().numpy(), blocksize=blocksize, double_quant=double_quant)
+            t = nf4core.quantize(
+                merged.cpu().numpy(), blocksize=blocksize, double_quant=double_quant
+            )
             b = None if bias is None else bias.detach().float().cpu()
             return NF4Linear.from_nf4(t, b).to(merged.device)
-        dense = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
-                          device=merged.device, dtype=torch.float32)
+        dense = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=bias is not None,
+            device=merged.device,
+            dtype=torch.float32,
+        )
         with torch.no_grad():
             dense.weight.copy_(merged)
             if bias is not None:
@@ -137,21 +160,28 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
-def apply_lora(model: nn.Module, config: LoRAConfig, adapter_dtype: torch.dtype = torch.float32
-               ) -> list[str]:
+def apply_lora(
+    model: nn.Module, config: LoRAConfig, adapter_dtype: torch.dtype = torch.float32
+) -> list[str]:
     """Freeze `model` and wrap every targeted linear in a LoRALinear; returns the wrapped names.
 
     The module's qualified name (e.g. "model.layers.0.self_attn.q_proj") seeds its A, so adapters are
     identical on every backend that names modules like Hugging Face.
     """
     model.requires_grad_(False)
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, (NF4Linear, nn.Linear)) and config.targets(n)]  # fmt: skip
+    names = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, (NF4Linear, nn.Linear)) and config.targets(n)
+    ]
     if not names:
         raise ValueError(f"no linear module matches the LoRA targets {config.target_modules}")
     for name in names:
-        _set_submodule(model, name, LoRALinear.from_base(model.get_submodule(name), name, config,
-                                                         adapter_dtype))  # fmt: skip
+        _set_submodule(
+            model,
+            name,
+            LoRALinear.from_base(model.get_submodule(name), name, config, adapter_dtype),
+        )
     return names
 
 
@@ -173,12 +203,18 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor | np.nd
         raise KeyError(f"adapter state lacks {len(missing)} keys, e.g. {missing[0]}")
     with torch.no_grad():
         for key, target in expected.items():
-            target.copy_(torch.as_tensor(np.asarray(state[key]) if not isinstance(state[key], torch.Tensor)
-                                         else state[key]))
+            target.copy_(
+                torch.as_tensor(
+                    np.asarray(state[key])
+                    if not isinstance(state[key], torch.Tensor)
+                    else state[key]
+                )
+            )
 
 
-def merge_lora(model: nn.Module, requantize: bool = False, blocksize: int = 64,
-               double_quant: bool = True) -> nn.Module:
+def merge_lora(
+    model: nn.Module, requantize: bool = False, blocksize: int = 64, double_quant: bool = True
+) -> nn.Module:
     """Replace every LoRALinear of `model` by its merged base (in place); returns the model."""
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):

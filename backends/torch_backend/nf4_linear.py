@@ -31,7 +31,9 @@ class _NF4Matmul(torch.autograd.Function):
         return grad_x, None
 
 
-def nf4_linear(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+def nf4_linear(
+    x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """Functional form: x (..., in) -> (..., out), computed in x's dtype. With autograd off inside
     an active `DequantCache` (generation), the cached dequantized weight is used."""
     dense = cached_weight(weight, x.dtype)
@@ -54,8 +56,13 @@ class NF4Linear(nn.Module):
             self.register_buffer(name, getattr(weight, name))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.out_features, self.in_features = weight.shape
-        self._meta = dict(nested_offset=weight.nested_offset, nested_blocksize=weight.nested_blocksize,
-                          shape=weight.shape, dtype=weight.dtype, blocksize=weight.blocksize)  # fmt: skip
+        self._meta = dict(
+            nested_offset=weight.nested_offset,
+            nested_blocksize=weight.nested_blocksize,
+            shape=weight.shape,
+            dtype=weight.dtype,
+            blocksize=weight.blocksize,
+        )
 
     @property
     def weight(self) -> NF4Weight:
@@ -63,16 +70,18 @@ class NF4Linear(nn.Module):
         return NF4Weight(**{name: getattr(self, name) for name in _BUFFERS}, **self._meta)
 
     @classmethod
-    def from_nf4(cls, t: nf4core.NF4Tensor, bias: np.ndarray | torch.Tensor | None = None
-                 ) -> NF4Linear:
+    def from_nf4(
+        cls, t: nf4core.NF4Tensor, bias: np.ndarray | torch.Tensor | None = None
+    ) -> NF4Linear:
         """From an `nf4core.NF4Tensor` of shape (out, in), bit for bit (on the CPU)."""
         if bias is not None and not isinstance(bias, torch.Tensor):
             bias = torch.from_numpy(np.array(bias, dtype=np.float32))
         return cls(NF4Weight.from_nf4(t), bias)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True
-                    ) -> NF4Linear:
+    def from_linear(
+        cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True
+    ) -> NF4Linear:
         """Quantize a dense `nn.Linear` with nf4core (the weight goes through the host once)."""
         w = linear.weight.detach().float().cpu().numpy()
         t = nf4core.quantize(w, blocksize=blocksize, double_quant=double_quant)
@@ -103,8 +112,10 @@ class NF4Linear(nn.Module):
         meta = {k: state[k] for k in self._meta}
         meta["shape"] = tuple(meta["shape"])
         if meta["shape"] != self._meta["shape"]:
-            raise ValueError(f"state dict holds an NF4 weight of shape {meta['shape']}, "
-                             f"this layer has {self._meta['shape']}")
+            raise ValueError(
+                f"state dict holds an NF4 weight of shape {meta['shape']}, "
+                f"this layer has {self._meta['shape']}"
+            )
         self._meta = meta
 
     def _apply(self, fn, recurse: bool = True):
@@ -131,5 +142,7 @@ class NF4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         dq = "double-quant" if self.nested_codes is not None else "plain absmax"
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"blocksize={self._meta['blocksize']}, {dq}, bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"blocksize={self._meta['blocksize']}, {dq}, bias={self.bias is not None}"
+        )

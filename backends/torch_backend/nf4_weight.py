@@ -41,10 +41,14 @@ class NF4Weight:
 
     def __post_init__(self) -> None:
         if self.packed.dtype != torch.uint8 or self.packed.dim() != 1:
-            raise ValueError(f"packed must be 1-D uint8, got {self.packed.dtype} {tuple(self.packed.shape)}")
+            raise ValueError(
+                f"packed must be 1-D uint8, got {self.packed.dtype} {tuple(self.packed.shape)}"
+            )
         if self.packed.numel() != (self.numel + 1) // 2:
-            raise ValueError(f"packed holds {self.packed.numel()} bytes; shape {self.shape} needs "
-                             f"{(self.numel + 1) // 2}")
+            raise ValueError(
+                f"packed holds {self.packed.numel()} bytes; shape {self.shape} needs "
+                f"{(self.numel + 1) // 2}"
+            )
         for name in ("absmax", "nested_scales", "nested_quant_map", "quant_map"):
             t = getattr(self, name)
             if t is not None and t.dtype != torch.float32:
@@ -76,7 +80,14 @@ class NF4Weight:
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor this weight holds (for byte counts and device checks)."""
-        names = ("packed", "absmax", "nested_codes", "nested_scales", "nested_quant_map", "quant_map")
+        names = (
+            "packed",
+            "absmax",
+            "nested_codes",
+            "nested_scales",
+            "nested_quant_map",
+            "quant_map",
+        )
         return [getattr(self, n) for n in names if getattr(self, n) is not None]
 
     @property
@@ -92,14 +103,18 @@ class NF4Weight:
 
         dq = t.double_quant
         return cls(
-            packed=put(t.packed), absmax=put(t.absmax),
+            packed=put(t.packed),
+            absmax=put(t.absmax),
             nested_codes=put(dq.codes) if dq else None,
             nested_scales=put(dq.scales) if dq else None,
             nested_quant_map=put(dq.quant_map) if dq else None,
             nested_offset=dq.offset if dq else 0.0,
             nested_blocksize=dq.blocksize if dq else 256,
-            quant_map=put(t.quant_map), shape=tuple(t.shape), dtype=t.dtype, blocksize=t.blocksize,
-        )  # fmt: skip
+            quant_map=put(t.quant_map),
+            shape=tuple(t.shape),
+            dtype=t.dtype,
+            blocksize=t.blocksize,
+        )
 
     def to_nf4(self) -> NF4Tensor:
         """Back to an `nf4core.NF4Tensor` (host numpy arrays), bit for bit."""
@@ -109,12 +124,22 @@ class NF4Weight:
 
         dq = None
         if self.double_quant:
-            dq = DoubleQuantAbsmax(codes=host(self.nested_codes), scales=host(self.nested_scales),
-                                   offset=self.nested_offset, quant_map=host(self.nested_quant_map),
-                                   blocksize=self.nested_blocksize)  # fmt: skip
-        return NF4Tensor(packed=host(self.packed), absmax=host(self.absmax), double_quant=dq,
-                         shape=self.shape, dtype=self.dtype, blocksize=self.blocksize,
-                         quant_map=host(self.quant_map))  # fmt: skip
+            dq = DoubleQuantAbsmax(
+                codes=host(self.nested_codes),
+                scales=host(self.nested_scales),
+                offset=self.nested_offset,
+                quant_map=host(self.nested_quant_map),
+                blocksize=self.nested_blocksize,
+            )
+        return NF4Tensor(
+            packed=host(self.packed),
+            absmax=host(self.absmax),
+            double_quant=dq,
+            shape=self.shape,
+            dtype=self.dtype,
+            blocksize=self.blocksize,
+            quant_map=host(self.quant_map),
+        )
 
     def to(self, device: torch.device | str) -> NF4Weight:
         """A copy on `device` (self is unchanged; no other side effect)."""
@@ -123,7 +148,11 @@ class NF4Weight:
             return None if x is None else x.to(device)
 
         return replace(
-            self, packed=move(self.packed), absmax=move(self.absmax),
-            nested_codes=move(self.nested_codes), nested_scales=move(self.nested_scales),
-            nested_quant_map=move(self.nested_quant_map), quant_map=move(self.quant_map),
-        )  # fmt: skip
+            self,
+            packed=move(self.packed),
+            absmax=move(self.absmax),
+            nested_codes=move(self.nested_codes),
+            nested_scales=move(self.nested_scales),
+            nested_quant_map=move(self.nested_quant_map),
+            quant_map=move(self.quant_map),
+        )

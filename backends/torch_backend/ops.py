@@ -39,4 +39,6 @@ def linear(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
 
 def linear_grad_input(grad_out: torch.Tensor, w: NF4Weight) -> torch.Tensor:
     """dY (..., out) @ W -> (..., in) in dY's dtype."""
-    return _impl(grad_out.reshape(-1, grad_out.shape[-1]), grad_out.dtype).linear_grad_input(grad_out, w)
+    return _impl(grad_out.reshape(-1, grad_out.shape[-1]), grad_out.dtype).linear_grad_input(
+        grad_out, w
+    )

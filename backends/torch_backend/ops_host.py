@@ -17,8 +17,9 @@ block_absmax = ops_reference.block_absmax
 
 def dequantize(w: NF4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The weight in its original shape: quant_map[code] * absmax in float32, then cast to dtype."""
-    values = blockwise.decode_nf4(w.packed.numpy(), block_absmax(w).numpy(), w.numel, w.blocksize,
-                                  w.quant_map.numpy())  # fmt: skip
+    values = blockwise.decode_nf4(
+        w.packed.numpy(), block_absmax(w).numpy(), w.numel, w.blocksize, w.quant_map.numpy()
+    )
     return torch.from_numpy(values).to(dtype).reshape(w.shape)
 
 

@@ -25,12 +25,16 @@ def block_absmax(w: NF4Weight) -> torch.Tensor:
     return scaled + torch.tensor(w.nested_offset, dtype=torch.float32, device=w.device)
 
 
-def _scale_blocks(values: torch.Tensor, scales: torch.Tensor, blocksize: int, out: torch.Tensor
-                  ) -> None:
+def _scale_blocks(
+    values: torch.Tensor, scales: torch.Tensor, blocksize: int, out: torch.Tensor
+) -> None:
     """out[e] = values[e] * scales[e // blocksize] (float32, one rounding); out may be values."""
     full = values.numel() - values.numel() % blocksize
-    torch.mul(values[:full].view(-1, blocksize), scales[: full // blocksize, None],
-              out=out[:full].view(-1, blocksize))
+    torch.mul(
+        values[:full].view(-1, blocksize),
+        scales[: full // blocksize, None],
+        out=out[:full].view(-1, blocksize),
+    )
     if full < values.numel():
         torch.mul(values[full:], scales[-1], out=out[full:])
 

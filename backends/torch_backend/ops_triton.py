@@ -14,6 +14,7 @@ from . import launch_config, ops_reference
 from .kernels import load_kernel_module
 from .launch_config import GEMV_MAX_ROWS
 from .nf4_weight import NF4Weight
+
 # Compiler options of the double-quant absmax kernel on GPUs: multiply and add stay two roundings
 # (tests/backends/torch_backend/test_triton_aot.py checks the PTX has no fma).
 ABSMAX_COMPILE_OPTIONS = {"enable_fp_fusion": False}
@@ -41,10 +42,17 @@ def block_absmax(w: NF4Weight) -> torch.Tensor:
     out = torch.empty(w.n_blocks, dtype=torch.float32, device=w.device)
     extra = {} if _interpreting() else ABSMAX_COMPILE_OPTIONS
     grid = (_cdiv(w.n_blocks, _ELEMENTS_PER_PROGRAM),)
-    kernels.nf4_absmax_kernel[grid](w.nested_codes, w.nested_scales, w.nested_quant_map,
-                                    w.nested_offset, out, w.n_blocks,
-                                    NESTED_BLOCKSIZE=w.nested_blocksize, BLOCK=_ELEMENTS_PER_PROGRAM,
-                                    **extra)  # fmt: skip
+    kernels.nf4_absmax_kernel[grid](
+        w.nested_codes,
+        w.nested_scales,
+        w.nested_quant_map,
+        w.nested_offset,
+        out,
+        w.n_blocks,
+        NESTED_BLOCKSIZE=w.nested_blocksize,
+        BLOCK=_ELEMENTS_PER_PROGRAM,
+        **extra,
+    )
     return out
 
 
@@ -53,8 +61,15 @@ def dequantize(w: NF4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor
     absmax = block_absmax(w)
     out = torch.empty(w.numel, dtype=dtype, device=w.device)
     grid = (_cdiv(w.numel, _ELEMENTS_PER_PROGRAM),)
-    kernels.nf4_dequant_kernel[grid](w.packed, absmax, w.quant_map, out, w.numel,
-                                     BLOCKSIZE=w.blocksize, BLOCK=_ELEMENTS_PER_PROGRAM)  # fmt: skip
+    kernels.nf4_dequant_kernel[grid](
+        w.packed,
+        absmax,
+        w.quant_map,
+        out,
+        w.numel,
+        BLOCKSIZE=w.blocksize,
+        BLOCK=_ELEMENTS_PER_PROGRAM,
+    )
     return out.reshape(w.shape)
 
 
@@ -73,8 +88,9 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def _launch(kernel, grid_of, args: tuple, constants: dict, configs: tuple, what: str,
-            key: tuple) -> bool:
+def _launch(
+    kernel, grid_of, args: tuple, constants: dict, configs: tuple, what: str, key: tuple
+) -> bool:
     """Launch `kernel` with the first configuration the GPU can hold; after an OutOfResources try
     the next (smaller) one, and remember the failure. False when none fits: the caller then runs
     the reference path. One warning line per fallback."""
@@ -95,8 +111,10 @@ def _launch(kernel, grid_of, args: tuple, constants: dict, configs: tuple, what:
             _warn_once(f"nf4 {what}: {'; '.join(errors)} does not fit this GPU; using {config}")
         return True
     if errors:
-        _warn_once(f"nf4 {what}: no tile fits this GPU: {'; '.join(errors)}; "
-                   f"using the torch reference path")
+        _warn_once(
+            f"nf4 {what}: no tile fits this GPU: {'; '.join(errors)}; "
+            f"using the torch reference path"
+        )
     return False
 
 
@@ -114,12 +132,28 @@ def _matmul(a: torch.Tensor, w: NF4Weight, transposed: bool) -> torch.Tensor:
         configs = (launch_config.INTERPRETER_MATMUL,)
     else:
         configs = launch_config.matmul_configs(capability, a.element_size(), m)
-    args = (a, w.packed, block_absmax(w), w.quant_map, c, m, n, r,
-            a.stride(0), a.stride(1), c.stride(0), c.stride(1), in_cols)  # fmt: skip
-    constants = dict(BLOCKSIZE=w.blocksize, W_TRANSPOSED=transposed,
-                     DOT_FP32=_interpreting() and a.dtype == torch.bfloat16,
-                     PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-                     WHILE_LOOP=_while_loop())  # fmt: skip
+    args = (
+        a,
+        w.packed,
+        block_absmax(w),
+        w.quant_map,
+        c,
+        m,
+        n,
+        r,
+        a.stride(0),
+        a.stride(1),
+        c.stride(0),
+        c.stride(1),
+        in_cols,
+    )
+    constants = dict(
+        BLOCKSIZE=w.blocksize,
+        W_TRANSPOSED=transposed,
+        DOT_FP32=_interpreting() and a.dtype == torch.bfloat16,
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        WHILE_LOOP=_while_loop(),
+    )
     grid_of = lambda cfg: (_cdiv(m, cfg.BM), _cdiv(n, cfg.BN))  # noqa: E731
     what = "forward matmul" if transposed else "input-gradient matmul"
     key = (what, capability, a.dtype)

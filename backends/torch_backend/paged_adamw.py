@@ -32,16 +32,29 @@ class PagedAdamW(torch.optim.Optimizer):
         paged: None pages the state of CUDA parameters only; True/False forces it for all.
     """
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.01, page_bytes: int = 64 << 20,
-                 paged: bool | None = None) -> None:
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        page_bytes: int = 64 << 20,
+        paged: bool | None = None,
+    ) -> None:
         if not lr >= 0 or not eps >= 0 or not weight_decay >= 0:
-            raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
+            raise ValueError(
+                f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}"
+            )
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
         if page_bytes < 4 * 3 * 2:
-            raise ValueError(f"page_bytes must hold at least one element per buffer, got {page_bytes}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+            raise ValueError(
+                f"page_bytes must hold at least one element per buffer, got {page_bytes}"
+            )
+        super().__init__(
+            params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        )
         self.page_bytes, self.paged = int(page_bytes), paged
         self._pages: dict[tuple[torch.device, int], torch.Tensor] = {}
 
@@ -51,7 +64,9 @@ class PagedAdamW(torch.optim.Optimizer):
     def _host_device(self, p: torch.Tensor) -> torch.device:
         return torch.device("cpu") if self._is_paged(p) else p.device
 
-    def _new_state_tensor(self, p: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+    def _new_state_tensor(
+        self, p: torch.Tensor, source: torch.Tensor | None = None
+    ) -> torch.Tensor:
         host = self._host_device(p)
         pin = host.type == "cpu" and p.device.type == "cuda"
         t = torch.zeros(p.numel(), dtype=torch.float32, device=host, pin_memory=pin)
@@ -60,8 +75,11 @@ class PagedAdamW(torch.optim.Optimizer):
         return t
 
     def _init_state(self, p: torch.Tensor) -> dict:
-        state = {"step": 0, "exp_avg": self._new_state_tensor(p),
-                 "exp_avg_sq": self._new_state_tensor(p)}  # fmt: skip
+        state = {
+            "step": 0,
+            "exp_avg": self._new_state_tensor(p),
+            "exp_avg_sq": self._new_state_tensor(p),
+        }
         if p.dtype != torch.float32:
             state["master"] = self._new_state_tensor(p, p)
         return state
@@ -86,8 +104,14 @@ class PagedAdamW(torch.optim.Optimizer):
                 if self._is_paged(p):
                     self._update_paged(p, state, coeffs)
                 else:
-                    _adamw(p.view(-1), p.grad.reshape(-1), state["exp_avg"], state["exp_avg_sq"],
-                           state.get("master"), coeffs)  # fmt: skip
+                    _adamw(
+                        p.view(-1),
+                        p.grad.reshape(-1),
+                        state["exp_avg"],
+                        state["exp_avg_sq"],
+                        state.get("master"),
+                        coeffs,
+                    )
         return loss
 
     @torch.no_grad()
@@ -143,7 +167,8 @@ class PagedAdamW(torch.optim.Optimizer):
         the parameter's dtype and device)."""
         groups, saved = state_dict["param_groups"], state_dict["state"]
         if len(groups) != len(self.param_groups) or any(
-                len(g["params"]) != len(sg["params"]) for g, sg in zip(self.param_groups, groups)):
+            len(g["params"]) != len(sg["params"]) for g, sg in zip(self.param_groups, groups)
+        ):
             raise ValueError("the state dict's parameter groups do not match this optimizer's")
         self.state.clear()
         for group, saved_group in zip(self.param_groups, groups):
@@ -172,8 +197,14 @@ class _Coefficients:
         return c
 
 
-def _adamw(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-           master: torch.Tensor | None, c: _Coefficients) -> None:
+def _adamw(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    master: torch.Tensor | None,
+    c: _Coefficients,
+) -> None:
     """One AdamW step on flat views, in torch.optim.AdamW's order of operations (float32 state)."""
     weight = master if master is not None else param
     g = grad.float()

@@ -24,7 +24,9 @@ class ScheduleConfig:
         if self.total_steps <= 0 or self.warmup_steps < 0:
             raise ValueError("total_steps must be positive and warmup_steps >= 0")
         if self.warmup_steps > self.total_steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceed total_steps ({self.total_steps})")
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) exceed total_steps ({self.total_steps})"
+            )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
@@ -34,7 +36,9 @@ class ScheduleConfig:
             return (step + 1) / self.warmup_steps
         if self.kind == "constant":
             return 1.0
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        progress = min(
+            1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        )
         if self.kind == "cosine":
             shape = 0.5 * (1.0 + math.cos(math.pi * progress))
         else:

@@ -62,7 +62,9 @@ class Batch:
         ids, mask = put(batch.input_ids, torch.long), put(batch.loss_mask, torch.bool)
         if np.asarray(batch.segment_ids).max(initial=0) <= 1:
             return cls(ids, mask)
-        return cls(ids, mask, put(batch.position_ids, torch.long), put(batch.segment_ids, torch.long))
+        return cls(
+            ids, mask, put(batch.position_ids, torch.long), put(batch.segment_ids, torch.long)
+        )
 
     def n_targets(self) -> int:
         return int(target_mask(self.input_ids, self.loss_mask, self.segment_ids).sum())
@@ -84,9 +86,15 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters (apply LoRA first)")
-        self.optimizer = PagedAdamW(self.params, lr=cfg.learning_rate, betas=cfg.betas, eps=cfg.eps,
-                                    weight_decay=cfg.weight_decay, page_bytes=cfg.page_bytes,
-                                    paged=cfg.paged)  # fmt: skip
+        self.optimizer = PagedAdamW(
+            self.params,
+            lr=cfg.learning_rate,
+            betas=cfg.betas,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            page_bytes=cfg.page_bytes,
+            paged=cfg.paged,
+        )
         self.step_index = 0
 
     def train_step(self, micro_batches: Sequence[Batch]) -> StepStats:
@@ -94,16 +102,18 @@ class Trainer:
         result equals one big batch), clip, and take one optimizer step. A non-finite loss or
         gradient norm skips the update (the stats show it; the caller decides what follows)."""
         if len(micro_batches) != self.cfg.grad_accum_steps:
-            raise ValueError(f"expected {self.cfg.grad_accum_steps} micro-batches, "
-                             f"got {len(micro_batches)}")
+            raise ValueError(
+                f"expected {self.cfg.grad_accum_steps} micro-batches, got {len(micro_batches)}"
+            )
         self.model.train()
         total = sum(b.n_targets() for b in micro_batches)
         if total == 0:
             raise ValueError("no target tokens in this step (check the loss masks)")
         loss_sum = 0.0
         for batch in micro_batches:
-            summed, _ = self.model.loss(batch.input_ids, batch.loss_mask, batch.position_ids,
-                                        batch.segment_ids)
+            summed, _ = self.model.loss(
+                batch.input_ids, batch.loss_mask, batch.position_ids, batch.segment_ids
+            )
             (summed / total).backward()
             loss_sum += float(summed.detach())
         clip = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
@@ -121,8 +131,12 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """Everything needed to resume: step, optimizer state (host tensors) and adapter weights."""
-        return {"format_version": 1, "step_index": self.step_index,
-                "optimizer": self.optimizer.state_dict(), "adapters": lora_state_dict(self.model)}
+        return {
+            "format_version": 1,
+            "step_index": self.step_index,
+            "optimizer": self.optimizer.state_dict(),
+            "adapters": lora_state_dict(self.model),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from `state_dict()`: the following steps equal those of an uninterrupted run."""
@@ -139,8 +153,9 @@ class Trainer:
         self.model.eval()
         total, loss = 0, 0.0
         for batch in batches:
-            logits = self.model(batch.input_ids, position_ids=batch.position_ids,
-                                segment_ids=batch.segment_ids)
+            logits = self.model(
+                batch.input_ids, position_ids=batch.position_ids, segment_ids=batch.segment_ids
+            )
             summed, n = causal_lm_loss(logits, batch.input_ids, batch.loss_mask, batch.segment_ids)
             loss, total = loss + float(summed), total + int(n)
         self.model.train(was)

@@ -40,10 +40,19 @@ def open_model(path: str | os.PathLike) -> ModelSource:
     except OSError as exc:
         raise ModelLoadError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if magic != GGUF_MAGIC:
-        raise ModelLoadError(f"{path}: neither a model directory nor a GGUF file "
-                             f"(starts with {magic!r}, not {GGUF_MAGIC!r})")  # fmt: skip
+        raise ModelLoadError(
+            f"{path}: neither a model directory nor a GGUF file "
+            f"(starts with {magic!r}, not {GGUF_MAGIC!r})"
+        )
     return GGUFSource(path)
 
 
-__all__ = ["BnbDirSource", "GGUFSource", "HFDirSource", "ModelSource", "expected_shapes",
-           "is_quantized_linear", "open_model"]  # fmt: skip
+__all__ = [
+    "BnbDirSource",
+    "GGUFSource",
+    "HFDirSource",
+    "ModelSource",
+    "expected_shapes",
+    "is_quantized_linear",
+    "open_model",
+]

@@ -80,8 +80,10 @@ class ModelSource(ABC):
             if name not in available:
                 raise ModelLoadError(f"{where}: missing tensor {name!r}")
             if tuple(available[name]) != shape:
-                raise ModelLoadError(f"{where}: tensor {name!r} has shape "
-                                     f"{list(available[name])}, expected {list(shape)}")  # fmt: skip
+                raise ModelLoadError(
+                    f"{where}: tensor {name!r} has shape "
+                    f"{list(available[name])}, expected {list(shape)}"
+                )
 
 
 def check_finite(array: np.ndarray, what: str, chunk: int = 1 << 22) -> None:
@@ -98,8 +100,10 @@ def check_finite(array: np.ndarray, what: str, chunk: int = 1 << 22) -> None:
             inf = sum(int(np.isinf(flat[i : i + chunk]).sum()) for i in range(0, flat.size, chunk))
             first = start + int(np.flatnonzero(~finite)[0])
             where = tuple(int(i) for i in np.unravel_index(first, array.shape))
-            raise ModelLoadError(f"{what} holds {nan} NaN and {inf} Inf values (first at index "
-                                 f"{where}); the weights are corrupt")  # fmt: skip
+            raise ModelLoadError(
+                f"{what} holds {nan} NaN and {inf} Inf values (first at index "
+                f"{where}); the weights are corrupt"
+            )
 
 
 def normalized(config: ModelConfig) -> ModelConfig:

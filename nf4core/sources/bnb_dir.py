@@ -11,7 +11,13 @@ from ..state_dict import QUANT_STATE_SUFFIX
 from ..tensor import NF4Tensor
 from .hf_dir import HFDirSource
 
-_NF4_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", QUANT_STATE_SUFFIX + "nf4")
+_NF4_PARTS = (
+    "absmax",
+    "quant_map",
+    "nested_absmax",
+    "nested_quant_map",
+    QUANT_STATE_SUFFIX + "nf4",
+)
 
 
 def check_bnb_quantization(config_path: Path, qconfig: object) -> None:
@@ -20,19 +26,24 @@ def check_bnb_quantization(config_path: Path, qconfig: object) -> None:
         raise ModelLoadError(f"{config_path}: quantization_config is not an object")
     method = qconfig.get("quant_method")
     if method != "bitsandbytes":
-        raise ModelLoadError(f"{config_path}: quantization method {method!r} is not supported "
-                             "(only bitsandbytes 4-bit NF4)")  # fmt: skip
+        raise ModelLoadError(
+            f"{config_path}: quantization method {method!r} is not supported "
+            "(only bitsandbytes 4-bit NF4)"
+        )
     if not qconfig.get("load_in_4bit", qconfig.get("_load_in_4bit")):
-        raise ModelLoadError(f"{config_path}: bitsandbytes 8-bit checkpoints are not supported "
-                             "(only 4-bit NF4)")  # fmt: skip
+        raise ModelLoadError(
+            f"{config_path}: bitsandbytes 8-bit checkpoints are not supported (only 4-bit NF4)"
+        )
     quant_type = qconfig.get("bnb_4bit_quant_type", "fp4")
     if quant_type != "nf4":
-        raise ModelLoadError(f"{config_path}: bnb_4bit_quant_type {quant_type!r} is not supported "
-                             "(only nf4)")  # fmt: skip
+        raise ModelLoadError(
+            f"{config_path}: bnb_4bit_quant_type {quant_type!r} is not supported (only nf4)"
+        )
     storage = qconfig.get("bnb_4bit_quant_storage", "uint8")
     if storage != "uint8":
-        raise ModelLoadError(f"{config_path}: bnb_4bit_quant_storage {storage!r} is not supported "
-                             "(only uint8)")  # fmt: skip
+        raise ModelLoadError(
+            f"{config_path}: bnb_4bit_quant_storage {storage!r} is not supported (only uint8)"
+        )
 
 
 class BnbDirSource(HFDirSource):
@@ -50,8 +61,10 @@ class BnbDirSource(HFDirSource):
             if not found:
                 continue
             if quant_type != "nf4":
-                raise ModelLoadError(f"{self._file(key).path}: {name!r} is stored as "
-                                     f"{quant_type!r}, not nf4 (not supported)")  # fmt: skip
+                raise ModelLoadError(
+                    f"{self._file(key).path}: {name!r} is stored as "
+                    f"{quant_type!r}, not nf4 (not supported)"
+                )
             shapes[name] = self._read(name).shape
         return shapes
 

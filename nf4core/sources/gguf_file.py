@@ -21,22 +21,37 @@ SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 _PERMUTED_ARCHS = ("llama", "mistral")  # Qwen2 uses NeoX-style RoPE: llama.cpp keeps its rows
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.weight": "self_attn.o_proj.weight", "attn_output.bias": "self_attn.o_proj.bias",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_output.bias": "self_attn.o_proj.bias",
     "ffn_norm.weight": "post_attention_layernorm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
-}  # fmt: skip
-_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
-                 "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
 _DERIVED_TENSORS = ("rope_freqs.weight",)  # Llama 3 RoPE factors: checked against the config
 _DEQUANT_CHUNK = 1 << 22  # elements dequantized per step
 _LAYER = re.compile(r"blk\.(\d+)\.(.+)")
-LLAMA3_CANDIDATES = tuple({"rope_type": "llama3", "factor": f, "low_freq_factor": 1.0,
-                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-                          for f in (8.0, 16.0, 32.0))  # fmt: skip
+LLAMA3_CANDIDATES = tuple(
+    {
+        "rope_type": "llama3",
+        "factor": f,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    for f in (8.0, 16.0, 32.0)
+)
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -65,11 +80,15 @@ def llama3_rope_factors(rope_theta: float, head_dim: int, scaling: dict) -> np.n
     """Per-frequency divisors of Llama 3's RoPE scaling (what llama.cpp stores as rope_freqs)."""
     inv_freq = 1.0 / rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     wavelen = 2 * math.pi / inv_freq
-    old, low, high = (scaling[k] for k in ("original_max_position_embeddings", "low_freq_factor",
-                                           "high_freq_factor"))  # fmt: skip
+    old, low, high = (
+        scaling[k]
+        for k in ("original_max_position_embeddings", "low_freq_factor", "high_freq_factor")
+    )
     smooth = (old / wavelen - low) / (high - low)
     mid = 1.0 / ((1.0 - smooth) / scaling["factor"] + smooth)
-    factors = np.where(wavelen < old / high, 1.0, np.where(wavelen > old / low, scaling["factor"], mid))
+    factors = np.where(
+        wavelen < old / high, 1.0, np.where(wavelen > old / low, scaling["factor"], mid)
+    )
     return factors.astype(np.float32)
 
 
@@ -78,8 +97,10 @@ def _gguf_package(path: Path):
     try:
         import gguf
     except ImportError:
-        raise ModelLoadError(f"{path}: reading a GGUF file needs the `gguf` package, which is not "
-                             f"installed (pip install gguf)") from None
+        raise ModelLoadError(
+            f"{path}: reading a GGUF file needs the `gguf` package, which is not "
+            f"installed (pip install gguf)"
+        ) from None
     return gguf
 
 
@@ -99,8 +120,9 @@ class GGUFSource(ModelSource):
         except FileNotFoundError:
             raise ModelLoadError(f"{self.path}: file not found") from None
         except Exception as exc:  # the gguf package raises ValueError, struct/numpy errors, ...
-            raise ModelLoadError(f"{self.path}: not a readable GGUF file (truncated or corrupt?): "
-                                 f"{exc}") from None
+            raise ModelLoadError(
+                f"{self.path}: not a readable GGUF file (truncated or corrupt?): {exc}"
+            ) from None
         try:
             self.metadata = {k: f.contents() for k, f in self._reader.fields.items()}
         except Exception as exc:
@@ -114,24 +136,34 @@ class GGUFSource(ModelSource):
             if name is not None:
                 self._tensors[name] = t
             elif t.name not in _DERIVED_TENSORS:
-                raise ModelLoadError(f"{self.path}: tensor {t.name!r} is not part of a supported "
-                                     "Llama-family model (not supported)")  # fmt: skip
+                raise ModelLoadError(
+                    f"{self.path}: tensor {t.name!r} is not part of a supported "
+                    "Llama-family model (not supported)"
+                )
         self.arch = self._get("general.architecture")
         if self.arch not in ("llama", "mistral", "qwen2"):
-            raise ModelLoadError(f"{self.path}: architecture {self.arch!r} is not supported "
-                                 "(supported: llama, mistral, qwen2)")  # fmt: skip
+            raise ModelLoadError(
+                f"{self.path}: architecture {self.arch!r} is not supported "
+                "(supported: llama, mistral, qwen2)"
+            )
         self.config = self._config()
-        for name, t in self._tensors.items():
+        for t in self._tensors.values():
             if t.tensor_type.name not in SUPPORTED_TYPES:
-                raise ModelLoadError(f"{self.path}: tensor {t.name!r} has type {t.tensor_type.name}, "
-                                     f"not supported (supported: {', '.join(SUPPORTED_TYPES)})")
-        shapes = {name: tuple(int(d) for d in reversed(t.shape)) for name, t in self._tensors.items()}
+                raise ModelLoadError(
+                    f"{self.path}: tensor {t.name!r} has type {t.tensor_type.name}, "
+                    f"not supported (supported: {', '.join(SUPPORTED_TYPES)})"
+                )
+        shapes = {
+            name: tuple(int(d) for d in reversed(t.shape)) for name, t in self._tensors.items()
+        }
         self._check_layout(shapes, str(self.path))
         for name in self._tensors:
             if name not in self._shapes:
-                raise ModelLoadError(f"{self.path}: {self.arch}.block_count is "
-                                     f"{self.config.num_hidden_layers}, but the file holds "
-                                     f"{self._tensors[name].name!r}")  # fmt: skip
+                raise ModelLoadError(
+                    f"{self.path}: {self.arch}.block_count is "
+                    f"{self.config.num_hidden_layers}, but the file holds "
+                    f"{self._tensors[name].name!r}"
+                )
 
     def _sliding_window(self) -> int | None:
         """0 means none; a Mistral file without the key gets transformers' default, like config.json."""
@@ -151,8 +183,9 @@ class GGUFSource(ModelSource):
         except ModelLoadError:
             raise
         except (TypeError, ValueError, ArithmeticError) as exc:  # e.g. a string where a count goes
-            raise ModelLoadError(f"{self.path}: metadata does not describe a model: "
-                                 f"{exc}") from None  # fmt: skip
+            raise ModelLoadError(
+                f"{self.path}: metadata does not describe a model: {exc}"
+            ) from None
 
     def _config_from_metadata(self) -> ModelConfig:
         a = self.arch
@@ -204,7 +237,9 @@ class GGUFSource(ModelSource):
             expected = llama3_rope_factors(rope_theta, head_dim, candidate)
             if stored.shape == expected.shape and np.allclose(stored, expected, rtol=1e-5):
                 return dict(candidate)
-        raise ModelLoadError(f"{self.path}: rope_freqs.weight matches no known Llama 3 RoPE scaling")
+        raise ModelLoadError(
+            f"{self.path}: rope_freqs.weight matches no known Llama 3 RoPE scaling"
+        )
 
     def _read(self, name: str) -> np.ndarray:
         """One tensor dequantized to float32, in Hugging Face layout (q/k rows un-permuted)."""
@@ -220,7 +255,9 @@ class GGUFSource(ModelSource):
                 part = gguf.quants.dequantize(rows[start : start + step], t.tensor_type)
                 flat[start : start + step] = part.reshape(-1, flat.shape[1])
         except Exception as exc:
-            raise ModelLoadError(f"{self.path}: tensor {t.name!r} cannot be decoded: {exc}") from None
+            raise ModelLoadError(
+                f"{self.path}: tensor {t.name!r} cannot be decoded: {exc}"
+            ) from None
         if self.arch in _PERMUTED_ARCHS:
             if ".self_attn.q_proj." in name:
                 values = unpermute_rope_rows(values, self.config.num_attention_heads)
@@ -236,5 +273,6 @@ class GGUFSource(ModelSource):
         except ModelLoadError:
             raise
         except Exception as exc:  # metadata of the wrong type reaches the tokenizers library
-            raise ModelLoadError(f"{self.path}: the tokenizer metadata is unusable: "
-                                 f"{type(exc).__name__}: {exc}") from None
+            raise ModelLoadError(
+                f"{self.path}: the tokenizer metadata is unusable: {type(exc).__name__}: {exc}"
+            ) from None

@@ -19,8 +19,12 @@ from .base import ModelSource, normalized
 from .safetensors_io import SafetensorsFile
 
 INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 _PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
 _DERIVED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")  # old checkpoints
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
@@ -68,8 +72,10 @@ class HFDirSource(ModelSource):
         for name in self.tensor_names():
             dtype = self._file(name).dtype(name)
             if not self._is_packed(name) and dtype.name not in FLOAT_DTYPES:
-                raise ModelLoadError(f"{self._file(name).path}: tensor {name!r} is {dtype.name}; "
-                                     "expected float32, float16 or bfloat16")  # fmt: skip
+                raise ModelLoadError(
+                    f"{self._file(name).path}: tensor {name!r} is {dtype.name}; "
+                    "expected float32, float16 or bfloat16"
+                )
         self._check_all_consumed()
 
     def _parts(self, name: str) -> list[str]:
@@ -85,28 +91,37 @@ class HFDirSource(ModelSource):
                 continue
             layer = _LAYER.match(name)
             if layer and int(layer.group(1)) >= self.config.num_hidden_layers:
-                raise ModelLoadError(f"{config_path}: num_hidden_layers is "
-                                     f"{self.config.num_hidden_layers}, but the weights hold "
-                                     f"{name!r} (layer {layer.group(1)})")  # fmt: skip
+                raise ModelLoadError(
+                    f"{config_path}: num_hidden_layers is "
+                    f"{self.config.num_hidden_layers}, but the weights hold "
+                    f"{name!r} (layer {layer.group(1)})"
+                )
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                if np.array_equal(self._file(name).read(name),
-                                  self._file("model.embed_tokens.weight").read(
-                                      "model.embed_tokens.weight")):  # fmt: skip
+                if np.array_equal(
+                    self._file(name).read(name),
+                    self._file("model.embed_tokens.weight").read("model.embed_tokens.weight"),
+                ):
                     continue
-                raise ModelLoadError(f"{config_path}: tie_word_embeddings is true, but "
-                                     f"{self._file(name).path} holds an lm_head.weight that "
-                                     "differs from the embeddings")  # fmt: skip
-            raise ModelLoadError(f"{self._file(name).path}: tensor {name!r} is not part of the "
-                                 f"{self.config.architecture} model config.json describes "
-                                 "(not supported)")  # fmt: skip
+                raise ModelLoadError(
+                    f"{config_path}: tie_word_embeddings is true, but "
+                    f"{self._file(name).path} holds an lm_head.weight that "
+                    "differs from the embeddings"
+                )
+            raise ModelLoadError(
+                f"{self._file(name).path}: tensor {name!r} is not part of the "
+                f"{self.config.architecture} model config.json describes "
+                "(not supported)"
+            )
 
     def _is_packed(self, name: str) -> bool:
         return False
 
     def _check_quantization(self, qconfig: object) -> None:
         if qconfig is not None:
-            raise ModelLoadError(f"{self.path / 'config.json'}: has a quantization_config; "
-                                 "open it with open_model to read it as a quantized checkpoint")
+            raise ModelLoadError(
+                f"{self.path / 'config.json'}: has a quantization_config; "
+                "open it with open_model to read it as a quantized checkpoint"
+            )
 
     def _layout_shapes(self, available: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         return available
@@ -128,15 +143,23 @@ class HFDirSource(ModelSource):
         shards = sorted(p.name for p in self.path.glob("*.safetensors"))
         if not shards:
             pickled = [f for f in _PICKLE_FILES if (self.path / f).exists()]
-            hint = (f" (found {pickled[0]}: pickled checkpoints are never loaded; convert it to "
-                    "safetensors)") if pickled else ""  # fmt: skip
+            hint = (
+                (
+                    f" (found {pickled[0]}: pickled checkpoints are never loaded; convert it to "
+                    "safetensors)"
+                )
+                if pickled
+                else ""
+            )
             raise ModelLoadError(f"{self.path}: no *.safetensors weights{hint}")
         where: dict[str, str] = {}
         for shard in shards:
             for name in self._open(shard).names():
                 if name in where:
-                    raise ModelLoadError(f"{self.path}: tensor {name!r} is stored twice, in "
-                                         f"{where[name]} and {shard}")  # fmt: skip
+                    raise ModelLoadError(
+                        f"{self.path}: tensor {name!r} is stored twice, in "
+                        f"{where[name]} and {shard}"
+                    )
                 where[name] = shard
         return where
 
@@ -162,8 +185,10 @@ class HFDirSource(ModelSource):
             for name in sorted(stored - listed):
                 other = weight_map.get(name)
                 where = f"assigns it to {other}" if other else "does not list it"
-                raise ModelLoadError(f"{self.path / file}: holds tensor {name!r}, but {INDEX_FILE} "
-                                     f"{where} (a tensor stored twice or a stale index)")
+                raise ModelLoadError(
+                    f"{self.path / file}: holds tensor {name!r}, but {INDEX_FILE} "
+                    f"{where} (a tensor stored twice or a stale index)"
+                )
 
     def _open(self, file: str) -> SafetensorsFile:
         if file not in self._files:

@@ -6,10 +6,18 @@ import re
 
 from ..model_config import ModelConfig
 
-LINEAR_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
-_LINEAR_WEIGHT = re.compile(r"model\.layers\.\d+\.(%s)\.weight" % "|".join(
-    re.escape(m) for m in LINEAR_MODULES))  # fmt: skip
+LINEAR_MODULES = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+_LINEAR_WEIGHT = re.compile(
+    r"model\.layers\.\d+\.({})\.weight".format("|".join(re.escape(m) for m in LINEAR_MODULES))
+)
 
 
 def is_quantized_linear(name: str) -> bool:

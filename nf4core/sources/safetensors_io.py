@@ -24,10 +24,17 @@ from ..errors import ModelLoadError
 from ..regular_file import check_regular_file
 
 DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": bfloat16,
-    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
-    "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
-}  # fmt: skip
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": bfloat16,
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
@@ -64,7 +71,8 @@ class SafetensorsFile:
             raise self._error("header is not a JSON object")
         metadata = header.pop("__metadata__", None) or {}
         strings = isinstance(metadata, dict) and all(
-            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+        )
         if not strings:
             raise self._error("__metadata__ must be an object of strings")
         self.metadata: dict[str, str] = metadata
@@ -81,8 +89,9 @@ class SafetensorsFile:
         return ModelLoadError(f"{self.path}: {problem}")
 
     def _check_entry(self, name: str, entry: object) -> tuple[np.dtype, tuple[int, ...], int, int]:
-        bad = self._error(f"tensor {name!r} has a malformed or unsupported header entry: "
-                          f"{_short(entry)}")  # fmt: skip
+        bad = self._error(
+            f"tensor {name!r} has a malformed or unsupported header entry: {_short(entry)}"
+        )
         if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str):
             raise bad
         dtype = DTYPES.get(entry["dtype"])
@@ -91,11 +100,14 @@ class SafetensorsFile:
             raise bad
         begin, end = offsets
         if begin > end:
-            raise self._error(f"tensor {name!r}: data_offsets [{begin}, {end}] end before "
-                              "they begin")  # fmt: skip
+            raise self._error(
+                f"tensor {name!r}: data_offsets [{begin}, {end}] end before they begin"
+            )
         if end - begin != math.prod(shape) * dtype.itemsize:
-            raise self._error(f"tensor {name!r}: {end - begin} bytes do not hold shape "
-                              f"{list(shape)} of {entry['dtype']}")  # fmt: skip
+            raise self._error(
+                f"tensor {name!r}: {end - begin} bytes do not hold shape "
+                f"{list(shape)} of {entry['dtype']}"
+            )
         return dtype, tuple(shape), begin, end
 
     def _check_tiling(self, spans: list[tuple[int, int, str]], data_size: int) -> None:
@@ -113,11 +125,15 @@ class SafetensorsFile:
                 raise self._error(f"tensor {name!r}: data_offsets [{begin}, {end}] {what}")
             position, previous = end, name
         if position > data_size:
-            raise self._error(f"tensor {previous!r}: offsets end at byte {position}, past the data "
-                              f"({data_size} bytes); the file is truncated or corrupt")
+            raise self._error(
+                f"tensor {previous!r}: offsets end at byte {position}, past the data "
+                f"({data_size} bytes); the file is truncated or corrupt"
+            )
         if position < data_size:
-            raise self._error(f"{data_size - position} bytes after the last tensor belong to none "
-                              "(offsets do not cover the data)")
+            raise self._error(
+                f"{data_size - position} bytes after the last tensor belong to none "
+                "(offsets do not cover the data)"
+            )
 
     def names(self) -> list[str]:
         return list(self._entries)
@@ -141,8 +157,9 @@ class SafetensorsFile:
         dtype, shape, begin = self._entry(name)
         if math.prod(shape) == 0:
             return np.zeros(shape, dtype)
-        return np.memmap(self.path, dtype=dtype, mode="r", offset=self._data_start + begin,
-                         shape=shape).view(np.ndarray)  # fmt: skip
+        return np.memmap(
+            self.path, dtype=dtype, mode="r", offset=self._data_start + begin, shape=shape
+        ).view(np.ndarray)
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
@@ -174,8 +191,9 @@ class SafetensorsWriter:
         self.metadata = dict(metadata or {})
         self._header: dict[str, dict] = {}
         self._offset = 0
-        self._data = tempfile.NamedTemporaryFile(dir=self.path.parent, prefix=f".{self.path.name}.",
-                                                 suffix=".data", delete=True)  # fmt: skip
+        self._data = tempfile.NamedTemporaryFile(
+            dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".data", delete=True
+        )
 
     def add(self, name: str, array: np.ndarray) -> None:
         if name in self._header or name == "__metadata__":
@@ -188,8 +206,11 @@ class SafetensorsWriter:
         with os_errors_name(self.path):
             self._data.write(array.reshape(-1).view(np.uint8).data)  # no copy of the tensor's bytes
         end = self._offset + array.nbytes
-        self._header[name] = {"dtype": _NAMES[dtype], "shape": list(array.shape),
-                              "data_offsets": [self._offset, end]}  # fmt: skip
+        self._header[name] = {
+            "dtype": _NAMES[dtype],
+            "shape": list(array.shape),
+            "data_offsets": [self._offset, end],
+        }
         self._offset = end
 
     def close(self) -> None:
@@ -221,8 +242,9 @@ class SafetensorsWriter:
             self.abort()
 
 
-def save_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
-                     metadata: dict[str, str] | None = None) -> None:  # fmt: skip
+def save_safetensors(
+    path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None
+) -> None:
     with SafetensorsWriter(path, metadata) as writer:
         for name, array in tensors.items():
             writer.add(name, array)

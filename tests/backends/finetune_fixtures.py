@@ -14,7 +14,9 @@ def tiny_model_dir(directory: Path, seed: int = 0) -> Path:
     config = hf_config("llama", tie=False, vocab=300)
     weights = random_weights(config, seed=seed)
     for name, w in weights.items():  # keep activations moderate: N(0, 1/in) weights, unit norms
-        weights[name] = np.ones_like(w) if w.ndim == 1 else (w / np.sqrt(w.shape[-1])).astype(np.float32)
+        weights[name] = (
+            np.ones_like(w) if w.ndim == 1 else (w / np.sqrt(w.shape[-1])).astype(np.float32)
+        )
     return write_hf_dir(directory, config, weights, tiny_tokenizer(300))
 
 
@@ -24,8 +26,14 @@ def chat_records(n: int = 12, seed: int = 0) -> list[dict]:
     out = []
     for _ in range(n):
         q = " ".join(rng.choice(words, 3))
-        out.append({"messages": [{"role": "user", "content": f"repeat {q}"},
-                                 {"role": "assistant", "content": q}]})  # fmt: skip
+        out.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"repeat {q}"},
+                    {"role": "assistant", "content": q},
+                ]
+            }
+        )
     return out
 
 

@@ -20,19 +20,35 @@ def cli_env() -> dict[str, str]:
 
 def run_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     """`python cli.py ARGS` from the repository root; stdout and stderr as text."""
-    return subprocess.run(cli_command(*args), cwd=ROOT, env=cli_env(), capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        cli_command(*args), cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def tiny_run_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["finetune", "--model", str(model), "--data", str(data), "--out", str(out),
-            "--batch-size", "4", "--max-seq-len", "64", "--quiet", *extra]  # fmt: skip
+    return [
+        "finetune",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--max-seq-len",
+        "64",
+        "--quiet",
+        *extra,
+    ]
 
 
 def snapshot(directory: Path) -> dict[str, bytes | None]:
     """Every file (bytes) and folder (None) under `directory`, by relative path."""
-    return {str(p.relative_to(directory)): (p.read_bytes() if p.is_file() else None)
-            for p in sorted(directory.rglob("*"))}  # fmt: skip
+    return {
+        str(p.relative_to(directory)): (p.read_bytes() if p.is_file() else None)
+        for p in sorted(directory.rglob("*"))
+    }
 
 
 def error_line(stderr: str) -> str:

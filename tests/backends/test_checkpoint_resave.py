@@ -18,14 +18,21 @@ from tests.backends.finetune_fixtures import tiny_setup
 
 def _state(step: int, value: float = 0.5) -> TrainingState:
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
-    moments = {f"{key}.exp_avg": np.zeros((2, 3), np.float32),
-               f"{key}.exp_avg_sq": np.ones((2, 3), np.float32)}  # fmt: skip
+    moments = {
+        f"{key}.exp_avg": np.zeros((2, 3), np.float32),
+        f"{key}.exp_avg_sq": np.ones((2, 3), np.float32),
+    }
     return TrainingState({key: np.full((2, 3), value, np.float32)}, moments, step)
 
 
 def _save(root, step, value=0.5):
-    return save_checkpoint(root, _state(step, value), FinetuneConfig(steps=step).to_dict(),
-                           {"micro_batches": step}, "torch")  # fmt: skip
+    return save_checkpoint(
+        root,
+        _state(step, value),
+        FinetuneConfig(steps=step).to_dict(),
+        {"micro_batches": step},
+        "torch",
+    )
 
 
 def _value(root) -> float:
@@ -63,8 +70,9 @@ def test_a_crash_before_the_pointer_switch_keeps_the_old_checkpoint(tmp_path, mo
     assert _value(tmp_path) == 0.25
 
 
-def test_a_crash_while_deleting_the_old_copy_leaves_a_loadable_run_and_is_cleaned(tmp_path,
-                                                                                  monkeypatch):
+def test_a_crash_while_deleting_the_old_copy_leaves_a_loadable_run_and_is_cleaned(
+    tmp_path, monkeypatch
+):
     _save(tmp_path, 2, 0.5)
     real = shutil.rmtree
 
@@ -109,16 +117,34 @@ def test_resuming_a_finished_run_from_an_earlier_step_resaves_its_last_step(tmp_
     model, data = tiny_setup(tmp_path)
     out = tmp_path / "run"
     common = ["--batch-size", "4", "--max-seq-len", "64", "--quiet"]
-    r = CliRunner().invoke(main, ["finetune", "--model", str(model), "--data", str(data), "--out",
-                                  str(out), "--steps", "4", "--save-every", "2", "--backend",
-                                  "torch", *common])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "finetune",
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--steps",
+            "4",
+            "--save-every",
+            "2",
+            "--backend",
+            "torch",
+            *common,
+        ],
+    )
     assert r.exit_code == 0, r.output
     first = load_checkpoint(out).state
-    r = CliRunner().invoke(main, ["finetune", "--resume", str(out / "checkpoints/step-000002"),
-                                  "--quiet"])  # fmt: skip
+    r = CliRunner().invoke(
+        main, ["finetune", "--resume", str(out / "checkpoints/step-000002"), "--quiet"]
+    )
     assert r.exit_code == 0, r.output
     assert json.loads((out / "checkpoints/latest.json").read_text()) == {
-        "checkpoint": "step-000004.1"}
+        "checkpoint": "step-000004.1"
+    }
     assert _names(out / "checkpoints") == ["latest.json", "step-000002", "step-000004.1"]
     again = load_checkpoint(out).state
     for key, value in first.adapters.items():  # the same steps again: the same numbers

@@ -28,18 +28,38 @@ def _data(tmp_path):
 
 
 def _finetune(model, data, out, *extra):
-    return CliRunner().invoke(main, ["finetune", "--model", str(model), "--data", str(data),
-                                     "--out", str(out), "--steps", "1", "--batch-size", "2",
-                                     "--max-seq-len", "64", "--backend", "torch", "--quiet",
-                                     *extra])  # fmt: skip
+    return CliRunner().invoke(
+        main,
+        [
+            "finetune",
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--max-seq-len",
+            "64",
+            "--backend",
+            "torch",
+            "--quiet",
+            *extra,
+        ],
+    )
 
 
 def test_records_without_targets_are_skipped_and_named(model, tmp_path):
     data = _data(tmp_path)
     r = _finetune(model, data, tmp_path / "out")
     assert r.exit_code == 0, r.output
-    assert (f"skipped 2 record(s) with no target tokens (a prompt of --max-seq-len 64 tokens or "
-            f"more, or no text): {data}:2, {data}:5") in r.output
+    assert (
+        f"skipped 2 record(s) with no target tokens (a prompt of --max-seq-len 64 tokens or "
+        f"more, or no text): {data}:2, {data}:5"
+    ) in r.output
 
 
 def test_strict_data_refuses_them_naming_the_first(model, tmp_path):

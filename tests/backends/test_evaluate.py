@@ -21,8 +21,13 @@ def model_dir(tmp_path_factory):
 
 def _load(model_dir, backend: str) -> api.LoadedModel:
     pytest.importorskip("torch" if backend == "torch" else "mlx.core")
-    return api.load(model_dir, lora=LoRASettings(r=4, alpha=8.0, seed=1), backend=backend,
-                    device="cpu", compute_dtype="float32")  # fmt: skip
+    return api.load(
+        model_dir,
+        lora=LoRASettings(r=4, alpha=8.0, seed=1),
+        backend=backend,
+        device="cpu",
+        compute_dtype="float32",
+    )
 
 
 def _one_by_one(engine, prompt, max_new, eos) -> list[int]:
@@ -58,8 +63,9 @@ def test_exact_match_predictions_equal_one_prompt_at_a_time(model_dir, backend):
     for r in records:
         prompt, reference = prompt_and_answer(r, m.tokenizer)
         budget = len(m.tokenizer.encode(reference, add_special_tokens=False)) + 4
-        want.append(m.tokenizer.decode(_one_by_one(m.engine, prompt, budget, eos),
-                                       skip_special_tokens=True))  # fmt: skip
+        want.append(
+            m.tokenizer.decode(_one_by_one(m.engine, prompt, budget, eos), skip_special_tokens=True)
+        )
     assert len({len(prompt_and_answer(r, m.tokenizer)[0]) for r in records}) > 1  # several groups
     got = exact_match_score(m.engine, m.tokenizer, records, keep_samples=len(records), max_batch=3)
     assert [p for p, _ in got.samples] == want
@@ -101,16 +107,22 @@ def test_exact_match_groups_by_length_caps_batches_and_budgets_each_answer(monke
 
     monkeypatch.setattr(evaluate, "stop_ids", lambda tok: ())
     records, answers = [], {}
-    for i, (prompt, reference, produced) in enumerate([
-        ("ab", "12", "12"),        # right
-        ("cd", "34", "35"),        # wrong
-        ("ef", "5", "5     xyz"),  # right answer, then more than its budget (1 + 4): cut, trimmed
-        ("ghi", "7", "7"),
-        ("jkl", "8", "9"),
-        ("mno", "0", "0"),
-        ("pqr", "1", "1"),
-        ("z", "22", "22x"),        # one token too many within budget: wrong
-    ]):  # fmt: skip
+    for _i, (prompt, reference, produced) in enumerate(
+        [
+            ("ab", "12", "12"),  # right
+            ("cd", "34", "35"),  # wrong
+            (
+                "ef",
+                "5",
+                "5     xyz",
+            ),  # right answer, then more than its budget (1 + 4): cut, trimmed
+            ("ghi", "7", "7"),
+            ("jkl", "8", "9"),
+            ("mno", "0", "0"),
+            ("pqr", "1", "1"),
+            ("z", "22", "22x"),  # one token too many within budget: wrong
+        ]
+    ):
         records.append({"prompt": prompt, "completion": reference})
         answers[tuple(map(ord, prompt))] = [ord(c) for c in produced]
     engine = ScriptedEngine(answers)

@@ -13,20 +13,27 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import nf4core
+from backends import api
 from backends import merge as merge_mod
 from backends.merge import merge, merged_tensors
-from nf4core.model_quantize import DEFAULT_QUANT_METHOD
-from backends import api
 from backends.peft_adapter import PEFT_PREFIX, Adapter, AdapterError, load_adapter, save_adapter
+from nf4core.model_quantize import DEFAULT_QUANT_METHOD
 from tests.nf4core.tiny_models import hf_config, random_weights, tiny_tokenizer, write_hf_dir
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
 
 
 def _model(directory, layers: int):
-    config = hf_config("llama", vocab=300, hidden_size=128, intermediate_size=512,
-                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                       head_dim=32)  # fmt: skip
+    config = hf_config(
+        "llama",
+        vocab=300,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+    )
     weights = random_weights(config, dtype=ml_dtypes.bfloat16, seed=1)
     return write_hf_dir(directory, config, weights, tiny_tokenizer())
 
@@ -38,8 +45,12 @@ def _adapter(source: nf4core.ModelSource) -> Adapter:
         module = name.removesuffix(".weight")
         if module.rsplit(".", 1)[-1] in TARGETS:
             out_f, in_f = source.tensor_shape(name)
-            tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = rng.standard_normal((4, in_f)).astype(np.float32)
-            tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = rng.standard_normal((out_f, 4)).astype(np.float32)
+            tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = rng.standard_normal((4, in_f)).astype(
+                np.float32
+            )
+            tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = rng.standard_normal(
+                (out_f, 4)
+            ).astype(np.float32)
     return Adapter(tensors, 4, 8.0, 0.0, TARGETS)
 
 
@@ -56,9 +67,13 @@ def test_sixteen_bit_merge_equals_the_fold(model_and_adapter, tmp_path):
     got = nf4core.open_model(merge(model, adapter, tmp_path / "m", dtype="bfloat16"))
     assert set(got.tensor_names()) == set(want)
     for name, value in want.items():
-        assert np.array_equal(np.asarray(got.read(name)).view(np.uint16), value.view(np.uint16)), name
+        assert np.array_equal(np.asarray(got.read(name)).view(np.uint16), value.view(np.uint16)), (
+            name
+        )
     q = want["model.layers.0.self_attn.q_proj.weight"].astype(np.float32)
-    plain = np.asarray(nf4core.open_model(model).read("model.layers.0.self_attn.q_proj.weight"), np.float32)
+    plain = np.asarray(
+        nf4core.open_model(model).read("model.layers.0.self_attn.q_proj.weight"), np.float32
+    )
     assert np.abs(q - plain).max() > 1.0  # the adapter really changed the weight
 
 
@@ -94,10 +109,15 @@ def test_merge_memory_does_not_grow_with_the_model(model_and_adapter, tmp_path, 
     small, adapter, _ = model_and_adapter
     large = _model(tmp_path / "large", layers=24)
     source = nf4core.open_model(large)
-    added = sum(int(np.prod(source.tensor_shape(n))) * 4 for n in source.tensor_names()
-                if n.startswith("model.layers.") and int(n.split(".")[2]) >= 6)  # fmt: skip
-    peaks = [_peak_bytes(lambda: merge(m, a, tmp_path / f"out{i}", requantize=requantize))
-             for i, (m, a) in enumerate([(small, adapter), (large, _adapter(source))])]  # fmt: skip
+    added = sum(
+        int(np.prod(source.tensor_shape(n))) * 4
+        for n in source.tensor_names()
+        if n.startswith("model.layers.") and int(n.split(".")[2]) >= 6
+    )
+    peaks = [
+        _peak_bytes(lambda: merge(m, a, tmp_path / f"out{i}", requantize=requantize))
+        for i, (m, a) in enumerate([(small, adapter), (large, _adapter(source))])
+    ]
     assert peaks[1] - peaks[0] < added / 10, (peaks, added)
 
 
@@ -125,11 +145,14 @@ def _saved(tmp_path, adapter: Adapter, edit=None):
     return directory
 
 
-@pytest.mark.parametrize("edit,message", [
-    (lambda d: _rewrite_config(d, r=2), "do not match r = 2"),
-    (lambda d: _drop_tensor(d, "lora_B"), "lacks its lora_B.weight"),
-    (lambda d: _poison(d), "NaN or infinite"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda d: _rewrite_config(d, r=2), "do not match r = 2"),
+        (lambda d: _drop_tensor(d, "lora_B"), "lacks its lora_B.weight"),
+        (lambda d: _poison(d), "NaN or infinite"),
+    ],
+)
 def test_broken_adapters_are_refused_naming_the_file(model_and_adapter, tmp_path, edit, message):
     _, adapter, _ = model_and_adapter
     directory = _saved(tmp_path, adapter, edit)
@@ -138,24 +161,38 @@ def test_broken_adapters_are_refused_naming_the_file(model_and_adapter, tmp_path
     assert str(directory / "adapter_model.safetensors") in str(e.value)
 
 
-def test_an_adapter_for_another_model_is_refused_before_anything_is_written(model_and_adapter, tmp_path):
+def test_an_adapter_for_another_model_is_refused_before_anything_is_written(
+    model_and_adapter, tmp_path
+):
     model, _, _ = model_and_adapter
     other = _model(tmp_path / "other", layers=2)
     wide = _adapter(nf4core.open_model(_wider_model(tmp_path / "wide")))
-    for adapter_of, expect in ((_adapter(nf4core.open_model(model)), "the model has no model.layers.2"),
-                               (wide, "down_proj is \\[128, 512\\] in the model but \\[256, 512\\]")):  # fmt: skip
+    for adapter_of, expect in (
+        (_adapter(nf4core.open_model(model)), "the model has no model.layers.2"),
+        (wide, "down_proj is \\[128, 512\\] in the model but \\[256, 512\\]"),
+    ):
         directory = save_adapter(tmp_path / f"a{len(expect)}", adapter_of)
         with pytest.raises(AdapterError, match=expect) as e:
             api.merge_adapter(other, directory, tmp_path / "merged")
         assert str(directory) in str(e.value)
         assert not (tmp_path / "merged").exists()
         with pytest.raises(AdapterError, match=expect):
-            api.load(other, adapter=directory, backend="mlx", device="cpu")  # before building a model
+            api.load(
+                other, adapter=directory, backend="mlx", device="cpu"
+            )  # before building a model
 
 
 def _wider_model(directory):
-    config = hf_config("llama", vocab=300, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=64)  # fmt: skip
+    config = hf_config(
+        "llama",
+        vocab=300,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+    )
     return write_hf_dir(directory, config, random_weights(config, seed=3), tiny_tokenizer())
 
 

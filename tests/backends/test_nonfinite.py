@@ -26,13 +26,17 @@ def setup(tmp_path_factory):
 
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
-def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(setup, tmp_path,
-                                                                                  backend):
+def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+    setup, tmp_path, backend
+):
     if backend == "mlx":
         pytest.importorskip("mlx.core")
     out = tmp_path / "run"
-    r = run_cli(*tiny_run_args(*setup, out, "--steps", "8", "--save-every", "1", "--lr", "1e30",
-                               "--backend", backend))  # fmt: skip
+    r = run_cli(
+        *tiny_run_args(
+            *setup, out, "--steps", "8", "--save-every", "1", "--lr", "1e30", "--backend", backend
+        )
+    )
     assert r.returncode == 1
     line = error_line(r.stderr)
     bad_step = int(re.search(r"step (\d+): non-finite", line).group(1))
@@ -76,8 +80,17 @@ def _inject_nan_at(monkeypatch, backend: str, bad_call: int) -> None:
 
 def _cfg(setup, out, backend, **kw):
     model, data = setup
-    base = dict(model=str(model), data=str(data), out=str(out), steps=4, batch_size=4,
-                max_seq_len=64, lr=1e-2, save_every=1, backend=backend)  # fmt: skip
+    base = dict(
+        model=str(model),
+        data=str(data),
+        out=str(out),
+        steps=4,
+        batch_size=4,
+        max_seq_len=64,
+        lr=1e-2,
+        save_every=1,
+        backend=backend,
+    )
     return FinetuneConfig(**{**base, **kw})
 
 
@@ -87,25 +100,29 @@ def test_skip_nonfinite_skips_the_update_and_continues(setup, tmp_path, monkeypa
         pytest.importorskip("mlx.core")
     _inject_nan_at(monkeypatch, backend, bad_call=2)
     lines = []
-    r = finetune(_cfg(setup, tmp_path, backend, skip_nonfinite=1), echo=lines.append,
-                 progress=False)  # fmt: skip
+    r = finetune(
+        _cfg(setup, tmp_path, backend, skip_nonfinite=1), echo=lines.append, progress=False
+    )
     assert r.steps == 4 and len(r.losses) == 3 and all(np.isfinite(r.losses))
-    assert any(x.startswith("step 2: non-finite loss nan") and "update skipped (1 of" in x
-               for x in lines), lines  # fmt: skip
+    assert any(
+        x.startswith("step 2: non-finite loss nan") and "update skipped (1 of" in x for x in lines
+    ), lines
     one, two = (load_checkpoint(tmp_path / f"checkpoints/step-00000{k}").state for k in (1, 2))
     for key in one.adapters:  # the skipped step changed nothing
         np.testing.assert_array_equal(one.adapters[key], two.adapters[key])
         np.testing.assert_array_equal(one.moments[f"{key}.exp_avg"], two.moments[f"{key}.exp_avg"])
     four = load_checkpoint(tmp_path).state
-    assert four.step == 4 and any(not np.array_equal(one.adapters[k], four.adapters[k])
-                                  for k in one.adapters)  # fmt: skip
+    assert four.step == 4 and any(
+        not np.array_equal(one.adapters[k], four.adapters[k]) for k in one.adapters
+    )
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in records if x.get("event") == "nonfinite"] == [2]
 
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
-def test_without_skip_a_nonfinite_step_stops_before_saving_it(setup, tmp_path, monkeypatch,
-                                                              backend):
+def test_without_skip_a_nonfinite_step_stops_before_saving_it(
+    setup, tmp_path, monkeypatch, backend
+):
     if backend == "mlx":
         pytest.importorskip("mlx.core")
     _inject_nan_at(monkeypatch, backend, bad_call=3)
@@ -128,19 +145,34 @@ def exploding_adapter(setup, tmp_path_factory):
 
 def test_eval_refuses_a_nonfinite_loss(setup, exploding_adapter):
     model, data = setup
-    r = CliRunner().invoke(main, ["eval", str(data), "--model", str(model), "--adapter",
-                                  str(exploding_adapter), "--backend", "torch"])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            str(data),
+            "--model",
+            str(model),
+            "--adapter",
+            str(exploding_adapter),
+            "--backend",
+            "torch",
+        ],
+    )
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert f"{exploding_adapter}: the loss on {data} is nan (not finite)" in r.output
 
 
 @pytest.mark.parametrize("how", [["--dtype", "float32"], ["--nf4"]])
 def test_merge_refuses_nonfinite_weights(setup, exploding_adapter, tmp_path, how):
-    r = CliRunner().invoke(main, ["merge", str(exploding_adapter), str(tmp_path / "m"), "--model",
-                                  str(setup[0]), *how])  # fmt: skip
+    r = CliRunner().invoke(
+        main, ["merge", str(exploding_adapter), str(tmp_path / "m"), "--model", str(setup[0]), *how]
+    )
     assert r.exit_code == 1 and "Traceback" not in r.output
-    assert re.search(rf"{exploding_adapter}: merged into the base, model\.layers\.\d+\.\S+ would "
-                     "hold NaN or infinite values", r.output), r.output  # fmt: skip
+    assert re.search(
+        rf"{exploding_adapter}: merged into the base, model\.layers\.\d+\.\S+ would "
+        "hold NaN or infinite values",
+        r.output,
+    ), r.output
     assert not (tmp_path / "m").exists() and list(tmp_path.iterdir()) == []
 
 
@@ -149,12 +181,19 @@ def test_a_run_with_a_skipped_step_resumes_exactly(setup, tmp_path, monkeypatch,
     if backend == "mlx":
         pytest.importorskip("mlx.core")
     _inject_nan_at(monkeypatch, backend, bad_call=1)  # the very first step: no optimizer state yet
-    full = finetune(_cfg(setup, tmp_path / "full", backend, skip_nonfinite=1, save_every=2),
-                    echo=lambda s: None, progress=False)  # fmt: skip
+    full = finetune(
+        _cfg(setup, tmp_path / "full", backend, skip_nonfinite=1, save_every=2),
+        echo=lambda s: None,
+        progress=False,
+    )
     monkeypatch.undo()
-    resumed = finetune(FinetuneConfig(resume=str(tmp_path / "full/checkpoints/step-000002"),
-                                      out=str(tmp_path / "resumed")),
-                       echo=lambda s: None, progress=False)  # fmt: skip
+    resumed = finetune(
+        FinetuneConfig(
+            resume=str(tmp_path / "full/checkpoints/step-000002"), out=str(tmp_path / "resumed")
+        ),
+        echo=lambda s: None,
+        progress=False,
+    )
     np.testing.assert_allclose(resumed.losses, full.losses[-2:], rtol=1e-6)
     a, b = load_checkpoint(tmp_path / "full").state, load_checkpoint(tmp_path / "resumed").state
     for key in a.adapters:
@@ -166,8 +205,11 @@ def test_a_resume_that_fails_changes_nothing_of_the_run_but_its_log(setup, tmp_p
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     _inject_nan_at(monkeypatch, "torch", bad_call=1)
     with pytest.raises(NonFiniteError, match="^step 3: non-finite"):
-        finetune(FinetuneConfig(resume=str(tmp_path / "checkpoints/step-000002")),
-                 echo=lambda s: None, progress=False)  # fmt: skip
+        finetune(
+            FinetuneConfig(resume=str(tmp_path / "checkpoints/step-000002")),
+            echo=lambda s: None,
+            progress=False,
+        )
     after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     log = tmp_path / "metrics.jsonl"
     assert after.pop(log).startswith(before.pop(log))  # the failed step appended, nothing removed

@@ -25,10 +25,23 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("peft")
     model, data = tiny_setup(tmp)
     out = tmp / "run"
-    finetune(FinetuneConfig(model=str(model), data=str(data), out=str(out), steps=4, batch_size=4,
-                            max_seq_len=64, lr=2e-2, backend="torch", lora_r=4, lora_alpha=8,
-                            targets=("q_proj", "v_proj", "down_proj")),
-             echo=lambda s: None, progress=False)  # fmt: skip
+    finetune(
+        FinetuneConfig(
+            model=str(model),
+            data=str(data),
+            out=str(out),
+            steps=4,
+            batch_size=4,
+            max_seq_len=64,
+            lr=2e-2,
+            backend="torch",
+            lora_r=4,
+            lora_alpha=8,
+            targets=("q_proj", "v_proj", "down_proj"),
+        ),
+        echo=lambda s: None,
+        progress=False,
+    )
     return model, out
 
 
@@ -65,10 +78,14 @@ def test_merge_folds_the_adapter_into_the_nf4_base(trained, tmp_path):
     model_dir, out = trained
     adapter = load_adapter(out)
     merged = dict(merged_tensors(nf4core.open_model(model_dir), adapter, "float32"))
-    hf = peft.PeftModel.from_pretrained(hf_model_of_nf4_base(model_dir), str(out)).merge_and_unload()
+    hf = peft.PeftModel.from_pretrained(
+        hf_model_of_nf4_base(model_dir), str(out)
+    ).merge_and_unload()
     for name, value in hf.state_dict().items():
         np.testing.assert_allclose(merged[name], value.numpy(), atol=1e-6, rtol=1e-6)
     path = api.merge_adapter(model_dir, out, tmp_path / "merged", dtype="float32")
     source = nf4core.open_model(path)
-    np.testing.assert_array_equal(source.read("model.layers.0.self_attn.q_proj.weight"),
-                                  merged["model.layers.0.self_attn.q_proj.weight"])
+    np.testing.assert_array_equal(
+        source.read("model.layers.0.self_attn.q_proj.weight"),
+        merged["model.layers.0.self_attn.q_proj.weight"],
+    )

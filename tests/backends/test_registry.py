@@ -21,7 +21,9 @@ class FakeProbe:
 
 
 def choose(env=None, **kwargs):
-    probe = FakeProbe(**{k: kwargs.pop(k) for k in list(kwargs) if k in ("packages", "cuda", "metal", "bf16")})
+    probe = FakeProbe(
+        **{k: kwargs.pop(k) for k in list(kwargs) if k in ("packages", "cuda", "metal", "bf16")}
+    )
     return select_backend(env=env or {}, probe=probe, **kwargs)
 
 

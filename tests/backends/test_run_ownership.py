@@ -15,8 +15,15 @@ from backends.finetune_config import FinetuneConfig
 from backends.resume import CHANGEABLE, FIXED, FROM_COMMAND_LINE_ONLY
 from backends.run_dir import LOCK_NAME, run_lock
 from tests.backends.finetune_fixtures import tiny_setup
-from tests.backends.run_helpers import (ROOT, cli_command, cli_env, error_line, run_cli, snapshot,
-                                        tiny_run_args)  # fmt: skip
+from tests.backends.run_helpers import (
+    ROOT,
+    cli_command,
+    cli_env,
+    error_line,
+    run_cli,
+    snapshot,
+    tiny_run_args,
+)
 
 pytest.importorskip("torch")
 
@@ -31,9 +38,20 @@ def finished_run(setup, tmp_path_factory):
     """A 4-step torch run with checkpoints at steps 2 and 4."""
     model, data = setup
     out = tmp_path_factory.mktemp("finished") / "run"
-    finetune(FinetuneConfig(model=str(model), data=str(data), out=str(out), steps=4, batch_size=4,
-                            max_seq_len=64, save_every=2, backend="torch"),
-             echo=lambda s: None, progress=False)  # fmt: skip
+    finetune(
+        FinetuneConfig(
+            model=str(model),
+            data=str(data),
+            out=str(out),
+            steps=4,
+            batch_size=4,
+            max_seq_len=64,
+            save_every=2,
+            backend="torch",
+        ),
+        echo=lambda s: None,
+        progress=False,
+    )
     return out
 
 
@@ -54,8 +72,14 @@ def test_resume_writes_only_to_the_resumed_copy_or_to_out(finished_run, tmp_path
     r = run_cli("finetune", "--resume", copied, "--steps", "5", "--quiet")
     assert r.returncode == 0, r.stderr
     assert load_checkpoint(copied).state.step == 5
-    r = run_cli("finetune", "--resume", original / "checkpoints/step-000002", "--out",
-                tmp_path / "elsewhere", "--quiet")  # fmt: skip
+    r = run_cli(
+        "finetune",
+        "--resume",
+        original / "checkpoints/step-000002",
+        "--out",
+        tmp_path / "elsewhere",
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     assert load_checkpoint(tmp_path / "elsewhere").state.step == 4
     assert (tmp_path / "elsewhere/adapter_model.safetensors").is_file()
@@ -65,8 +89,21 @@ def test_resume_writes_only_to_the_resumed_copy_or_to_out(finished_run, tmp_path
 def test_resume_refuses_flags_that_contradict_the_checkpoint(setup, finished_run, tmp_path):
     run = copy_of(finished_run, tmp_path)
     before = snapshot(run)
-    r = run_cli("finetune", "--resume", run, "--lora-r", "4", "--seed", "3", "--targets", "q_proj",
-                "--model", setup[0], "--steps", "6")  # fmt: skip
+    r = run_cli(
+        "finetune",
+        "--resume",
+        run,
+        "--lora-r",
+        "4",
+        "--seed",
+        "3",
+        "--targets",
+        "q_proj",
+        "--model",
+        setup[0],
+        "--steps",
+        "6",
+    )
     assert r.returncode == 1
     line = error_line(r.stderr)
     assert f"{run}: cannot change on resume" in line
@@ -79,15 +116,17 @@ def test_resume_refuses_flags_that_contradict_the_checkpoint(setup, finished_run
 def test_resume_applies_and_reports_changeable_flags(finished_run, tmp_path):
     run = copy_of(finished_run, tmp_path)
     lines = []
-    r = finetune(FinetuneConfig(resume=str(run), steps=6, save_every=1), echo=lines.append,
-                 progress=False)  # fmt: skip
+    r = finetune(
+        FinetuneConfig(resume=str(run), steps=6, save_every=1), echo=lines.append, progress=False
+    )
     assert "resume: applying --steps 6 (was 4), --save-every 1 (was 2)" in lines
     assert r.steps == 6 and len(r.losses) == 2
     assert (run / "checkpoints/step-000005").is_dir() and r.out == run
 
 
-def test_a_fresh_run_refuses_a_non_empty_out_and_overwrite_moves_it_aside(setup, finished_run,
-                                                                          tmp_path):
+def test_a_fresh_run_refuses_a_non_empty_out_and_overwrite_moves_it_aside(
+    setup, finished_run, tmp_path
+):
     run = copy_of(finished_run, tmp_path)
     before = snapshot(run)
     r = run_cli(*tiny_run_args(*setup, run, "--steps", "1"))
@@ -108,8 +147,9 @@ def test_a_failed_run_changes_nothing(setup, finished_run, tmp_path, problem):
     fresh = tmp_path / "fresh"
     if problem == "strict data":
         bad = tmp_path / "bad.jsonl"
-        bad.write_text(json.dumps({"prompt": "fox " * 200, "completion": "dog"}) + "\n"
-                       + data.read_text())  # fmt: skip
+        bad.write_text(
+            json.dumps({"prompt": "fox " * 200, "completion": "dog"}) + "\n" + data.read_text()
+        )
         args = tiny_run_args(model, bad, fresh, "--strict-data", "--backend", "torch")
     elif problem == "missing model":
         args = tiny_run_args(tmp_path / "nowhere", data, fresh, "--backend", "torch")
@@ -129,8 +169,10 @@ def test_a_stale_lock_is_taken_over_with_a_note(finished_run, tmp_path):
     (run / LOCK_NAME).write_text(json.dumps({"pid": gone.pid, "host": "here"}))
     lines = []
     finetune(FinetuneConfig(resume=str(run), steps=5), echo=lines.append, progress=False)
-    assert any(f"was left by PID {gone.pid} on here, which no longer holds it; taking it over" in x
-               for x in lines), lines  # fmt: skip
+    assert any(
+        f"was left by PID {gone.pid} on here, which no longer holds it; taking it over" in x
+        for x in lines
+    ), lines
     assert not (run / LOCK_NAME).exists()  # released at the end
 
 
@@ -152,10 +194,14 @@ def _wait_for(condition, seconds: float) -> None:
 
 def test_concurrent_run_refused_then_sigint_saves_and_the_run_resumes(setup, tmp_path):
     out = tmp_path / "run"
-    first = subprocess.Popen(cli_command(*tiny_run_args(*setup, out, "--steps", "100000",
-                                                        "--backend", "torch")),
-                             cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    first = subprocess.Popen(
+        cli_command(*tiny_run_args(*setup, out, "--steps", "100000", "--backend", "torch")),
+        cwd=ROOT,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         metrics = out / "metrics.jsonl"
         _wait_for(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 2, 90)

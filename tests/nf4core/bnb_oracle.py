@@ -18,16 +18,20 @@ from nf4core.dtypes import bfloat16  # noqa: E402
 def _eager():
     # bitsandbytes wraps its pure-torch dequantize in torch.compile; compiling one graph per test
     # shape costs seconds and changes no number (an elementwise multiply and a cast).
-    return torch._dynamo.config.patch(disable=True) if hasattr(torch, "_dynamo") else contextlib.nullcontext()
+    return (
+        torch._dynamo.config.patch(disable=True)
+        if hasattr(torch, "_dynamo")
+        else contextlib.nullcontext()
+    )
 
 
-def to_torch(w: np.ndarray) -> "torch.Tensor":
+def to_torch(w: np.ndarray) -> torch.Tensor:
     if w.dtype == bfloat16:
         return torch.from_numpy(w.view(np.uint16).copy()).view(torch.bfloat16)
     return torch.from_numpy(np.ascontiguousarray(w))
 
 
-def to_numpy(t: "torch.Tensor") -> np.ndarray:
+def to_numpy(t: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         return t.view(torch.uint16).numpy().view(bfloat16)
     return t.detach().numpy()
@@ -51,8 +55,11 @@ def state_dict(packed, quant_state, prefix: str) -> dict[str, np.ndarray]:
 
 def quant_state_from(sd: dict[str, np.ndarray], prefix: str):
     """bitsandbytes reading a state dict (ours) back into a QuantState."""
-    qs = {k[len(prefix) + len(".weight.") :]: torch.from_numpy(np.array(v))
-          for k, v in sd.items() if k.startswith(f"{prefix}.weight.")}  # fmt: skip
+    qs = {
+        k[len(prefix) + len(".weight.") :]: torch.from_numpy(np.array(v))
+        for k, v in sd.items()
+        if k.startswith(f"{prefix}.weight.")
+    }
     return F.QuantState.from_dict(qs, device=torch.device("cpu"))
 
 

@@ -36,12 +36,15 @@ def test_truncated_safetensors(hf_dir):
     assert "model.safetensors: tensor" in one_line(err) and "truncated or corrupt" in str(err.value)
 
 
-@pytest.mark.parametrize("content,problem", [
-    (b"", "too short to be a safetensors file"),
-    (b"\xff" * 16, "does not fit in the file"),
-    ((8).to_bytes(8, "little") + b"{not json", "header is not valid JSON"),
-    ((2).to_bytes(8, "little") + b"[]", "header is not a JSON object"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "content,problem",
+    [
+        (b"", "too short to be a safetensors file"),
+        (b"\xff" * 16, "does not fit in the file"),
+        ((8).to_bytes(8, "little") + b"{not json", "header is not valid JSON"),
+        ((2).to_bytes(8, "little") + b"[]", "header is not a JSON object"),
+    ],
+)
 def test_broken_safetensors_header(tmp_path, content, problem):
     path = tmp_path / "x.safetensors"
     path.write_bytes(content)
@@ -63,7 +66,9 @@ def test_missing_tensor(tmp_path):
     weights = random_weights(config)
     del weights["model.layers.1.mlp.up_proj.weight"]
     directory = write_hf_dir(tmp_path / "hf", config, weights)
-    with pytest.raises(ModelLoadError, match="missing tensor 'model.layers.1.mlp.up_proj.weight'") as e:
+    with pytest.raises(
+        ModelLoadError, match="missing tensor 'model.layers.1.mlp.up_proj.weight'"
+    ) as e:
         open_model(directory)
     assert str(directory) in one_line(e)
     gguf_path = write_gguf(tmp_path / "m.gguf", config, weights)
@@ -75,7 +80,9 @@ def test_wrong_shape(tmp_path):
     config = hf_config("llama")
     weights = random_weights(config)
     weights["model.norm.weight"] = np.ones(65, np.float32)
-    with pytest.raises(ModelLoadError, match=r"'model.norm.weight' has shape \[65\], expected \[64\]"):
+    with pytest.raises(
+        ModelLoadError, match=r"'model.norm.weight' has shape \[65\], expected \[64\]"
+    ):
         open_model(write_hf_dir(tmp_path / "hf", config, weights))
 
 
@@ -93,7 +100,9 @@ def test_unsupported_architecture(tmp_path):
 def test_unsupported_gguf_tensor_type(tmp_path):
     config = hf_config("llama")
     path = write_gguf(tmp_path / "m.gguf", config, random_weights(config), qtype="Q5_0")
-    with pytest.raises(ModelLoadError, match="tensor 'token_embd.weight' has type Q5_0, not supported"):
+    with pytest.raises(
+        ModelLoadError, match="tensor 'token_embd.weight' has type Q5_0, not supported"
+    ):
         open_model(path)
 
 
@@ -117,11 +126,16 @@ def test_broken_gguf(tmp_path):
 def test_bnb_fp4_and_8bit_are_refused(hf_dir):
     config = json.loads((hf_dir / "config.json").read_text())
     for qconfig, problem in [
-        ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
-         "bnb_4bit_quant_type 'fp4' is not supported"),
-        ({"quant_method": "bitsandbytes", "load_in_8bit": True}, "8-bit checkpoints are not supported"),
+        (
+            {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
+            "bnb_4bit_quant_type 'fp4' is not supported",
+        ),
+        (
+            {"quant_method": "bitsandbytes", "load_in_8bit": True},
+            "8-bit checkpoints are not supported",
+        ),
         ({"quant_method": "gptq", "bits": 4}, "quantization method 'gptq' is not supported"),
-    ]:  # fmt: skip
+    ]:
         (hf_dir / "config.json").write_text(json.dumps({**config, "quantization_config": qconfig}))
         with pytest.raises(ModelLoadError, match=problem) as err:
             open_model(hf_dir)
@@ -131,7 +145,9 @@ def test_bnb_fp4_and_8bit_are_refused(hf_dir):
 def test_pickle_checkpoints_are_never_loaded(tmp_path, hf_dir):
     (hf_dir / "model.safetensors").unlink()
     (hf_dir / "pytorch_model.bin").write_bytes(b"pickle would run code")
-    with pytest.raises(ModelLoadError, match="found pytorch_model.bin: pickled checkpoints are never"):
+    with pytest.raises(
+        ModelLoadError, match="found pytorch_model.bin: pickled checkpoints are never"
+    ):
         open_model(hf_dir)
 
 
@@ -152,9 +168,14 @@ def test_bad_config_and_tokenizer_files(hf_dir):
 
 def test_gguf_unknown_pre_tokenizer(tmp_path, monkeypatch):
     config = hf_config("llama")
-    monkeypatch.setattr(gguf.GGUFWriter, "add_tokenizer_pre",
-                        lambda self, _: self.add_string("tokenizer.ggml.pre", "tekken"))
-    path = write_gguf(tmp_path / "m.gguf", config, random_weights(config), tokenizer=tiny_tokenizer())
+    monkeypatch.setattr(
+        gguf.GGUFWriter,
+        "add_tokenizer_pre",
+        lambda self, _: self.add_string("tokenizer.ggml.pre", "tekken"),
+    )
+    path = write_gguf(
+        tmp_path / "m.gguf", config, random_weights(config), tokenizer=tiny_tokenizer()
+    )
     with pytest.raises(ModelLoadError, match="m.gguf: pre-tokenizer 'tekken' is not supported"):
         open_model(path).tokenizer()
 
@@ -173,17 +194,25 @@ def test_default_model_missing_says_how_to_install(monkeypatch):
 @pytest.mark.filterwarnings("ignore:no tokenizer saved")
 def test_bnb_fp4_tensor_is_refused(tmp_path):
     config = hf_config("llama")
-    out = nf4core.quantize_model(write_hf_dir(tmp_path / "hf", config, random_weights(config)),
-                                 tmp_path / "nf4")
+    out = nf4core.quantize_model(
+        write_hf_dir(tmp_path / "hf", config, random_weights(config)), tmp_path / "nf4"
+    )
     from nf4core.sources.safetensors_io import save_safetensors
 
     file = SafetensorsFile(out / "model.safetensors")
-    tensors = {k.replace("k_proj.weight.quant_state.bitsandbytes__nf4",
-                         "k_proj.weight.quant_state.bitsandbytes__fp4"): np.array(file.read(k))
-               for k in file.names()}  # fmt: skip
+    tensors = {
+        k.replace(
+            "k_proj.weight.quant_state.bitsandbytes__nf4",
+            "k_proj.weight.quant_state.bitsandbytes__fp4",
+        ): np.array(file.read(k))
+        for k in file.names()
+    }
     save_safetensors(out / "model.safetensors", tensors)
-    with pytest.raises(ModelLoadError, match=r"model.safetensors: 'model.layers.0.self_attn.k_proj."
-                                             r"weight' is stored as 'fp4', not nf4"):  # fmt: skip
+    with pytest.raises(
+        ModelLoadError,
+        match=r"model.safetensors: 'model.layers.0.self_attn.k_proj."
+        r"weight' is stored as 'fp4', not nf4",
+    ):
         open_model(out)
 
 
@@ -191,6 +220,9 @@ def test_integer_weights_are_refused(tmp_path):
     config = hf_config("llama")
     weights = random_weights(config)
     weights["model.layers.0.mlp.gate_proj.weight"] = np.ones((96, 64), np.int8)
-    with pytest.raises(ModelLoadError, match=r"model.safetensors: tensor 'model.layers.0.mlp.gate_proj."
-                                             r"weight' is int8; expected float32"):  # fmt: skip
+    with pytest.raises(
+        ModelLoadError,
+        match=r"model.safetensors: tensor 'model.layers.0.mlp.gate_proj."
+        r"weight' is int8; expected float32",
+    ):
         open_model(write_hf_dir(tmp_path / "hf", config, weights))

@@ -44,8 +44,11 @@ def test_plain_absmax_is_bit_exact(shape, dtype, blocksize):
         assert ours[key].tobytes() == theirs[key].tobytes(), key  # codes, absmax, table, JSON
     for out_dtype in (np.float32, np.float16, bfloat16):
         mine = nf4core.dequantize(t, out_dtype)
-        by_definition = (nf4core.NF4_CODE[t.codes()] * np.repeat(qs.absmax.numpy(), blocksize)[
-            : w.size]).astype(out_dtype).reshape(shape)  # bitsandbytes' data, the format's formula
+        by_definition = (
+            (nf4core.NF4_CODE[t.codes()] * np.repeat(qs.absmax.numpy(), blocksize)[: w.size])
+            .astype(out_dtype)
+            .reshape(shape)
+        )  # bitsandbytes' data, the format's formula
         assert mine.tobytes() == by_definition.tobytes()
     if bnb.cpu_kernel_is_reliable(shape, blocksize):
         assert nf4core.dequantize(t, w.dtype).tobytes() == bnb.dequantize(packed, qs).tobytes()
@@ -68,8 +71,11 @@ def test_double_quant_matches_within_float32_rounding(shape, dtype, blocksize):
     assert abs(offset_ours - offset_theirs) <= 2 * np.spacing(np.float32(offset_theirs))
     # The nested scales are block maxima of (absmax - offset): equal up to the offset's rounding.
     np.testing.assert_allclose(
-        ours[prefix + ".nested_absmax"], theirs[prefix + ".nested_absmax"],
-        rtol=0, atol=4 * float(np.spacing(np.float32(offset_theirs))))  # fmt: skip
+        ours[prefix + ".nested_absmax"],
+        theirs[prefix + ".nested_absmax"],
+        rtol=0,
+        atol=4 * float(np.spacing(np.float32(offset_theirs))),
+    )
     # Our 8-bit absmax codes are the nearest map values; bitsandbytes' CPU search is coarser.
     dq = t.double_quant
     plain_absmax = blockwise.nf4_absmax(np.asarray(w, np.float32).reshape(-1), blocksize)

@@ -16,8 +16,9 @@ from .tiny_models import CHATML, tiny_tokenizer
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
-    return Tokenizer(tiny_tokenizer(), bos_token="<|im_start|>", eos_token="<|im_end|>",
-                     chat_template=CHATML)  # fmt: skip
+    return Tokenizer(
+        tiny_tokenizer(), bos_token="<|im_start|>", eos_token="<|im_end|>", chat_template=CHATML
+    )
 
 
 def write(path, rows):
@@ -30,13 +31,19 @@ def masked_text(tok, example):
 
 
 def test_three_shapes_and_their_loss_masks(tmp_path, tok):
-    chat = {"messages": [{"role": "system", "content": "Be brief."},
-                         {"role": "user", "content": "Hello world"},
-                         {"role": "assistant", "content": "hello there"},
-                         {"role": "user", "content": "and?"},
-                         {"role": "assistant", "content": "def add"}]}  # fmt: skip
-    path = write(tmp_path / "d.jsonl", [{"text": "The quick fox"}, "",
-                                        {"prompt": "Hello", "completion": " world"}, chat])
+    chat = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hello world"},
+            {"role": "assistant", "content": "hello there"},
+            {"role": "user", "content": "and?"},
+            {"role": "assistant", "content": "def add"},
+        ]
+    }
+    path = write(
+        tmp_path / "d.jsonl",
+        [{"text": "The quick fox"}, "", {"prompt": "Hello", "completion": " world"}, chat],
+    )
     train, valid = load_dataset(DataConfig(path), tok)
     assert valid is None and len(train) == 3 and train.truncated == 0
     text, completion, conversation = train.examples
@@ -50,21 +57,26 @@ def test_three_shapes_and_their_loss_masks(tmp_path, tok):
 
 
 def test_truncation_is_counted(tmp_path, tok):
-    path = write(tmp_path / "d.jsonl", [{"text": "The quick brown fox jumps over the lazy dog."},
-                                        {"text": "Hi"}])
+    path = write(
+        tmp_path / "d.jsonl",
+        [{"text": "The quick brown fox jumps over the lazy dog."}, {"text": "Hi"}],
+    )
     train, _ = load_dataset(DataConfig(path, max_length=5), tok)
     assert train.truncated == 1
     assert [e.input_ids.size for e in train.examples] == [5, len(tok.encode("Hi")) + 1]
 
 
-@pytest.mark.parametrize("line,problem", [
-    ("{not json", "not valid JSON"),
-    ('["a"]', "expected a JSON object, got list"),
-    ('{"prompt": "a"}', "'prompt' and 'completion' must both be strings"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant message"),
-    ('{"messages": [{"role": "user"}]}', r"messages\[0\] must be an object"),
-    ('{"txt": "a"}', "no 'text', 'prompt'/'completion' or 'messages' key"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "line,problem",
+    [
+        ("{not json", "not valid JSON"),
+        ('["a"]', "expected a JSON object, got list"),
+        ('{"prompt": "a"}', "'prompt' and 'completion' must both be strings"),
+        ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant message"),
+        ('{"messages": [{"role": "user"}]}', r"messages\[0\] must be an object"),
+        ('{"txt": "a"}', "no 'text', 'prompt'/'completion' or 'messages' key"),
+    ],
+)
 def test_bad_line_names_file_and_line(tmp_path, line, problem):
     path = write(tmp_path / "bad.jsonl", [{"text": "fine"}, line, {"text": "fine"}])
     with pytest.raises(DataFormatError, match=problem) as err:
@@ -94,7 +106,9 @@ def test_split_and_valid_file(tmp_path, tok):
     seen = sorted(tok.decode(e.input_ids.tolist()) for e in train.examples + valid.examples)
     assert seen == sorted(f"row {i}<|im_end|>" for i in range(20))
     again, _ = load_dataset(DataConfig(path, valid_fraction=0.25, seed=3), tok)
-    assert [e.input_ids.tolist() for e in again.examples] == [e.input_ids.tolist() for e in train.examples]
+    assert [e.input_ids.tolist() for e in again.examples] == [
+        e.input_ids.tolist() for e in train.examples
+    ]
     train, valid = load_dataset(DataConfig(path, valid=write(tmp_path / "v.jsonl", rows[:2])), tok)
     assert (len(train), len(valid)) == (20, 2)
     with pytest.raises(ValueError, match="valid_fraction must be in"):

@@ -21,12 +21,15 @@ def write(path, rows):
 
 def test_records_without_target_tokens_are_left_out_and_named(tmp_path):
     tok = Tokenizer(tiny_tokenizer(), chat_template=CHATML)  # no BOS/EOS: empty text is empty
-    path = write(tmp_path / "d.jsonl", [
-        {"text": "The quick fox"},
-        {"prompt": "hello " * 40, "completion": " world"},  # the prompt fills max_length
-        {"text": ""},
-        {"prompt": "Hello", "completion": " world"},
-    ])  # fmt: skip
+    path = write(
+        tmp_path / "d.jsonl",
+        [
+            {"text": "The quick fox"},
+            {"prompt": "hello " * 40, "completion": " world"},  # the prompt fills max_length
+            {"text": ""},
+            {"prompt": "Hello", "completion": " world"},
+        ],
+    )
     train, _ = load_dataset(DataConfig(path, max_length=16), tok)
     assert train.no_targets == (f"{path}:2", f"{path}:3")
     assert len(train) == 2 and all(e.loss_mask[1:].any() for e in train.examples)

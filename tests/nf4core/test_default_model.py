@@ -23,12 +23,21 @@ pytestmark = pytest.mark.slow
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-STRINGS = ["Hello world!", "  leading spaces and trailing  ", "Numbers: 3.14159, 1e-5, 2026-11-29",
-           "naïve café, Ελληνικά, русский, 日本語, 中文, 한국어, emoji 🤗🚀",
-           "def add(a, b):\n\treturn a + b  # code\n\n", "<|im_start|>user\nhi<|im_end|>\n",
-           "<|endoftext|>text after a special token", "tabs\tand\r\nnewlines\n\n\n"]  # fmt: skip
-MESSAGES = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4."},
-            {"role": "user", "content": "And 3 + 3?"}]  # fmt: skip
+STRINGS = [
+    "Hello world!",
+    "  leading spaces and trailing  ",
+    "Numbers: 3.14159, 1e-5, 2026-11-29",
+    "naïve café, Ελληνικά, русский, 日本語, 中文, 한국어, emoji 🤗🚀",
+    "def add(a, b):\n\treturn a + b  # code\n\n",
+    "<|im_start|>user\nhi<|im_end|>\n",
+    "<|endoftext|>text after a special token",
+    "tabs\tand\r\nnewlines\n\n\n",
+]
+MESSAGES = [
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": "4."},
+    {"role": "user", "content": "And 3 + 3?"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +51,28 @@ def source() -> GGUFSource:
 
 def test_config_and_tensor_shapes(source):
     c = source.config
-    assert (c.architecture, c.vocab_size, c.hidden_size, c.intermediate_size) == ("llama", 49152, 576, 1536)
-    assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (30, 9, 3, 64)
+    assert (c.architecture, c.vocab_size, c.hidden_size, c.intermediate_size) == (
+        "llama",
+        49152,
+        576,
+        1536,
+    )
+    assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (
+        30,
+        9,
+        3,
+        64,
+    )
     assert (c.rope_theta, c.rms_norm_eps, c.max_position_embeddings) == (100000.0, 1e-5, 8192)
     assert c.tie_word_embeddings and "lm_head.weight" not in source.tensor_names()
     assert len(source.tensor_names()) == 272
     shapes = expected_shapes(c)
     assert shapes["model.layers.0.self_attn.k_proj.weight"] == (192, 576)
-    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.29.mlp.down_proj.weight",
-                 "model.norm.weight"):  # fmt: skip
+    for name in (
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.29.mlp.down_proj.weight",
+        "model.norm.weight",
+    ):
         value = source.read(name)
         assert value.shape == shapes[name] and value.dtype == np.float32
 
@@ -58,7 +80,8 @@ def test_config_and_tensor_shapes(source):
 def test_tensors_equal_what_transformers_reads_from_the_gguf(source):
     # transformers de-quantizes and un-permutes the GGUF itself: an independent reader of the file
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        source.path.parent, gguf_file=source.path.name, dtype=torch.float32)
+        source.path.parent, gguf_file=source.path.name, dtype=torch.float32
+    )
     state = model.state_dict()
     assert sorted(set(state) - {"lm_head.weight"}) == sorted(source.tensor_names())
     for name in source.tensor_names():
@@ -67,7 +90,9 @@ def test_tensors_equal_what_transformers_reads_from_the_gguf(source):
 
 def test_tokenizer_matches_transformers(source):
     ours = source.tokenizer()
-    theirs = transformers.AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name)
+    theirs = transformers.AutoTokenizer.from_pretrained(
+        source.path.parent, gguf_file=source.path.name
+    )
     for text in STRINGS:
         ids = ours.encode(text)
         assert ids == theirs(text)["input_ids"], text
@@ -75,8 +100,9 @@ def test_tokenizer_matches_transformers(source):
     assert (ours.bos_token_id, ours.eos_token_id) == (1, 2)
     for generation in (False, True):
         prompt = ours.apply_chat_template(MESSAGES, add_generation_prompt=generation)
-        assert prompt == theirs.apply_chat_template(MESSAGES, tokenize=False,
-                                                    add_generation_prompt=generation)
+        assert prompt == theirs.apply_chat_template(
+            MESSAGES, tokenize=False, add_generation_prompt=generation
+        )
     assert ours.encode(prompt)[:3] == [1, 9690, 198]  # <|im_start|> system \n
 
 

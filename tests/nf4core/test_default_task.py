@@ -24,7 +24,10 @@ def test_records_have_the_chat_shape():
         assert [m["role"] for m in r["messages"]] == ["user", "assistant"]
         assert all(isinstance(m["content"], str) and m["content"] for m in r["messages"])
     conversation, answer = task.prompts_and_answers(task.heldout)[0]
-    assert conversation == task.heldout[0]["messages"][:1] and answer == task.heldout[0]["messages"][1]["content"]
+    assert (
+        conversation == task.heldout[0]["messages"][:1]
+        and answer == task.heldout[0]["messages"][1]["content"]
+    )
 
 
 def test_answers_follow_the_rule():
@@ -52,8 +55,15 @@ def test_recommended_settings():
     assert rec["warmup_steps"] <= rec["steps"] and rec["n_eval"] == 100
     # the longest answer (6 digits, 5 spaces) plus an end-of-turn token fits max_new_tokens
     assert rec["max_new_tokens"] >= 12
-    assert set(rec["targets"]) <= {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                   "down_proj"}  # fmt: skip
+    assert set(rec["targets"]) <= {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
 
 
 def test_exact_match_and_bad_sizes():

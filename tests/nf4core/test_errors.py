@@ -61,9 +61,16 @@ def test_dequantize_rejects_other_objects_and_dtypes():
 
 
 @pytest.mark.parametrize(
-    "missing", ["m.weight", "m.weight.absmax", "m.weight.quant_map", "m.weight.nested_absmax",
-                "m.weight.nested_quant_map", "m.weight.quant_state.bitsandbytes__nf4"],
-)  # fmt: skip
+    "missing",
+    [
+        "m.weight",
+        "m.weight.absmax",
+        "m.weight.quant_map",
+        "m.weight.nested_absmax",
+        "m.weight.nested_quant_map",
+        "m.weight.quant_state.bitsandbytes__nf4",
+    ],
+)
 def test_missing_keys_are_named(missing):
     sd = good_state_dict()
     del sd[missing]

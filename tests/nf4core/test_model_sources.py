@@ -21,8 +21,9 @@ def core(config):
     return dataclasses.replace(config, extra={})
 
 
-@pytest.mark.parametrize("arch,tie", [("llama", False), ("llama", True), ("qwen2", True),
-                                      ("mistral", False)])  # fmt: skip
+@pytest.mark.parametrize(
+    "arch,tie", [("llama", False), ("llama", True), ("qwen2", True), ("mistral", False)]
+)
 def test_hf_dir_and_gguf_f32_agree_exactly(tmp_path, arch, tie):
     config = hf_config(arch, tie=tie)
     weights = random_weights(config)
@@ -79,17 +80,27 @@ def test_qwen2_gguf_rows_are_not_permuted(tmp_path):
 
 def test_gguf_llama3_rope_scaling_is_recognised(tmp_path):
     config = hf_config("llama")
-    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     freqs = llama3_rope_factors(500000.0, 16, scaling)
     assert freqs[0] == 1.0 and freqs[-1] == 32.0
     config["rope_theta"] = 500000.0
-    path = write_gguf(tmp_path / "l3.gguf", config, random_weights(config),
-                      extra_tensors={"rope_freqs.weight": freqs})
+    path = write_gguf(
+        tmp_path / "l3.gguf",
+        config,
+        random_weights(config),
+        extra_tensors={"rope_freqs.weight": freqs},
+    )
     source = open_model(path)
     assert source.config.rope_scaling == scaling
-    hf = open_model(write_hf_dir(tmp_path / "hf", {**config, "rope_scaling": scaling},
-                                 random_weights(config)))  # fmt: skip
+    hf = open_model(
+        write_hf_dir(tmp_path / "hf", {**config, "rope_scaling": scaling}, random_weights(config))
+    )
     assert core(source.config) == core(hf.config)
     # transformers >= 5 writes the same as rope_parameters
     v5 = {k: v for k, v in config.items() if k != "rope_theta"}
@@ -98,8 +109,12 @@ def test_gguf_llama3_rope_scaling_is_recognised(tmp_path):
     assert core(hf5.config) == core(hf.config)
     assert "rope_parameters" not in hf5.config.extra
     assert "rope_freqs.weight" not in source.tensor_names()
-    bad = write_gguf(tmp_path / "bad.gguf", config, random_weights(config),
-                     extra_tensors={"rope_freqs.weight": freqs * 1.5})
+    bad = write_gguf(
+        tmp_path / "bad.gguf",
+        config,
+        random_weights(config),
+        extra_tensors={"rope_freqs.weight": freqs * 1.5},
+    )
     with pytest.raises(ModelLoadError, match="bad.gguf: rope_freqs.weight matches no known"):
         open_model(bad)
 
@@ -123,7 +138,10 @@ def test_sharded_hf_dir_with_index(tmp_path):
     from nf4core.sources.safetensors_io import save_safetensors
 
     names = list(weights)
-    shards = {"model-00001-of-00002.safetensors": names[:7], "model-00002-of-00002.safetensors": names[7:]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[:7],
+        "model-00002-of-00002.safetensors": names[7:],
+    }
     for file, part in shards.items():
         save_safetensors(directory / file, {n: weights[n] for n in part})
     weight_map = {n: file for file, part in shards.items() for n in part}
@@ -132,7 +150,9 @@ def test_sharded_hf_dir_with_index(tmp_path):
     for name in names:
         np.testing.assert_array_equal(source.read(name), weights[name])
     (directory / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(ModelLoadError, match="names shard 'model-00002-of-00002.safetensors', which is missing"):
+    with pytest.raises(
+        ModelLoadError, match="names shard 'model-00002-of-00002.safetensors', which is missing"
+    ):
         open_model(directory)
 
 
@@ -142,10 +162,19 @@ def test_tokenizer_from_gguf_equals_tokenizer_json(tmp_path):
     tok = tiny_tokenizer()
     hf = open_model(write_hf_dir(tmp_path / "hf", config, weights, tok)).tokenizer()
     gg = open_model(write_gguf(tmp_path / "m.gguf", config, weights, tokenizer=tok)).tokenizer()
-    for text in ["Hello world!", "def add(a, b):\n\treturn 12345", "naïve café 日本語",
-                 "<|im_start|>user\nhi<|im_end|>", "  spaces   and\n\nnewlines "]:  # fmt: skip
+    for text in [
+        "Hello world!",
+        "def add(a, b):\n\treturn 12345",
+        "naïve café 日本語",
+        "<|im_start|>user\nhi<|im_end|>",
+        "  spaces   and\n\nnewlines ",
+    ]:
         assert gg.encode(text) == hf.encode(text) == tok.encode(text).ids, text
         assert gg.decode(gg.encode(text)) == text
     messages = [{"role": "user", "content": "hi"}]
     assert gg.apply_chat_template(messages, True) == hf.apply_chat_template(messages, True)
-    assert (gg.bos_token, gg.eos_token) == (hf.bos_token, hf.eos_token) == ("<|im_start|>", "<|im_end|>")
+    assert (
+        (gg.bos_token, gg.eos_token)
+        == (hf.bos_token, hf.eos_token)
+        == ("<|im_start|>", "<|im_end|>")
+    )

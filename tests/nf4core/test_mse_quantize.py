@@ -36,8 +36,9 @@ def test_same_keys_tables_json_and_bits_as_absmax(double_quant):
             assert mse[key].tobytes() == absmax[key].tobytes()
     mine, theirs = (json.loads(bytes(d[state_key]).decode()) for d in (mse, absmax))
     assert sorted(mine) == sorted(theirs)
-    assert {k: v for k, v in mine.items() if k != "nested_offset"} == \
-        {k: v for k, v in theirs.items() if k != "nested_offset"}  # fmt: skip
+    assert {k: v for k, v in mine.items() if k != "nested_offset"} == {
+        k: v for k, v in theirs.items() if k != "nested_offset"
+    }
     assert mse_t.bits_per_weight == pytest.approx(4.127 if double_quant else 4.5, abs=1e-3)
     assert not np.array_equal(mse["m.weight"], absmax["m.weight"])  # it did choose other bytes
 
@@ -56,8 +57,11 @@ def test_bitsandbytes_dequantizes_mse_data_to_our_values(shape, double_quant, bl
         theirs = bnb.dequantize(torch.from_numpy(sd["lin.weight"].copy()), qs)
         assert theirs.tobytes() == nf4core.dequantize(t).tobytes()
     else:  # bitsandbytes' C path misplaces scales here; its absmax reconstruction is still ours
-        absmax = qs.absmax.numpy() if not double_quant else (
-            bnb.F.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset).numpy()  # fmt: skip
+        absmax = (
+            qs.absmax.numpy()
+            if not double_quant
+            else (bnb.F.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset).numpy()
+        )
         assert absmax.tobytes() == t.block_absmax().tobytes()
 
 
@@ -66,9 +70,11 @@ def test_bitsandbytes_dequantizes_mse_data_to_our_values(shape, double_quant, bl
 @pytest.mark.parametrize("kind", ["normal", "student_t", "uniform"])
 def test_error_is_lower_than_absmax_on_random_weights(kind, double_quant, blocksize):
     rng = np.random.default_rng(2)
-    w = {"normal": lambda: rng.standard_normal((256, 512)),
-         "student_t": lambda: rng.standard_t(4, (256, 512)),
-         "uniform": lambda: rng.uniform(-1, 1, (256, 512))}[kind]().astype(np.float32)  # fmt: skip
+    w = {
+        "normal": lambda: rng.standard_normal((256, 512)),
+        "student_t": lambda: rng.standard_t(4, (256, 512)),
+        "uniform": lambda: rng.uniform(-1, 1, (256, 512)),
+    }[kind]().astype(np.float32)
     absmax = _relative_error(w, nf4core.quantize(w, blocksize, double_quant, method="absmax"))
     mse = _relative_error(w, nf4core.quantize(w, blocksize, double_quant, method="mse"))
     assert mse < 0.95 * absmax, (mse, absmax)  # measured 0.70-0.93 (least on heavy tails)
@@ -97,11 +103,17 @@ def test_double_quant_is_optimised_for_the_stored_scale():
     clips = nested.reconstruct() < peak * np.float32(0.95)
     assert clips.any()
     codes = nested.codes + clips.astype(np.uint8)
-    rounded = nf4core.DoubleQuantAbsmax(codes=codes, scales=nested.scales,
-                                        offset=nested.offset).reconstruct()  # fmt: skip
+    rounded = nf4core.DoubleQuantAbsmax(
+        codes=codes, scales=nested.scales, offset=nested.offset
+    ).reconstruct()
     assert (rounded >= peak * np.float32(0.95)).all()
-    naive = nf4core.NF4Tensor(packed=blockwise.encode_nf4(w.reshape(-1), rounded, 64),
-                              absmax=rounded, double_quant=None, shape=w.shape, dtype="float32")
+    naive = nf4core.NF4Tensor(
+        packed=blockwise.encode_nf4(w.reshape(-1), rounded, 64),
+        absmax=rounded,
+        double_quant=None,
+        shape=w.shape,
+        dtype="float32",
+    )
     stored = nf4core.quantize(w, 64, double_quant=True, method="mse")
     assert _relative_error(w, stored) < _relative_error(w, naive)
 
@@ -124,8 +136,12 @@ def test_an_unknown_method_is_refused_by_name():
 @pytest.mark.slow
 def test_error_is_lower_than_absmax_on_the_default_models_weights():
     source = nf4core.open_model(nf4core.default_model_path())
-    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight",
-             "model.layers.15.self_attn.v_proj.weight", "model.layers.29.mlp.gate_proj.weight"]
+    names = [
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.mlp.down_proj.weight",
+        "model.layers.15.self_attn.v_proj.weight",
+        "model.layers.29.mlp.gate_proj.weight",
+    ]
     ratios = []
     for name in names:
         w = np.asarray(source.read(name), np.float32)
@@ -138,12 +154,14 @@ def test_error_is_lower_than_absmax_on_the_default_models_weights():
 @pytest.mark.parametrize("kind", ["constant", "one_value", "wide_range", "bfloat16"])
 def test_edge_inputs_decode_finite_and_no_worse_than_absmax(kind):
     rng = np.random.default_rng(5)
-    w = {"constant": lambda: np.full((8, 64), 0.3, np.float32),
-         "one_value": lambda: np.array([0.5], np.float32),
-         "wide_range": lambda: (rng.standard_normal((64, 64))
-                                * np.logspace(-20, 10, 64)[:, None]).astype(np.float32),
-         "bfloat16": lambda: rng.standard_normal((16, 128)).astype(nf4core.dtypes.bfloat16),
-         }[kind]()  # fmt: skip
+    w = {
+        "constant": lambda: np.full((8, 64), 0.3, np.float32),
+        "one_value": lambda: np.array([0.5], np.float32),
+        "wide_range": lambda: (
+            rng.standard_normal((64, 64)) * np.logspace(-20, 10, 64)[:, None]
+        ).astype(np.float32),
+        "bfloat16": lambda: rng.standard_normal((16, 128)).astype(nf4core.dtypes.bfloat16),
+    }[kind]()
     exact = w.astype(np.float64)
     for double_quant in (False, True):
         errors = []

@@ -49,7 +49,9 @@ def test_double_quant_error_stays_near_the_plain_format(w, blocksize):
     # absmax error of the 8-bit stage: half the largest gap of the dynamic map times the block scale
     half_gap = float(np.max(np.diff(nf4core.DYNAMIC_MAP_SIGNED.astype(np.float64)))) / 2
     scale = np.repeat(nested.double_quant.scales.astype(np.float64), 256)[: plain.n_blocks]
-    bound = scale * half_gap + 4 * np.spacing(np.abs(plain.absmax) + abs(nested.double_quant.offset))
+    bound = scale * half_gap + 4 * np.spacing(
+        np.abs(plain.absmax) + abs(nested.double_quant.offset)
+    )
     assert np.all(np.abs(nested.block_absmax() - plain.absmax.astype(np.float64)) <= bound)
 
 

@@ -57,11 +57,18 @@ def test_quantize_holds_one_source_tensor_at_a_time(tmp_path):
 def test_quantized_directory_contents(tmp_path):
     config = hf_config("llama", torch_dtype="bfloat16")
     weights = random_weights(config, dtype=bfloat16, seed=3)
-    out = quantize_model(write_hf_dir(tmp_path / "hf", config, weights, tiny_tokenizer()),
-                         tmp_path / "nf4", blocksize=128)  # fmt: skip
+    out = quantize_model(
+        write_hf_dir(tmp_path / "hf", config, weights, tiny_tokenizer()),
+        tmp_path / "nf4",
+        blocksize=128,
+    )
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-        "tokenizer_config.json"]
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     saved = json.loads((out / "config.json").read_text())
     assert saved["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
     assert saved["quantization_config"]["bnb_4bit_use_double_quant"] is True
@@ -88,12 +95,19 @@ def test_quantized_directory_contents(tmp_path):
 
 def test_requantizing_a_bnb_directory_copies_nf4_bytes(tmp_path):
     config = hf_config("llama")
-    first = quantize_model(write_hf_dir(tmp_path / "hf", config, random_weights(config)),
-                           tmp_path / "a", double_quant=False)
+    first = quantize_model(
+        write_hf_dir(tmp_path / "hf", config, random_weights(config)),
+        tmp_path / "a",
+        double_quant=False,
+    )
     second = quantize_model(first, tmp_path / "b", blocksize=256, double_quant=True)
     assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
-    assert json.loads((second / "config.json").read_text())["quantization_config"][
-        "bnb_4bit_use_double_quant"] is False
+    assert (
+        json.loads((second / "config.json").read_text())["quantization_config"][
+            "bnb_4bit_use_double_quant"
+        ]
+        is False
+    )
 
 
 def test_failure_leaves_nothing_behind(tmp_path):
@@ -132,7 +146,9 @@ def test_iter_quantized_for_quantize_on_load(tmp_path):
     for name, value in iter_quantized(tracking, blocksize=32, double_quant=False):
         names.append(name)
         if is_quantized_linear(name):
-            assert isinstance(value, NF4Tensor) and value.blocksize == 32 and value.absmax is not None
+            assert (
+                isinstance(value, NF4Tensor) and value.blocksize == 32 and value.absmax is not None
+            )
             expected = quantize(weights[name].astype(bfloat16), 32, False, DEFAULT_QUANT_METHOD)
             np.testing.assert_array_equal(value.packed, expected.packed)
         else:

@@ -53,13 +53,16 @@ def test_qwen2_sliding_window_layers_are_refused():
     assert config.to_hf_config()["sliding_window"] == 4096
 
 
-@pytest.mark.parametrize("window, message", [
-    (0, "sliding_window must be a positive int or None"),
-    (-3, "sliding_window must be a positive int or None"),
-    (2.5, "sliding_window must be a positive int or None"),
-    (True, "sliding_window must be a positive int or None"),
-    ("4096", "sliding_window must be a positive int or None"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "window, message",
+    [
+        (0, "sliding_window must be a positive int or None"),
+        (-3, "sliding_window must be a positive int or None"),
+        (2.5, "sliding_window must be a positive int or None"),
+        (True, "sliding_window must be a positive int or None"),
+        ("4096", "sliding_window must be a positive int or None"),
+    ],
+)
 def test_bad_windows_are_rejected(window, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig.from_hf_config({**MISTRAL, "sliding_window": window})
@@ -77,18 +80,25 @@ def test_quantized_directory_and_gguf_keep_the_window(tmp_path):
     out = quantize_model(write_hf_dir(tmp_path / "hf", config, weights), tmp_path / "nf4")
     assert json.loads((out / "config.json").read_text())["sliding_window"] == 4
     assert open_model(out).config.sliding_window == 4
-    windowed = write_gguf(tmp_path / "w.gguf", config, weights,
-                          add_metadata=lambda w: w.add_sliding_window(4))
+    windowed = write_gguf(
+        tmp_path / "w.gguf", config, weights, add_metadata=lambda w: w.add_sliding_window(4)
+    )
     assert open_model(windowed).config.sliding_window == 4
     plain = write_gguf(tmp_path / "n.gguf", config, weights)
     assert open_model(plain).config.sliding_window == 4096  # as a config.json without the key
-    none = write_gguf(tmp_path / "z.gguf", config, weights, add_metadata=lambda w: w.add_sliding_window(0))
+    none = write_gguf(
+        tmp_path / "z.gguf", config, weights, add_metadata=lambda w: w.add_sliding_window(0)
+    )
     assert open_model(none).config.sliding_window is None
 
 
 def test_a_window_in_a_llama_gguf_is_refused(tmp_path):
     config = hf_config("llama")
-    path = write_gguf(tmp_path / "l.gguf", config, random_weights(config),
-                      add_metadata=lambda w: w.add_sliding_window(4))
+    path = write_gguf(
+        tmp_path / "l.gguf",
+        config,
+        random_weights(config),
+        add_metadata=lambda w: w.add_sliding_window(4),
+    )
     with pytest.raises(ModelLoadError, match="sliding_window is supported for mistral only"):
         open_model(path)

@@ -20,17 +20,20 @@ from .tiny_models import hf_config, random_weights, write_gguf, write_hf_dir
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
-@pytest.mark.parametrize("source,problem", [
-    ("{% include 'x' %}", r"line 1: \{% include %\} is not supported"),
-    ("{% from 'x' import y %}", r"\{% import %\} is not supported"),
-    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "nests calls more than 64 deep"),
-    ("{{ 'x' * 10**9 }}", "builds a value of 1000000000 items"),
-    ("{% set s = 'x' * 1000000 %}{{ s + s }}", "builds a value of 2000000 items"),
-    ("{{ 2 ** 100000000 }}", "exponent 100000000 is too large"),
-    ("{{ 1 / 0 }}", "ZeroDivisionError: division by zero"),
-    ("{{ messages.__class__.__mro__ }}", "SecurityError"),
-    ("{{ " + "(" * 3000 + "1" + ")" * 3000 + " }}", "nested too deeply to parse"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "source,problem",
+    [
+        ("{% include 'x' %}", r"line 1: \{% include %\} is not supported"),
+        ("{% from 'x' import y %}", r"\{% import %\} is not supported"),
+        ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "nests calls more than 64 deep"),
+        ("{{ 'x' * 10**9 }}", "builds a value of 1000000000 items"),
+        ("{% set s = 'x' * 1000000 %}{{ s + s }}", "builds a value of 2000000 items"),
+        ("{{ 2 ** 100000000 }}", "exponent 100000000 is too large"),
+        ("{{ 1 / 0 }}", "ZeroDivisionError: division by zero"),
+        ("{{ messages.__class__.__mro__ }}", "SecurityError"),
+        ("{{ " + "(" * 3000 + "1" + ")" * 3000 + " }}", "nested too deeply to parse"),
+    ],
+)
 def test_chat_template_limits(source, problem):
     with pytest.raises(ct.ChatTemplateError, match=problem) as e:
         ct.render_chat(source, MESSAGES)
@@ -39,16 +42,19 @@ def test_chat_template_limits(source, problem):
 
 def test_chat_template_time_limit(monkeypatch):
     monkeypatch.setattr(ct, "RENDER_SECONDS", 0.2)
-    nested = ("{% set s = 'x' * 1000 %}{% for a in s %}{% for b in s %}{% for c in s %}"
-              "{% endfor %}{% endfor %}{% endfor %}")  # no call inside: only the timer stops it
+    nested = (
+        "{% set s = 'x' * 1000 %}{% for a in s %}{% for b in s %}{% for c in s %}"
+        "{% endfor %}{% endfor %}{% endfor %}"
+    )  # no call inside: only the timer stops it
     with pytest.raises(ct.ChatTemplateError, match="ran longer than 0.2s"):
         ct.render_chat(nested, MESSAGES)
     assert ct.render_chat("{{ messages[0].content }}", MESSAGES) == "hi"  # the timer is gone
 
 
 def test_keyword_arguments_named_like_the_sandbox_parameters_still_work():
-    source = ("{% macro f(obj, context) %}{{ obj }}{{ context }}{% endmacro %}"
-              "{{ f(obj=1, context=2) }}")
+    source = (
+        "{% macro f(obj, context) %}{{ obj }}{{ context }}{% endmacro %}{{ f(obj=1, context=2) }}"
+    )
     assert ct.render_chat(source, MESSAGES) == "12"
 
 
@@ -68,8 +74,12 @@ def test_unknown_tensors_are_refused_by_name(tmp_path):
     weights["model.layers.0.mlp.gate_proj.bias"] = np.zeros(96, np.float32)
     with pytest.raises(ModelLoadError, match="'model.layers.0.mlp.gate_proj.bias' is not part of"):
         open_model(write_hf_dir(tmp_path / "hf", config, weights))
-    path = write_gguf(tmp_path / "m.gguf", config, random_weights(config),
-                      extra_tensors={"blk.0.attn_sinks.weight": np.zeros(4, np.float32)})
+    path = write_gguf(
+        tmp_path / "m.gguf",
+        config,
+        random_weights(config),
+        extra_tensors={"blk.0.attn_sinks.weight": np.zeros(4, np.float32)},
+    )
     with pytest.raises(ModelLoadError, match="'blk.0.attn_sinks.weight' is not part of"):
         open_model(path)
 
@@ -86,8 +96,11 @@ def test_a_shard_index_must_match_its_shards(tmp_path):
     open_model(directory)  # b.safetensors is not named by the index: not read
     index["weight_map"]["model.norm.weight"] = "b.safetensors"
     (directory / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(ModelLoadError, match="a.safetensors: holds tensor 'model.norm.weight', but "
-                                             "model.safetensors.index.json assigns it to b"):
+    with pytest.raises(
+        ModelLoadError,
+        match="a.safetensors: holds tensor 'model.norm.weight', but "
+        "model.safetensors.index.json assigns it to b",
+    ):
         open_model(directory)
     index["weight_map"]["model.norm.weight"] = ["a.safetensors"]
     (directory / "model.safetensors.index.json").write_text(json.dumps(index))
@@ -95,18 +108,21 @@ def test_a_shard_index_must_match_its_shards(tmp_path):
         open_model(directory)
 
 
-@pytest.mark.parametrize("change,problem", [
-    ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
-    ({"attention_dropout": 0.1}, "attention_dropout 0.1 is not supported"),
-    ({"mlp_bias": "false"}, "mlp_bias 'false' is not supported"),
-    ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false"),
-    ({"rms_norm_eps": float("nan")}, "rms_norm_eps must be a finite number > 0"),
-    ({"head_dim": 15}, "head_dim must be a positive even int"),
-    ({"max_position_embeddings": 0}, "max_position_embeddings must be a positive int"),
-    ({"rope_scaling": {"rope_type": "linear", "factor": 0}}, "rope_scaling.factor must be"),
-    ({"rope_scaling": "linear"}, "rope_scaling must be an object or null"),
-    ({"bos_token_id": -1}, "bos_token_id must be a token id"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "change,problem",
+    [
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+        ({"attention_dropout": 0.1}, "attention_dropout 0.1 is not supported"),
+        ({"mlp_bias": "false"}, "mlp_bias 'false' is not supported"),
+        ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false"),
+        ({"rms_norm_eps": float("nan")}, "rms_norm_eps must be a finite number > 0"),
+        ({"head_dim": 15}, "head_dim must be a positive even int"),
+        ({"max_position_embeddings": 0}, "max_position_embeddings must be a positive int"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 0}}, "rope_scaling.factor must be"),
+        ({"rope_scaling": "linear"}, "rope_scaling must be an object or null"),
+        ({"bos_token_id": -1}, "bos_token_id must be a token id"),
+    ],
+)
 def test_config_fields_are_checked(change, problem):
     with pytest.raises(ValueError, match=problem):
         ModelConfig.from_hf_config({**hf_config("llama"), **change})

@@ -19,15 +19,23 @@ from nf4core.sources import BnbDirSource
 
 # Rows are whole blocks: bitsandbytes 0.50.2's CPU path (dequantize_4bit without double quant, and
 # the forward) mishandles rows that are not a whole number of blocks.
-SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+SIZES = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 
 
 def _save_tiny(directory, arch: str):
     torch.manual_seed(0)
     if arch == "llama":
-        config = transformers.LlamaConfig(**SIZES, tie_word_embeddings=False, rope_theta=500000.0,
-                                          rms_norm_eps=1e-6)  # fmt: skip
+        config = transformers.LlamaConfig(
+            **SIZES, tie_word_embeddings=False, rope_theta=500000.0, rms_norm_eps=1e-6
+        )
         model = transformers.LlamaForCausalLM(config)
     else:
         config = transformers.Qwen2Config(**SIZES, tie_word_embeddings=True)
@@ -69,7 +77,11 @@ def test_reader_matches_transformers(tmp_path, arch):
         np.testing.assert_array_equal(got.astype(np.float32), _to_numpy(state[name]), err_msg=name)
     c = source.config
     assert (c.architecture, c.num_hidden_layers, c.num_key_value_heads, c.vocab_size) == (
-        arch, 2, 2, 128)
+        arch,
+        2,
+        2,
+        128,
+    )
     assert c.tie_word_embeddings is (arch == "qwen2")
     assert c.attention_bias is (arch == "qwen2")
     if arch == "llama":
@@ -77,15 +89,19 @@ def test_reader_matches_transformers(tmp_path, arch):
 
 
 def _bnb_config(double_quant=True):
-    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                           bnb_4bit_use_double_quant=double_quant,
-                                           bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+    return transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
 
 
 def test_bnb_directory_saved_by_transformers_loads_byte_identical(tmp_path):
     _save_tiny(tmp_path / "hf", "llama")
     quantized = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "hf", quantization_config=_bnb_config(), device_map="cpu")
+        tmp_path / "hf", quantization_config=_bnb_config(), device_map="cpu"
+    )
     quantized.save_pretrained(tmp_path / "bnb")
     source = open_model(tmp_path / "bnb")
     assert isinstance(source, BnbDirSource)
@@ -113,16 +129,23 @@ def test_bnb_directory_saved_by_transformers_loads_byte_identical(tmp_path):
 def test_our_directory_loads_in_transformers_bitsandbytes(tmp_path, double_quant):
     model = _save_tiny(tmp_path / "hf", "qwen2")
     with pytest.warns(UserWarning, match="no tokenizer saved"):  # transformers wrote none
-        quantize_model(tmp_path / "hf", tmp_path / "nf4", blocksize=64, double_quant=double_quant,
-                       method="absmax")  # bitsandbytes' quantizer: compared code for code below
+        quantize_model(
+            tmp_path / "hf",
+            tmp_path / "nf4",
+            blocksize=64,
+            double_quant=double_quant,
+            method="absmax",
+        )  # bitsandbytes' quantizer: compared code for code below
     config = json.loads((tmp_path / "nf4" / "config.json").read_text())
     assert config["quantization_config"]["bnb_4bit_use_double_quant"] is double_quant
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", device_map="cpu")
     ours = open_model(tmp_path / "nf4")
     layer = loaded.model.layers[0]
     assert isinstance(layer.mlp.down_proj, bnb.nn.Linear4bit)
-    for module, name in [(layer.mlp.down_proj, "model.layers.0.mlp.down_proj.weight"),
-                         (layer.self_attn.q_proj, "model.layers.0.self_attn.q_proj.weight")]:
+    for module, name in [
+        (layer.mlp.down_proj, "model.layers.0.mlp.down_proj.weight"),
+        (layer.self_attn.q_proj, "model.layers.0.self_attn.q_proj.weight"),
+    ]:
         w, mine = module.weight, ours.read(name)
         np.testing.assert_array_equal(w.data.numpy().reshape(-1), mine.packed)
         assert (tuple(w.quant_state.shape), w.quant_state.blocksize) == (mine.shape, 64)
@@ -137,10 +160,13 @@ def test_our_directory_loads_in_transformers_bitsandbytes(tmp_path, double_quant
         np.testing.assert_array_equal(mine.packed, packed.numpy().reshape(-1))
         np.testing.assert_array_equal(mine.absmax, state.absmax.numpy())
     # unquantized tensors arrive as saved (bias, norm, tied embedding)
-    np.testing.assert_array_equal(_to_numpy(layer.self_attn.q_proj.bias),
-                                  _to_numpy(model.model.layers[0].self_attn.q_proj.bias))
-    np.testing.assert_array_equal(_to_numpy(loaded.lm_head.weight),
-                                  _to_numpy(model.model.embed_tokens.weight))
+    np.testing.assert_array_equal(
+        _to_numpy(layer.self_attn.q_proj.bias),
+        _to_numpy(model.model.layers[0].self_attn.q_proj.bias),
+    )
+    np.testing.assert_array_equal(
+        _to_numpy(loaded.lm_head.weight), _to_numpy(model.model.embed_tokens.weight)
+    )
     ids = torch.tensor([[1, 5, 9, 17]])
     with torch.no_grad():
         assert torch.isfinite(loaded(ids).logits).all()

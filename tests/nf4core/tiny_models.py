@@ -16,19 +16,37 @@ from nf4core.sources.layout import expected_shapes
 from nf4core.sources.safetensors_io import save_safetensors
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
-          " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
-          "{{ '<|im_start|>assistant\n' }}{% endif %}")
-CORPUS = ["The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    return a + b\n",
-          "Numbers 12345 and 678, naïve café, 日本語のテキスト.", "Hello world! hello World?"] * 4
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "def add(a, b):\n    return a + b\n",
+    "Numbers 12345 and 678, naïve café, 日本語のテキスト.",
+    "Hello world! hello World?",
+] * 4
 
 
 def hf_config(arch: str = "llama", tie: bool = False, vocab: int = 300, **overrides) -> dict:
-    config = {"model_type": arch, "vocab_size": vocab, "hidden_size": 64, "intermediate_size": 96,
-              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "head_dim": 16, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-              "max_position_embeddings": 128, "tie_word_embeddings": tie, "bos_token_id": 1,
-              "eos_token_id": 2, "hidden_act": "silu"}  # fmt: skip
+    config = {
+        "model_type": arch,
+        "vocab_size": vocab,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 128,
+        "tie_word_embeddings": tie,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "hidden_act": "silu",
+    }
     config.update(overrides)
     return config
 
@@ -36,45 +54,68 @@ def hf_config(arch: str = "llama", tie: bool = False, vocab: int = 300, **overri
 def random_weights(config: dict, dtype=np.float32, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     shapes = expected_shapes(ModelConfig.from_hf_config(config))
-    return {name: rng.standard_normal(shape).astype(np.float32).astype(dtype)
-            for name, shape in shapes.items()}  # fmt: skip
+    return {
+        name: rng.standard_normal(shape).astype(np.float32).astype(dtype)
+        for name, shape in shapes.items()
+    }
 
 
 def tiny_tokenizer(vocab: int = 300) -> tokenizers.Tokenizer:
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS, trainer)
     assert tok.get_vocab_size() == vocab, tok.get_vocab_size()
     return tok
 
 
-def write_hf_dir(directory: Path, config: dict, weights: dict[str, np.ndarray],
-                 tokenizer: tokenizers.Tokenizer | None = None) -> Path:
+def write_hf_dir(
+    directory: Path,
+    config: dict,
+    weights: dict[str, np.ndarray],
+    tokenizer: tokenizers.Tokenizer | None = None,
+) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(config))
     save_safetensors(directory / "model.safetensors", weights)
     if tokenizer is not None:
         tokenizer.save(str(directory / "tokenizer.json"))
-        (directory / "tokenizer_config.json").write_text(json.dumps(
-            {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": CHATML}))
+        (directory / "tokenizer_config.json").write_text(
+            json.dumps(
+                {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": CHATML}
+            )
+        )
     return directory
 
 
-_GGUF_NAMES = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
-               "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
-               "self_attn.o_proj.weight": "attn_output.weight", "self_attn.q_proj.bias": "attn_q.bias",
-               "self_attn.k_proj.bias": "attn_k.bias", "self_attn.v_proj.bias": "attn_v.bias",
-               "post_attention_layernorm.weight": "ffn_norm.weight",
-               "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-               "mlp.down_proj.weight": "ffn_down.weight"}  # fmt: skip
+_GGUF_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
 
 
 def gguf_name(name: str) -> str:
-    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}  # fmt: skip
+    fixed = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
     if name in fixed:
         return fixed[name]
     _, _, layer, rest = name.split(".", 3)
@@ -84,14 +125,23 @@ def gguf_name(name: str) -> str:
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """What llama.cpp's convert_hf_to_gguf does to q/k rows of Llama models (written independently of
     nf4core so the un-permutation is tested against it)."""
-    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
-def write_gguf(path: Path, config: dict, weights: dict[str, np.ndarray], qtype: str = "F32",
-               tokenizer: tokenizers.Tokenizer | None = None, arch: str | None = None,
-               extra_tensors: dict[str, np.ndarray] | None = None,
-               add_metadata: Callable[[gguf.GGUFWriter], None] | None = None) -> Path:  # fmt: skip
+def write_gguf(
+    path: Path,
+    config: dict,
+    weights: dict[str, np.ndarray],
+    qtype: str = "F32",
+    tokenizer: tokenizers.Tokenizer | None = None,
+    arch: str | None = None,
+    extra_tensors: dict[str, np.ndarray] | None = None,
+    add_metadata: Callable[[gguf.GGUFWriter], None] | None = None,
+) -> Path:
     """A GGUF file as llama.cpp's converter writes it: q/k rows permuted for Llama-type models,
     2-D weights in `qtype`, 1-D tensors in F32."""
     arch = arch or config["model_type"]
@@ -118,9 +168,13 @@ def write_gguf(path: Path, config: dict, weights: dict[str, np.ndarray], qtype: 
         w.add_tokenizer_pre("default")
         w.add_token_list(tokens)
         w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
-        w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in state["model"]["merges"]])
-        assert (vocab["<|im_start|>"], vocab["<|im_end|>"]) == (config["bos_token_id"],
-                                                                config["eos_token_id"])
+        w.add_token_merges(
+            [" ".join(m) if isinstance(m, list) else m for m in state["model"]["merges"]]
+        )
+        assert (vocab["<|im_start|>"], vocab["<|im_end|>"]) == (
+            config["bos_token_id"],
+            config["eos_token_id"],
+        )
         w.add_add_bos_token(False)
         w.add_chat_template(CHATML)
     if add_metadata is not None:

@@ -8,10 +8,10 @@ torch = pytest.importorskip("torch")
 mx = pytest.importorskip("mlx.core")
 
 import nf4core  # noqa: E402
+from backends.mlx_backend import ops_reference as mlx_ops  # noqa: E402
 from backends.mlx_backend.lora import LoRALinear as MLXLoRALinear  # noqa: E402
 from backends.mlx_backend.nf4_linear import NF4Linear as MLXNF4Linear  # noqa: E402
 from backends.mlx_backend.nf4_weight import NF4Weight as MLXNF4Weight  # noqa: E402
-from backends.mlx_backend import ops_reference as mlx_ops  # noqa: E402
 from backends.torch_backend import ops as torch_ops  # noqa: E402
 from backends.torch_backend.dispatch import force_path  # noqa: E402
 from backends.torch_backend.lora import LoRALinear  # noqa: E402
@@ -29,7 +29,9 @@ def test_dequantize_is_bit_exact_across_backends(blocksize, double_quant):
         with force_path(path):
             got = torch_ops.dequantize(NF4Weight.from_nf4(t)).numpy().view(np.uint32)
         assert np.array_equal(got, spec), path
-    assert np.array_equal(np.array(mlx_ops.dequantize(MLXNF4Weight.from_nf4(t))).view(np.uint32), spec)
+    assert np.array_equal(
+        np.array(mlx_ops.dequantize(MLXNF4Weight.from_nf4(t))).view(np.uint32), spec
+    )
 
 
 def test_nf4_linear_with_lora_forward_and_gradients_agree():
@@ -44,8 +46,12 @@ def test_nf4_linear_with_lora_forward_and_gradients_agree():
     xt = torch.from_numpy(x).requires_grad_(True)
     yt = layer(xt)
     (yt * torch.from_numpy(g)).sum().backward()
-    torch_out = [yt.detach().numpy(), xt.grad.numpy(), layer.lora_A.weight.grad.numpy(),
-                 layer.lora_B.weight.grad.numpy()]  # fmt: skip
+    torch_out = [
+        yt.detach().numpy(),
+        xt.grad.numpy(),
+        layer.lora_A.weight.grad.numpy(),
+        layer.lora_B.weight.grad.numpy(),
+    ]
 
     mlx_layer = MLXLoRALinear(MLXNF4Linear.from_nf4(t), mx.array(a), mx.array(b), scale=2.0)
 

@@ -21,8 +21,19 @@ def setup(tmp_path_factory):
 
 def run(setup, out: Path, backend: str, **kw):
     model, data = setup
-    cfg = FinetuneConfig(model=str(model), data=str(data), out=str(out), steps=10, batch_size=4,
-                         max_seq_len=64, lr=1e-2, warmup_steps=2, backend=backend, save_every=5, **kw)
+    cfg = FinetuneConfig(
+        model=str(model),
+        data=str(data),
+        out=str(out),
+        steps=10,
+        batch_size=4,
+        max_seq_len=64,
+        lr=1e-2,
+        warmup_steps=2,
+        backend=backend,
+        save_every=5,
+        **kw,
+    )
     return finetune(cfg, echo=lambda s: None, progress=False)
 
 
@@ -35,8 +46,10 @@ def resume(ckpt: Path, out: Path, backend: str):
 def reference(setup, tmp_path_factory):
     """10 steps on each backend (checkpoint at step 5)."""
     root = tmp_path_factory.mktemp("ref")
-    return {b: (run(setup, root / b, b).losses, root / b / "checkpoints" / "step-000005")
-            for b in ("torch", "mlx")}  # fmt: skip
+    return {
+        b: (run(setup, root / b, b).losses, root / b / "checkpoints" / "step-000005")
+        for b in ("torch", "mlx")
+    }
 
 
 def test_backends_agree_over_ten_steps(reference):

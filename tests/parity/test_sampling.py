@@ -41,8 +41,9 @@ def mlx_draws(temperature, top_p):
     return [mlx_pick(logits, temperature, top_p, keys[i]) for i in range(DRAWS)]
 
 
-@pytest.mark.parametrize("temperature,top_p", [(1.0, 0.7), (1.0, 0.9), (1.0, 1.0), (0.5, 0.9),
-                                               (2.0, 0.6)])  # fmt: skip
+@pytest.mark.parametrize(
+    "temperature,top_p", [(1.0, 0.7), (1.0, 0.9), (1.0, 1.0), (0.5, 0.9), (2.0, 0.6)]
+)
 @pytest.mark.parametrize("draw", [torch_draws, mlx_draws], ids=["torch", "mlx"])
 def test_draws_follow_the_nucleus(draw, temperature, top_p):
     want = nucleus(temperature, top_p)

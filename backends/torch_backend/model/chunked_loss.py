@@ -19,16 +19,22 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     only."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                mask: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        mask: torch.Tensor,
+        chunk: int,
+    ) -> torch.Tensor:
         # hidden (N, C) compute dtype; weight (V, C); targets (N,) int64; mask (N,) bool
         acc = torch.promote_types(hidden.dtype, torch.float32)  # float32, float64 for gradcheck
         total = torch.zeros((), dtype=acc, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk):
-            logits = (hidden[s:s + chunk] @ weight.t()).to(acc)  # (n, V)
-            picked = logits.gather(1, targets[s:s + chunk, None])[:, 0]
+            logits = (hidden[s : s + chunk] @ weight.t()).to(acc)  # (n, V)
+            picked = logits.gather(1, targets[s : s + chunk, None])[:, 0]
             losses = torch.logsumexp(logits, dim=-1) - picked
-            total += torch.where(mask[s:s + chunk], losses, 0.0).sum()
+            total += torch.where(mask[s : s + chunk], losses, 0.0).sum()
         ctx.save_for_backward(hidden, weight, targets, mask)
         ctx.chunk = chunk
         return total
@@ -38,21 +44,27 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         hidden, weight, targets, mask = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden)
         for s in range(0, hidden.shape[0], ctx.chunk):
-            logits = (hidden[s:s + ctx.chunk] @ weight.t()).to(grad_total.dtype)  # (n, V)
+            logits = (hidden[s : s + ctx.chunk] @ weight.t()).to(grad_total.dtype)  # (n, V)
             probs = torch.softmax(logits, dim=-1)
             rows = torch.arange(probs.shape[0], device=probs.device)
-            probs[rows, targets[s:s + ctx.chunk]] -= 1.0
-            probs *= (mask[s:s + ctx.chunk].to(probs.dtype) * grad_total)[:, None]
-            grad_hidden[s:s + ctx.chunk] = probs.to(hidden.dtype) @ weight
+            probs[rows, targets[s : s + ctx.chunk]] -= 1.0
+            probs *= (mask[s : s + ctx.chunk].to(probs.dtype) * grad_total)[:, None]
+            grad_hidden[s : s + ctx.chunk] = probs.to(hidden.dtype) @ weight
         return grad_hidden, None, None, None, None
 
 
-def chunked_head_loss(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor,
-                      mask: torch.Tensor, chunk: int = CHUNK_ROWS) -> torch.Tensor:
+def chunked_head_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    chunk: int = CHUNK_ROWS,
+) -> torch.Tensor:
     """Summed next-token cross-entropy (float32) of hidden states (B, T, C) through an LM head
     weight (V, C) (frozen), for targets input_ids[:, 1:] where `mask` (B, T-1) holds."""
     if weight.requires_grad:
-        raise ValueError("chunked_head_loss needs a frozen LM head (it computes no weight "
-                         "gradient)")
+        raise ValueError(
+            "chunked_head_loss needs a frozen LM head (it computes no weight gradient)"
+        )
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(T-1), C)
     return _ChunkedHeadLoss.apply(h, weight, input_ids[:, 1:].reshape(-1), mask.reshape(-1), chunk)

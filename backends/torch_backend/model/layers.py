@@ -37,9 +37,16 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def make_linear(weight: object, bias: np.ndarray | None, quantize: bool, blocksize: int,
-                double_quant: bool, dtype: torch.dtype, method: str = "absmax",
-                base_dtype: torch.dtype | None = None) -> nn.Module:
+def make_linear(
+    weight: object,
+    bias: np.ndarray | None,
+    quantize: bool,
+    blocksize: int,
+    double_quant: bool,
+    dtype: torch.dtype,
+    method: str = "absmax",
+    base_dtype: torch.dtype | None = None,
+) -> nn.Module:
     """A frozen linear from a weight: NF4Linear for an NF4Tensor (or a dense one when `quantize`,
     by `method`), else an nn.Linear in `dtype` holding the weight rounded to `base_dtype` (when
     given). The dense weight is dropped as soon as it is quantized."""

@@ -24,21 +24,36 @@ MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, self_attn: Attention, mlp: MLP, input_layernorm: RMSNorm,
-                 post_attention_layernorm: RMSNorm) -> None:
+    def __init__(
+        self,
+        self_attn: Attention,
+        mlp: MLP,
+        input_layernorm: RMSNorm,
+        post_attention_layernorm: RMSNorm,
+    ) -> None:
         super().__init__()
         self.self_attn, self.mlp = self_attn, mlp
-        self.input_layernorm, self.post_attention_layernorm = input_layernorm, post_attention_layernorm
+        self.input_layernorm, self.post_attention_layernorm = (
+            input_layernorm,
+            post_attention_layernorm,
+        )
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None, mask: torch.Tensor | None = None
-                ) -> torch.Tensor:  # (B, T, C)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # (B, T, C)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Decoder(nn.Module):
-    def __init__(self, embed_tokens: nn.Embedding, layers: list[DecoderLayer], norm: RMSNorm) -> None:
+    def __init__(
+        self, embed_tokens: nn.Embedding, layers: list[DecoderLayer], norm: RMSNorm
+    ) -> None:
         super().__init__()
         self.embed_tokens, self.layers, self.norm = embed_tokens, nn.ModuleList(layers), norm
 
@@ -48,8 +63,9 @@ class CausalLM(nn.Module):
     embeddings, norms and lm_head stay dense. Module names match Hugging Face's, so LoRA names and
     PEFT keys do too. Computes in `compute_dtype` (BF16 on GPUs, FP32 on CPUs by default)."""
 
-    def __init__(self, config: ModelConfig, model: Decoder, lm_head: nn.Module,
-                 compute_dtype: torch.dtype) -> None:
+    def __init__(
+        self, config: ModelConfig, model: Decoder, lm_head: nn.Module, compute_dtype: torch.dtype
+    ) -> None:
         super().__init__()
         self.config, self.model, self.lm_head = config, model, lm_head
         self.compute_dtype = compute_dtype
@@ -58,10 +74,17 @@ class CausalLM(nn.Module):
         self.register_buffer("inv_freq", inverse_frequencies(config), persistent=False)
 
     @classmethod
-    def from_state(cls, config: ModelConfig, tensors: Mapping[str, object], quantize: bool = True,
-                   blocksize: int = 64, double_quant: bool = True,
-                   compute_dtype: torch.dtype = torch.float32, method: str = "absmax",
-                   base_dtype: torch.dtype | None = None) -> CausalLM:
+    def from_state(
+        cls,
+        config: ModelConfig,
+        tensors: Mapping[str, object],
+        quantize: bool = True,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype = torch.float32,
+        method: str = "absmax",
+        base_dtype: torch.dtype | None = None,
+    ) -> CausalLM:
         """Build from Hugging Face-named tensors (numpy arrays, torch tensors or nf4core.NF4Tensor).
 
         Block linears given as NF4Tensor are used as they are; dense ones are quantized one at a time
@@ -70,26 +93,46 @@ class CausalLM(nn.Module):
         """
         get = _Getter(tensors)
         dense = dict(dtype=compute_dtype)
-        heads, kv, hd = config.num_attention_heads, config.num_key_value_heads, config.resolved_head_dim
+        heads, kv, hd = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.resolved_head_dim,
+        )
         layers = []
         for i in range(config.num_hidden_layers):
             p = f"model.layers.{i}."
 
             def lin(name: str, bias: bool = False) -> nn.Module:
                 b = get.array(f"{name}.bias") if bias else None
-                return make_linear(get.raw(f"{name}.weight"), b, quantize, blocksize, double_quant,
-                                   compute_dtype, method, base_dtype)  # fmt: skip
+                return make_linear(
+                    get.raw(f"{name}.weight"),
+                    b,
+                    quantize,
+                    blocksize,
+                    double_quant,
+                    compute_dtype,
+                    method,
+                    base_dtype,
+                )
 
             qkv_bias = config.attention_bias
-            attn = Attention(*(lin(f"{p}self_attn.{n}", qkv_bias and n != "o_proj") for n in ATTENTION_PROJ),
-                             heads, kv, hd, i)  # fmt: skip
+            attn = Attention(
+                *(lin(f"{p}self_attn.{n}", qkv_bias and n != "o_proj") for n in ATTENTION_PROJ),
+                heads,
+                kv,
+                hd,
+                i,
+            )
             mlp = MLP(*(lin(f"{p}mlp.{n}") for n in MLP_PROJ))
-            norms = (RMSNorm(get.tensor(f"{p}{n}.weight", **dense), config.rms_norm_eps)
-                     for n in ("input_layernorm", "post_attention_layernorm"))  # fmt: skip
+            norms = (
+                RMSNorm(get.tensor(f"{p}{n}.weight", **dense), config.rms_norm_eps)
+                for n in ("input_layernorm", "post_attention_layernorm")
+            )
             layers.append(DecoderLayer(attn, mlp, *norms))
         embed = nn.Embedding.from_pretrained(get.tensor("model.embed_tokens.weight", **dense))
-        decoder = Decoder(embed, layers, RMSNorm(get.tensor("model.norm.weight", **dense),
-                                                 config.rms_norm_eps))  # fmt: skip
+        decoder = Decoder(
+            embed, layers, RMSNorm(get.tensor("model.norm.weight", **dense), config.rms_norm_eps)
+        )
         lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, **dense)
         if config.tie_word_embeddings:  # a saved lm_head.weight is then the same tensor
             lm_head.weight = embed.weight  # one tensor, as in the checkpoint
@@ -99,19 +142,38 @@ class CausalLM(nn.Module):
         return cls(config, decoder, lm_head, compute_dtype)
 
     @classmethod
-    def from_source(cls, source: ModelSource, quantize: bool = True, blocksize: int = 64,
-                    double_quant: bool = True, compute_dtype: torch.dtype = torch.float32,
-                    method: str = "absmax", base_dtype: torch.dtype | None = None) -> CausalLM:
+    def from_source(
+        cls,
+        source: ModelSource,
+        quantize: bool = True,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype = torch.float32,
+        method: str = "absmax",
+        base_dtype: torch.dtype | None = None,
+    ) -> CausalLM:
         """Build from `nf4core.open_model(path)`: tensors are read (and quantized) one at a time; NF4
         weights of a bitsandbytes directory are used without requantizing."""
         from .source import SourceTensors
 
-        return cls.from_state(source.config, SourceTensors(source), quantize, blocksize,
-                              double_quant, compute_dtype, method, base_dtype)  # fmt: skip
+        return cls.from_state(
+            source.config,
+            SourceTensors(source),
+            quantize,
+            blocksize,
+            double_quant,
+            compute_dtype,
+            method,
+            base_dtype,
+        )
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                      position_ids: torch.Tensor | None = None,
-                      segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """input_ids (B, T) -> final normalised hidden states (B, T, C) in the compute dtype.
 
         position_ids (B, T) restart RoPE positions per packed example; segment_ids (B, T) (0 on
@@ -133,21 +195,33 @@ class CausalLM(nn.Module):
             cache.advance(t)
         return self.model.norm(x)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                position_ids: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab) in the compute dtype (see `hidden_states`)."""
         return self.lm_head(self.hidden_states(input_ids, cache, position_ids, segment_ids))
 
-    def loss(self, input_ids: torch.Tensor, loss_mask: torch.Tensor | None = None,
-             position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(
+        self,
+        input_ids: torch.Tensor,
+        loss_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token cross-entropy (float32) and the number of counted targets, as
         `causal_lm_loss(self(input_ids, ...), ...)`; with `chunked_loss` (and a frozen plain LM
         head) the full logits are never held (model/chunked_loss.py)."""
         head = self.lm_head
-        if (self.chunked_loss and isinstance(head, nn.Linear) and head.bias is None
-                and not head.weight.requires_grad):
+        if (
+            self.chunked_loss
+            and isinstance(head, nn.Linear)
+            and head.bias is None
+            and not head.weight.requires_grad
+        ):
             hidden = self.hidden_states(input_ids, None, position_ids, segment_ids)
             mask = target_mask(input_ids, loss_mask, segment_ids)
             return chunked_head_loss(hidden, head.weight, input_ids, mask), mask.sum()
@@ -156,8 +230,15 @@ class CausalLM(nn.Module):
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         c = self.config
-        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, c.resolved_head_dim,
-                       max_len, self.compute_dtype, self.inv_freq.device)  # fmt: skip
+        return KVCache(
+            c.num_hidden_layers,
+            batch,
+            c.num_key_value_heads,
+            c.resolved_head_dim,
+            max_len,
+            self.compute_dtype,
+            self.inv_freq.device,
+        )
 
 
 class _Getter:
@@ -179,8 +260,11 @@ class _Getter:
         return torch.from_numpy(self.array(name)).to(dtype)
 
 
-def target_mask(input_ids: torch.Tensor, loss_mask: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+def target_mask(
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """(B, T-1) bool: which next-token predictions count. Target t counts where loss_mask[t] (all but
     the first token without a mask) and, in packed rows, where t and t-1 are in the same example."""
     if loss_mask is None:
@@ -192,9 +276,12 @@ def target_mask(input_ids: torch.Tensor, loss_mask: torch.Tensor | None = None,
     return mask
 
 
-def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor,
-                   loss_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_lm_loss(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy (float32) and the number of counted targets.
 
     logits (B, T, V), input_ids (B, T); loss_mask (B, T) marks the tokens that count as targets
@@ -202,5 +289,7 @@ def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor,
     token of a packed example is not predicted from the previous example."""
     targets = input_ids[:, 1:]  # (B, T-1)
     mask = target_mask(input_ids, loss_mask, segment_ids)
-    losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")
+    losses = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none"
+    )
     return torch.where(mask.flatten(), losses, 0.0).sum(), mask.sum()

@@ -22,8 +22,9 @@ def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return ((same & real & causal) | eye)[:, None]
 
 
-def causal_window_mask(length: int, past: int, window: int | None,
-                       device: torch.device | str) -> torch.Tensor:  # fmt: skip
+def causal_window_mask(
+    length: int, past: int, window: int | None, device: torch.device | str
+) -> torch.Tensor:
     """(T, past + T) bool: query i (absolute position past + i) sees keys j with j <= past + i and,
     with a window, past + i - window < j (transformers' sliding-window overlay)."""
     queries = torch.arange(past, past + length, device=device)[:, None]  # (T, 1)
@@ -34,8 +35,13 @@ def causal_window_mask(length: int, past: int, window: int | None,
     return mask
 
 
-def attention_mask(length: int, past: int, window: int | None, device: torch.device | str,
-                   segment_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+def attention_mask(
+    length: int,
+    past: int,
+    window: int | None,
+    device: torch.device | str,
+    segment_ids: torch.Tensor | None = None,
+) -> torch.Tensor | None:
     """The mask for `length` new positions after `past` cached ones, or None where plain causal
     attention is exact (then attention takes SDPA's fast `is_causal` path, or sees every cached key
     for a single new position). A window only counts once the keys outnumber it."""

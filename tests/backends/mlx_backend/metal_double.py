@@ -33,17 +33,28 @@ from backends.mlx_backend.metal_sources import find_metal_dir
 MAX_THREADS_PER_THREADGROUP = 1024
 CONSTANT_MAX_ELEMENTS = 8  # MLX: inputs with fewer elements go to the constant address space
 _ATTRIBUTES = {  # Metal thread attributes the double can set; MLX adds the ones the source names
-    "thread_position_in_grid": "uint3", "thread_position_in_threadgroup": "uint3",
-    "threadgroup_position_in_grid": "uint3", "threads_per_threadgroup": "uint3",
-    "threads_per_grid": "uint3", "thread_index_in_threadgroup": "uint",
-}  # fmt: skip
+    "thread_position_in_grid": "uint3",
+    "thread_position_in_threadgroup": "uint3",
+    "threadgroup_position_in_grid": "uint3",
+    "threads_per_threadgroup": "uint3",
+    "threads_per_grid": "uint3",
+    "thread_index_in_threadgroup": "uint",
+}
 _UNSUPPORTED_ATTRIBUTES = ("simdgroup", "quadgroup", "thread_index_in_simdgroup")
 
 
 def _c_types() -> dict:
-    return {mx.float32: "float", mx.float16: "float16_t", mx.bfloat16: "bfloat16_t",
-            mx.uint8: "uint8_t", mx.uint16: "uint16_t", mx.uint32: "uint32_t",
-            mx.int32: "int32_t", mx.int64: "int64_t", mx.bool_: "bool"}  # fmt: skip
+    return {
+        mx.float32: "float",
+        mx.float16: "float16_t",
+        mx.bfloat16: "bfloat16_t",
+        mx.uint8: "uint8_t",
+        mx.uint16: "uint16_t",
+        mx.uint32: "uint32_t",
+        mx.int32: "int32_t",
+        mx.int64: "int64_t",
+        mx.bool_: "bool",
+    }
 
 
 def _raw(a: mx.array) -> bytes:
@@ -54,9 +65,17 @@ def _raw(a: mx.array) -> bytes:
 
 
 def _from_raw(data: bytes, shape: tuple, dtype) -> mx.array:
-    storage = {mx.bfloat16: np.uint16, mx.float16: np.float16, mx.float32: np.float32,
-               mx.uint8: np.uint8, mx.uint16: np.uint16, mx.uint32: np.uint32,
-               mx.int32: np.int32, mx.int64: np.int64, mx.bool_: np.bool_}[dtype]  # fmt: skip
+    storage = {
+        mx.bfloat16: np.uint16,
+        mx.float16: np.float16,
+        mx.float32: np.float32,
+        mx.uint8: np.uint8,
+        mx.uint16: np.uint16,
+        mx.uint32: np.uint32,
+        mx.int32: np.int32,
+        mx.int64: np.int64,
+        mx.bool_: np.bool_,
+    }[dtype]
     out = mx.array(np.frombuffer(data, dtype=storage).reshape(shape))
     return out.view(mx.bfloat16) if dtype == mx.bfloat16 else out
 
@@ -75,10 +94,24 @@ def _compile(cpp: str, fast_math: bool) -> Path:
         source, binary = _workdir / f"{key}.cpp", _workdir / key
         source.write_text(cpp)
         proc = subprocess.run(
-            ["g++", "-std=c++17", "-O1", f"-ffp-contract={'fast' if fast_math else 'off'}", "-Wall",
-             "-Werror", "-Wno-unused-variable", "-Wno-unused-but-set-variable",
-             f"-I{find_metal_dir()}", str(source), "-o", str(binary)],
-            capture_output=True, text=True, check=False)  # fmt: skip
+            [
+                "g++",
+                "-std=c++17",
+                "-O1",
+                f"-ffp-contract={'fast' if fast_math else 'off'}",
+                "-Wall",
+                "-Werror",
+                "-Wno-unused-variable",
+                "-Wno-unused-but-set-variable",
+                f"-I{find_metal_dir()}",
+                str(source),
+                "-o",
+                str(binary),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if proc.returncode != 0:
             first = next((ln for ln in proc.stderr.splitlines() if "error" in ln), proc.stderr)
             raise RuntimeError(f"[metal_kernel] Unable to build metal library from source: {first}")
@@ -102,23 +135,37 @@ def _template_header(template: list) -> tuple[str, str]:
             params.append(f"typename {name}")
             args.append(types[value])
         else:
-            raise TypeError(f"[metal_kernel] template argument {name!r} must be an int, a bool or "
-                            f"a Dtype, got {type(value).__name__}")  # fmt: skip
+            raise TypeError(
+                f"[metal_kernel] template argument {name!r} must be an int, a bool or "
+                f"a Dtype, got {type(value).__name__}"
+            )
     return (f"template <{', '.join(params)}>" if params else ""), (
-        f"<{', '.join(args)}>" if args else "")
+        f"<{', '.join(args)}>" if args else ""
+    )
 
 
 class MetalKernelDouble:
     """Stands in for the object mx.fast.metal_kernel returns."""
 
-    def __init__(self, name: str, input_names, output_names, source: str, header: str = "",
-                 ensure_row_contiguous: bool = True, atomic_outputs: bool = False,
-                 compile_options: dict | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        name: str,
+        input_names,
+        output_names,
+        source: str,
+        header: str = "",
+        ensure_row_contiguous: bool = True,
+        atomic_outputs: bool = False,
+        compile_options: dict | None = None,
+    ) -> None:
         if atomic_outputs:
             raise NotImplementedError("the Metal double has no atomic outputs")
         options = dict(compile_options or {})
         if set(options) - {"math_mode"} or options.get("math_mode", "safe") not in (
-                "safe", "relaxed", "fast"):  # fmt: skip
+            "safe",
+            "relaxed",
+            "fast",
+        ):
             raise ValueError(f"[metal_kernel] unsupported compile_options {options}")
         for attr in _UNSUPPORTED_ATTRIBUTES:
             if attr in source:
@@ -142,8 +189,10 @@ class MetalKernelDouble:
             else:
                 params.append(f"const {space} {c_type}* {name}")
                 args.append(f"reinterpret_cast<const {c_type}*>(in{i}.data())")
-                for suffix, c, values in (("_shape", "int", a.shape),
-                                          ("_strides", "int64_t", _row_strides(a.shape))):
+                for suffix, c, values in (
+                    ("_shape", "int", a.shape),
+                    ("_strides", "int64_t", _row_strides(a.shape)),
+                ):
                     if name + suffix in self.source:
                         params.append(f"const constant {c}* {name}{suffix}")
                         args.append(f"std::vector<{c}>{{{', '.join(map(str, values))}}}.data()")
@@ -164,22 +213,32 @@ class MetalKernelDouble:
         params, args = self._signature(inputs)
         out_types = {f"{{OUT{j}}}": _c_types()[d] for j, d in enumerate(output_dtypes)}
         fn = f"custom_kernel_{self.name}"
-        lines = ['#include "metal_shim.h"', "#include <cstdio>", "#include <cstdlib>",
-                 "#include <vector>", self.header, header_line,
-                 f"static void {fn}({', '.join(params)}) {{", self.source, "}",
-                 "static std::vector<char> slurp(const char* path) {",
-                 '  FILE* f = fopen(path, "rb"); fseek(f, 0, SEEK_END); long n = ftell(f);',
-                 "  rewind(f); std::vector<char> v(n + 8);",
-                 "  if (n) { size_t r = fread(v.data(), 1, n, f); (void)r; } fclose(f); return v;",
-                 "}",
-                 "int main(int argc, char** argv) {",
-                 "  uint g[3], t[3]; int a = 1;",
-                 "  for (int d = 0; d < 3; ++d) g[d] = atoi(argv[a++]);",
-                 "  for (int d = 0; d < 3; ++d) t[d] = atoi(argv[a++]);"]  # fmt: skip
+        lines = [
+            '#include "metal_shim.h"',
+            "#include <cstdio>",
+            "#include <cstdlib>",
+            "#include <vector>",
+            self.header,
+            header_line,
+            f"static void {fn}({', '.join(params)}) {{",
+            self.source,
+            "}",
+            "static std::vector<char> slurp(const char* path) {",
+            '  FILE* f = fopen(path, "rb"); fseek(f, 0, SEEK_END); long n = ftell(f);',
+            "  rewind(f); std::vector<char> v(n + 8);",
+            "  if (n) { size_t r = fread(v.data(), 1, n, f); (void)r; } fclose(f); return v;",
+            "}",
+            "int main(int argc, char** argv) {",
+            "  uint g[3], t[3]; int a = 1;",
+            "  for (int d = 0; d < 3; ++d) g[d] = atoi(argv[a++]);",
+            "  for (int d = 0; d < 3; ++d) t[d] = atoi(argv[a++]);",
+        ]
         lines += [f"  std::vector<char> in{i} = slurp(argv[a++]);" for i in range(len(inputs))]
         for j in range(len(output_dtypes)):
-            lines += [f"  const char* outpath{j} = argv[a++]; size_t bytes{j} = atol(argv[a++]);",
-                      f"  std::vector<char> out{j}(bytes{j} + 8, char(0xFF));"]  # fmt: skip
+            lines += [
+                f"  const char* outpath{j} = argv[a++]; size_t bytes{j} = atol(argv[a++]);",
+                f"  std::vector<char> out{j}(bytes{j} + 8, char(0xFF));",
+            ]
         call = ", ".join(args)
         lines += [
             "  uint3 threads_per_grid{g[0], g[1], g[2]};",
@@ -200,32 +259,52 @@ class MetalKernelDouble:
             "    (void)thread_index_in_threadgroup;",
             f"    {fn}{template_args}({call});",
             "  }",
-        ]  # fmt: skip
+        ]
         for j in range(len(output_dtypes)):
-            lines += [f'  {{ FILE* f = fopen(outpath{j}, "wb");',
-                      f"    fwrite(out{j}.data(), 1, bytes{j}, f); fclose(f); }}"]  # fmt: skip
+            lines += [
+                f'  {{ FILE* f = fopen(outpath{j}, "wb");',
+                f"    fwrite(out{j}.data(), 1, bytes{j}, f); fclose(f); }}",
+            ]
         lines += ["  return 0;", "}"]
         program = "\n".join(lines) + "\n"
         for placeholder, c_type in out_types.items():
             program = program.replace(placeholder, c_type)
         return program
 
-    def __call__(self, *, inputs, output_shapes, output_dtypes, grid, threadgroup,
-                 template=None, init_value=None, verbose=False, stream=None):  # fmt: skip
+    def __call__(
+        self,
+        *,
+        inputs,
+        output_shapes,
+        output_dtypes,
+        grid,
+        threadgroup,
+        template=None,
+        init_value=None,
+        verbose=False,
+        stream=None,
+    ):
         if len(inputs) != len(self.input_names):
-            raise ValueError(f"[metal_kernel] Expected `inputs` to have size "
-                             f"{len(self.input_names)} but got size {len(inputs)}.")
+            raise ValueError(
+                f"[metal_kernel] Expected `inputs` to have size "
+                f"{len(self.input_names)} but got size {len(inputs)}."
+            )
         if len(output_shapes) != len(self.output_names) or len(output_dtypes) != len(
-                self.output_names):  # fmt: skip
-            raise ValueError(f"[metal_kernel] Expected `output_shapes` and `output_dtypes` to have "
-                             f"size {len(self.output_names)}.")
+            self.output_names
+        ):
+            raise ValueError(
+                f"[metal_kernel] Expected `output_shapes` and `output_dtypes` to have "
+                f"size {len(self.output_names)}."
+            )
         grid, threadgroup = tuple(grid), tuple(threadgroup)
         for what, dims in (("grid", grid), ("threadgroup", threadgroup)):
             if len(dims) != 3 or not all(isinstance(d, int) and d > 0 for d in dims):
                 raise ValueError(f"[metal_kernel] {what} must be three positive ints, got {dims}")
         if int(np.prod(threadgroup)) > MAX_THREADS_PER_THREADGROUP:
-            raise ValueError(f"[metal_kernel] threadgroup {threadgroup} has more than "
-                             f"{MAX_THREADS_PER_THREADGROUP} threads")  # fmt: skip
+            raise ValueError(
+                f"[metal_kernel] threadgroup {threadgroup} has more than "
+                f"{MAX_THREADS_PER_THREADGROUP} threads"
+            )
         if init_value is not None:
             raise NotImplementedError("the Metal double has no init_value")
         inputs = [a if isinstance(a, mx.array) else mx.array(a) for a in inputs]
@@ -243,8 +322,10 @@ class MetalKernelDouble:
                 sizes.append(nbytes)
                 argv += [str(Path(tmp) / f"out{j}"), str(nbytes)]
             subprocess.run(argv, check=True, capture_output=True)
-            return [_from_raw((Path(tmp) / f"out{j}").read_bytes(), tuple(shape), dtype)
-                    for j, (shape, dtype) in enumerate(zip(output_shapes, output_dtypes))]
+            return [
+                _from_raw((Path(tmp) / f"out{j}").read_bytes(), tuple(shape), dtype)
+                for j, (shape, dtype) in enumerate(zip(output_shapes, output_dtypes))
+            ]
 
 
 def _row_strides(shape) -> list[int]:

@@ -43,9 +43,9 @@ def _driver_source(name: str, t_type: str, ints: dict[str, int]) -> str:
         "int main(int argc, char** argv) {",
         "  uint gx = atoi(argv[1]), gy = atoi(argv[2]), gz = atoi(argv[3]); int a = 4;",
     ]
-    for i, (n, c) in enumerate(spec.inputs):
+    for i, (_n, _c) in enumerate(spec.inputs):
         lines.append(f"  std::vector<char> in{i} = slurp(argv[a++]);")
-    for i, (n, c) in enumerate(spec.outputs):
+    for i, (_n, c) in enumerate(spec.outputs):
         lines.append(f"  const char* outpath{i} = argv[a++]; size_t count{i} = atol(argv[a++]);")
         lines.append(f"  std::vector<{c}> out{i}(count{i});")
     args = [f"reinterpret_cast<const {c}*>(in{i}.data())" for i, (_, c) in enumerate(spec.inputs)]
@@ -75,14 +75,28 @@ class ShimKernel:
         source.write_text(_driver_source(name, "float", ints))
         metal = find_metal_dir()
         subprocess.run(
-            ["g++", "-std=c++17", "-O1", "-ffp-contract=off", "-Wall", "-Werror",
-             "-Wno-unused-result", "-Wno-unused-variable", f"-I{metal}", str(source), "-o",
-             str(self.binary)],
-            check=True, capture_output=True, text=True,
-        )  # fmt: skip
+            [
+                "g++",
+                "-std=c++17",
+                "-O1",
+                "-ffp-contract=off",
+                "-Wall",
+                "-Werror",
+                "-Wno-unused-result",
+                "-Wno-unused-variable",
+                f"-I{metal}",
+                str(source),
+                "-o",
+                str(self.binary),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
 
-    def __call__(self, grid: tuple[int, int, int], inputs: dict[str, np.ndarray],
-                 out_counts: dict[str, int]) -> dict[str, np.ndarray]:  # fmt: skip
+    def __call__(
+        self, grid: tuple[int, int, int], inputs: dict[str, np.ndarray], out_counts: dict[str, int]
+    ) -> dict[str, np.ndarray]:
         argv = [str(self.binary), *map(str, grid)]
         for name, c_type in self.spec.inputs:
             dtype = np.float32 if c_type == "T" else _C_TYPES[c_type]

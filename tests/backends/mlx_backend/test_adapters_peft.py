@@ -23,16 +23,20 @@ from .tiny_models import random_tensors, tiny_config
 def test_peft_loads_our_adapters_to_the_same_logits(tmp_path):
     config = tiny_config("qwen2")
     tensors = random_tensors(config, seed=21)
-    nf4 = {k: nf4core.quantize(v, 64, True) if k.endswith("proj.weight") else v
-           for k, v in tensors.items()}  # fmt: skip
+    nf4 = {
+        k: nf4core.quantize(v, 64, True) if k.endswith("proj.weight") else v
+        for k, v in tensors.items()
+    }
     model = LlamaModel.from_state(config, nf4)
     lora = LoRAConfig(
         r=4, alpha=8.0, use_rslora=True, target_modules=("q_proj", "v_proj", "down_proj")
     )
     apply_lora(model, lora)
     rng = np.random.default_rng(22)
-    trained = [(k, mx.array(rng.standard_normal(v.shape).astype(np.float32) * 0.1))
-               for k, v in tree_flatten(model.trainable_parameters())]  # fmt: skip
+    trained = [
+        (k, mx.array(rng.standard_normal(v.shape).astype(np.float32) * 0.1))
+        for k, v in tree_flatten(model.trainable_parameters())
+    ]
     model.update(tree_unflatten(trained))
     tokens = rng.integers(0, config.vocab_size, size=(1, 11))
     ours = np.array(model(mx.array(tokens)))

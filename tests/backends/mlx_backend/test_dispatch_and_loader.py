@@ -63,8 +63,18 @@ def test_wheel_ships_the_metal_sources(tmp_path):
             ".venv", ".git", "build", "*.egg-info", "__pycache__", ".pytest_cache", "runs"
         ),
     )
-    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-               "-w", str(tmp_path), str(source)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        "-w",
+        str(tmp_path),
+        str(source),
+    ]
     subprocess.run(command, check=True, capture_output=True)
     (wheel,) = tmp_path.glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -77,8 +87,10 @@ def test_wheel_ships_the_metal_sources(tmp_path):
 
 
 def test_import_without_mlx():
-    code = ("import sys; sys.modules['mlx'] = None; import backends, backends.mlx_backend as b; "
-            "assert not b.is_available(); print('ok')")  # fmt: skip
+    code = (
+        "import sys; sys.modules['mlx'] = None; import backends, backends.mlx_backend as b; "
+        "assert not b.is_available(); print('ok')"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=False
     )
@@ -103,8 +115,10 @@ def test_metal_kernels_match_reference(double_quant):
     for shape, bs in (((37, 129), 64), ((96, 67), 32), ((256, 1024), 128)):
         t = nf4core.quantize(rng.standard_normal(shape).astype(np.float32), bs, double_quant)
         w = NF4Weight.from_nf4(t)
-        np.testing.assert_array_equal(np.array(ops_metal.reconstruct_absmax(w)).view(np.uint32),
-                                      t.block_absmax().view(np.uint32))  # fmt: skip
+        np.testing.assert_array_equal(
+            np.array(ops_metal.reconstruct_absmax(w)).view(np.uint32),
+            t.block_absmax().view(np.uint32),
+        )
         for dtype in (mx.float32, mx.float16, mx.bfloat16):
             got = ops_metal.dequantize(w, dtype).astype(mx.float32)
             want = ops_reference.dequantize(w, dtype).astype(mx.float32)
@@ -144,8 +158,13 @@ def test_every_kernel_builds_from_its_file(monkeypatch):
 def test_metal_check_script_skips_without_metal():
     if dispatch.metal_usable():
         pytest.skip("this machine has Metal: run bench/metal_check.py itself")
-    out = subprocess.run([sys.executable, str(REPO / "bench" / "metal_check.py")],
-                         capture_output=True, text=True, cwd=REPO / "bench", check=False)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "metal_check.py")],
+        capture_output=True,
+        text=True,
+        cwd=REPO / "bench",
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     assert "SKIPPED" in out.stdout
 

@@ -87,8 +87,9 @@ def test_double_detects_a_wrong_kernel(doubled, weight, monkeypatch):
     t, w = weight
     original = ops_metal.load_source
     swapped = original("nf4_dequant").replace("bits >> 4", "bits & 15 ")
-    monkeypatch.setattr(ops_metal, "load_source",
-                        lambda name: swapped if name == "nf4_dequant" else original(name))
+    monkeypatch.setattr(
+        ops_metal, "load_source", lambda name: swapped if name == "nf4_dequant" else original(name)
+    )
     got = ops_metal.dequantize(w, mx.float32)
     assert not np.array_equal(np.array(got), np.array(ops_reference.dequantize(w, mx.float32)))
 
@@ -117,9 +118,14 @@ def _copy_kernel(**overrides):
 
 def _run_copy(kernel, **overrides):
     x = mx.arange(10, dtype=mx.float32)
-    call = dict(inputs=[x, mx.array([10], dtype=mx.uint32)], grid=(10, 1, 1),
-                threadgroup=(4, 1, 1), output_shapes=[(10,)], output_dtypes=[mx.float32],
-                template=[("T", mx.float32)])  # fmt: skip
+    call = dict(
+        inputs=[x, mx.array([10], dtype=mx.uint32)],
+        grid=(10, 1, 1),
+        threadgroup=(4, 1, 1),
+        output_shapes=[(10,)],
+        output_dtypes=[mx.float32],
+        template=[("T", mx.float32)],
+    )
     return kernel(**{**call, **overrides})[0]
 
 
@@ -127,15 +133,20 @@ def test_double_runs_a_partial_last_threadgroup():
     assert np.array_equal(np.array(_run_copy(_copy_kernel())), np.arange(10) * 2.0)
 
 
-@pytest.mark.parametrize("overrides,error", [
-    (dict(grid=(0, 1, 1)), "grid"),
-    (dict(threadgroup=(0, 1, 1)), "threadgroup"),
-    (dict(threadgroup=(64, 32, 1)), "more than 1024"),
-    (dict(template=[("T", 2.0)]), "int, a bool or a Dtype"),
-    (dict(inputs=[mx.arange(10, dtype=mx.float32)]), "Expected `inputs`"),
-    (dict(inputs=[mx.arange(10, dtype=mx.float32), mx.array(10, dtype=mx.uint32)]),
-     "Unable to build"),  # a 0-d input is a reference: n[0] does not compile
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides,error",
+    [
+        (dict(grid=(0, 1, 1)), "grid"),
+        (dict(threadgroup=(0, 1, 1)), "threadgroup"),
+        (dict(threadgroup=(64, 32, 1)), "more than 1024"),
+        (dict(template=[("T", 2.0)]), "int, a bool or a Dtype"),
+        (dict(inputs=[mx.arange(10, dtype=mx.float32)]), "Expected `inputs`"),
+        (
+            dict(inputs=[mx.arange(10, dtype=mx.float32), mx.array(10, dtype=mx.uint32)]),
+            "Unable to build",
+        ),  # a 0-d input is a reference: n[0] does not compile
+    ],
+)
 def test_double_refuses_what_metal_refuses(overrides, error):
     with pytest.raises((ValueError, TypeError, RuntimeError), match=error):
         _run_copy(_copy_kernel(), **overrides)

@@ -34,8 +34,11 @@ def test_absmax_reconstruction_bit_exact(tmp_path):
         {"dq_codes": dq.codes, "dq_scales": dq.scales, "dq_quant_map": dq.quant_map, "dims": dims},
         {"scaled": n},
     )["scaled"]
-    absmax = offset((n, 1, 1), {"scaled": scaled, "offset": np.array([dq.offset], np.float32),
-                                "dims": dims}, {"absmax": n})["absmax"]  # fmt: skip
+    absmax = offset(
+        (n, 1, 1),
+        {"scaled": scaled, "offset": np.array([dq.offset], np.float32), "dims": dims},
+        {"absmax": n},
+    )["absmax"]
     np.testing.assert_array_equal(absmax.view(np.uint32), t.block_absmax().view(np.uint32))
 
 
@@ -45,8 +48,9 @@ def test_dequant_bit_exact(tmp_path, blocksize):
     for shape, dq in (((37, 129), False), ((1, 4097), True), ((3,), False)):  # odd: partial blocks
         t = _weight(shape, blocksize, dq)
         grid = ((t.numel + 1) // 2, 1, 1)
-        got = kernel(grid, {**_weight_inputs(t), "dims": np.array([t.numel], np.uint32)},
-                     {"out": t.numel})["out"]  # fmt: skip
+        got = kernel(
+            grid, {**_weight_inputs(t), "dims": np.array([t.numel], np.uint32)}, {"out": t.numel}
+        )["out"]
         want = nf4core.dequantize(t, np.float32).reshape(-1)
         np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
 
@@ -93,7 +97,11 @@ def test_shim_detects_wrong_nibble_order(tmp_path):
     kernel = ShimKernel("nf4_dequant", tmp_path, BS=64)
     t = _weight((10, 64), 64, False)
     swapped = ((t.packed & 15) << 4) | (t.packed >> 4)
-    inputs = {"packed": swapped.astype(np.uint8), "absmax": t.absmax, "quant_map": t.quant_map,
-              "dims": np.array([t.numel], np.uint32)}  # fmt: skip
+    inputs = {
+        "packed": swapped.astype(np.uint8),
+        "absmax": t.absmax,
+        "quant_map": t.quant_map,
+        "dims": np.array([t.numel], np.uint32),
+    }
     got = kernel(((t.numel + 1) // 2, 1, 1), inputs, {"out": t.numel})["out"]
     assert not np.array_equal(got, nf4core.dequantize(t).reshape(-1))

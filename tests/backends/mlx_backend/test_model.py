@@ -52,10 +52,13 @@ def _quantized_copy(tensors, blocksize=64):
     return nf4, dense
 
 
-@pytest.mark.parametrize("architecture,overrides", [
-    ("llama", {"rope_scaling": LLAMA3_SCALING}),
-    ("qwen2", {}),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "architecture,overrides",
+    [
+        ("llama", {"rope_scaling": LLAMA3_SCALING}),
+        ("qwen2", {}),
+    ],
+)
 def test_logits_match_transformers(architecture, overrides):
     config = tiny_config(architecture, **overrides)
     nf4, dense = _quantized_copy(random_tensors(config, seed=1))
@@ -76,8 +79,9 @@ def test_kv_cache_matches_full_forward():
     parts = [model(tokens[:, :7], cache)] + [
         model(tokens[:, i : i + 1], cache) for i in range(7, 12)
     ]
-    np.testing.assert_allclose(np.array(mx.concatenate(parts, axis=1)), np.array(full),
-                               rtol=1e-4, atol=1e-4)  # fmt: skip
+    np.testing.assert_allclose(
+        np.array(mx.concatenate(parts, axis=1)), np.array(full), rtol=1e-4, atol=1e-4
+    )
     new = model.generate([1, 2, 3], max_new_tokens=4)
     assert len(new) == 4
 

@@ -124,8 +124,10 @@ def test_backward_does_not_keep_dequantized_weights():
 
     n, n_layers = 256, 16
     rng = np.random.default_rng(0)
-    layers = [NF4Linear.from_dense((rng.standard_normal((n, n)) * 0.04).astype(np.float32))
-              for _ in range(n_layers)]  # fmt: skip
+    layers = [
+        NF4Linear.from_dense((rng.standard_normal((n, n)) * 0.04).astype(np.float32))
+        for _ in range(n_layers)
+    ]
     x = mx.ones((4, n))
     weight_bytes = n * n * 4
 

@@ -28,10 +28,14 @@ def test_reference_dequantize_bit_exact(blocksize, double_quant):
         w = (rng.standard_normal(shape) * 2.5).astype(np.float32)
         t = nf4core.quantize(w, blocksize=blocksize, double_quant=double_quant)
         weight = NF4Weight.from_nf4(t)
-        np.testing.assert_array_equal(_bits(np.array(ops_reference.reconstruct_absmax(weight))),
-                                      _bits(t.block_absmax()))  # fmt: skip
-        for name, dtype in (("float32", mx.float32), ("float16", mx.float16),
-                            ("bfloat16", mx.bfloat16)):  # fmt: skip
+        np.testing.assert_array_equal(
+            _bits(np.array(ops_reference.reconstruct_absmax(weight))), _bits(t.block_absmax())
+        )
+        for name, dtype in (
+            ("float32", mx.float32),
+            ("float16", mx.float16),
+            ("bfloat16", mx.bfloat16),
+        ):
             got = ops_reference.dequantize(weight, dtype)
             want = nf4core.dequantize(t, name)
             assert got.shape == want.shape
@@ -62,8 +66,11 @@ def test_high_nibble_is_the_first_element():
 
 def test_dequantize_bit_exact_inside_mx_compile():
     """Under mx.compile (fused elementwise kernels) the double-quant absmax is still nf4core's."""
-    t = nf4core.quantize(np.random.default_rng(3).standard_normal((300, 1000)).astype(np.float32),
-                         blocksize=32, double_quant=True)  # fmt: skip
+    t = nf4core.quantize(
+        np.random.default_rng(3).standard_normal((300, 1000)).astype(np.float32),
+        blocksize=32,
+        double_quant=True,
+    )
     weight = NF4Weight.from_nf4(t)
     absmax = mx.compile(lambda: ops_reference.reconstruct_absmax(weight))()
     np.testing.assert_array_equal(_bits(np.array(absmax)), _bits(t.block_absmax()))

@@ -15,9 +15,15 @@ from backends.mlx_backend.schedule import ScheduleConfig
 
 def _params(seed=0):
     rng = np.random.default_rng(seed)
-    return {"layers": [{"lora_A": mx.array(rng.standard_normal((4, 37)).astype(np.float32)),
-                        "lora_B": mx.array(rng.standard_normal((29, 4)).astype(np.float32))}],
-            "bias": mx.array(rng.standard_normal((7,)).astype(np.float32))}  # fmt: skip
+    return {
+        "layers": [
+            {
+                "lora_A": mx.array(rng.standard_normal((4, 37)).astype(np.float32)),
+                "lora_B": mx.array(rng.standard_normal((29, 4)).astype(np.float32)),
+            }
+        ],
+        "bias": mx.array(rng.standard_normal((7,)).astype(np.float32)),
+    }
 
 
 def _grads(step):
@@ -29,16 +35,27 @@ def _grads(step):
 @pytest.mark.parametrize("budget", [None, 12 * 60])  # all resident / most pages spilled to disk
 def test_matches_mlx_adamw_with_save_load(tmp_path, bias_correction, budget, placement):
     schedule = ScheduleConfig(learning_rate=1e-2, name="cosine", warmup_steps=3, total_steps=20)
-    config = PagedAdamWConfig(betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05,
-                              bias_correction=bias_correction, page_elements=50,
-                              placement=placement,
-                              resident_budget_bytes=budget, spill_dir=str(tmp_path))  # fmt: skip
+    config = PagedAdamWConfig(
+        betas=(0.9, 0.99),
+        eps=1e-8,
+        weight_decay=0.05,
+        bias_correction=bias_correction,
+        page_elements=50,
+        placement=placement,
+        resident_budget_bytes=budget,
+        spill_dir=str(tmp_path),
+    )
     paged = PagedAdamW(config)
     paged.init(_params())
     if budget is not None:
         assert paged.spilled_bytes > 0 and paged.resident_bytes <= budget
-    ref = optim.AdamW(learning_rate=1e-2, betas=[0.9, 0.99], eps=1e-8, weight_decay=0.05,
-                      bias_correction=bias_correction)  # fmt: skip
+    ref = optim.AdamW(
+        learning_rate=1e-2,
+        betas=[0.9, 0.99],
+        eps=1e-8,
+        weight_decay=0.05,
+        bias_correction=bias_correction,
+    )
     ref_params = _params()
     ref.init(ref_params)
     for step in range(20):

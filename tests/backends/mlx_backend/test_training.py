@@ -49,11 +49,16 @@ def _data(n=4, t=17, vocab=97):
 def _run(steps=12, dropout=0.1, checkpointing=False):
     model = _model(dropout=dropout)
     tokens, mask = _data()
-    config = TrainConfig(schedule=ScheduleConfig(learning_rate=2e-2, name="cosine", warmup_steps=2,
-                                                 total_steps=steps),
-                         optimizer=PagedAdamWConfig(page_elements=256),
-                         grad_accum_steps=2, max_grad_norm=1.0, seed=3,
-                         gradient_checkpointing=checkpointing)  # fmt: skip
+    config = TrainConfig(
+        schedule=ScheduleConfig(
+            learning_rate=2e-2, name="cosine", warmup_steps=2, total_steps=steps
+        ),
+        optimizer=PagedAdamWConfig(page_elements=256),
+        grad_accum_steps=2,
+        max_grad_norm=1.0,
+        seed=3,
+        gradient_checkpointing=checkpointing,
+    )
     trainer = Trainer(model, config)
     batch = Batch.from_tokens(tokens, mask)
     before = trainer.evaluate(batch)
@@ -132,8 +137,12 @@ def test_bfloat16_run_with_checkpointing_trains():
     model = LlamaModel.from_state(config, random_tensors(config), compute_dtype="bfloat16")
     apply_lora(model, LoRAConfig(r=4, dtype="bfloat16"))
     tokens, mask = _data()
-    trainer = Trainer(model, TrainConfig(schedule=ScheduleConfig(learning_rate=2e-2),
-                                         gradient_checkpointing=True, compile=False))  # fmt: skip
+    trainer = Trainer(
+        model,
+        TrainConfig(
+            schedule=ScheduleConfig(learning_rate=2e-2), gradient_checkpointing=True, compile=False
+        ),
+    )
     batch = Batch.from_tokens(tokens, mask)
     before = trainer.evaluate(batch)
     for _ in range(6):

@@ -9,11 +9,17 @@ from nf4core import ModelConfig
 
 def tiny_config(architecture: str = "llama", **overrides) -> ModelConfig:
     values = {
-        "architecture": architecture, "vocab_size": 97, "hidden_size": 64,
-        "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "architecture": architecture,
+        "vocab_size": 97,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
         "max_position_embeddings": 256,
-    }  # fmt: skip
+    }
     if architecture == "qwen2":
         values.update(attention_bias=True, tie_word_embeddings=True, rope_theta=1e6)
     values.update(overrides)

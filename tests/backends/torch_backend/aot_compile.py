@@ -47,22 +47,49 @@ def jobs(archs: tuple[int, ...], everything: bool) -> list[dict]:
             if everything:
                 out.append(dict(kernel="dequant", arch=arch, dtype=dt))
             gemv = launch_config.gemv_config(cap)
-            out.append(dict(kernel="gemv", arch=arch, dtype=dt, tiles=gemv.tiles(),
-                            launch=gemv.options()))
+            out.append(
+                dict(kernel="gemv", arch=arch, dtype=dt, tiles=gemv.tiles(), launch=gemv.options())
+            )
             configs = [launch_config.matmul_configs(cap, size, m) for m in MATMUL_ROWS]
             chosen = {c for options in configs for c in (options if everything else options[:1])}
             for config in sorted(chosen, key=str):
                 for transposed in (True, False) if everything else (True,):
-                    out.append(dict(kernel="matmul", arch=arch, dtype=dt, transposed=transposed,
-                                    tiles=config.tiles(), launch=config.options()))
+                    out.append(
+                        dict(
+                            kernel="matmul",
+                            arch=arch,
+                            dtype=dt,
+                            transposed=transposed,
+                            tiles=config.tiles(),
+                            launch=config.options(),
+                        )
+                    )
     # Controls: fusion on contracts absmax into an FMA; an FP32 dot at "tf32" precision has TF32
     # instructions; the FP32 tile of before (64 x 64 x 64, 3 stages) overflows sm_86's 99 KB.
     out.append(dict(kernel="absmax", arch=80, dtype="fp32", fusion=True, control=True))
-    out.append(dict(kernel="matmul", arch=80, dtype="fp32", transposed=True, precision="tf32",
-                    tiles={"BM": 16, "BN": 64, "BR": 32}, launch={"num_stages": 2},
-                    control=True))  # fmt: skip
-    out.append(dict(kernel="matmul", arch=86, dtype="fp32", transposed=True, control=True,
-                    tiles={"BM": 64, "BN": 64, "BR": 64}, launch={"num_stages": 3}))
+    out.append(
+        dict(
+            kernel="matmul",
+            arch=80,
+            dtype="fp32",
+            transposed=True,
+            precision="tf32",
+            tiles={"BM": 16, "BN": 64, "BR": 32},
+            launch={"num_stages": 2},
+            control=True,
+        )
+    )
+    out.append(
+        dict(
+            kernel="matmul",
+            arch=86,
+            dtype="fp32",
+            transposed=True,
+            control=True,
+            tiles={"BM": 64, "BN": 64, "BR": 64},
+            launch={"num_stages": 3},
+        )
+    )
     return out
 
 
@@ -76,10 +103,12 @@ def _resources(cubin: bytes) -> tuple[dict, str]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True,
-                               text=True, check=True).stdout  # fmt: skip
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True,
-                              text=True, check=True).stdout  # fmt: skip
+        usage = subprocess.run(
+            [_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
+        sass = subprocess.run(
+            [_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True
+        ).stdout
     found = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
     return {k.lower(): int(v) for k, v in found.items()}, sass
 
@@ -96,8 +125,14 @@ def compile_job(job: dict) -> dict:
     options = dict(job.get("launch", {}))
     if kind == "absmax":
         fn = k.nf4_absmax_kernel
-        sig = {"codes_ptr": "*u8", "scales_ptr": "*fp32", "nested_map_ptr": "*fp32",
-               "offset": "fp32", "out_ptr": "*fp32", "n_blocks": "i32"}  # fmt: skip
+        sig = {
+            "codes_ptr": "*u8",
+            "scales_ptr": "*fp32",
+            "nested_map_ptr": "*fp32",
+            "offset": "fp32",
+            "out_ptr": "*fp32",
+            "n_blocks": "i32",
+        }
         const = {"NESTED_BLOCKSIZE": 256, "BLOCK": ops_triton._ELEMENTS_PER_PROGRAM}
         fusion = {"enable_fp_fusion": True} if job["fusion"] else ops_triton.ABSMAX_COMPILE_OPTIONS
         options.update(fusion)
@@ -107,26 +142,52 @@ def compile_job(job: dict) -> dict:
         const = {"BLOCKSIZE": 64, "BLOCK": ops_triton._ELEMENTS_PER_PROGRAM}
     elif kind == "gemv":
         fn = k.nf4_gemv_kernel
-        sig = {"x_ptr": f"*{dt}", **PTR, "y_ptr": f"*{dt}", "N": "i32", "K": "i32",
-               "stride_xm": "i32", "stride_ym": "i32"}  # fmt: skip
+        sig = {
+            "x_ptr": f"*{dt}",
+            **PTR,
+            "y_ptr": f"*{dt}",
+            "N": "i32",
+            "K": "i32",
+            "stride_xm": "i32",
+            "stride_ym": "i32",
+        }
         const = {"BLOCKSIZE": 64, "WHILE_LOOP": False, **job["tiles"]}
     else:
         fn = k.nf4_matmul_kernel
-        sig = {"a_ptr": f"*{dt}", **PTR, "c_ptr": f"*{dt}", "M": "i32", "N": "i32", "R": "i32",
-               "stride_am": "i32", "stride_ar": "i32", "stride_cm": "i32", "stride_cn": "i32",
-               "w_cols": "i32"}  # fmt: skip
-        const = {"BLOCKSIZE": 64, "W_TRANSPOSED": job["transposed"], "DOT_FP32": False,
-                 "PRECISION": job.get("precision", "ieee" if dt == "fp32" else "tf32"),
-                 "WHILE_LOOP": False,
-                 **job["tiles"]}  # fmt: skip
+        sig = {
+            "a_ptr": f"*{dt}",
+            **PTR,
+            "c_ptr": f"*{dt}",
+            "M": "i32",
+            "N": "i32",
+            "R": "i32",
+            "stride_am": "i32",
+            "stride_ar": "i32",
+            "stride_cm": "i32",
+            "stride_cn": "i32",
+            "w_cols": "i32",
+        }
+        const = {
+            "BLOCKSIZE": 64,
+            "W_TRANSPOSED": job["transposed"],
+            "DOT_FP32": False,
+            "PRECISION": job.get("precision", "ieee" if dt == "fp32" else "tf32"),
+            "WHILE_LOOP": False,
+            **job["tiles"],
+        }
     signature = {**sig, **{n: "constexpr" for n in const}}
     source = ASTSource(fn=fn, signature=signature, constexprs=const)
     compiled = triton.compile(source, target=GPUTarget("cuda", job["arch"], 32), options=options)
     ptx = compiled.asm["ptx"]
     usage, sass = _resources(compiled.asm["cubin"])
-    return {**job, "shared": compiled.metadata.shared, **usage,
-            "ptx_tf32": "tf32" in ptx.lower(), "sass_tf32": "tf32" in sass.lower(),
-            "ptx_fma": re.search(r"\bfma\.", ptx) is not None}
+    return {
+        **job,
+        "shared": compiled.metadata.shared,
+        **usage,
+        "ptx_tf32": "tf32" in ptx.lower(),
+        "sass_tf32": "tf32" in sass.lower(),
+        "ptx_fma": re.search(r"\bfma\.", ptx) is not None,
+    }
 
 
 def main() -> None:

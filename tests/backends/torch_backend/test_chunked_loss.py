@@ -40,8 +40,12 @@ def test_gradcheck_float64():
 
 def test_a_trainable_head_is_refused():
     with pytest.raises(ValueError, match="frozen LM head"):
-        chunked_head_loss(torch.randn(1, 3, 4), torch.randn(5, 4, requires_grad=True),
-                          torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 2, dtype=torch.bool))
+        chunked_head_loss(
+            torch.randn(1, 3, 4),
+            torch.randn(5, 4, requires_grad=True),
+            torch.zeros(1, 3, dtype=torch.long),
+            torch.ones(1, 2, dtype=torch.bool),
+        )
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

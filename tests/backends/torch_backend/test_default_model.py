@@ -31,10 +31,14 @@ def test_logits_match_transformers(loaded):
     source, ours = loaded
     hf_cfg = transformers.AutoConfig.for_model(**source.config.to_hf_config())
     hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager").eval()
-    state = {n: torch.from_numpy(np.array(source.read(n), dtype=np.float32))
-             for n in source.tensor_names() if "layers" not in n or "norm" in n}  # fmt: skip
-    state.update({f"{n}.weight": m.dequantize() for n, m in ours.named_modules()
-                  if isinstance(m, NF4Linear)})  # fmt: skip
+    state = {
+        n: torch.from_numpy(np.array(source.read(n), dtype=np.float32))
+        for n in source.tensor_names()
+        if "layers" not in n or "norm" in n
+    }
+    state.update(
+        {f"{n}.weight": m.dequantize() for n, m in ours.named_modules() if isinstance(m, NF4Linear)}
+    )
     hf.load_state_dict(state, strict=False)
     if source.config.tie_word_embeddings:
         hf.tie_weights()
@@ -47,15 +51,17 @@ def test_logits_match_transformers(loaded):
 def test_chat_answer_and_short_training(loaded):
     source, ours = loaded
     tok = source.tokenizer()
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                     add_generation_prompt=True)  # fmt: skip
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True
+    )
     ids = tok.encode(prompt)
     eos = tuple(i for i in (tok.eos_token_id, tok.token_id("<|im_end|>")) if i is not None)
     answer = tok.decode(generate(ours, ids, SamplingConfig(max_new_tokens=12, eos_token_ids=eos)))
     assert "Paris" in answer, answer
     apply_lora(ours, LoRAConfig(rank=8, alpha=16, target_modules=("q_proj", "v_proj")))
-    trainer = Trainer(ours, TrainConfig(learning_rate=2e-3, schedule=ScheduleConfig(
-        "constant", total_steps=4)))  # fmt: skip
+    trainer = Trainer(
+        ours, TrainConfig(learning_rate=2e-3, schedule=ScheduleConfig("constant", total_steps=4))
+    )
     text = torch.tensor([tok.encode("The answer to everything is forty-two, said the computer.")])
     losses = [trainer.train_step([Batch(text)]).loss for _ in range(4)]
     assert losses[-1] < losses[0], losses

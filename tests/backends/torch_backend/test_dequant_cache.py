@@ -13,8 +13,14 @@ from backends.torch_backend.nf4_linear import NF4Linear, nf4_linear
 from tests.backends.torch_backend.conftest import bits, quantized
 from tests.backends.torch_backend.tiny_models import hf_model, state_of
 
-CASES = [((13, 37), 64, True), ((13, 37), 64, False), ((1, 7), 32, True), ((96, 130), 128, False),
-         ((64, 64), 256, True), ((5, 1000), 4096, True)]
+CASES = [
+    ((13, 37), 64, True),
+    ((13, 37), 64, False),
+    ((1, 7), 32, True),
+    ((96, 130), 128, False),
+    ((64, 64), 256, True),
+    ((5, 1000), 4096, True),
+]
 
 
 @pytest.mark.parametrize("shape, blocksize, double_quant", CASES)
@@ -32,7 +38,7 @@ def test_cached_linear_matches_the_spec(rng, shape, blocksize, double_quant):
         assert torch.allclose(y, x @ spec.T + torch.from_numpy(bias), rtol=1e-5, atol=1e-5)
         assert torch.equal(y, y_functional)
     assert len(cache) == 1
-    (_, _, dense), = cache._entries.values()
+    ((_, _, dense),) = cache._entries.values()
     assert np.array_equal(bits(dense), bits(spec))  # the cached weight is the spec, bit for bit
 
 

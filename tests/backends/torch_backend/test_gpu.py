@@ -10,8 +10,10 @@ from backends.torch_backend.nf4_linear import NF4Linear
 from backends.torch_backend.nf4_weight import NF4Weight
 from tests.backends.torch_backend.conftest import BLOCKSIZES, bits, quantized
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU"),
+]
 
 
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)

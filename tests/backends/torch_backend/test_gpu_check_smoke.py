@@ -13,23 +13,33 @@ import pytest
 
 pytest.importorskip("triton")
 REPO = Path(__file__).resolve().parents[3]
-HIDE_GGUF = ("import runpy, sys; sys.modules['gguf'] = None; sys.argv = sys.argv[1:]; "
-             "runpy.run_path(sys.argv[0], run_name='__main__')")
+HIDE_GGUF = (
+    "import runpy, sys; sys.modules['gguf'] = None; sys.argv = sys.argv[1:]; "
+    "runpy.run_path(sys.argv[0], run_name='__main__')"
+)
 
 
 def _pythons() -> list:
     other = os.environ.get("NF4_QLORA_TRITON36_PYTHON")
     skip = pytest.mark.skip(reason="set NF4_QLORA_TRITON36_PYTHON to a Python with Triton 3.6")
-    return [pytest.param(sys.executable, id="ci-triton"),
-            pytest.param(other, id="triton-3.6", marks=() if other else skip)]
+    return [
+        pytest.param(sys.executable, id="ci-triton"),
+        pytest.param(other, id="triton-3.6", marks=() if other else skip),
+    ]
 
 
 @pytest.mark.parametrize("python", _pythons())
 def test_gpu_check_smoke_without_gguf(tmp_path, python):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([python, "-c", HIDE_GGUF, str(REPO / "bench" / "gpu_check.py"), "--smoke",
-                           str(tmp_path)], capture_output=True, text=True, timeout=600, env=env,
-                          cwd=REPO, check=False)  # fmt: skip
+    proc = subprocess.run(
+        [python, "-c", HIDE_GGUF, str(REPO / "bench" / "gpu_check.py"), "--smoke", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=REPO,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     results = json.loads((tmp_path / "gpu_check.json").read_text())
     sections = results["sections"]

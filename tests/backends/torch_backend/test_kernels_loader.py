@@ -43,12 +43,14 @@ def test_override_and_missing_dir(tmp_path, monkeypatch):
 
 
 def test_backend_imports_without_triton():
-    code = ("import sys; sys.modules['triton'] = None\n"
-            "import backends.torch_backend.ops as ops, backends.torch_backend.ops_triton\n"
-            "import backends.torch_backend.train_step, backends.torch_backend.generate\n"
-            "import torch; from backends.torch_backend import dispatch\n"
-            "assert not dispatch.triton_available()\n"
-            "assert not dispatch.use_triton(torch.zeros(1))\n")
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import backends.torch_backend.ops as ops, backends.torch_backend.ops_triton\n"
+        "import backends.torch_backend.train_step, backends.torch_backend.generate\n"
+        "import torch; from backends.torch_backend import dispatch\n"
+        "assert not dispatch.triton_available()\n"
+        "assert not dispatch.use_triton(torch.zeros(1))\n"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 
@@ -56,22 +58,45 @@ def test_non_editable_install_ships_and_finds_the_kernels(tmp_path):
     """Build the wheel, install it under a fresh prefix, import from there (not from the checkout)."""
     pytest.importorskip("setuptools")  # the build backend, used without network (no isolation)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"),
-                          str(REPO)], check=True, cwd=tmp_path)  # fmt: skip
+    subprocess.run(
+        pip
+        + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(REPO)],
+        check=True,
+        cwd=tmp_path,
+    )
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.endswith("data/share/nf4-qlora/cuda/nf4_kernels.py") for n in names), names
     assert not any(n.startswith("cuda/") for n in names)  # no top-level `cuda` package
     prefix = tmp_path / "prefix"
     # --ignore-installed: never uninstall the developer's own (editable) install of the project
-    subprocess.run(pip + ["install", "--no-deps", "--no-index", "--ignore-installed", "--prefix",
-                          str(prefix), str(wheel)],
-                   check=True, cwd=tmp_path)  # fmt: skip
+    subprocess.run(
+        pip
+        + [
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--ignore-installed",
+            "--prefix",
+            str(prefix),
+            str(wheel),
+        ],
+        check=True,
+        cwd=tmp_path,
+    )
     (site,) = prefix.glob("lib/python*/site-packages")
-    code = ("import backends.torch_backend.kernels as k, pathlib, sys\n"
-            "assert 'site-packages' in k.__file__, k.__file__\n"
-            "print(k.kernel_dir())\n")
+    code = (
+        "import backends.torch_backend.kernels as k, pathlib, sys\n"
+        "assert 'site-packages' in k.__file__, k.__file__\n"
+        "print(k.kernel_dir())\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(site), "NF4_QLORA_KERNEL_DIR": ""}
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True,
-                         capture_output=True, text=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     assert Path(out) == prefix / "share" / "nf4-qlora" / "cuda"

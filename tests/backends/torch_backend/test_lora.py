@@ -13,7 +13,7 @@ from backends.torch_backend.lora import (
     load_lora_state_dict,
     lora_state_dict,
     merge_lora,
-)  # fmt: skip
+)
 from backends.torch_backend.nf4_linear import NF4Linear
 from tests.backends.torch_backend.conftest import bits, quantized
 
@@ -99,7 +99,9 @@ def test_apply_lora_targets_by_name_and_freezes_the_rest(rng):
     assert trainable == [f"layers.{i}.q_proj.lora_{m}.weight" for i in (0, 1) for m in "AB"]
     model2 = tiny_stack(rng)
     assert apply_lora(model2, LoRAConfig(rank=2, target_regex=r"layers\.1\..*")) == [
-        "layers.1.q_proj", "layers.1.v_proj"]
+        "layers.1.q_proj",
+        "layers.1.v_proj",
+    ]
     with pytest.raises(ValueError, match="no linear"):
         apply_lora(tiny_stack(rng), LoRAConfig(target_modules=("nope",)))
 

@@ -14,8 +14,11 @@ from tests.backends.torch_backend.tiny_models import hf_model, state_of
 
 def load_dequantized_into(hf, ours: CausalLM) -> None:
     """Give the transformers model exactly the weights our NF4 layers hold."""
-    dense = {f"{name}.weight": m.dequantize() for name, m in ours.named_modules()
-             if isinstance(m, NF4Linear)}  # fmt: skip
+    dense = {
+        f"{name}.weight": m.dequantize()
+        for name, m in ours.named_modules()
+        if isinstance(m, NF4Linear)
+    }
     _missing, unexpected = hf.load_state_dict(dense, strict=False)
     assert not unexpected and len(dense) == 7 * ours.config.num_hidden_layers
 
@@ -30,7 +33,9 @@ def pair(request):
 
 def test_logits_match_transformers_on_dequantized_weights(pair):
     hf, ours = pair
-    ids = torch.randint(0, ours.config.vocab_size, (2, 37), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0, ours.config.vocab_size, (2, 37), generator=torch.Generator().manual_seed(0)
+    )
     with torch.no_grad():
         want = hf(ids).logits
         got = ours(ids)
@@ -75,9 +80,11 @@ def test_greedy_generation_with_cache_equals_recomputing(pair):
     with torch.no_grad():
         for _ in range(6):
             ids.append(int(ours(torch.tensor([ids]))[0, -1].argmax()))
-    assert got == ids[len(prompt):]
-    sampled = [generate(ours, prompt, SamplingConfig(max_new_tokens=5, temperature=1.0, top_p=0.9,
-                                                     seed=s)) for s in (1, 1)]  # fmt: skip
+    assert got == ids[len(prompt) :]
+    sampled = [
+        generate(ours, prompt, SamplingConfig(max_new_tokens=5, temperature=1.0, top_p=0.9, seed=s))
+        for s in (1, 1)
+    ]
     assert sampled[0] == sampled[1]
 
 
@@ -106,7 +113,9 @@ def test_generation_stops_at_eos_and_validates(pair):
     _, ours = pair
     prompt = [3, 17, 42, 5]
     first = generate(ours, prompt, SamplingConfig(max_new_tokens=1))[0]
-    assert generate(ours, prompt, SamplingConfig(max_new_tokens=5, eos_token_ids=(first,))) == [first]
+    assert generate(ours, prompt, SamplingConfig(max_new_tokens=5, eos_token_ids=(first,))) == [
+        first
+    ]
     assert generate(ours, prompt, SamplingConfig(max_new_tokens=0)) == []
     for bad in (dict(max_new_tokens=-1), dict(temperature=-1.0), dict(top_p=0.0)):
         with pytest.raises(ValueError):

@@ -15,14 +15,21 @@ from tests.backends.torch_backend.conftest import bits
 from tests.backends.torch_backend.test_model import load_dequantized_into
 from tests.nf4core.tiny_models import hf_config, random_weights, write_gguf, write_hf_dir
 
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 32}
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
 
 
 def scaled(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Random N(0, 1) weights scaled like a trained network, so logits stay finite and meaningful."""
-    out = {k: (v * 0.1 + 1 if v.ndim == 1 and "norm" in k else v / np.sqrt(v.shape[-1]))
-           for k, v in weights.items()}  # fmt: skip
+    out = {
+        k: (v * 0.1 + 1 if v.ndim == 1 and "norm" in k else v / np.sqrt(v.shape[-1]))
+        for k, v in weights.items()
+    }
     return {k: v.astype(np.float32) for k, v in out.items()}
 
 
@@ -34,9 +41,13 @@ def hf_dir(tmp_path_factory):
 
 def test_hf_dir_logits_match_transformers(hf_dir):
     ours = CausalLM.from_source(nf4core.open_model(hf_dir))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        hf_dir, attn_implementation="eager"
+    ).eval()
     load_dequantized_into(hf, ours)
-    ids = torch.randint(0, ours.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0, ours.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0)
+    )
     with torch.no_grad():
         want, got = hf(ids).logits, ours(ids)
     assert torch.allclose(got, want, atol=2e-4, rtol=1e-4), (got - want).abs().max()
@@ -45,10 +56,12 @@ def test_hf_dir_logits_match_transformers(hf_dir):
 def test_gguf_gives_the_same_model_as_the_hf_dir(tmp_path):
     config = hf_config("llama")
     weights = scaled(random_weights(config, seed=4))
-    from_hf = CausalLM.from_source(nf4core.open_model(write_hf_dir(tmp_path / "hf", config, weights)),
-                                   quantize=False)  # fmt: skip
-    from_gguf = CausalLM.from_source(nf4core.open_model(write_gguf(tmp_path / "m.gguf", config, weights)),
-                                     quantize=False)  # fmt: skip
+    from_hf = CausalLM.from_source(
+        nf4core.open_model(write_hf_dir(tmp_path / "hf", config, weights)), quantize=False
+    )
+    from_gguf = CausalLM.from_source(
+        nf4core.open_model(write_gguf(tmp_path / "m.gguf", config, weights)), quantize=False
+    )
     ids = torch.randint(0, config["vocab_size"], (1, 24))
     with torch.no_grad():
         assert torch.allclose(from_gguf(ids), from_hf(ids), atol=1e-5)

@@ -1,7 +1,6 @@
 """A directory quantized with method="mse" is an ordinary bitsandbytes-4bit directory:
 transformers + bitsandbytes load it to the logits our model computes from it."""
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,8 +14,9 @@ from tests.nf4core.test_transformers_oracle import _save_tiny
 
 def _logits(directory, ids):
     ours = CausalLM.from_source(nf4core.open_model(directory), compute_dtype=torch.float32)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, device_map="cpu",
-                                                           attn_implementation="eager").eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        directory, device_map="cpu", attn_implementation="eager"
+    ).eval()
     with torch.no_grad():
         return ours(ids).float(), hf(ids).logits.float()
 
@@ -29,8 +29,9 @@ def test_transformers_loads_an_mse_directory_to_our_logits(tmp_path, double_quan
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
     logits = {}
     for method in ("absmax", "mse"):
-        out = nf4core.quantize_model(hf_dir, tmp_path / method, double_quant=double_quant,
-                                     method=method)  # fmt: skip
+        out = nf4core.quantize_model(
+            hf_dir, tmp_path / method, double_quant=double_quant, method=method
+        )
         logits[method] = _logits(out, ids)
     ours, theirs = logits["mse"]
     gap = (ours - theirs).abs().max().item()

@@ -41,11 +41,15 @@ def test_gradcheck_float64_input_and_adapters(rng):
     x = torch.randn(4, 10, dtype=torch.float64, requires_grad=True)
 
     def through_module(x, a_in, b_in):
-        return torch.func.functional_call(lora, {"lora_A.weight": a_in, "lora_B.weight": b_in}, (x,))
+        return torch.func.functional_call(
+            lora, {"lora_A.weight": a_in, "lora_B.weight": b_in}, (x,)
+        )
 
     assert torch.autograd.gradcheck(lambda x: base(x), (x,))
-    assert torch.autograd.gradcheck(through_module, (x, a.detach().clone().requires_grad_(),
-                                                     b.detach().clone().requires_grad_()))
+    assert torch.autograd.gradcheck(
+        through_module,
+        (x, a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()),
+    )
     # and the module's own autograd against the dense float64 formula
     out = lora(x)
     out.square().sum().backward()
@@ -102,8 +106,9 @@ def test_hook_would_catch_a_dense_layer():  # the proof above can fail: a dense 
     lin = nn.Linear(40, 24)
     x = torch.randn(3, 40, requires_grad=True)
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t,
-                                                  lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(tuple(t.shape)) or t, lambda t: t
+    ):
         lin(x)
     assert (24, 40) in saved or (40, 24) in saved
 

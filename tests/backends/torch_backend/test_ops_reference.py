@@ -45,8 +45,9 @@ def test_all_zero_and_extreme_blocks(rng):
     w[2, 5] = -1e-30
     for dq in (True, False):
         t = nf4core.quantize(w, 64, dq)
-        assert np.array_equal(bits(ops_reference.dequantize(NF4Weight.from_nf4(t))),
-                              bits(nf4core.dequantize(t)))
+        assert np.array_equal(
+            bits(ops_reference.dequantize(NF4Weight.from_nf4(t))), bits(nf4core.dequantize(t))
+        )
 
 
 def test_reference_linear_matches_dense(rng):

@@ -25,9 +25,16 @@ def test_adapters_load_into_peft_with_identical_logits(arch, rslora):
         for name, p in ours.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.2)  # B = 0 would make every adapter invisible
-    peft_model = peft.get_peft_model(hf, peft.LoraConfig(
-        r=4, lora_alpha=12.0, use_rslora=rslora, lora_dropout=0.0,
-        target_modules=list(lora_cfg.target_modules)))  # fmt: skip
+    peft_model = peft.get_peft_model(
+        hf,
+        peft.LoraConfig(
+            r=4,
+            lora_alpha=12.0,
+            use_rslora=rslora,
+            lora_dropout=0.0,
+            target_modules=list(lora_cfg.target_modules),
+        ),
+    )
     result = peft.set_peft_model_state_dict(peft_model, lora_state_dict(ours))
     assert not result.unexpected_keys
     assert not [k for k in result.missing_keys if "lora_" in k]

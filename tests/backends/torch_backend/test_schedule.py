@@ -21,8 +21,15 @@ def test_linear_and_constant():
     assert ScheduleConfig("constant", warmup_steps=2, total_steps=5).factor(4) == 1.0
 
 
-@pytest.mark.parametrize("bad", [dict(kind="step"), dict(total_steps=0), dict(warmup_steps=20,
-                                 total_steps=10), dict(min_lr_ratio=2.0)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(kind="step"),
+        dict(total_steps=0),
+        dict(warmup_steps=20, total_steps=10),
+        dict(min_lr_ratio=2.0),
+    ],
+)
 def test_validation(bad):
     with pytest.raises(ValueError):
         ScheduleConfig(**bad)

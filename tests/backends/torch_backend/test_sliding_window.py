@@ -29,8 +29,12 @@ def pair():
 
 def without_window(model: CausalLM) -> CausalLM:
     """The same modules, attending over every earlier position."""
-    full = CausalLM(dataclasses.replace(model.config, sliding_window=None), model.model,
-                    model.lm_head, model.compute_dtype)  # fmt: skip
+    full = CausalLM(
+        dataclasses.replace(model.config, sliding_window=None),
+        model.model,
+        model.lm_head,
+        model.compute_dtype,
+    )
     return full.eval()
 
 
@@ -75,15 +79,26 @@ def test_cached_decoding_past_the_window_equals_the_full_forward(pair):
 def test_packed_examples_with_the_window_equal_each_example_alone(pair):
     _, ours = pair
     rng = np.random.default_rng(3)
-    examples = [nf4core.Example(rng.integers(0, 96, n).astype(np.int32), np.ones(n, bool))
-                for n in (9, 3, 7)]  # fmt: skip
-    (packed,) = list(nf4core.batches(nf4core.Dataset(examples), batch_size=1, pad_id=0,
-                                     shuffle=False, packing=True, max_length=22))  # fmt: skip
+    examples = [
+        nf4core.Example(rng.integers(0, 96, n).astype(np.int32), np.ones(n, bool))
+        for n in (9, 3, 7)
+    ]
+    (packed,) = list(
+        nf4core.batches(
+            nf4core.Dataset(examples),
+            batch_size=1,
+            pad_id=0,
+            shuffle=False,
+            packing=True,
+            max_length=22,
+        )
+    )
     batch = Batch.from_numpy(packed)
     assert batch.segment_ids.max() == 3
     with torch.no_grad():
-        logits = ours(batch.input_ids, position_ids=batch.position_ids,
-                      segment_ids=batch.segment_ids)  # fmt: skip
+        logits = ours(
+            batch.input_ids, position_ids=batch.position_ids, segment_ids=batch.segment_ids
+        )
         start = 0
         for e in examples:
             ids = torch.from_numpy(e.input_ids).long()[None]

@@ -10,9 +10,16 @@ from backends.torch_backend.model import CausalLM, causal_lm_loss
 from backends.torch_backend.schedule import ScheduleConfig
 from backends.torch_backend.train_step import Batch, TrainConfig, Trainer
 
-CFG = nf4core.ModelConfig("llama", vocab_size=64, hidden_size=64, intermediate_size=128,
-                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                          tie_word_embeddings=True)  # fmt: skip
+CFG = nf4core.ModelConfig(
+    "llama",
+    vocab_size=64,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+)
 
 
 def tiny_state(seed=0) -> dict[str, np.ndarray]:
@@ -22,13 +29,25 @@ def tiny_state(seed=0) -> dict[str, np.ndarray]:
     shapes = {"model.embed_tokens.weight": (v, c), "model.norm.weight": (c,)}
     for i in range(CFG.num_hidden_layers):
         p = f"model.layers.{i}."
-        shapes.update({p + "self_attn.q_proj.weight": (c, c), p + "self_attn.k_proj.weight": (kv, c),
-                       p + "self_attn.v_proj.weight": (kv, c), p + "self_attn.o_proj.weight": (c, c),
-                       p + "mlp.gate_proj.weight": (f, c), p + "mlp.up_proj.weight": (f, c),
-                       p + "mlp.down_proj.weight": (c, f), p + "input_layernorm.weight": (c,),
-                       p + "post_attention_layernorm.weight": (c,)})  # fmt: skip
-    return {k: (np.ones(s) if len(s) == 1 else rng.standard_normal(s) / np.sqrt(s[-1])
-                ).astype(np.float32) for k, s in shapes.items()}  # fmt: skip
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (c, c),
+                p + "self_attn.k_proj.weight": (kv, c),
+                p + "self_attn.v_proj.weight": (kv, c),
+                p + "self_attn.o_proj.weight": (c, c),
+                p + "mlp.gate_proj.weight": (f, c),
+                p + "mlp.up_proj.weight": (f, c),
+                p + "mlp.down_proj.weight": (c, f),
+                p + "input_layernorm.weight": (c,),
+                p + "post_attention_layernorm.weight": (c,),
+            }
+        )
+    return {
+        k: (np.ones(s) if len(s) == 1 else rng.standard_normal(s) / np.sqrt(s[-1])).astype(
+            np.float32
+        )
+        for k, s in shapes.items()
+    }
 
 
 def data(seed=0, n=4):
@@ -43,8 +62,12 @@ def run(steps=12, dropout=0.1, accum=1, seed=0):
     torch.manual_seed(seed)
     model = CausalLM.from_state(CFG, tiny_state(), quantize=True)
     apply_lora(model, LoRAConfig(rank=4, alpha=8, dropout=dropout, seed=seed))
-    cfg = TrainConfig(learning_rate=1e-2, grad_accum_steps=accum, max_grad_norm=1.0,
-                      schedule=ScheduleConfig("cosine", warmup_steps=2, total_steps=steps))
+    cfg = TrainConfig(
+        learning_rate=1e-2,
+        grad_accum_steps=accum,
+        max_grad_norm=1.0,
+        schedule=ScheduleConfig("cosine", warmup_steps=2, total_steps=steps),
+    )
     trainer = Trainer(model, cfg)
     ids, mask = data()
     micro = [Batch(ids[i::accum], mask[i::accum]) for i in range(accum)]
@@ -64,8 +87,11 @@ def test_short_run_lowers_the_loss_and_is_deterministic():
 def test_only_adapters_change():
     model = CausalLM.from_state(CFG, tiny_state(), quantize=True)
     apply_lora(model, LoRAConfig(rank=2))
-    frozen = {k: v.clone() for k, v in model.state_dict().items()
-              if "lora_" not in k and isinstance(v, torch.Tensor)}
+    frozen = {
+        k: v.clone()
+        for k, v in model.state_dict().items()
+        if "lora_" not in k and isinstance(v, torch.Tensor)
+    }
     trainer = Trainer(model, TrainConfig(learning_rate=1e-2))
     ids, mask = data()
     trainer.train_step([Batch(ids, mask)])
@@ -100,8 +126,12 @@ def test_resume_from_a_saved_trainer_state_equals_an_uninterrupted_run(tmp_path)
         torch.manual_seed(0)
         model = CausalLM.from_state(CFG, tiny_state(), quantize=True)
         apply_lora(model, LoRAConfig(rank=4, alpha=8))
-        return Trainer(model, TrainConfig(learning_rate=1e-2, schedule=ScheduleConfig(
-            "linear", warmup_steps=1, total_steps=6)))  # fmt: skip
+        return Trainer(
+            model,
+            TrainConfig(
+                learning_rate=1e-2, schedule=ScheduleConfig("linear", warmup_steps=1, total_steps=6)
+            ),
+        )
 
     ids, mask = data()
     batch = [Batch(ids, mask)]

@@ -30,8 +30,14 @@ def compiled() -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # today's default, explicit (silences a warning)
     args = ["--all"] if os.environ.get("NF4_QLORA_AOT_ALL") == "1" else []
-    proc = subprocess.run([sys.executable, str(HERE / "aot_compile.py"), *args], env=env,
-                          capture_output=True, text=True, timeout=900, check=False)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "aot_compile.py"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
@@ -41,8 +47,10 @@ def _launched(compiled):
 
 
 def _name(r: dict) -> str:
-    return (f"sm_{r['arch']} {r['kernel']} {r['dtype']} {r.get('tiles', '')} "
-            f"{r.get('launch', '')} transposed={r.get('transposed')}")
+    return (
+        f"sm_{r['arch']} {r['kernel']} {r['dtype']} {r.get('tiles', '')} "
+        f"{r.get('launch', '')} transposed={r.get('transposed')}"
+    )
 
 
 def test_every_architecture_and_kernel_compiled(compiled):
@@ -50,8 +58,12 @@ def test_every_architecture_and_kernel_compiled(compiled):
     assert {r["arch"] for r in launched} == {80, 86, 89, 90, 120}
     for arch in (80, 86, 89, 90, 120):
         kinds = {(r["kernel"], r["dtype"]) for r in launched if r["arch"] == arch}
-        assert {("absmax", "fp32"), ("gemv", "bf16"), ("matmul", "fp32"),
-                ("matmul", "bf16")} <= kinds  # fmt: skip
+        assert {
+            ("absmax", "fp32"),
+            ("gemv", "bf16"),
+            ("matmul", "fp32"),
+            ("matmul", "bf16"),
+        } <= kinds
 
 
 def test_shared_memory_fits_each_architecture(compiled):

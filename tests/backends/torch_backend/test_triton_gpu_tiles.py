@@ -19,7 +19,8 @@ from tests.backends.torch_backend.conftest import TRITON_INTERPRETER_READY, quan
 pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(
     not TRITON_INTERPRETER_READY or os.environ.get("TRITON_INTERPRET") != "1",
-    reason="kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
+    reason="kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is imported",
+)
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # of max |want|
 N, K = 70, 300  # above BN = 64 and BK = 256 / BR = 64, so edges and several K steps are exercised
@@ -105,8 +106,9 @@ def fresh_fallback_state(monkeypatch):
     monkeypatch.setattr(ops_triton, "_warned", set())
 
 
-def test_out_of_resources_falls_back_to_a_smaller_tile(weight, on_gpu_tiles, fresh_fallback_state,
-                                                       monkeypatch):
+def test_out_of_resources_falls_back_to_a_smaller_tile(
+    weight, on_gpu_tiles, fresh_fallback_state, monkeypatch
+):
     t, w = weight
     kernels = load_kernel_module("nf4_kernels.py")
     stand_in = _RunsOutOfResources(kernels.nf4_matmul_kernel, too_big={64})
@@ -122,8 +124,9 @@ def test_out_of_resources_falls_back_to_a_smaller_tile(weight, on_gpu_tiles, fre
     assert "does not fit this GPU; using MatmulConfig(BM=16" in str(caught[0].message)
 
 
-def test_out_of_resources_everywhere_falls_back_to_the_reference(weight, on_gpu_tiles,
-                                                                 fresh_fallback_state, monkeypatch):
+def test_out_of_resources_everywhere_falls_back_to_the_reference(
+    weight, on_gpu_tiles, fresh_fallback_state, monkeypatch
+):
     t, w = weight
     kernels = load_kernel_module("nf4_kernels.py")
     stand_in = _RunsOutOfResources(kernels.nf4_matmul_kernel, too_big={16, 64})

@@ -19,15 +19,20 @@ from tests.backends.torch_backend.conftest import (
     TRITON_INTERPRETER_READY,
     bits,
     quantized,
-)  # fmt: skip
+)
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(
     not TRITON_INTERPRETER_READY or os.environ.get("TRITON_INTERPRET") != "1",
-    reason="kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
+    reason="kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is imported",
+)
 
 # dtype -> (rtol, atol relative to the largest |output|) for the fused matmuls vs float32
-TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+TOLERANCE = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
 
 
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)
@@ -96,7 +101,9 @@ def test_nf4_linear_uses_the_kernels_when_forced(weight, monkeypatch):
     calls = []
     for name in ("linear", "linear_grad_input"):
         fn = getattr(ops_triton, name)
-        monkeypatch.setattr(ops_triton, name, lambda *a, _fn=fn, _n=name: calls.append(_n) or _fn(*a))
+        monkeypatch.setattr(
+            ops_triton, name, lambda *a, _fn=fn, _n=name: calls.append(_n) or _fn(*a)
+        )
     lora = LoRALinear.from_base(NF4Linear.from_nf4(t), "m", LoRAConfig(rank=2))
     x = torch.randn(9, 100, requires_grad=True)
     with force_path("triton"):
@@ -109,10 +116,13 @@ def test_nf4_linear_uses_the_kernels_when_forced(weight, monkeypatch):
         y_ref = lora(x)
         y_ref.square().sum().backward()
     assert torch.allclose(y, y_ref, atol=1e-4)
-    assert torch.allclose(grads[0], x.grad, atol=1e-3) and torch.allclose(grads[1],
-                                                                          lora.lora_A.weight.grad, rtol=1e-4, atol=1e-3)
+    assert torch.allclose(grads[0], x.grad, atol=1e-3) and torch.allclose(
+        grads[1], lora.lora_A.weight.grad, rtol=1e-4, atol=1e-3
+    )
     with force_path("triton"):
-        assert torch.equal(ops.dequantize(NF4Weight.from_nf4(t)), torch.from_numpy(nf4core.dequantize(t)))
+        assert torch.equal(
+            ops.dequantize(NF4Weight.from_nf4(t)), torch.from_numpy(nf4core.dequantize(t))
+        )
 
 
 def test_empty_batch(weight):

@@ -5,10 +5,22 @@ import torch
 
 from nf4core import ModelConfig
 
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
-SHAPE = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+SHAPE = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 
 
 def hf_model(arch: str, seed: int = 0, sliding_window: int | None = None):
@@ -18,22 +30,44 @@ def hf_model(arch: str, seed: int = 0, sliding_window: int | None = None):
 
     torch.manual_seed(seed)
     if arch == "llama":
-        hf_cfg = transformers.LlamaConfig(**SHAPE, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE,
-                                          rms_norm_eps=1e-5, tie_word_embeddings=False)
-        ours = ModelConfig("llama", rope_theta=500000.0, rope_scaling=LLAMA3_ROPE, rms_norm_eps=1e-5,
-                           tie_word_embeddings=False, **SHAPE)
+        hf_cfg = transformers.LlamaConfig(
+            **SHAPE,
+            rope_theta=500000.0,
+            rope_scaling=LLAMA3_ROPE,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+        )
+        ours = ModelConfig(
+            "llama",
+            rope_theta=500000.0,
+            rope_scaling=LLAMA3_ROPE,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            **SHAPE,
+        )
         cls = transformers.LlamaForCausalLM
     elif arch == "mistral":
-        common = dict(rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                      sliding_window=sliding_window)
+        common = dict(
+            rope_theta=10000.0,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            sliding_window=sliding_window,
+        )
         hf_cfg = transformers.MistralConfig(**SHAPE, **common)
         ours = ModelConfig("mistral", **common, **SHAPE)
         cls = transformers.MistralForCausalLM
     else:
-        hf_cfg = transformers.Qwen2Config(**SHAPE, rope_theta=10000.0, rms_norm_eps=1e-6,
-                                          tie_word_embeddings=True)
-        ours = ModelConfig("qwen2", rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
-                           attention_bias=True, **SHAPE)
+        hf_cfg = transformers.Qwen2Config(
+            **SHAPE, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True
+        )
+        ours = ModelConfig(
+            "qwen2",
+            rope_theta=10000.0,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+            attention_bias=True,
+            **SHAPE,
+        )
         cls = transformers.Qwen2ForCausalLM
     hf_cfg._attn_implementation = "eager"
     model = cls(hf_cfg).eval()
