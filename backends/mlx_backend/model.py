@@ -10,6 +10,8 @@ import numpy as np
 
 import nf4core
 from nf4core import ModelConfig, NF4Tensor
+from nf4core.sources.layout import attention_has_bias
+from nf4core.strict_tensors import StrictTensors
 
 from ._mlx import mx, mx_dtype, nn
 from .attention import Attention, KVCache, causal_mask
@@ -180,45 +182,39 @@ class LlamaModel(nn.Module):
         `quantize`, else kept dense, rounded to `base_dtype` (when given) then to `compute_dtype`;
         embeddings, norms and lm_head stay dense in `compute_dtype` ("auto": bfloat16 on a Metal
         GPU, float32 on the CPU); activations follow that dtype. Every loaded module is frozen.
+        Every tensor must be one the config describes and every one is used (biases included),
+        else one ModelLoadError line names the unexpected and missing ones.
         """
         dtype = mx_dtype(default_compute_dtype() if compute_dtype == "auto" else compute_dtype)
+        get = StrictTensors(tensors, config)
+        get.check_names()
         model = cls(config)
-        missing = []
 
         def dense(name: str) -> mx.array:
-            if name not in tensors:
-                missing.append(name)
-                return None
-            value = tensors[name]
+            value = get.get(name)
             if isinstance(value, NF4Tensor):
                 value = nf4core.dequantize(value, np.float32)
             return mx.array(np.asarray(value, dtype=np.float32)).astype(dtype)
 
-        def linear(prefix: str, out_f: int, in_f: int, bias: bool) -> nn.Module:
-            name = f"{prefix}.weight"
-            b = dense(f"{prefix}.bias") if bias else None
-            value = tensors.get(name)
-            if value is None:
-                missing.append(name)
-                return nn.Linear(in_f, out_f, bias=bias)
+        def linear(prefix: str, bias: bool) -> nn.Module:
+            """The frozen linear `prefix`; its bias (dense, float32) is added after the matmul."""
+            b = mx.array(np.asarray(get.get(f"{prefix}.bias"), np.float32)) if bias else None
+            value = get.get(f"{prefix}.weight")
             if isinstance(value, NF4Tensor):
-                layer = NF4Linear.from_nf4(value, b)
-            elif quantize:
+                return NF4Linear.from_nf4(value, b)
+            if quantize:
                 layer = NF4Linear.from_dense(
                     np.asarray(value, dtype=np.float32), None, blocksize, double_quant, method
                 )
-                if b is not None:
-                    layer = NF4Linear(layer.nf4, b)
-            else:
-                layer = nn.Linear(in_f, out_f, bias=bias)
-                weight = mx.array(np.asarray(value, dtype=np.float32))
-                if base_dtype is not None:
-                    weight = weight.astype(mx_dtype(base_dtype))
-                layer.weight = weight.astype(dtype)
-                if bias:
-                    layer.bias = b
-            if tuple(value.shape) != (out_f, in_f):
-                raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {(out_f, in_f)}")
+                return layer if b is None else NF4Linear(layer.nf4, b)
+            out_f, in_f = value.shape
+            layer = nn.Linear(in_f, out_f, bias=bias)
+            weight = mx.array(np.asarray(value, dtype=np.float32))
+            if base_dtype is not None:
+                weight = weight.astype(mx_dtype(base_dtype))
+            layer.weight = weight.astype(dtype)
+            if bias:
+                layer.bias = b.astype(dtype)
             return layer
 
         stack = model.model
@@ -229,21 +225,12 @@ class LlamaModel(nn.Module):
             layer.input_layernorm.weight = dense(f"{p}.input_layernorm.weight")
             layer.post_attention_layernorm.weight = dense(f"{p}.post_attention_layernorm.weight")
             for mod_name in ATTENTION_LINEARS:
-                old = getattr(layer.self_attn, mod_name)
-                out_f, in_f = old.weight.shape
-                bias = config.attention_bias and mod_name != "o_proj"
-                setattr(
-                    layer.self_attn,
-                    mod_name,
-                    linear(f"{p}.self_attn.{mod_name}", out_f, in_f, bias),
-                )
+                bias = attention_has_bias(config, mod_name)
+                setattr(layer.self_attn, mod_name, linear(f"{p}.self_attn.{mod_name}", bias))
             for mod_name in MLP_LINEARS:
-                out_f, in_f = getattr(layer.mlp, mod_name).weight.shape
-                setattr(layer.mlp, mod_name, linear(f"{p}.mlp.{mod_name}", out_f, in_f, False))
+                setattr(layer.mlp, mod_name, linear(f"{p}.mlp.{mod_name}", config.mlp_bias))
         if not config.tie_word_embeddings:
             model.lm_head.weight = dense("lm_head.weight")
-        if missing:
-            more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
-            raise KeyError(f"missing tensors: {', '.join(missing[:8])}{more}")
+        get.check_all_used()
         model.freeze()
         return model
