@@ -48,7 +48,7 @@ def _hf_model(attention_bias: bool, mlp_bias: bool, tie: bool):
     return model
 
 
-@pytest.fixture(scope="module", params=BIASES, ids=lambda b: "attn%d-mlp%d-tie%d" % b)
+@pytest.fixture(scope="module", params=BIASES, ids=lambda b: "attn{:d}-mlp{:d}-tie{:d}".format(*b))
 def saved(request, tmp_path_factory):
     model = _hf_model(*request.param)
     directory = tmp_path_factory.mktemp("biased")
