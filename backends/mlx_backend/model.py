@@ -14,7 +14,7 @@ from nf4core.sources.layout import attention_has_bias
 from nf4core.strict_tensors import StrictTensors
 
 from ._mlx import mx, mx_dtype, nn
-from .attention import Attention, KVCache, causal_mask
+from .attention import Attention, KVCache, causal_mask, segment_mask
 from .dispatch import default_compute_dtype
 from .lora import LoRALinear
 from .nf4_linear import NF4Linear
@@ -51,8 +51,14 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
 
-    def __call__(self, x: mx.array, mask: mx.array | None, cache: KVCache | None = None):
-        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+    def __call__(
+        self,
+        x: mx.array,
+        mask: mx.array | None,
+        cache: KVCache | None = None,
+        positions: mx.array | None = None,
+    ):
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache, positions)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -68,16 +74,31 @@ class DecoderStack(nn.Module):
         self.gradient_checkpointing = False
         self.sliding_window = config.sliding_window  # Mistral; None attends to every earlier key
 
-    def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+    def __call__(
+        self,
+        tokens: mx.array,
+        cache: list[KVCache] | None = None,
+        positions: mx.array | None = None,
+        segments: mx.array | None = None,
+    ) -> mx.array:
+        """tokens (B, T) -> hidden states (B, T, C). Packed rows give `positions` (B, T), which
+        restart per example, and `segments` (B, T) (1, 2, ... per example, 0 on padding), which keep
+        attention within an example."""
         h = self.embed_tokens(tokens)  # (B, T, C)
         offset = 0 if cache is None else cache[0].offset
-        mask = causal_mask(tokens.shape[1], offset, h.dtype, self.sliding_window)
+        if segments is not None:
+            if cache is not None:
+                raise ValueError("packed rows (segments) cannot be combined with a KV cache")
+            mask = segment_mask(segments, h.dtype, self.sliding_window)
+        else:
+            mask = causal_mask(tokens.shape[1], offset, h.dtype, self.sliding_window)
         keys = self._dropout_keys()
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and cache is None:
-                h = _checkpointed(layer, h, mask, keys[i])
+                h = _checkpointed(layer, h, mask, keys[i], positions)
             else:
-                h = _with_dropout_key(layer, keys[i], h, mask, None if cache is None else cache[i])
+                layer_cache = None if cache is None else cache[i]
+                h = _with_dropout_key(layer, keys[i], h, mask, layer_cache, positions)
         return self.norm(h)
 
     def _dropout_keys(self) -> list[mx.array | None]:
@@ -104,7 +125,11 @@ def _with_dropout_key(layer: nn.Module, key: mx.array | None, *args) -> mx.array
 
 
 def _checkpointed(
-    layer: nn.Module, h: mx.array, mask: mx.array | None, key: mx.array | None
+    layer: nn.Module,
+    h: mx.array,
+    mask: mx.array | None,
+    key: mx.array | None,
+    positions: mx.array | None = None,
 ) -> mx.array:
     """Run one block under mx.checkpoint: its activations are recomputed in the backward pass,
     with the same dropout masks (drawn from `key`, an input of the checkpointed function)."""
@@ -112,14 +137,15 @@ def _checkpointed(
     def run(params, x, *key_arg):
         layer.update(params)
         key_in = mx.stop_gradient(key_arg[0]) if key_arg else None  # keys have no gradient
-        return _with_dropout_key(layer, key_in, x, mask)
+        return _with_dropout_key(layer, key_in, x, mask, None, positions)
 
     key_args = () if key is None else (key,)
     return mx.checkpoint(run)(layer.trainable_parameters(), h, *key_args)
 
 
 class LlamaModel(nn.Module):
-    """A causal language model; `__call__(tokens (B, T), cache)` returns logits (B, T, vocab)."""
+    """A causal language model; `__call__(tokens (B, T), cache, positions, segments)` returns logits
+    (B, T, vocab) (see `DecoderStack.__call__` for packed rows)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -128,8 +154,14 @@ class LlamaModel(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
-        return self.head(self.model(tokens, cache))
+    def __call__(
+        self,
+        tokens: mx.array,
+        cache: list[KVCache] | None = None,
+        positions: mx.array | None = None,
+        segments: mx.array | None = None,
+    ) -> mx.array:
+        return self.head(self.model(tokens, cache, positions, segments))
 
     def last_logits(self, tokens: mx.array, cache: list[KVCache]) -> mx.array:
         """Logits (B, vocab) of the last position only: the LM head on one token per row."""
