@@ -14,13 +14,16 @@ transformers = pytest.importorskip("transformers")
 
 import nf4core  # noqa: E402
 from backends.engine import BaseWeights, LoRASettings, build_engine  # noqa: E402
+from backends.merge import merge  # noqa: E402
+from backends.peft_adapter import Adapter  # noqa: E402
 from backends.registry import select_backend  # noqa: E402
 from nf4core.errors import ModelLoadError  # noqa: E402
+from tests.nf4core.tiny_models import tiny_tokenizer  # noqa: E402
 
 HAVE_MLX = importlib.util.find_spec("mlx") is not None
 BACKENDS = ["torch", pytest.param("mlx", marks=pytest.mark.skipif(not HAVE_MLX, reason="no mlx"))]
 SIZES = dict(
-    vocab_size=128,
+    vocab_size=300,  # the tiny tokenizer's
     hidden_size=64,
     intermediate_size=128,
     num_hidden_layers=2,
@@ -53,6 +56,7 @@ def saved(request, tmp_path_factory):
     model = _hf_model(*request.param)
     directory = tmp_path_factory.mktemp("biased")
     model.save_pretrained(directory)
+    tiny_tokenizer(SIZES["vocab_size"]).save(str(directory / "tokenizer.json"))
     return model, directory
 
 
@@ -105,6 +109,37 @@ def test_nf4_base_matches_transformers_on_dequantized_weights(saved, backend):
     got = _logits(_engine(backend, directory, "nf4"), IDS)
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
     assert np.abs(want - _hf_logits(model, IDS)).max() > 1e-3  # NF4 really changed the weights
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_merged_model_carries_the_biases(saved, backend, tmp_path):
+    """Adapters trained on the NF4 base, merged into a float32 directory: transformers computes
+    from it the logits our engine computes from base + adapters (biases and all)."""
+    _, directory = saved
+    lora = LoRASettings(r=4, alpha=8.0)
+    engine = build_engine(
+        select_backend(backend, "cpu", "float32"),
+        nf4core.open_model(directory),
+        lora,
+        None,
+        1e-4,
+        BaseWeights("nf4"),
+    )
+    rng = np.random.default_rng(1)
+    adapters = {
+        k: (rng.standard_normal(v.shape) * 0.05).astype(np.float32)
+        for k, v in engine.adapters().items()
+    }
+    engine.load_adapters(adapters)
+    merged = merge(
+        directory, Adapter(adapters, 4, 8.0, 0.0, lora.targets), tmp_path / "m", "float32"
+    )
+    hf = transformers.LlamaForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    biases = {n for n, _ in hf.named_parameters() if n.endswith(".bias")}
+    assert biases == {
+        n for n in nf4core.open_model(directory).tensor_names() if n.endswith(".bias")
+    }
+    np.testing.assert_allclose(_logits(engine, IDS), _hf_logits(hf, IDS), atol=2e-4, rtol=1e-4)
 
 
 def _state(model) -> dict[str, np.ndarray]:
