@@ -249,3 +249,20 @@ def test_a_bias_in_the_directory_the_config_does_not_describe_is_refused(tmp_pat
     (tmp_path / "config.json").write_text(config)
     with pytest.raises(ModelLoadError, match="mlp.down_proj.bias' is not part of the llama model"):
         nf4core.open_model(tmp_path)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_dropped_tensor_of_a_directory_names_its_file(saved, backend, monkeypatch):
+    model, directory = saved
+    if not model.config.attention_bias:
+        pytest.skip("no o_proj bias to drop")
+    module = (
+        "backends.torch_backend.model.llama" if backend == "torch" else "backends.mlx_backend.model"
+    )
+    monkeypatch.setattr(f"{module}.attention_has_bias", lambda config, proj: proj != "o_proj")
+    with pytest.raises(ModelLoadError) as info:
+        _engine(backend, directory, "float32")
+    assert str(info.value).startswith(
+        f"{directory / 'model.safetensors'}: unexpected tensors: "
+        "model.layers.0.self_attn.o_proj.bias, model.layers.1.self_attn.o_proj.bias (config: llama"
+    )
