@@ -128,3 +128,16 @@ def test_engines_agree_on_a_packed_batch(model_dir, checkpointing):
         results[backend] = (total, n)
     assert results["mlx"][1] == results["torch"][1]
     assert results["mlx"][0] == pytest.approx(results["torch"][0], rel=1e-4)
+
+
+def test_mlx_refuses_packed_rows_with_a_kv_cache():
+    from backends.mlx_backend._mlx import mx
+    from backends.mlx_backend.model import LlamaModel
+    from tests.backends.mlx_backend.tiny_models import random_tensors
+
+    config = _config("llama")
+    model = LlamaModel.from_state(config, random_tensors(config), compute_dtype="float32")
+    ids = mx.array([[1, 2, 3, 4]])
+    segments, positions = mx.array([[1, 1, 2, 2]]), mx.array([[0, 1, 0, 1]])
+    with pytest.raises(ValueError, match="packed rows .* cannot be combined with a KV cache"):
+        model(ids, model.make_cache(), positions, segments)
