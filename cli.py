@@ -214,7 +214,7 @@ def backend_options(f):
 @click.option(
     "--paged-optimizer/--no-paged-optimizer",
     default=None,
-    help="Keep optimizer state in host memory, paged in [default: on for GPUs].",
+    help="Keep optimizer state in host memory, paged in [default: on for CUDA GPUs and on MLX].",
 )
 @click.option("--eval-every", type=int, help="Validation loss every N steps (0: only at the end).")
 @click.option(

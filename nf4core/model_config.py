@@ -16,7 +16,8 @@ CONFIG_VERSION = 1
 class ModelConfig:
     """Hyper-parameters of a Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM, TinyLlama).
 
-    Field names follow Hugging Face's config.json. `attention_bias` is True for Qwen2 (q/k/v biases).
+    Field names follow Hugging Face's config.json. `attention_bias` is True for Qwen2 (q/k/v biases)
+    and, for Llama, adds q/k/v/o biases; `mlp_bias` (Llama only) adds gate/up/down biases.
     `sliding_window` (Mistral only) limits each query to the last `sliding_window` positions.
     """
 
@@ -34,6 +35,7 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    mlp_bias: bool = False
     sliding_window: int | None = None  # Mistral: a query at i sees keys j with i - window < j <= i
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -91,7 +93,7 @@ class ModelConfig:
         for name in ("rms_norm_eps", "rope_theta"):
             if not _positive_number(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
-        for name in ("tie_word_embeddings", "attention_bias"):
+        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not (self.bos_token_id is None or _token_id(self.bos_token_id)):
@@ -103,6 +105,10 @@ class ModelConfig:
             or (isinstance(eos, list) and eos and all(map(_token_id, eos)))
         ):
             raise ValueError(f"eos_token_id must be a token id or a list of them, got {eos!r}")
+        if self.mlp_bias and self.architecture != "llama":
+            raise ValueError(  # transformers' Mistral and Qwen2 MLPs have no bias
+                f"mlp_bias is supported for llama only, not {self.architecture!r}"
+            )
         check_rope_scaling(self.rope_scaling)
         if not isinstance(self.extra, dict):
             raise ValueError(f"extra must be a dict, got {type(self.extra).__name__}")
@@ -147,6 +153,8 @@ class ModelConfig:
             fields.pop(internal)
         if self.architecture == "qwen2":
             fields.pop("attention_bias")
+        if self.architecture != "llama":  # a key in `extra` stays as it was
+            fields.pop("mlp_bias")
         if self.architecture != "mistral":  # a Qwen2 `sliding_window` in `extra` stays as it was
             fields.pop("sliding_window")
         # For mistral a None window is written as null: transformers reads a missing key as 4096.
@@ -207,7 +215,6 @@ def check_rope_scaling(scaling: object) -> None:
 # field -> (what we run, the values that mean it)
 _IMPLEMENTED_OPTIONS = {
     "hidden_act": ("silu", ("silu", "swish")),
-    "mlp_bias": (False, (False,)),
     "attention_dropout": (0.0, (0, 0.0)),
     "partial_rotary_factor": (1.0, (1, 1.0)),
 }

@@ -46,6 +46,21 @@ def causal_mask(t: int, offset: int, dtype: mx.Dtype, window: int | None = None)
     return mx.where(hidden, mx.array(-mx.inf, dtype), mx.array(0, dtype))
 
 
+def segment_mask(segments: mx.array, dtype: mx.Dtype, window: int | None = None) -> mx.array:
+    """Additive (B, 1, T, T) mask for packed rows: query i sees keys j <= i of its own example
+    (segment ids 1, 2, ...; 0 is padding, which sees itself only, so no row is all -inf) and, with a
+    sliding window, only keys after i - window (positions within an example are row indices)."""
+    t = segments.shape[1]
+    rows = mx.arange(t)[:, None]
+    cols = mx.arange(t)[None, :]
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+    real = (segments != 0)[:, :, None]
+    visible = (same & real & (cols <= rows)) | (cols == rows)
+    if window is not None and t > window:
+        visible = visible & (cols > rows - window)
+    return mx.where(visible, mx.array(0, dtype), mx.array(-mx.inf, dtype))[:, None]
+
+
 class Attention(nn.Module):
     """Linear layers are created dense here; the model swaps in NF4Linear / LoRALinear."""
 
@@ -61,14 +76,18 @@ class Attention(nn.Module):
         self._rope = rope
 
     def __call__(
-        self, x: mx.array, mask: mx.array | None, cache: KVCache | None = None
+        self,
+        x: mx.array,
+        mask: mx.array | None,
+        cache: KVCache | None = None,
+        positions: mx.array | None = None,
     ) -> mx.array:
         b, t, _ = x.shape  # (B, T, C)
         q = self.q_proj(x).reshape(b, t, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(b, t, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(b, t, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         offset = 0 if cache is None else cache.offset
-        q, k = self._rope(q, offset), self._rope(k, offset)  # (B, H, T, D), (B, KV, T, D)
+        q, k = self._rope(q, offset, positions), self._rope(k, offset, positions)  # (B, H|KV, T, D)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, KV, S, D)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from . import ops_reference
 from ._mlx import mx
 from .nf4_weight import NF4Weight
+from .op_checks import check_dtype, check_matmul, check_weight
 
 PATHS = ("auto", "metal", "reference")
 ENV_VAR = "NF4_MLX_KERNELS"
@@ -72,19 +73,25 @@ def _ops():
     return ops_reference
 
 
+# Every op is checked first (op_checks.py), so each path refuses the same bad input alike.
 def reconstruct_absmax(w: NF4Weight) -> mx.array:
+    check_weight("reconstruct_absmax", w)
     return _ops().reconstruct_absmax(w)
 
 
 def dequantize(w: NF4Weight, dtype: mx.Dtype = mx.float32) -> mx.array:
+    check_weight("dequantize", w)
+    check_dtype("dequantize", dtype)
     return _ops().dequantize(w, dtype)
 
 
 def matmul(x: mx.array, w: NF4Weight) -> mx.array:
     """x @ W^T: (..., in) -> (..., out)."""
+    check_matmul("matmul", x, w, w.shape[-1])
     return _ops().matmul(x, w)
 
 
 def matmul_t(g: mx.array, w: NF4Weight) -> mx.array:
     """g @ W: (..., out) -> (..., in)."""
+    check_matmul("matmul_t", g, w, w.shape[0])
     return _ops().matmul_t(g, w)

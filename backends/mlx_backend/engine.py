@@ -23,6 +23,13 @@ def _peft(path: str) -> str:  # "model.layers.0.self_attn.q_proj.lora_A" -> PEFT
     return f"{PEFT_PREFIX}{path}.weight"
 
 
+def optimizer_placement(paged: bool | None) -> str:
+    """Where PagedAdamW keeps its pages for `--paged-optimizer` / `--no-paged-optimizer`: "host"
+    (numpy arrays outside MLX's allocator, each page copied in for its update; the default) or
+    "device" (mlx arrays, updated in place)."""
+    return "device" if paged is False else "host"
+
+
 class MLXEngine:
     def __init__(self, choice, source, lora, train, lr: float, base=None) -> None:
         from ..engine import SourceTensors
@@ -53,7 +60,9 @@ class MLXEngine:
             )
         self.seed = train.seed if train is not None else 0
         if train is not None:
-            paged = PagedAdamWConfig(weight_decay=train.weight_decay)
+            paged = PagedAdamWConfig(
+                weight_decay=train.weight_decay, placement=optimizer_placement(train.paged)
+            )
             self.trainer = Trainer(
                 self.model,
                 TrainConfig(
@@ -68,7 +77,7 @@ class MLXEngine:
 
     @staticmethod
     def _batch(b) -> Batch:
-        return Batch.from_tokens(b.input_ids, b.loss_mask)
+        return Batch.from_tokens(b.input_ids, b.loss_mask, b.position_ids, b.segment_ids)
 
     def train_step(self, micro_batches, lr: float):
         from ..engine import StepResult
@@ -89,7 +98,8 @@ class MLXEngine:
         total, n = 0.0, 0
         for b in batches:
             batch = self._batch(b)
-            s, k = masked_cross_entropy(self.model(batch.inputs), batch.targets, batch.mask)
+            logits = self.model(batch.inputs, None, *batch.packing())
+            s, k = masked_cross_entropy(logits, batch.targets, batch.mask)
             total, n = total + s.item(), n + int(k.item())
         self.model.train(was)
         return total, n

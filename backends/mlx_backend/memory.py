@@ -11,6 +11,7 @@ from mlx.utils import tree_flatten
 
 from nf4core import ModelConfig
 from nf4core.dtypes import float_dtype
+from nf4core.sources.layout import attention_has_bias
 
 from ._mlx import mx, nn
 from .lora import LoRAConfig
@@ -115,8 +116,10 @@ def plan_from_config(
     nf4 = sum(math.ceil(o * i * bits / 8) + tables for o, i in shapes.values()) * layers
     dense = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
     dense += config.hidden_size * (2 * layers + 1)
-    if config.attention_bias:
-        dense += sum(shapes[n][0] for n in ("q_proj", "k_proj", "v_proj")) * layers
+    biased = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj") if attention_has_bias(config, n)]
+    if config.mlp_bias:
+        biased += ["gate_proj", "up_proj", "down_proj"]
+    dense += sum(shapes[n][0] for n in biased) * layers
     n_adapter = sum(lora.r * (o + i) for n, (o, i) in shapes.items() if n in lora.target_modules)
     n_adapter *= layers
     adapters = n_adapter * np.dtype(float_dtype(lora.dtype)).itemsize

@@ -10,9 +10,11 @@ import numpy as np
 
 import nf4core
 from nf4core import ModelConfig, NF4Tensor
+from nf4core.sources.layout import attention_has_bias
+from nf4core.strict_tensors import StrictTensors
 
 from ._mlx import mx, mx_dtype, nn
-from .attention import Attention, KVCache, causal_mask
+from .attention import Attention, KVCache, causal_mask, segment_mask
 from .dispatch import default_compute_dtype
 from .lora import LoRALinear
 from .nf4_linear import NF4Linear
@@ -49,8 +51,14 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
 
-    def __call__(self, x: mx.array, mask: mx.array | None, cache: KVCache | None = None):
-        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+    def __call__(
+        self,
+        x: mx.array,
+        mask: mx.array | None,
+        cache: KVCache | None = None,
+        positions: mx.array | None = None,
+    ):
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache, positions)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -66,16 +74,31 @@ class DecoderStack(nn.Module):
         self.gradient_checkpointing = False
         self.sliding_window = config.sliding_window  # Mistral; None attends to every earlier key
 
-    def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+    def __call__(
+        self,
+        tokens: mx.array,
+        cache: list[KVCache] | None = None,
+        positions: mx.array | None = None,
+        segments: mx.array | None = None,
+    ) -> mx.array:
+        """tokens (B, T) -> hidden states (B, T, C). Packed rows give `positions` (B, T), which
+        restart per example, and `segments` (B, T) (1, 2, ... per example, 0 on padding), which keep
+        attention within an example."""
         h = self.embed_tokens(tokens)  # (B, T, C)
         offset = 0 if cache is None else cache[0].offset
-        mask = causal_mask(tokens.shape[1], offset, h.dtype, self.sliding_window)
+        if segments is not None:
+            if cache is not None:
+                raise ValueError("packed rows (segments) cannot be combined with a KV cache")
+            mask = segment_mask(segments, h.dtype, self.sliding_window)
+        else:
+            mask = causal_mask(tokens.shape[1], offset, h.dtype, self.sliding_window)
         keys = self._dropout_keys()
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and cache is None:
-                h = _checkpointed(layer, h, mask, keys[i])
+                h = _checkpointed(layer, h, mask, keys[i], positions)
             else:
-                h = _with_dropout_key(layer, keys[i], h, mask, None if cache is None else cache[i])
+                layer_cache = None if cache is None else cache[i]
+                h = _with_dropout_key(layer, keys[i], h, mask, layer_cache, positions)
         return self.norm(h)
 
     def _dropout_keys(self) -> list[mx.array | None]:
@@ -102,7 +125,11 @@ def _with_dropout_key(layer: nn.Module, key: mx.array | None, *args) -> mx.array
 
 
 def _checkpointed(
-    layer: nn.Module, h: mx.array, mask: mx.array | None, key: mx.array | None
+    layer: nn.Module,
+    h: mx.array,
+    mask: mx.array | None,
+    key: mx.array | None,
+    positions: mx.array | None = None,
 ) -> mx.array:
     """Run one block under mx.checkpoint: its activations are recomputed in the backward pass,
     with the same dropout masks (drawn from `key`, an input of the checkpointed function)."""
@@ -110,14 +137,15 @@ def _checkpointed(
     def run(params, x, *key_arg):
         layer.update(params)
         key_in = mx.stop_gradient(key_arg[0]) if key_arg else None  # keys have no gradient
-        return _with_dropout_key(layer, key_in, x, mask)
+        return _with_dropout_key(layer, key_in, x, mask, None, positions)
 
     key_args = () if key is None else (key,)
     return mx.checkpoint(run)(layer.trainable_parameters(), h, *key_args)
 
 
 class LlamaModel(nn.Module):
-    """A causal language model; `__call__(tokens (B, T), cache)` returns logits (B, T, vocab)."""
+    """A causal language model; `__call__(tokens (B, T), cache, positions, segments)` returns logits
+    (B, T, vocab) (see `DecoderStack.__call__` for packed rows)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -126,8 +154,14 @@ class LlamaModel(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
-        return self.head(self.model(tokens, cache))
+    def __call__(
+        self,
+        tokens: mx.array,
+        cache: list[KVCache] | None = None,
+        positions: mx.array | None = None,
+        segments: mx.array | None = None,
+    ) -> mx.array:
+        return self.head(self.model(tokens, cache, positions, segments))
 
     def last_logits(self, tokens: mx.array, cache: list[KVCache]) -> mx.array:
         """Logits (B, vocab) of the last position only: the LM head on one token per row."""
@@ -180,45 +214,39 @@ class LlamaModel(nn.Module):
         `quantize`, else kept dense, rounded to `base_dtype` (when given) then to `compute_dtype`;
         embeddings, norms and lm_head stay dense in `compute_dtype` ("auto": bfloat16 on a Metal
         GPU, float32 on the CPU); activations follow that dtype. Every loaded module is frozen.
+        Every tensor must be one the config describes and every one is used (biases included),
+        else one ModelLoadError line names the unexpected and missing ones.
         """
         dtype = mx_dtype(default_compute_dtype() if compute_dtype == "auto" else compute_dtype)
+        get = StrictTensors(tensors, config)
+        get.check_names()
         model = cls(config)
-        missing = []
 
         def dense(name: str) -> mx.array:
-            if name not in tensors:
-                missing.append(name)
-                return None
-            value = tensors[name]
+            value = get.get(name)
             if isinstance(value, NF4Tensor):
                 value = nf4core.dequantize(value, np.float32)
             return mx.array(np.asarray(value, dtype=np.float32)).astype(dtype)
 
-        def linear(prefix: str, out_f: int, in_f: int, bias: bool) -> nn.Module:
-            name = f"{prefix}.weight"
-            b = dense(f"{prefix}.bias") if bias else None
-            value = tensors.get(name)
-            if value is None:
-                missing.append(name)
-                return nn.Linear(in_f, out_f, bias=bias)
+        def linear(prefix: str, bias: bool) -> nn.Module:
+            """The frozen linear `prefix`; its bias (dense, float32) is added after the matmul."""
+            b = mx.array(np.asarray(get.get(f"{prefix}.bias"), np.float32)) if bias else None
+            value = get.get(f"{prefix}.weight")
             if isinstance(value, NF4Tensor):
-                layer = NF4Linear.from_nf4(value, b)
-            elif quantize:
+                return NF4Linear.from_nf4(value, b)
+            if quantize:
                 layer = NF4Linear.from_dense(
                     np.asarray(value, dtype=np.float32), None, blocksize, double_quant, method
                 )
-                if b is not None:
-                    layer = NF4Linear(layer.nf4, b)
-            else:
-                layer = nn.Linear(in_f, out_f, bias=bias)
-                weight = mx.array(np.asarray(value, dtype=np.float32))
-                if base_dtype is not None:
-                    weight = weight.astype(mx_dtype(base_dtype))
-                layer.weight = weight.astype(dtype)
-                if bias:
-                    layer.bias = b
-            if tuple(value.shape) != (out_f, in_f):
-                raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {(out_f, in_f)}")
+                return layer if b is None else NF4Linear(layer.nf4, b)
+            out_f, in_f = value.shape
+            layer = nn.Linear(in_f, out_f, bias=bias)
+            weight = mx.array(np.asarray(value, dtype=np.float32))
+            if base_dtype is not None:
+                weight = weight.astype(mx_dtype(base_dtype))
+            layer.weight = weight.astype(dtype)
+            if bias:
+                layer.bias = b.astype(dtype)
             return layer
 
         stack = model.model
@@ -229,21 +257,12 @@ class LlamaModel(nn.Module):
             layer.input_layernorm.weight = dense(f"{p}.input_layernorm.weight")
             layer.post_attention_layernorm.weight = dense(f"{p}.post_attention_layernorm.weight")
             for mod_name in ATTENTION_LINEARS:
-                old = getattr(layer.self_attn, mod_name)
-                out_f, in_f = old.weight.shape
-                bias = config.attention_bias and mod_name != "o_proj"
-                setattr(
-                    layer.self_attn,
-                    mod_name,
-                    linear(f"{p}.self_attn.{mod_name}", out_f, in_f, bias),
-                )
+                bias = attention_has_bias(config, mod_name)
+                setattr(layer.self_attn, mod_name, linear(f"{p}.self_attn.{mod_name}", bias))
             for mod_name in MLP_LINEARS:
-                out_f, in_f = getattr(layer.mlp, mod_name).weight.shape
-                setattr(layer.mlp, mod_name, linear(f"{p}.mlp.{mod_name}", out_f, in_f, False))
+                setattr(layer.mlp, mod_name, linear(f"{p}.mlp.{mod_name}", config.mlp_bias))
         if not config.tie_word_embeddings:
             model.lm_head.weight = dense("lm_head.weight")
-        if missing:
-            more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
-            raise KeyError(f"missing tensors: {', '.join(missing[:8])}{more}")
+        get.check_all_used()
         model.freeze()
         return model

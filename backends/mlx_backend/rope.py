@@ -37,16 +37,20 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> np
 
 
 class RoPE:
-    """Applies rotary embeddings to (B, heads, T, head_dim) at positions offset .. offset + T - 1."""
+    """Applies rotary embeddings to (B, heads, T, head_dim) at positions offset .. offset + T - 1, or
+    at per-row `positions` (B, T) (packed rows restart them per example)."""
 
     def __init__(self, head_dim: int, theta: float, scaling: dict | None = None) -> None:
         self.inv_freq = mx.array(inverse_frequencies(head_dim, theta, scaling))  # (D/2,)
 
-    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+    def __call__(self, x: mx.array, offset: int = 0, positions: mx.array | None = None) -> mx.array:
         t = x.shape[-2]
-        positions = mx.arange(offset, offset + t, dtype=mx.float32)
-        angles = positions[:, None] * self.inv_freq[None, :]  # (T, D/2)
-        angles = mx.concatenate([angles, angles], axis=-1)  # (T, D)
+        if positions is None:
+            positions = mx.arange(offset, offset + t, dtype=mx.float32)  # (T,)
+        else:
+            positions = positions.astype(mx.float32)[:, None, :]  # (B, 1, T): broadcast over heads
+        angles = positions[..., None] * self.inv_freq  # (..., T, D/2)
+        angles = mx.concatenate([angles, angles], axis=-1)  # (..., T, D)
         cos, sin = mx.cos(angles).astype(x.dtype), mx.sin(angles).astype(x.dtype)
         half = x.shape[-1] // 2
         rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)

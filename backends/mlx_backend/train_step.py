@@ -39,23 +39,47 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Batch:
-    """Next-token prediction: inputs (B, T) int32, targets (B, T) int32, mask (B, T) float32."""
+    """Next-token prediction: inputs (B, T) int32, targets (B, T) int32, mask (B, T) float32; packed
+    rows also carry positions (B, T) int32 (restarting per example) and segments (B, T) int32 (1, 2,
+    ... per example, 0 on padding), else None."""
 
     inputs: mx.array
     targets: mx.array
     mask: mx.array
+    positions: mx.array | None = None
+    segments: mx.array | None = None
 
     @classmethod
-    def from_tokens(cls, tokens: np.ndarray, loss_mask: np.ndarray | None = None) -> Batch:
+    def from_tokens(
+        cls,
+        tokens: np.ndarray,
+        loss_mask: np.ndarray | None = None,
+        position_ids: np.ndarray | None = None,
+        segment_ids: np.ndarray | None = None,
+    ) -> Batch:
         """From (B, T + 1) token ids; `loss_mask` (B, T + 1) marks tokens that are learned (e.g. the
-        completion, not the prompt, and not padding). Position t predicts token t + 1."""
+        completion, not the prompt, and not padding). Position t predicts token t + 1. With packed
+        rows (`segment_ids` with more than one example in a row), attention and RoPE positions stay
+        within each example and no example's first token is predicted from the one before."""
         tokens = np.asarray(tokens, dtype=np.int32)
         mask = np.ones_like(tokens, dtype=np.float32) if loss_mask is None else loss_mask
+        mask = np.asarray(mask, dtype=np.float32)[:, 1:]
+        if segment_ids is None or np.asarray(segment_ids).max(initial=0) <= 1:
+            return cls(mx.array(tokens[:, :-1]), mx.array(tokens[:, 1:]), mx.array(mask))
+        segments = np.asarray(segment_ids, dtype=np.int32)
+        positions = np.asarray(position_ids, dtype=np.int32)
+        same = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)
         return cls(
             mx.array(tokens[:, :-1]),
             mx.array(tokens[:, 1:]),
-            mx.array(np.asarray(mask, dtype=np.float32)[:, 1:]),
+            mx.array(mask * same),
+            mx.array(positions[:, :-1]),
+            mx.array(segments[:, :-1]),
         )
+
+    def packing(self) -> tuple[mx.array, ...]:
+        """(positions, segments) for packed rows, else ()."""
+        return () if self.segments is None else (self.positions, self.segments)
 
 
 def masked_cross_entropy(logits: mx.array, targets: mx.array, mask: mx.array):
@@ -98,8 +122,8 @@ class Trainer:
         self.optimizer = PagedAdamW(self.config.optimizer)
         self.optimizer.init(params)
 
-        def loss(inputs, targets, mask):
-            return masked_cross_entropy(model(inputs), targets, mask)
+        def loss(inputs, targets, mask, *packing):
+            return masked_cross_entropy(model(inputs, None, *packing), targets, mask)
 
         grad_fn = nn.value_and_grad(model, loss)
         if self.config.compile:
@@ -111,7 +135,9 @@ class Trainer:
         """(mean-per-token float32 gradients over all micro-batches, mean loss, token count)."""
         total_loss, total_tokens, acc = 0.0, 0.0, None
         for batch in micro_batches:
-            (loss_sum, count), grads = self._grad_fn(batch.inputs, batch.targets, batch.mask)
+            (loss_sum, count), grads = self._grad_fn(
+                batch.inputs, batch.targets, batch.mask, *batch.packing()
+            )
             grads = tree_map(lambda g: g.astype(mx.float32), grads)  # accumulate in float32
             acc = grads if acc is None else tree_map(mx.add, acc, grads)
             mx.eval(acc, loss_sum, count)  # one micro-batch's graph at a time
@@ -143,5 +169,6 @@ class Trainer:
 
     def evaluate(self, batch: Batch) -> float:
         self.model.eval()
-        loss_sum, count = masked_cross_entropy(self.model(batch.inputs), batch.targets, batch.mask)
+        logits = self.model(batch.inputs, None, *batch.packing())
+        loss_sum, count = masked_cross_entropy(logits, batch.targets, batch.mask)
         return (loss_sum / count).item()

@@ -49,8 +49,6 @@ def read_json(path: Path) -> dict:
 
 
 def config_from_json(path: Path, raw: dict) -> ModelConfig:
-    if raw.get("mlp_bias"):
-        raise ModelLoadError(f"{path}: mlp_bias=true is not supported")
     try:
         return normalized(ModelConfig.from_hf_config(raw))
     except (TypeError, ValueError) as exc:

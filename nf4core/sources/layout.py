@@ -25,6 +25,14 @@ def is_quantized_linear(name: str) -> bool:
     return _LINEAR_WEIGHT.fullmatch(name) is not None
 
 
+def attention_has_bias(config: ModelConfig, proj: str) -> bool:
+    """Whether attention projection `proj` (q_proj, k_proj, v_proj, o_proj) has a bias: Qwen2's
+    q/k/v; all four for a Llama with attention_bias (transformers' LlamaAttention)."""
+    if not config.attention_bias:
+        return False
+    return proj != "o_proj" or config.architecture != "qwen2"
+
+
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor the model needs, in checkpoint order, with its shape (out, in) for weights.
 
@@ -40,16 +48,17 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[p + "self_attn.k_proj.weight"] = (kv_out, h)
         shapes[p + "self_attn.v_proj.weight"] = (kv_out, h)
         shapes[p + "self_attn.o_proj.weight"] = (h, q_out)
-        if config.attention_bias:
-            shapes[p + "self_attn.q_proj.bias"] = (q_out,)
-            shapes[p + "self_attn.k_proj.bias"] = (kv_out,)
-            shapes[p + "self_attn.v_proj.bias"] = (kv_out,)
-            if config.architecture != "qwen2":  # Llama's attention_bias also covers o_proj
-                shapes[p + "self_attn.o_proj.bias"] = (h,)
+        for proj, out in (("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out), ("o_proj", h)):
+            if attention_has_bias(config, proj):
+                shapes[p + f"self_attn.{proj}.bias"] = (out,)
         shapes[p + "post_attention_layernorm.weight"] = (h,)
         shapes[p + "mlp.gate_proj.weight"] = (inter, h)
         shapes[p + "mlp.up_proj.weight"] = (inter, h)
         shapes[p + "mlp.down_proj.weight"] = (h, inter)
+        if config.mlp_bias:
+            shapes[p + "mlp.gate_proj.bias"] = (inter,)
+            shapes[p + "mlp.up_proj.bias"] = (inter,)
+            shapes[p + "mlp.down_proj.bias"] = (h,)
     shapes["model.norm.weight"] = (h,)
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (config.vocab_size, h)

@@ -40,6 +40,23 @@ def test_hf_dir_and_gguf_f32_agree_exactly(tmp_path, arch, tie):
         np.testing.assert_array_equal(hf.read(name), weights[name], err_msg=name)
 
 
+def test_llama_biases_read_alike_from_gguf_and_hf_dir(tmp_path):
+    """attention_bias (q/k/v/o) and mlp_bias (gate/up/down) of a Llama: the GGUF config infers both
+    from the tensors it holds, and every bias reads back as written."""
+    config = hf_config("llama", attention_bias=True, mlp_bias=True)
+    weights = random_weights(config)
+    hf = open_model(write_hf_dir(tmp_path / "hf", config, weights))
+    gg = open_model(write_gguf(tmp_path / "m.gguf", config, weights))
+    assert hf.config.attention_bias and hf.config.mlp_bias
+    assert core(gg.config) == core(hf.config)
+    biases = [n for n in weights if n.endswith(".bias")]
+    assert len(biases) == 7 * config["num_hidden_layers"]
+    assert gg.tensor_names() == hf.tensor_names() == list(weights)
+    for name in weights:
+        np.testing.assert_array_equal(gg.read(name), weights[name], err_msg=name)
+        np.testing.assert_array_equal(hf.read(name), weights[name], err_msg=name)
+
+
 @pytest.mark.parametrize("qtype", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
 def test_gguf_types_dequantize_like_gguf_and_unpermute(tmp_path, qtype):
     config = hf_config("llama")

@@ -113,7 +113,8 @@ def test_a_shard_index_must_match_its_shards(tmp_path):
     [
         ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
         ({"attention_dropout": 0.1}, "attention_dropout 0.1 is not supported"),
-        ({"mlp_bias": "false"}, "mlp_bias 'false' is not supported"),
+        ({"mlp_bias": "false"}, "mlp_bias must be true or false"),
+        ({"model_type": "mistral", "mlp_bias": True}, "mlp_bias is supported for llama only"),
         ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false"),
         ({"rms_norm_eps": float("nan")}, "rms_norm_eps must be a finite number > 0"),
         ({"head_dim": 15}, "head_dim must be a positive even int"),

@@ -11,6 +11,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nf4core import ModelConfig, ModelSource
+from nf4core.sources.layout import attention_has_bias
+from nf4core.strict_tensors import StrictTensors
 
 from ..kv_cache import KVCache
 from .attention import Attention
@@ -89,56 +91,61 @@ class CausalLM(nn.Module):
 
         Block linears given as NF4Tensor are used as they are; dense ones are quantized one at a time
         when `quantize` by `method` (else kept dense in `compute_dtype`, their values first rounded
-        to `base_dtype` when given). Tied embeddings ignore lm_head.weight.
+        to `base_dtype` when given). Tied embeddings ignore lm_head.weight. Every tensor must be
+        one the config describes and every one is used (biases included), else one ModelLoadError
+        line names the unexpected and missing ones.
         """
-        get = _Getter(tensors)
+        get = StrictTensors(tensors, config)
+        get.check_names()
         dense = dict(dtype=compute_dtype)
         heads, kv, hd = (
             config.num_attention_heads,
             config.num_key_value_heads,
             config.resolved_head_dim,
         )
+
+        def lin(name: str, bias: bool) -> nn.Module:
+            """The frozen linear `name`; its bias (a dense tensor) is added after the matmul."""
+            b = _array(get.get(f"{name}.bias")) if bias else None
+            return make_linear(
+                get.get(f"{name}.weight"),
+                b,
+                quantize,
+                blocksize,
+                double_quant,
+                compute_dtype,
+                method,
+                base_dtype,
+            )
+
+        def tensor(name: str) -> torch.Tensor:
+            return torch.from_numpy(_array(get.get(name))).to(compute_dtype)
+
         layers = []
         for i in range(config.num_hidden_layers):
             p = f"model.layers.{i}."
-
-            def lin(name: str, bias: bool = False) -> nn.Module:
-                b = get.array(f"{name}.bias") if bias else None
-                return make_linear(
-                    get.raw(f"{name}.weight"),
-                    b,
-                    quantize,
-                    blocksize,
-                    double_quant,
-                    compute_dtype,
-                    method,
-                    base_dtype,
-                )
-
-            qkv_bias = config.attention_bias
             attn = Attention(
-                *(lin(f"{p}self_attn.{n}", qkv_bias and n != "o_proj") for n in ATTENTION_PROJ),
+                *(lin(f"{p}self_attn.{n}", attention_has_bias(config, n)) for n in ATTENTION_PROJ),
                 heads,
                 kv,
                 hd,
                 i,
             )
-            mlp = MLP(*(lin(f"{p}mlp.{n}") for n in MLP_PROJ))
+            mlp = MLP(*(lin(f"{p}mlp.{n}", config.mlp_bias) for n in MLP_PROJ))
             norms = (
-                RMSNorm(get.tensor(f"{p}{n}.weight", **dense), config.rms_norm_eps)
+                RMSNorm(tensor(f"{p}{n}.weight"), config.rms_norm_eps)
                 for n in ("input_layernorm", "post_attention_layernorm")
             )
             layers.append(DecoderLayer(attn, mlp, *norms))
-        embed = nn.Embedding.from_pretrained(get.tensor("model.embed_tokens.weight", **dense))
-        decoder = Decoder(
-            embed, layers, RMSNorm(get.tensor("model.norm.weight", **dense), config.rms_norm_eps)
-        )
+        embed = nn.Embedding.from_pretrained(tensor("model.embed_tokens.weight"))
+        decoder = Decoder(embed, layers, RMSNorm(tensor("model.norm.weight"), config.rms_norm_eps))
         lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, **dense)
         if config.tie_word_embeddings:  # a saved lm_head.weight is then the same tensor
             lm_head.weight = embed.weight  # one tensor, as in the checkpoint
         else:
-            lm_head.weight = nn.Parameter(get.tensor("lm_head.weight", **dense))
+            lm_head.weight = nn.Parameter(tensor("lm_head.weight"))
         lm_head.requires_grad_(False)
+        get.check_all_used()
         return cls(config, decoder, lm_head, compute_dtype)
 
     @classmethod
@@ -241,23 +248,11 @@ class CausalLM(nn.Module):
         )
 
 
-class _Getter:
-    def __init__(self, tensors: Mapping[str, object]) -> None:
-        self.tensors = tensors
-
-    def raw(self, name: str) -> object:
-        if name not in self.tensors:
-            raise KeyError(f"model state lacks {name!r}")
-        return self.tensors[name]
-
-    def array(self, name: str) -> np.ndarray:
-        value = self.raw(name)
-        if isinstance(value, torch.Tensor):
-            return value.detach().float().cpu().numpy()
-        return np.array(value, dtype=np.float32)  # a copy: sources may hand out read-only views
-
-    def tensor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        return torch.from_numpy(self.array(name)).to(dtype)
+def _array(value: object) -> np.ndarray:
+    """A float32 numpy copy (sources may hand out read-only views)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().float().cpu().numpy()
+    return np.array(value, dtype=np.float32)
 
 
 def target_mask(

@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from backends.mlx_backend.lora import LoRAConfig, apply_lora
 from backends.mlx_backend.model import LlamaModel
 from backends.mlx_backend.nf4_linear import NF4Linear
+from nf4core.errors import ModelLoadError
 
 from .tiny_models import random_tensors, tiny_config
 
@@ -125,7 +126,7 @@ def test_missing_tensor_is_named():
     config = tiny_config("llama")
     tensors = random_tensors(config)
     del tensors["model.layers.1.mlp.up_proj.weight"]
-    with pytest.raises(KeyError, match="model.layers.1.mlp.up_proj.weight"):
+    with pytest.raises(ModelLoadError, match="missing: model.layers.1.mlp.up_proj.weight"):
         LlamaModel.from_state(config, tensors)
 
 
