@@ -407,9 +407,11 @@ def merge(adapter, out, model, dtype, requantize) -> None:
     """Merge ADAPTER into its base model; write a Hugging Face directory OUT."""
     from backends import api
     from backends.peft_adapter import load_adapter
+    from nf4core.hub import base_spec
 
     with user_errors():
-        base = model or load_adapter(adapter).base_model
+        loaded = load_adapter(adapter)
+        base = model or base_spec(loaded.base_model, loaded.base_revision)
         path = api.merge_adapter(base, adapter, out, dtype, requantize)
     click.echo(f"wrote {path}")
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nf4core
+from nf4core.hub import recorded_base
 
 from .engine import Engine, LoRASettings, build_engine
 from .evaluate import ExactMatch, exact_match_score, perplexity, stop_ids
@@ -36,6 +37,7 @@ class LoadedModel:
     choice: BackendChoice
     path: str
     adapter: str | None = None  # the adapter directory loaded, for messages
+    base: str | None = None  # the model as the caller named it (None: the embedded model)
 
     def stream(
         self,
@@ -107,12 +109,9 @@ class LoadedModel:
         }
 
     def save_adapter(self, directory: str | os.PathLike, lora: LoRASettings) -> Path:
-        return save_adapter(
-            directory,
-            Adapter(
-                self.engine.adapters(), lora.r, lora.alpha, lora.dropout, lora.targets, self.path
-            ),
-        )
+        name, revision = recorded_base(self.base)
+        adapter = Adapter(self.engine.adapters(), lora.r, lora.alpha, lora.dropout, lora.targets)
+        return save_adapter(directory, replace(adapter, base_model=name, base_revision=revision))
 
 
 def check_sampling(max_new_tokens: object, temperature: object, top_p: object) -> None:
@@ -153,9 +152,9 @@ def load(
     engine = build_engine(choice, source, lora, None)
     if loaded is not None:
         engine.load_adapters(loaded.tensors)
-    return LoadedModel(
-        engine, source.tokenizer(), choice, path, None if adapter is None else str(adapter)
-    )
+    adapter_dir = None if adapter is None else str(adapter)
+    base = None if model is None else str(model)
+    return LoadedModel(engine, source.tokenizer(), choice, path, adapter_dir, base)
 
 
 def quantize(

@@ -20,6 +20,7 @@ from pathlib import Path
 import nf4core
 from nf4core.atomic import write_text_atomic
 from nf4core.default_task import DefaultTask, default_task
+from nf4core.hub import recorded_base
 from nf4core.regular_file import check_regular_file
 
 from .checkpoint import (
@@ -224,7 +225,7 @@ def finetune(
                 write_text_atomic(out / "data" / name, text)
         if not (out / "config.yaml").exists():
             _write_config(out, cfg)
-        run = _Run(cfg, engine, out, steps, start, echo, model_path)
+        run = _Run(cfg, engine, out, steps, start, echo, recorded_base(cfg.model))
         return run.train(data, valid_set, heldout, tokenizer, pad, progress, phases, t0)
 
 
@@ -239,10 +240,10 @@ class _Run:
         steps: int,
         start: int,
         echo: Callable[[str], None],
-        model_path: str,
+        base: tuple[str, str | None],
     ) -> None:
         self.cfg, self.engine, self.out, self.steps, self.start = cfg, engine, out, steps, start
-        self.echo, self.model_path = echo, model_path
+        self.echo, self.base = echo, base  # the (name, revision) the adapter records
         self.log = MetricsLog(out / "metrics.jsonl")
         self._truncate = start > 0  # records after `start` are replaced, once this run logs
 
@@ -399,7 +400,8 @@ class _Run:
             cfg.lora_alpha,
             cfg.lora_dropout,
             cfg.targets,
-            self.model_path,
+            base_model=self.base[0],
+            base_revision=self.base[1],
         )
         save_adapter(self.out, adapter, cfg.export)
         _write_config(self.out, cfg)
