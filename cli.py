@@ -162,13 +162,20 @@ def backend_options(f):
 @main.command()
 @click.option(
     "--model",
-    help="HF directory, GGUF file or bitsandbytes-4bit directory "
+    help="HF directory, GGUF file, bitsandbytes-4bit directory, or Hugging Face Hub id "
+    "(org/name[@revision]; from the cache, downloaded unless HF_HUB_OFFLINE=1) "
     "[default: the embedded SmolLM2-135M-Instruct].",
 )
 @click.option(
     "--data",
-    help="JSONL file, or a directory with train.jsonl (+ valid.jsonl) "
+    help="JSONL, JSON, Parquet or Arrow file; a directory of split files (train*, valid*) or "
+    "saved by datasets' save_to_disk; or a Hub data set id in the cache "
     "[default: the built-in digit-shift task].",
+)
+@click.option(
+    "--data-format",
+    type=click.Choice(["auto", "messages", "sharegpt", "alpaca", "prompt-completion", "text"]),
+    help="The records' shape, when its keys do not tell [default: auto, printed].",
 )
 @click.option("--out", help="Output directory [default: finetune-out].")
 @click.option(

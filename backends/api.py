@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nf4core
+from nf4core.data_files import read_records
 from nf4core.hub import recorded_base
 
 from .engine import Engine, LoRASettings, build_engine
@@ -81,9 +82,8 @@ class LoadedModel:
         max_seq_len: int = 2048,
         max_examples: int = 0,
     ) -> dict:
-        """Perplexity on a JSONL file, and exact match on its chat / prompt-completion records."""
-        import json
-
+        """Perplexity on a data file (any format of nf4core.data_files), and exact match on its
+        chat / prompt-completion records."""
         ds, _ = nf4core.load_dataset(
             nf4core.DataConfig(train=data, max_length=max_seq_len), self.tokenizer
         )
@@ -94,9 +94,7 @@ class LoadedModel:
                 f"{self.adapter or self.path}: the loss on {data} is {loss} (not "
                 "finite); check the adapter's weights and lora_alpha"
             )
-        lines = Path(data).read_text(encoding="utf-8-sig").splitlines()  # a BOM, as read_jsonl
-        records = [json.loads(line) for line in lines if line.strip()]
-        records = [r for r in records if "messages" in r or ("prompt" in r and "completion" in r)]
+        records = [r.fields for r in read_records(data)[0] if _has_reference_answer(r)]
         if max_examples:
             records = records[:max_examples]
         em = exact_match_score(self.engine, self.tokenizer, records) if records else None
@@ -112,6 +110,20 @@ class LoadedModel:
         name, revision = recorded_base(self.base)
         adapter = Adapter(self.engine.adapters(), lora.r, lora.alpha, lora.dropout, lora.targets)
         return save_adapter(directory, replace(adapter, base_model=name, base_revision=revision))
+
+
+def _has_reference_answer(record) -> bool:
+    """Whether exact match can score the record: a completion, or a chat ending in an assistant
+    turn of plain text (no tools)."""
+    if record.kind == "completion":
+        return True
+    last = record.fields.get("messages", [{}])[-1]
+    return (
+        record.kind == "chat"
+        and last["role"] == "assistant"
+        and "tool_calls" not in last
+        and "tools" not in record.fields
+    )
 
 
 def check_sampling(max_new_tokens: object, temperature: object, top_p: object) -> None:

@@ -23,6 +23,8 @@ DOWNLOAD_PATTERNS = {
     "dataset": ["*.json", "*.jsonl", "*.parquet", "*.arrow", "**/*.json", "**/*.jsonl"]
     + ["**/*.parquet", "**/*.arrow"],
 }
+# a name ending so is a file's path, never a Hub id
+FILE_SUFFIXES = {".jsonl", ".json", ".parquet", ".arrow", ".gguf", ".safetensors", ".yaml", ".txt"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # the Hub's name rules, loosely
 
 
@@ -44,6 +46,8 @@ def parse_hub_id(spec: str) -> tuple[str, str | None] | None:
     optional `@revision`); None when it reads as a path."""
     name, _, revision = spec.partition("@")
     if not _HUB_ID.match(name) or ".." in name or name.endswith((".", "-")):
+        return None
+    if Path(name).suffix.lower() in FILE_SUFFIXES:
         return None
     if "@" in spec and not revision:
         return None

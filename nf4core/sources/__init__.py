@@ -4,7 +4,6 @@ or by Hugging Face Hub id)."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from ..errors import ModelLoadError
 from ..hub import resolve
