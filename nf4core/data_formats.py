@@ -70,7 +70,7 @@ def to_record(value: object, data_format: str = "auto") -> tuple[str, dict, str]
     if fmt == "messages":
         return "chat", _chat(_messages(value, "messages"), value), fmt
     if fmt == "sharegpt":
-        key = "conversations" if value.get("conversations") is not None else "messages"
+        key = "messages" if value.get("messages") is not None else "conversations"
         return "chat", _chat(_sharegpt(value, key), value), fmt
     if fmt == "alpaca":
         return "chat", _chat(_alpaca(value), value), fmt
