@@ -362,7 +362,8 @@ def generate(
 def evaluate(
     data, model, adapter, batch_size, max_seq_len, max_examples, backend, device, compute_dtype
 ) -> None:
-    """Perplexity on DATA (JSONL), and exact match on its chat / prompt-completion records."""
+    """Perplexity on DATA (a data file in any format finetune reads), and exact match on its chat /
+    prompt-completion records."""
     from backends import api
 
     with user_errors():

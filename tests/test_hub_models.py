@@ -36,11 +36,12 @@ def hub(tmp_path_factory):
     return tmp, main, v2, data
 
 
-def run(hf_home: Path, *args: str) -> subprocess.CompletedProcess:
+def run(hf_home: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    env = {**cli_env(), **hub_env(hf_home), **env}
     return subprocess.run(
         cli_command(*args),
         cwd=ROOT,
-        env={**cli_env(), **hub_env(hf_home)},
+        env={k: v for k, v in env.items() if v},
         capture_output=True,
         text=True,
         timeout=300,
@@ -77,6 +78,18 @@ def test_an_id_not_in_the_cache_is_one_line(hub):
     assert "the Hub model org/tiny at revision nope is not in the" in error_line(r.stderr)
     r = run(tmp / "hf", "info", str(tmp / "absent.gguf"))
     assert error_line(r.stderr) == f"Error: {tmp / 'absent.gguf'}: no such file or directory"
+
+
+def test_an_id_not_in_the_cache_is_downloaded_only_when_not_offline(hub):
+    tmp = hub[0]
+    # HF_HUB_OFFLINE unset: the download is tried, from an endpoint that refuses at once (localhost)
+    r = run(tmp / "hf", "info", "org/absent", HF_HUB_OFFLINE="", HF_ENDPOINT="http://127.0.0.1:9")
+    line = error_line(r.stderr)
+    assert r.returncode == 1 and "HF_HUB_OFFLINE" not in line
+    assert "is not in the Hugging Face cache" in line and "could not be downloaded" in line
+    # a cached id never reaches the endpoint
+    r = run(tmp / "hf", "info", "org/tiny", HF_HUB_OFFLINE="", HF_ENDPOINT="http://127.0.0.1:9")
+    assert r.returncode == 0, r.stderr
 
 
 PEFT_CHECK = r"""
@@ -138,13 +151,17 @@ def test_round_trip_hub_id_to_an_adapter_peft_opens(hub):
 
 def test_a_path_base_is_recorded_as_given_and_the_default_by_its_hub_id(hub, tmp_path):
     from backends.peft_adapter import Adapter, peft_config
-    from nf4core.hub import DEFAULT_MODEL_ID, recorded_base
+    from nf4core.hub import DEFAULT_MODEL_ID, base_spec, recorded_base
 
     model = hub[1]  # a snapshot whose refs/main points at it
     assert recorded_base(None) == (DEFAULT_MODEL_ID, None)
     assert recorded_base(str(model)) == ("org/tiny", None)
     plain = tiny_model_dir(tmp_path / "plain")
     assert recorded_base(str(plain)) == (str(plain), None)
+    # what merge opens for a recorded base: the embedded model for its own id
+    assert base_spec(DEFAULT_MODEL_ID) is None
+    assert base_spec("org/tiny", V2) == f"org/tiny@{V2}"
+    assert base_spec("runs/base") == "runs/base"
     adapter = Adapter({}, 4, 8.0, 0.0, ("q_proj",), "org/tiny", None, V2)
     assert (peft_config(adapter)["base_model_name_or_path"], peft_config(adapter)["revision"]) == (
         "org/tiny",
