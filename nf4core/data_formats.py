@@ -6,7 +6,8 @@ Ours: "text" `{"text"}`, "completion" `{"prompt", "completion"}` (strings) and "
 
 - messages: `{"messages": [{"role", "content"}]}` as OpenAI and TRL write them: `content` a string,
   a list of parts (the text parts joined by newlines; any other part is refused by its type), or
-  null in an assistant turn that makes `tool_calls`; `tool` turns; `tools` beside `messages`.
+  null in an assistant turn that makes `tool_calls`; `tool` turns; `tools` beside `messages`; an
+  assistant turn's `weight` (OpenAI's: 0 leaves the turn out of the loss, 1 keeps it).
 - sharegpt: `{"conversations": [{"from", "value"}]}` (human/user, gpt/assistant, system, tool).
 - alpaca: `{"instruction", "input"?, "output", "system"?}`: the user turn is the instruction, then a
   blank line and the input when there is one.
@@ -84,7 +85,7 @@ def to_record(value: object, data_format: str = "auto") -> tuple[str, dict, str]
 
 
 def _chat(messages: list[dict], value: dict, first_target: int = 0) -> dict:
-    if not any(m["role"] == "assistant" for m in messages[first_target:]):
+    if not any(m["role"] == "assistant" and m.get("weight", 1) for m in messages[first_target:]):
         raise RecordShapeError("no assistant message to learn from")
     fields = {"messages": messages, "first_target": first_target}
     tools = value.get("tools")
@@ -117,6 +118,9 @@ def _message(m: object, where: str) -> dict:
         out["content"] = ""
     elif not isinstance(content, str):
         raise RecordShapeError(f"{where}.content must be a string or a list of parts")
+    weight = out.get("weight")
+    if weight is not None and (m["role"] != "assistant" or weight not in (0, 1)):
+        raise RecordShapeError(f"{where}.weight must be 0 or 1, in an assistant turn")
     calls = out.get("tool_calls")
     if calls is not None and (
         m["role"] != "assistant"
@@ -158,7 +162,10 @@ def _sharegpt(value: dict, key: str) -> list[dict]:
             )
         if not isinstance(text, str):
             raise RecordShapeError(f"{key}[{i}].value must be a string")
-        messages.append({"role": SHAREGPT_ROLES[speaker], "content": text})
+        message = {"role": SHAREGPT_ROLES[speaker], "content": text}
+        if t.get("weight") is not None:
+            message["weight"] = t["weight"]
+        messages.append(_message(message, f"{key}[{i}]"))
     return messages
 
 

@@ -106,7 +106,8 @@ def _chat_tokens(record: Record, tokenizer: Tokenizer) -> tuple[list[int], list[
     _check_rendered(record, tokenizer, text)
     spans = []  # character ranges of the assistant turns, as the template renders them
     for k, message in enumerate(messages):
-        if message["role"] != "assistant" or k < record.fields.get("first_target", 0):
+        trained = message.get("weight", 1) and k >= record.fields.get("first_target", 0)
+        if message["role"] != "assistant" or not trained:
             continue
         start = (
             tokenizer.apply_chat_template(messages[:k], add_generation_prompt=True, **tools)

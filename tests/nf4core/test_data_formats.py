@@ -135,6 +135,41 @@ def test_trl_conversational_prompt_completion_learns_the_completion_only(tmp_pat
     assert tok.decode(example.input_ids[example.loss_mask].tolist()) == "brown fox<|im_end|>\n"
 
 
+TOOLS_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']}}"
+    "{% if message.tool_calls %}{{ message.tool_calls[0].function.name + '()' }}{% endif %}"
+    "{{'<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
+
+
+def test_tool_calls_and_weights_in_the_loss_mask(tmp_path):
+    call = {"type": "function", "function": {"name": "add", "arguments": "{}"}}
+    row = {
+        "messages": [
+            {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": "world", "weight": 0},
+            {"role": "user", "content": "quick"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "content": "fox"},
+            {"role": "assistant", "content": "brown"},
+        ]
+    }
+    tok = Tokenizer(
+        tiny_tokenizer(),
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        chat_template=TOOLS_TEMPLATE,
+    )
+    train, _ = load_dataset(DataConfig(jsonl(tmp_path / "w.jsonl", [row])), tok)
+    (example,) = train.examples
+    masked = tok.decode(example.input_ids[example.loss_mask].tolist())
+    assert masked == "add()<|im_end|>\nbrown<|im_end|>\n"  # not "world": its weight is 0
+    row["messages"][1]["weight"] = 0.5
+    with pytest.raises(DataFormatError, match=r"w2.jsonl:1: messages\[1\]\.weight must be 0 or 1"):
+        read_records(jsonl(tmp_path / "w2.jsonl", [row]))
+
+
 def test_a_template_without_tool_calls_is_refused_by_name(tmp_path):
     call = {"type": "function", "function": {"name": "f", "arguments": "{}"}}
     row = {
