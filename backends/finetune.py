@@ -112,6 +112,10 @@ def load_data(
 ) -> tuple[nf4core.Dataset, nf4core.Dataset | None, list[dict]]:
     """(train set, validation set or None, held-out records for exact match (built-in task only)).
     The built-in task's files are written under `scratch`."""
+    if task is not None and cfg.data_format != "auto":
+        raise ConfigError(
+            f"data_format {cfg.data_format}: applies to --data, not the built-in task"
+        )
     if task is not None:
         for name, text in task_files(task).items():
             (scratch / name).write_text(text, encoding="utf-8")
@@ -126,7 +130,7 @@ def load_data(
         valid=valid,
         max_length=cfg.max_seq_len,
         seed=cfg.seed,
-        data_format=cfg.data_format if task is None else "auto",
+        data_format=cfg.data_format,
     )
     ds_train, ds_valid = nf4core.load_dataset(dc, tokenizer)
     if task is None:

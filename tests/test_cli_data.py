@@ -67,6 +67,8 @@ def test_data_format_decides_an_ambiguous_file(model, tmp_path):
     assert r.exit_code == 0, r.output
     assert data_lines(r.output) == [f"data: {path}, 2 examples (format: text)"]
     assert yaml.safe_load((tmp_path / "conf" / "config.yaml").read_text())["data_format"] == "text"
+    r = CliRunner().invoke(main, ["finetune", "--model", str(model), "--data-format", "text"])
+    assert r.exit_code == 1 and "data_format text: applies to --data, not the built-in" in r.output
     conf.write_text(yaml.safe_dump({"data_format": "csv"}))
     r = finetune(model, path, tmp_path / "bad-conf", "--config", str(conf))
     assert r.exit_code == 1 and "data_format must be one of" in r.output
