@@ -206,6 +206,12 @@ def test_hub_data_set_id_from_the_cache(hub):
     ) in r.stdout
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("eval_loss" in m for m in metrics)
+    # the cache folder of the data set, as a path: its main snapshot's split files
+    from nf4core.data_files import find_data
+
+    files = find_data(tmp / "hf" / "hub" / "datasets--org--words")
+    assert files.train == (snapshot / "data" / "train-00000-of-00001.parquet",)
+    assert files.valid == (snapshot / "data" / "validation-00000-of-00001.parquet",)
 
 
 HUB_MISSING = r"""
