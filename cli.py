@@ -162,13 +162,20 @@ def backend_options(f):
 @main.command()
 @click.option(
     "--model",
-    help="HF directory, GGUF file or bitsandbytes-4bit directory "
+    help="HF directory, GGUF file, bitsandbytes-4bit directory, or Hugging Face Hub id "
+    "(org/name[@revision]; from the cache, downloaded unless HF_HUB_OFFLINE=1) "
     "[default: the embedded SmolLM2-135M-Instruct].",
 )
 @click.option(
     "--data",
-    help="JSONL file, or a directory with train.jsonl (+ valid.jsonl) "
+    help="JSONL, JSON, Parquet or Arrow file; a directory of split files (train*, valid*) or "
+    "saved by datasets' save_to_disk; or a Hub data set id in the cache "
     "[default: the built-in digit-shift task].",
+)
+@click.option(
+    "--data-format",
+    type=click.Choice(["auto", "messages", "sharegpt", "alpaca", "prompt-completion", "text"]),
+    help="The records' shape, when its keys do not tell [default: auto, printed].",
 )
 @click.option("--out", help="Output directory [default: finetune-out].")
 @click.option(
@@ -355,7 +362,8 @@ def generate(
 def evaluate(
     data, model, adapter, batch_size, max_seq_len, max_examples, backend, device, compute_dtype
 ) -> None:
-    """Perplexity on DATA (JSONL), and exact match on its chat / prompt-completion records."""
+    """Perplexity on DATA (a data file in any format finetune reads), and exact match on its chat /
+    prompt-completion records."""
     from backends import api
 
     with user_errors():
@@ -407,9 +415,11 @@ def merge(adapter, out, model, dtype, requantize) -> None:
     """Merge ADAPTER into its base model; write a Hugging Face directory OUT."""
     from backends import api
     from backends.peft_adapter import load_adapter
+    from nf4core.hub import base_spec
 
     with user_errors():
-        base = model or load_adapter(adapter).base_model
+        loaded = load_adapter(adapter)
+        base = model or base_spec(loaded.base_model, loaded.base_revision)
         path = api.merge_adapter(base, adapter, out, dtype, requantize)
     click.echo(f"wrote {path}")
 

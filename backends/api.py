@@ -11,10 +11,12 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nf4core
+from nf4core.data_files import read_records
+from nf4core.hub import recorded_base
 
 from .engine import Engine, LoRASettings, build_engine
 from .evaluate import ExactMatch, exact_match_score, perplexity, stop_ids
@@ -36,6 +38,7 @@ class LoadedModel:
     choice: BackendChoice
     path: str
     adapter: str | None = None  # the adapter directory loaded, for messages
+    base: str | None = None  # the model as the caller named it (None: the embedded model)
 
     def stream(
         self,
@@ -79,9 +82,8 @@ class LoadedModel:
         max_seq_len: int = 2048,
         max_examples: int = 0,
     ) -> dict:
-        """Perplexity on a JSONL file, and exact match on its chat / prompt-completion records."""
-        import json
-
+        """Perplexity on a data file (any format of nf4core.data_files), and exact match on its
+        chat / prompt-completion records."""
         ds, _ = nf4core.load_dataset(
             nf4core.DataConfig(train=data, max_length=max_seq_len), self.tokenizer
         )
@@ -92,9 +94,7 @@ class LoadedModel:
                 f"{self.adapter or self.path}: the loss on {data} is {loss} (not "
                 "finite); check the adapter's weights and lora_alpha"
             )
-        lines = Path(data).read_text(encoding="utf-8-sig").splitlines()  # a BOM, as read_jsonl
-        records = [json.loads(line) for line in lines if line.strip()]
-        records = [r for r in records if "messages" in r or ("prompt" in r and "completion" in r)]
+        records = [r.fields for r in read_records(data)[0] if _has_reference_answer(r)]
         if max_examples:
             records = records[:max_examples]
         em = exact_match_score(self.engine, self.tokenizer, records) if records else None
@@ -107,12 +107,23 @@ class LoadedModel:
         }
 
     def save_adapter(self, directory: str | os.PathLike, lora: LoRASettings) -> Path:
-        return save_adapter(
-            directory,
-            Adapter(
-                self.engine.adapters(), lora.r, lora.alpha, lora.dropout, lora.targets, self.path
-            ),
-        )
+        name, revision = recorded_base(self.base)
+        adapter = Adapter(self.engine.adapters(), lora.r, lora.alpha, lora.dropout, lora.targets)
+        return save_adapter(directory, replace(adapter, base_model=name, base_revision=revision))
+
+
+def _has_reference_answer(record) -> bool:
+    """Whether exact match can score the record: a completion, or a chat ending in an assistant
+    turn of plain text (no tools)."""
+    if record.kind == "completion":
+        return True
+    last = record.fields.get("messages", [{}])[-1]
+    return (
+        record.kind == "chat"
+        and last["role"] == "assistant"
+        and "tool_calls" not in last
+        and "tools" not in record.fields
+    )
 
 
 def check_sampling(max_new_tokens: object, temperature: object, top_p: object) -> None:
@@ -153,9 +164,9 @@ def load(
     engine = build_engine(choice, source, lora, None)
     if loaded is not None:
         engine.load_adapters(loaded.tensors)
-    return LoadedModel(
-        engine, source.tokenizer(), choice, path, None if adapter is None else str(adapter)
-    )
+    adapter_dir = None if adapter is None else str(adapter)
+    base = None if model is None else str(model)
+    return LoadedModel(engine, source.tokenizer(), choice, path, adapter_dir, base)
 
 
 def quantize(

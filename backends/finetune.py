@@ -19,8 +19,9 @@ from pathlib import Path
 
 import nf4core
 from nf4core.atomic import write_text_atomic
+from nf4core.data_files import DataFiles, find_data
 from nf4core.default_task import DefaultTask, default_task
-from nf4core.regular_file import check_regular_file
+from nf4core.hub import recorded_base
 
 from .checkpoint import (
     Checkpoint,
@@ -111,27 +112,29 @@ def load_data(
 ) -> tuple[nf4core.Dataset, nf4core.Dataset | None, list[dict]]:
     """(train set, validation set or None, held-out records for exact match (built-in task only)).
     The built-in task's files are written under `scratch`."""
+    if task is not None and cfg.data_format != "auto":
+        raise ConfigError(
+            f"data_format {cfg.data_format}: applies to --data, not the built-in task"
+        )
     if task is not None:
         for name, text in task_files(task).items():
             (scratch / name).write_text(text, encoding="utf-8")
         train, valid = scratch / "train.jsonl", scratch / "valid.jsonl"
         held = task.heldout
     else:
-        path = Path(cfg.data)
-        if path.is_dir():
-            train, valid = path / "train.jsonl", path / "valid.jsonl"
-            if not train.is_file():
-                raise ConfigError(
-                    f"{path}: a data directory needs train.jsonl (and may hold valid.jsonl)"
-                )
-            valid = valid if valid.is_file() else None
-        elif path.exists():
-            train, valid = check_regular_file(path, ConfigError), None
-        else:
-            raise ConfigError(f"{path}: no such data file or directory")
+        files = find_data(cfg.data)
+        train, valid = files.train, files.valid or None
         held = []
-    dc = nf4core.DataConfig(train=train, valid=valid, max_length=cfg.max_seq_len, seed=cfg.seed)
+    dc = nf4core.DataConfig(
+        train=train,
+        valid=valid,
+        max_length=cfg.max_seq_len,
+        seed=cfg.seed,
+        data_format=cfg.data_format,
+    )
     ds_train, ds_valid = nf4core.load_dataset(dc, tokenizer)
+    if task is None:
+        echo(_describe_data(files, ds_train, ds_valid))
     prefix = str(scratch) + os.sep
 
     def shown(where: str) -> str:  # the built-in task's scratch files by their name
@@ -141,10 +144,24 @@ def load_data(
         if ds is not None and ds.no_targets:
             _report_no_targets([shown(w) for w in ds.no_targets], cfg, echo)
     if not ds_train.examples:
-        raise ConfigError(f"{shown(str(train))}: no record has a target token to learn from")
+        where = shown(str(train)) if task is not None else cfg.data
+        raise ConfigError(f"{where}: no record has a target token to learn from")
     if cfg.eval_max_examples:
         held = held[: cfg.eval_max_examples]
     return ds_train, ds_valid, held
+
+
+def _describe_data(files: DataFiles, train: nf4core.Dataset, valid: nf4core.Dataset | None) -> str:
+    """One line: the files read and the record formats found in them."""
+
+    def shown(paths: tuple[Path, ...]) -> str:
+        return str(paths[0]) + (f" (+{len(paths) - 1} more)" if len(paths) > 1 else "")
+
+    formats = sorted(set(train.formats) | set(valid.formats if valid else ()))
+    line = f"data: {shown(files.train)}, {len(train)} examples"
+    if valid is not None:
+        line += f"; validation: {shown(files.valid)}, {len(valid)} examples"
+    return line + f" (format: {'+'.join(formats)})"
 
 
 def _report_no_targets(where: list[str], cfg: FinetuneConfig, echo: Callable[[str], None]) -> None:
@@ -224,7 +241,7 @@ def finetune(
                 write_text_atomic(out / "data" / name, text)
         if not (out / "config.yaml").exists():
             _write_config(out, cfg)
-        run = _Run(cfg, engine, out, steps, start, echo, model_path)
+        run = _Run(cfg, engine, out, steps, start, echo, recorded_base(cfg.model))
         return run.train(data, valid_set, heldout, tokenizer, pad, progress, phases, t0)
 
 
@@ -239,10 +256,10 @@ class _Run:
         steps: int,
         start: int,
         echo: Callable[[str], None],
-        model_path: str,
+        base: tuple[str, str | None],
     ) -> None:
         self.cfg, self.engine, self.out, self.steps, self.start = cfg, engine, out, steps, start
-        self.echo, self.model_path = echo, model_path
+        self.echo, self.base = echo, base  # the (name, revision) the adapter records
         self.log = MetricsLog(out / "metrics.jsonl")
         self._truncate = start > 0  # records after `start` are replaced, once this run logs
 
@@ -399,7 +416,8 @@ class _Run:
             cfg.lora_alpha,
             cfg.lora_dropout,
             cfg.targets,
-            self.model_path,
+            base_model=self.base[0],
+            base_revision=self.base[1],
         )
         save_adapter(self.out, adapter, cfg.export)
         _write_config(self.out, cfg)

@@ -12,6 +12,7 @@ import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from nf4core.data_formats import FORMATS
 from nf4core.model_config import LINEAR_NAMES
 from nf4core.model_quantize import DEFAULT_QUANT_METHOD
 from nf4core.regular_file import check_regular_file
@@ -46,11 +47,13 @@ FIXED_DEFAULTS = {
     "strict_data": False,
     "base_dtype": "nf4",
     "quant_method": DEFAULT_QUANT_METHOD,
+    "data_format": "auto",
 }
 BASE_DTYPES = ("nf4", "bfloat16", "float32")
 # what a checkpoint written before these settings existed was trained with
-LEGACY_BASE = {"base_dtype": "nf4", "quant_method": "absmax"}
+LEGACY_BASE = {"base_dtype": "nf4", "quant_method": "absmax", "data_format": "auto"}
 SCHEDULES = ("cosine", "linear", "constant")
+DATA_FORMATS = ("auto", *FORMATS)
 EXPORTS = ("mlx-lm",)
 
 
@@ -65,6 +68,7 @@ class FinetuneConfig:
 
     model: str | None = None
     data: str | None = None
+    data_format: str | None = None  # "auto" or one of nf4core.data_formats.FORMATS
     out: str | None = None
     steps: int | None = None
     epochs: float | None = None
@@ -147,6 +151,10 @@ class FinetuneConfig:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.schedule is not None and self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.data_format is not None and self.data_format not in DATA_FORMATS:
+            raise ConfigError(
+                f"data_format must be one of {DATA_FORMATS}, got {self.data_format!r}"
+            )
         if self.base_dtype is not None and self.base_dtype not in BASE_DTYPES:
             raise ConfigError(f"base_dtype must be one of {BASE_DTYPES}, got {self.base_dtype!r}")
         if self.quant_method is not None and self.quant_method not in QUANT_METHODS:

@@ -33,8 +33,9 @@ class Adapter:
     alpha: float
     dropout: float
     targets: tuple[str, ...]
-    base_model: str | None = None
+    base_model: str | None = None  # a Hugging Face Hub id when known, else a path
     directory: Path | None = None  # where it was loaded from, for messages
+    base_revision: str | None = None  # the base's Hub revision, when not its main branch
 
     @property
     def scale(self) -> float:
@@ -61,6 +62,7 @@ def peft_config(adapter: Adapter) -> dict:
         "bias": "none",
         "target_modules": sorted(adapter.targets),
         "base_model_name_or_path": adapter.base_model,
+        "revision": adapter.base_revision,
         "inference_mode": True,
         "fan_in_fan_out": False,
         "init_lora_weights": True,
@@ -144,7 +146,10 @@ def load_adapter(directory: str | Path) -> Adapter:
     base = cfg.get("base_model_name_or_path")
     if base is not None and not isinstance(base, str):
         raise AdapterError(f"{cfg_path}: base_model_name_or_path must be a string, got {base!r}")
-    adapter = Adapter(tensors, r, alpha, dropout, targets, base, directory)
+    revision = cfg.get("revision")
+    if revision is not None and not isinstance(revision, str):
+        raise AdapterError(f"{cfg_path}: revision must be a string, got {revision!r}")
+    adapter = Adapter(tensors, r, alpha, dropout, targets, base, directory, revision)
     problem = _shape_problem(adapter)
     if problem:
         raise AdapterError(f"{w_path}: {problem}")

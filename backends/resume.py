@@ -20,6 +20,7 @@ from .finetune_config import LEGACY_BASE, ConfigError, FinetuneConfig
 FIXED = (
     "model",
     "data",
+    "data_format",
     "batch_size",
     "grad_accum",
     "max_seq_len",

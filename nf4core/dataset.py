@@ -8,22 +8,31 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .jsonl import DataFormatError, Record, read_jsonl
+from .data_files import read_records
+from .data_formats import FORMATS
+from .jsonl import DataFormatError, Record
 from .tokenizer import Tokenizer, encode_with_offsets
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the data is and how to cut it. `valid_fraction` splits `train` when `valid` is None."""
+    """Where the data is (a file or directory, or a tuple of them, concatenated; see
+    nf4core.data_files) and how to cut it. `valid_fraction` splits `train` when `valid` is None;
+    `data_format` is "auto" or one of nf4core.data_formats.FORMATS."""
 
-    train: str | os.PathLike
-    valid: str | os.PathLike | None = None
+    train: str | os.PathLike | tuple
+    valid: str | os.PathLike | tuple | None = None
     valid_fraction: float = 0.0
     max_length: int = 2048
     seed: int = 0
     skip_bad_lines: bool = False
+    data_format: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.data_format not in ("auto", *FORMATS):
+            raise ValueError(
+                f"data_format must be auto or one of {', '.join(FORMATS)}, got {self.data_format!r}"
+            )
         if not 0.0 <= self.valid_fraction < 1.0:
             raise ValueError(f"valid_fraction must be in [0, 1), got {self.valid_fraction}")
         if self.valid is not None and self.valid_fraction:
@@ -51,6 +60,7 @@ class Dataset:
     truncated: int = 0  # examples cut to max_length
     skipped: int = 0  # bad lines left out (skip_bad_lines)
     no_targets: tuple[str, ...] = ()  # "file:line" of records left out: no target token to learn
+    formats: tuple[str, ...] = ()  # the record formats read (nf4core.data_formats), sorted
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -91,13 +101,20 @@ def _chat_tokens(record: Record, tokenizer: Tokenizer) -> tuple[list[int], list[
             f"{record.where}: a 'messages' record needs a chat template, and the tokenizer has none"
         )
     messages = record.fields["messages"]
-    text = tokenizer.apply_chat_template(messages)
+    tools = {"tools": record.fields["tools"]} if "tools" in record.fields else {}
+    text = tokenizer.apply_chat_template(messages, **tools)
+    _check_rendered(record, tokenizer, text)
     spans = []  # character ranges of the assistant turns, as the template renders them
     for k, message in enumerate(messages):
-        if message["role"] != "assistant":
+        trained = message.get("weight", 1) and k >= record.fields.get("first_target", 0)
+        if message["role"] != "assistant" or not trained:
             continue
-        start = tokenizer.apply_chat_template(messages[:k], add_generation_prompt=True) if k else ""
-        end = tokenizer.apply_chat_template(messages[: k + 1])
+        start = (
+            tokenizer.apply_chat_template(messages[:k], add_generation_prompt=True, **tools)
+            if k
+            else ""
+        )
+        end = tokenizer.apply_chat_template(messages[: k + 1], **tools)
         if not (text.startswith(start) and text.startswith(end) and len(start) < len(end)):
             raise DataFormatError(
                 f"{record.where}: the chat template does not render this "
@@ -110,11 +127,34 @@ def _chat_tokens(record: Record, tokenizer: Tokenizer) -> tuple[list[int], list[
     return ids, mask
 
 
+def _check_rendered(record: Record, tokenizer: Tokenizer, text: str) -> None:
+    """DataFormatError when the template leaves out the tool calls or tool list the record has (the
+    model would learn turns without them)."""
+    messages = record.fields["messages"]
+    if "tools" in record.fields and text == tokenizer.apply_chat_template(messages):
+        raise DataFormatError(
+            f"{record.where}: the chat template does not render 'tools' (the tool list)"
+        )
+    for k, message in enumerate(messages):
+        if "tool_calls" not in message:
+            continue
+        bare = {key: v for key, v in message.items() if key != "tool_calls"}
+        without = [*messages[:k], bare, *messages[k + 1 :]]
+        tools = {"tools": record.fields["tools"]} if "tools" in record.fields else {}
+        if text == tokenizer.apply_chat_template(without, **tools):
+            raise DataFormatError(
+                f"{record.where}: the chat template does not render tool calls "
+                f"(messages[{k}].tool_calls)"
+            )
+
+
 def load_dataset(config: DataConfig, tokenizer: Tokenizer) -> tuple[Dataset, Dataset | None]:
     """The train and validation sets (validation None without a file or fraction), tokenized."""
-    records, skipped = read_jsonl(config.train, config.skip_bad_lines)
+    records, skipped = read_records(config.train, config.skip_bad_lines, config.data_format)
     valid_records, valid_skipped = (
-        read_jsonl(config.valid, config.skip_bad_lines) if config.valid is not None else (None, 0)
+        read_records(config.valid, config.skip_bad_lines, config.data_format)
+        if config.valid is not None
+        else (None, 0)
     )
     if config.valid_fraction:
         order = np.random.default_rng(config.seed).permutation(len(records))
@@ -150,7 +190,8 @@ def _tokenized(
             examples.append(example)
         else:
             no_targets.append(record.where)
-    return Dataset(examples, truncated, skipped, tuple(no_targets))
+    formats = tuple(sorted({r.format for r in records if r.format}))
+    return Dataset(examples, truncated, skipped, tuple(no_targets), formats)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

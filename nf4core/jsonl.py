@@ -1,16 +1,19 @@
-"""Training data in JSONL: one record per line, `{"text"}`, `{"prompt","completion"}` or `{"messages"}`."""
+"""Training data in JSONL: one record per line, in any shape nf4core.data_formats knows."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import data_formats
 from .errors import ModelLoadError
 from .regular_file import check_regular_file
 
 MAX_LINE_BYTES = 10 << 20  # one record, its newline included
+_BLANK = object()
 
 
 class DataFormatError(ModelLoadError):
@@ -19,66 +22,47 @@ class DataFormatError(ModelLoadError):
 
 @dataclass(frozen=True)
 class Record:
-    """One training example as written: kind is "text", "completion" or "chat"."""
+    """One training example: kind is "text", "completion" or "chat" (fields as
+    nf4core.data_formats maps them); format is the shape it was written in."""
 
     kind: str
     fields: dict
-    where: str  # "file:line", for messages about this record
-
-
-def _shape_problem(value: object) -> str | None:
-    """None when `value` is a record of a known shape, else what is wrong with it."""
-    if not isinstance(value, dict):
-        return f"expected a JSON object, got {type(value).__name__}"
-    if "messages" in value:
-        messages = value["messages"]
-        if not isinstance(messages, list) or not messages:
-            return "'messages' must be a non-empty list"
-        for i, m in enumerate(messages):
-            if (
-                not isinstance(m, dict)
-                or not isinstance(m.get("role"), str)
-                or not isinstance(m.get("content"), str)
-            ):
-                return f"messages[{i}] must be an object with string 'role' and 'content'"
-        if not any(m["role"] == "assistant" for m in messages):
-            return "'messages' has no assistant message to learn from"
-        return None
-    if "prompt" in value or "completion" in value:
-        if not isinstance(value.get("prompt"), str) or not isinstance(value.get("completion"), str):
-            return "'prompt' and 'completion' must both be strings"
-        return None
-    if "text" in value:
-        return None if isinstance(value["text"], str) else "'text' must be a string"
-    return f"no 'text', 'prompt'/'completion' or 'messages' key (keys: {sorted(value)})"
+    where: str  # "file:line" or "file: record N", for messages about this record
+    format: str = ""
 
 
 def _parse(raw: bytes, lineno: int) -> tuple[object, str | None]:
-    """(record value, None), (None, what is wrong), or (None, None) for a blank line."""
+    """(JSON value, None), (None, what is wrong), or (_BLANK, None) for a blank line."""
     try:
         line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
     except UnicodeDecodeError as exc:
         return None, f"not UTF-8 text ({exc.reason})"
     if not line.strip():
-        return None, None
+        return _BLANK, None
     try:
         value = json.loads(line)
     except json.JSONDecodeError as exc:
         return None, f"not valid JSON: {exc.msg} (column {exc.colno})"
     except RecursionError:
         return None, "not valid JSON: nested too deeply"
-    return value, _shape_problem(value) or _text_problem(value)
+    return value, None
 
 
-def _text_problem(value: object) -> str | None:
+def _strings(value: object) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def _text_problem(fields: dict) -> str | None:
     """What is wrong with the record's strings: a lone surrogate (a `\\ud800` escape with no pair)
     is valid JSON but not text, and no tokenizer takes it."""
-    strings = [value] if isinstance(value, str) else []
-    if isinstance(value, dict):
-        strings = [v for v in value.values() if isinstance(v, str)]
-        if isinstance(value.get("messages"), list):
-            strings += [m[k] for m in value["messages"] for k in ("role", "content")]
-    for text in strings:
+    for text in _strings(fields):
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as exc:
@@ -89,11 +73,18 @@ def _text_problem(value: object) -> str | None:
     return None
 
 
-def _kind(value: dict) -> str:
-    return "chat" if "messages" in value else "completion" if "prompt" in value else "text"
+def to_record(value: object, where: str, data_format: str = "auto") -> Record:
+    """The record a parsed value stands for (nf4core.data_formats); RecordShapeError otherwise."""
+    kind, fields, fmt = data_formats.to_record(value, data_format)
+    problem = _text_problem(fields)
+    if problem:
+        raise data_formats.RecordShapeError(problem)
+    return Record(kind, fields, where, fmt)
 
 
-def read_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False) -> tuple[list[Record], int]:
+def read_jsonl(
+    path: str | os.PathLike, skip_bad_lines: bool = False, data_format: str = "auto"
+) -> tuple[list[Record], int]:
     """The records of a JSONL file and the number of bad lines skipped.
 
     Blank lines are ignored. A bad line raises DataFormatError naming `file:line`, unless
@@ -117,11 +108,16 @@ def read_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False) -> tuple[l
                     f"{MAX_LINE_BYTES >> 20} MiB, the limit of one record"
                 )
             value, problem = _parse(raw, lineno)
-            if value is None and problem is None:  # a blank line
+            if value is _BLANK:
                 continue
             if problem is None:
-                records.append(Record(_kind(value), value, where))
-            elif skip_bad_lines:
+                try:
+                    records.append(to_record(value, where, data_format))
+                except data_formats.RecordShapeError as exc:
+                    problem = str(exc)
+            if problem is None:
+                continue
+            if skip_bad_lines:
                 skipped += 1
             else:
                 raise DataFormatError(f"{where}: {problem}")

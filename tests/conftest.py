@@ -17,3 +17,6 @@ def _interpret_triton_without_gpu() -> bool:
 
 
 TRITON_INTERPRETER_READY = _interpret_triton_without_gpu()
+# no test reaches the Hugging Face Hub: huggingface_hub reads this when imported, and the CLI
+# subprocesses inherit it
+os.environ["HF_HUB_OFFLINE"] = "1"

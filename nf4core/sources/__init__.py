@@ -1,11 +1,12 @@
-"""Model sources: a Hugging Face directory, a GGUF file or a bitsandbytes 4-bit directory."""
+"""Model sources: a Hugging Face directory, a GGUF file or a bitsandbytes 4-bit directory (by path,
+or by Hugging Face Hub id)."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from ..errors import ModelLoadError
+from ..hub import resolve
 from ..regular_file import check_regular_file
 from .base import ModelSource
 from .bnb_dir import BnbDirSource
@@ -20,12 +21,13 @@ def open_model(path: str | os.PathLike) -> ModelSource:
     """Open a model for reading, one tensor at a time, without loading it.
 
     `path` is a Hugging Face directory (config.json + *.safetensors + tokenizer.json), a GGUF file,
-    or a bitsandbytes 4-bit (nf4) Hugging Face directory. The result has `.config` (ModelConfig),
+    or a bitsandbytes 4-bit (nf4) Hugging Face directory; or a Hub id (`org/name[@revision]`) or
+    Hub cache directory standing for one (nf4core.hub). The result has `.config` (ModelConfig),
     `.tensor_names()` (Hugging Face names), `.read(name)` (a numpy array, or an NF4Tensor for
     weights stored as NF4) and `.tokenizer()`. Raises ModelLoadError, naming the file and the
     problem, for anything it cannot read.
     """
-    path = Path(path)
+    path = resolve(path).path
     if path.is_dir():
         config = read_json(path / "config.json")
         if config.get("quantization_config") is not None:

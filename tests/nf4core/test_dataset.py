@@ -71,10 +71,11 @@ def test_truncation_is_counted(tmp_path, tok):
     [
         ("{not json", "not valid JSON"),
         ('["a"]', "expected a JSON object, got list"),
-        ('{"prompt": "a"}', "'prompt' and 'completion' must both be strings"),
+        ('{"prompt": "a"}', "a 'prompt' without a 'completion' has nothing to learn from"),
+        ('{"prompt": "a", "completion": 3}', "'prompt' and 'completion' must both be strings"),
         ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant message"),
-        ('{"messages": [{"role": "user"}]}', r"messages\[0\] must be an object"),
-        ('{"txt": "a"}', "no 'text', 'prompt'/'completion' or 'messages' key"),
+        ('{"messages": [{"role": "user"}]}', r"messages\[0\]\.content must be a string"),
+        ('{"txt": "a"}', r"no known record shape \(keys: \['txt'\]\)"),
     ],
 )
 def test_bad_line_names_file_and_line(tmp_path, line, problem):
