@@ -20,6 +20,9 @@ variables set for each thread. MLX's rules it follows (read from MLX's custom_ke
   fast); a template int must fit a C int;
 - names the Metal compiler would refuse (not an identifier, an address-space keyword such as
   `device`, or a name used twice) fail to build, as MLX's library build fails.
+What MLX runs but the double cannot emulate is refused by name (NotImplementedError): atomic
+outputs, ensure_row_contiguous=False, simdgroup and quadgroup functions, and the thread attributes
+it does not set (threadgroups_per_grid, grid_size, grid_origin, thread_execution_width, ...).
 Outputs start as all-ones bytes (NaN for floats), so an element no thread writes shows up, or as
 `init_value` where one is given (MLX fills them with it).
 Each generated source compiles once per process.
@@ -48,7 +51,17 @@ _ATTRIBUTES = {  # Metal thread attributes the double can set; MLX adds the ones
     "threads_per_grid": "uint3",
     "thread_index_in_threadgroup": "uint",
 }
-_UNSUPPORTED_ATTRIBUTES = ("simdgroup", "quadgroup", "thread_index_in_simdgroup")
+# Attributes MLX also passes (it adds any it finds in the source) that the double cannot set: refused
+# by name rather than left to a confusing compile error.
+_UNSUPPORTED_ATTRIBUTES = (
+    "simdgroup",
+    "quadgroup",
+    "thread_execution_width",
+    "threadgroups_per_grid",
+    "dispatch_threads_per_threadgroup",
+    "grid_origin",
+    "grid_size",
+)
 # Words a Metal parameter cannot be named (address spaces, function qualifiers); the shim defines
 # several of them away for C++, so the double checks them itself.
 _METAL_KEYWORDS = frozenset(
@@ -193,6 +206,8 @@ class MetalKernelDouble:
             raise ValueError(
                 "[metal_kernel] Expected math_mode to be 'safe', 'relaxed', or 'fast'."
             )
+        if not ensure_row_contiguous:  # MLX then passes strided memory as is; the double cannot
+            raise NotImplementedError("the Metal double has no ensure_row_contiguous=False")
         for attr in _UNSUPPORTED_ATTRIBUTES:
             if attr in source:
                 raise NotImplementedError(f"the Metal double cannot run {attr} functions")

@@ -237,3 +237,18 @@ def test_every_op_other_blocksizes_and_layouts(doubled, blocksize, double_quant)
         _close(ops_metal.matmul(x, w, absmax), ops_reference.matmul(x, w), dtype)
         _close(ops_metal.matmul_t(g, w, absmax), ops_reference.matmul_t(g, w), dtype)
     assert _calls(doubled)
+
+
+@pytest.mark.parametrize(
+    "overrides,error",
+    [
+        (dict(ensure_row_contiguous=False), "ensure_row_contiguous=False"),
+        (dict(atomic_outputs=True), "atomic outputs"),
+        (dict(source="out[0] = threadgroups_per_grid.x;"), "threadgroups_per_grid"),
+        (dict(source="out[0] = thread_index_in_simdgroup;"), "simdgroup"),
+    ],
+)
+def test_double_refuses_by_name_what_it_cannot_emulate(overrides, error):
+    """MLX accepts these; the double cannot run them faithfully, so it says so."""
+    with pytest.raises(NotImplementedError, match=error):
+        _copy_kernel(**overrides)
