@@ -16,7 +16,7 @@ from collections.abc import Callable, Hashable
 
 import numpy as np
 
-# Of the largest |reference| output: the tolerances of the kernels' parity tests.
+# rtol, and atol as a share of the largest |reference| output: the kernels' parity tests' tolerances.
 RELATIVE_TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
 
 Pairs = list[tuple[np.ndarray, np.ndarray]]  # (kernel, reference) outputs, upcast to float32
@@ -68,9 +68,10 @@ def _disagreement(got: np.ndarray, want: np.ndarray, dtype: str, exact: bool) ->
     if exact:
         if np.array_equal(got.view(np.uint32), want.view(np.uint32)):
             return None
-    elif np.isfinite(got).all():
-        limit = RELATIVE_TOLERANCE.get(dtype, RELATIVE_TOLERANCE["float32"])
-        if np.abs(got - want).max(initial=0.0) <= limit * np.abs(want).max(initial=0.0):
+    elif np.isfinite(got).all():  # the parity tests' allclose(rtol=tol, atol=tol * max |want|)
+        tol = RELATIVE_TOLERANCE.get(dtype, RELATIVE_TOLERANCE["float32"])
+        limit = tol * np.abs(want).max(initial=0.0) + tol * np.abs(want)
+        if (np.abs(got - want) <= limit).all():
             return None
     with np.errstate(invalid="ignore"):
         diff = np.nan_to_num(np.abs(got - want), nan=np.inf).max(initial=0.0)

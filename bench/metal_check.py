@@ -7,7 +7,8 @@
 
 1. Correctness: the Metal absmax and dequantize kernels equal nf4core bit for bit (blocksizes 32..4096,
    double quant on/off, odd shapes, float32/float16/bfloat16); the fused forward, small-batch (GEMV)
-   and input-gradient kernels agree with the reference; NF4Linear gradients agree across the paths.
+   and input-gradient kernels agree with the reference; NF4Linear gradients agree across the paths;
+   auto mode's kernel self-checks (every op and dtype) pass.
    Any failure prints FAIL and the script exits with status 1.
 2. Dequantize throughput in GB/s and as a fraction of a device-to-device copy (and of --peak-gbps).
 3. Fused NF4 matmul vs mx.quantized_matmul (MLX's affine 4-bit, group 64) and vs a bfloat16 matmul.
@@ -211,6 +212,12 @@ def main() -> int:
         )
         return 0
     check_correctness(ops, quick=args.quick or smoke)
+    if not smoke:
+        from backends.mlx_backend import self_check
+
+        for op in self_check.OPS:
+            for name, dtype in DTYPES.items():
+                report(self_check.trusted(op, dtype), f"auto mode's self-check of {op} {name}")
     if failures:
         print(f"{len(failures)} check(s) FAILED; not measuring speed.")
         return 1

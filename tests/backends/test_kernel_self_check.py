@@ -73,3 +73,15 @@ def test_a_raising_kernel_is_untrusted_and_the_verdict_is_cached():
         "metal matmul kernel (float16) failed on a self-check "
         "(RuntimeError: PassManager::run failed); using the reference path"
     ]
+
+
+def test_the_tolerance_is_the_parity_tests_allclose():
+    """|got - want| <= tol * max|want| + tol * |want|: 1.5 tol * max passes on the largest output,
+    fails on a zero one."""
+    want = np.array([4.0, 0.0, 1.0], np.float32)
+    tol = kernel_self_check.RELATIVE_TOLERANCE["float16"]
+    at_max = want + np.array([1.5 * tol * 4, 0, 0], np.float32)
+    assert _verdict([(at_max, want)], "float16") == (True, [])
+    kernel_self_check.reset()
+    at_zero = want + np.array([0, 1.5 * tol * 4, 0], np.float32)
+    assert not _verdict([(at_zero, want)], "float16")[0]

@@ -99,10 +99,10 @@ def test_a_wrong_dequantize_kernel_warns_once_and_the_reference_runs(
 def test_a_wrong_matmul_kernel_falls_back_per_op_and_dtype(
     auto_takes_triton, weight, monkeypatch, dtype
 ):
-    """The forward kernel is 2% off (past even bfloat16's tolerance); the input-gradient kernel,
+    """The forward kernel is 10% off (past even bfloat16's tolerance); the input-gradient kernel,
     checked on its own, stays in use."""
     _, w = weight
-    _counting(monkeypatch, "linear", lambda y: y * 1.02)
+    _counting(monkeypatch, "linear", lambda y: y * 1.1)
     grad_calls = _counting(monkeypatch, "linear_grad_input")
     x = torch.randn(4, 70).to(dtype)
     g = torch.randn(4, 13).to(dtype)
