@@ -51,8 +51,8 @@ def trusted(op: str, dtype: torch.dtype, device: torch.device) -> bool:
     passed their self-check on `device` (run on first use, then cached)."""
     from . import ops_triton
 
-    def run() -> kernel_self_check.Pairs:
-        with torch.no_grad():
+    def run() -> kernel_self_check.Pairs:  # the caller's autocast must not reach the reference
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
             return _pairs(ops_triton, op, dtype, device)
 
     return kernel_self_check.trusted(

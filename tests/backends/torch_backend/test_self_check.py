@@ -177,3 +177,12 @@ def test_the_real_kernels_pass_every_self_check(auto_takes_triton, dtype):
         for op in self_check.OPS:
             assert self_check.trusted(op, dtype, torch.device("cpu"))
     assert _runtime_warnings(record) == []
+
+
+def test_the_caller_autocast_does_not_reach_the_self_check(auto_takes_triton):
+    """Under a bfloat16 autocast the float32 reference would round; the check turns it off."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert self_check.trusted("linear", torch.float32, torch.device("cpu"))
+    assert _runtime_warnings(record) == []
