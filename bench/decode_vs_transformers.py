@@ -1,7 +1,7 @@
 """Decoding at batch 1 on the CPU: our `generate` vs transformers' FP32 `generate`, and NF4Linear at
 one token vs a dense FP32 `F.linear`.
 
-    python bench/decode_vs_transformers.py [--new-tokens 128] [--quick]
+    python bench/decode_vs_transformers.py [--new-tokens 128] [--quick] [--json PATH]
 
 1. The default model (SmolLM2-135M-Instruct GGUF), the same prompt ids, greedy, exactly
    --new-tokens new tokens (no stop token) on both sides, FP32 compute: ours (NF4 weights, torch
@@ -12,7 +12,7 @@ one token vs a dense FP32 `F.linear`.
 2. NF4Linear (double quant, blocksize 64) on one token, no grad, for 576x1536, 1536x576 and
    4096x4096 (out x in): the per-call path (dequantize, then multiply), the cached path (inside an
    active DequantCache, as in generation) and FP32 `F.linear` on the dense weight.
---quick: 8 new tokens, a 2-layer cut of the model for part 1 (a smoke test).
+--quick: 8 new tokens, a 2-layer cut of the model for part 1, no 4096x4096 in part 2 (smoke test).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from backends.torch_backend.model import CausalLM  # noqa: E402
 from backends.torch_backend.nf4_linear import NF4Linear  # noqa: E402
 from bench._timing import median_seconds  # noqa: E402
 from bench.machine import describe  # noqa: E402
+from bench.results import add_json_option, write_json  # noqa: E402
 
 PROMPT = "Write a short story about a robot who learns to paint."
 SHAPES = ((576, 1536), (1536, 576), (4096, 4096))
@@ -93,10 +94,10 @@ def peer(source: nf4core.ModelSource, ids: list[int], new: int, layers: int) -> 
     return {"transformers FP32 generate": dict(seconds=seconds, tokens=out[0, len(ids) :].tolist())}
 
 
-def one_token_linear(repeat: int) -> list[dict]:
+def one_token_linear(repeat: int, shapes=SHAPES) -> list[dict]:
     rows = []
     torch.manual_seed(0)
-    for out_f, in_f in SHAPES:
+    for out_f, in_f in shapes:
         dense = torch.nn.Linear(in_f, out_f, bias=False).requires_grad_(False)
         layer = NF4Linear.from_linear(dense)
         w = layer.dequantize()
@@ -121,6 +122,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--quick", action="store_true")
+    add_json_option(ap)
     args = ap.parse_args()
     new, layers, repeat = (8, 2, 5) if args.quick else (args.new_tokens, 0, 50)
     print(f"machine: {describe()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -149,12 +151,18 @@ def main() -> None:
         "| out x in | per call (dequantize + matmul) | cached | FP32 F.linear | per call / FP32 "
         "| cached / FP32 |\n|---|---|---|---|---|---|"
     )
-    for r in one_token_linear(repeat):
+    linears = one_token_linear(repeat, SHAPES[:2] if args.quick else SHAPES)
+    for r in linears:
         print(
             f"| {r['shape']} | {r['per_call_ms']:.3f} | {r['cached_ms']:.3f} | "
             f"{r['fp32_ms']:.3f} | "
             f"{r['per_call_ms'] / r['fp32_ms']:.1f} | {r['cached_ms'] / r['fp32_ms']:.2f} |"
         )
+    decoders = {
+        name: dict(seconds=r["seconds"], tokens_per_s=new / r["seconds"])
+        for name, r in rows.items()
+    }
+    write_json(args.json, dict(new_tokens=new, layers=layers, decode=decoders, linear=linears))
 
 
 if __name__ == "__main__":

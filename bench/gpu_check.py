@@ -10,8 +10,9 @@ ends well inside the lent machine's 8 minutes.
 First the device and the launch configurations it gets (launch_config.py), each launched once.
 Correctness (pass/fail): Triton dequantize and double-quant absmax bit-exact with nf4core (every
 blocksize, double quant on/off, odd shapes); fused forward, input-grad and GEMV kernels within the dtype
-tolerance of dequantize-then-matmul in FP32 (M in 1, 3, 33; FP32, FP16, BF16); NF4Linear takes the
-kernels on CUDA by itself; paged AdamW (state in pinned host memory) equals torch.optim.AdamW.
+tolerance of dequantize-then-matmul in FP32 (M in 1, 3, 33; FP32, FP16, BF16); auto mode's kernel
+self-checks all pass and NF4Linear takes the kernels on CUDA by itself; paged AdamW (state in pinned
+host memory) equals torch.optim.AdamW.
 Benchmarks (ours / peer in the same run): dequantize bandwidth vs a device-to-device copy; fused NF4
 matmul vs BF16 F.linear at batch 1, 16, 512 for 4096x4096 and 4096x14336; QLoRA training step
 tokens/s and peak memory vs BF16 LoRA on the same model.
@@ -158,7 +159,16 @@ def check_matmuls() -> dict:
 
 
 def check_dispatch_and_optimizer() -> dict:
-    out = {}
+    from backends.torch_backend import self_check
+
+    # Auto mode's self-checks (first, so the call count below sees only the layer's own call).
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    passed = {
+        f"{op} {str(d).split('.')[-1]}": self_check.trusted(op, d, DEVICE)
+        for op in self_check.OPS
+        for d in dtypes
+    }
+    out = {"self_checks_passed": passed}
     if DEVICE.type == "cuda":
         layer = NF4Linear.from_linear(torch.nn.Linear(256, 96)).to(DEVICE)
         calls = []
@@ -193,7 +203,11 @@ def check_dispatch_and_optimizer() -> dict:
         state_on_host=state.device.type == "cpu",
         state_pinned=state.is_pinned() if DEVICE.type == "cuda" else None,
     )
-    out["ok"] = out["paged_adamw_ok"] and out.get("auto_dispatch_uses_triton", True)
+    out["ok"] = (
+        out["paged_adamw_ok"]
+        and out.get("auto_dispatch_uses_triton", True)
+        and all(passed.values())
+    )
     return out
 
 

@@ -2,7 +2,7 @@
 the torch backend, CPU, FP32, two training steps of random tokens at each (seq_len, batch), each in a
 fresh process that reports its RSS after imports, after loading (NF4) and its peak (VmHWM).
 
-    python bench/memory_estimate.py [--shapes 512x1,512x4]
+    python bench/memory_estimate.py [--shapes 512x1,512x4] [--json PATH]
 
 The estimate covers the model and the training step, not the interpreter and its imports, so it is
 compared with the peak minus the RSS after imports.
@@ -20,6 +20,7 @@ import nf4core  # noqa: E402
 from backends.model_info import model_info  # noqa: E402
 from bench._peak_rss import run_child  # noqa: E402
 from bench.machine import describe  # noqa: E402
+from bench.results import add_json_option, write_json  # noqa: E402
 
 CHILD = r"""
 seq, batch = int(sys.argv[1]), int(sys.argv[2])
@@ -43,7 +44,9 @@ print(json.dumps({"imports_mib": imports["VmRSS"], "loaded_mib": loaded["VmRSS"]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="512x1,512x4", help="seq_len x batch, comma separated")
+    add_json_option(ap)
     args = ap.parse_args()
+    rows = []
     path = nf4core.default_model_path()
     print(f"machine: {describe()}")
     print("| seq_len | batch | estimate | measured (peak - imports) | estimate / measured |")
@@ -56,10 +59,12 @@ def main() -> None:
             print(f"| {seq} | {batch} | {estimate:.0f} MiB | {r['error']} | |")
             continue
         measured = r["peak_mib"] - r["imports_mib"]
+        rows.append(dict(seq=seq, batch=batch, estimate_mib=estimate, measured_mib=measured))
         print(
             f"| {seq} | {batch} | {estimate:.0f} MiB | {measured} MiB (loaded: "
             f"{r['loaded_mib'] - r['imports_mib']} MiB) | {estimate / measured:.2f} |"
         )
+    write_json(args.json, dict(rows=rows))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 writing a bfloat16 Hugging Face directory: `backends.merge.merge` (streams one tensor at a time) vs
 peft's `merge_and_unload` on the transformers model, each in its own fresh process.
 
-    python bench/merge_memory.py [--r 8]
+    python bench/merge_memory.py [--r 8] [--json PATH]
 
 The adapter is random (PEFT format, all seven projections): memory and time do not depend on its
 values. Ours folds the adapter into the NF4-dequantized base (what the adapter was trained on); the
@@ -27,6 +27,7 @@ import nf4core  # noqa: E402
 from backends.peft_adapter import PEFT_PREFIX, Adapter, save_adapter  # noqa: E402
 from bench._peak_rss import run_child  # noqa: E402
 from bench.machine import describe  # noqa: E402
+from bench.results import add_json_option, write_json  # noqa: E402
 from nf4core.model_config import LINEAR_NAMES  # noqa: E402
 
 CHILD = r"""
@@ -76,6 +77,7 @@ def random_adapter(source: nf4core.ModelSource, r: int) -> Adapter:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--r", type=int, default=8)
+    add_json_option(ap)
     args = ap.parse_args()
     path = nf4core.default_model_path()
     print(f"machine: {describe()}")
@@ -91,6 +93,7 @@ def main() -> None:
             )
     for name, key in (("backends.merge.merge", "ours"), ("peft merge_and_unload", "peer")):
         print(f"{name:24s} {json.dumps(results[key])}")
+    write_json(args.json, results)
     ours, peer = results["ours"], results["peer"]
     if "error" not in ours and "error" not in peer:
         print(f"ratio peak RSS (ours / peer): {ours['peak_rss_mib'] / peer['peak_rss_mib']:.2f}")

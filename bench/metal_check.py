@@ -7,7 +7,8 @@
 
 1. Correctness: the Metal absmax and dequantize kernels equal nf4core bit for bit (blocksizes 32..4096,
    double quant on/off, odd shapes, float32/float16/bfloat16); the fused forward, small-batch (GEMV)
-   and input-gradient kernels agree with the reference; NF4Linear gradients agree across the paths.
+   and input-gradient kernels agree with the reference; NF4Linear gradients agree across the paths;
+   auto mode's kernel self-checks (every op and dtype) pass.
    Any failure prints FAIL and the script exits with status 1.
 2. Dequantize throughput in GB/s and as a fraction of a device-to-device copy (and of --peak-gbps).
 3. Fused NF4 matmul vs mx.quantized_matmul (MLX's affine 4-bit, group 64) and vs a bfloat16 matmul.
@@ -31,6 +32,7 @@ from backends.mlx_backend.nf4_linear import NF4Linear
 from backends.mlx_backend.nf4_weight import NF4Weight
 from bench._timing import median_seconds  # noqa: E402
 from bench.machine import describe as machine  # noqa: E402
+from bench.results import add_json_option, write_json  # noqa: E402
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}  # relative to the output's scale
@@ -97,7 +99,7 @@ def timed(fn) -> float:
     return median_seconds(lambda: mx.eval(fn()), repeat=10, warmup=3)
 
 
-def bench_dequant(ops, size: tuple[int, int], peak_gbps: float | None) -> None:
+def bench_dequant(ops, size: tuple[int, int], peak_gbps: float | None) -> dict:
     print(f"dequantize {size[0]}x{size[1]} (double quant, bs 64) -> bfloat16:")
     t = nf4core.quantize(
         np.random.default_rng(1).standard_normal(size).astype(np.float32), 64, True
@@ -116,9 +118,10 @@ def bench_dequant(ops, size: tuple[int, int], peak_gbps: float | None) -> None:
     if peak_gbps:
         line += f", {gbps / peak_gbps:.2f} of the rated {peak_gbps:.0f} GB/s"
     print(line)
+    return dict(shape=list(size), ours_s=s, copy_s=s_copy, GBps=gbps, copy_GBps=copy_gbps)
 
 
-def bench_matmul(ops, n: int, k: int, rows: tuple[int, ...]) -> None:
+def bench_matmul(ops, n: int, k: int, rows: tuple[int, ...]) -> list[dict]:
     print(f"matmul x (M, {k}) @ W^T, W ({n}, {k}), bfloat16 activations:")
     rng = np.random.default_rng(2)
     dense = (rng.standard_normal((n, k)) * 0.02).astype(np.float32)
@@ -129,6 +132,7 @@ def bench_matmul(ops, n: int, k: int, rows: tuple[int, ...]) -> None:
         "  | M | NF4 ours (auto) | NF4 fused kernel | mx.quantized_matmul affine 4-bit | bf16 matmul "
         "| ours/affine | ours/bf16 |"
     )
+    results = []
     for m in rows:
         x = mx.array(rng.standard_normal((m, k)).astype(np.float32)).astype(mx.bfloat16)
         s_ours = timed(lambda x=x: ops.matmul(x, w))
@@ -144,9 +148,11 @@ def bench_matmul(ops, n: int, k: int, rows: tuple[int, ...]) -> None:
             f"| {s_bf16 * 1e3:.3f} ms "
             f"| {s_ours / s_aff:.2f} | {s_ours / s_bf16:.2f} |"
         )
+        results.append(dict(shape=[n, k], rows=m, ours_s=s_ours, affine_s=s_aff, bf16_s=s_bf16))
+    return results
 
 
-def bench_step(smoke: bool) -> None:
+def bench_step(smoke: bool) -> dict:
     from mlx_step import small_config, step_tokens_per_second
 
     cfg = small_config(hidden=256, layers=2, vocab=1024) if smoke else small_config(1024, 8, 8192)
@@ -167,6 +173,7 @@ def bench_step(smoke: bool) -> None:
         print(f"  {label}: {tps:.0f} tokens/s, peak {peak / 2**20:.0f} MiB")
     first, last = results[runs[0][0]], results[runs[-1][0]]
     print(f"  NF4 (kernels) / dense base speed: {first / last:.2f}")
+    return results
 
 
 def main() -> int:
@@ -183,6 +190,7 @@ def main() -> int:
         help="run on the reference ops at small sizes (no Metal needed)",
     )
     parser.add_argument("--quick", action="store_true", help="fewer correctness cases")
+    add_json_option(parser)
     args = parser.parse_args()
     print(f"machine: {machine()}; mlx {mx.__version__}; Metal available: {mx.metal.is_available()}")
     if mx.metal.is_available():
@@ -204,12 +212,23 @@ def main() -> int:
         )
         return 0
     check_correctness(ops, quick=args.quick or smoke)
+    if not smoke:
+        from backends.mlx_backend import self_check
+
+        for op in self_check.OPS:
+            for name, dtype in DTYPES.items():
+                report(self_check.trusted(op, dtype), f"auto mode's self-check of {op} {name}")
     if failures:
         print(f"{len(failures)} check(s) FAILED; not measuring speed.")
         return 1
-    bench_dequant(ops, (256, 1024) if smoke else (4096, 14336), args.peak_gbps)
-    bench_matmul(ops, *((256, 512, (1, 64)) if smoke else (4096, 4096, (1, 8, 128, 512, 2048))))
-    bench_step(smoke)
+    results = dict(
+        dequant=bench_dequant(ops, (256, 1024) if smoke else (4096, 14336), args.peak_gbps),
+        matmul=bench_matmul(
+            ops, *((256, 512, (1, 64)) if smoke else (4096, 4096, (1, 8, 128, 512, 2048)))
+        ),
+        step=bench_step(smoke),
+    )
+    write_json(args.json, results)
     print("all checks passed")
     return 0
 

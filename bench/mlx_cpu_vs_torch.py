@@ -1,6 +1,6 @@
 """MLX backend on the CPU vs torch on the CPU: the same op side by side in one run (ours / peer).
 
-    python bench/mlx_cpu_vs_torch.py [--size 4096] [--tokens 256]
+    python bench/mlx_cpu_vs_torch.py [--size 4096] [--tokens 256] [--quick] [--json PATH]
 
 Ops: NF4 dequantize (double quant, blocksize 64) in MLX (our reference path), in plain torch (the same
 algorithm) and in bitsandbytes' CPU kernel; NF4 linear forward and forward+input-gradient vs a dense
@@ -24,6 +24,7 @@ from backends.mlx_backend import ops_reference
 from backends.mlx_backend.nf4_linear import NF4Linear
 from bench._timing import median_seconds  # noqa: E402
 from bench.machine import describe as machine  # noqa: E402
+from bench.results import add_json_option, write_json  # noqa: E402
 
 
 def torch_dequantize(packed, codes8, nested, offset, dq_map, table, numel, blocksize):
@@ -45,7 +46,11 @@ def main() -> None:
         action="store_false",
         help="skip the QLoRA training-step comparison",
     )
+    parser.add_argument("--quick", action="store_true", help="small sizes, no step (smoke test)")
+    add_json_option(parser)
     args = parser.parse_args()
+    if args.quick:
+        args.size, args.linear, args.tokens, args.step = 512, 256, 16, False
     print(
         f"machine: {machine()}; mlx {mx.__version__}, torch {torch.__version__}, "
         f"torch threads {torch.get_num_threads()}"
@@ -137,6 +142,7 @@ def main() -> None:
         (f"NF4 linear fwd+input grad ({m}x{k})", s_mlx_b, s_torch_b, "torch dequant+linear")
     )
 
+    step = None
     if args.step:
         from mlx_step import small_config, step_tokens_per_second
 
@@ -145,6 +151,7 @@ def main() -> None:
         d_tps, d_peak = step_tokens_per_second(
             cfg, False, batch=2, seq=128, compute_dtype="float32"
         )
+        step = dict(nf4_tokens_per_s=q_tps, dense_tokens_per_s=d_tps)
         print(
             f"\nQLoRA step, {cfg.num_hidden_layers}x{cfg.hidden_size} Llama, 2x128 tokens, r=16, "
             "fp32: "
@@ -158,6 +165,8 @@ def main() -> None:
         print(
             f"| {name} | {ours * 1e3:.2f} ms | {peer_name} | {peer * 1e3:.2f} ms | {ours / peer:.2f} |"
         )
+    rows = [dict(op=op, ours_s=o, peer=name, peer_s=p) for op, o, p, name in results]
+    write_json(args.json, dict(rows=rows, step=step))
 
 
 if __name__ == "__main__":

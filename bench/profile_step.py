@@ -1,6 +1,7 @@
 """Where one QLoRA training step of ours spends its time and memory (torch backend, CPU, FP32).
 
     python bench/profile_step.py [--model DIR_OR_GGUF] [--batch 4] [--seq 128] [--grad-checkpoint]
+                                 [--quick] [--json PATH]
 
 The default model, LoRA r 8 on all seven projections, random tokens, as `cli.py finetune` trains it.
 Time: one step under torch.profiler after two warmup steps; every op's self time goes to one bucket:
@@ -30,6 +31,7 @@ from backends.torch_backend.model import CausalLM  # noqa: E402
 from backends.torch_backend.model.llama import causal_lm_loss  # noqa: E402
 from backends.torch_backend.train_step import Batch, TrainConfig, Trainer  # noqa: E402
 from bench.machine import describe  # noqa: E402
+from bench.results import add_json_option, write_json  # noqa: E402
 
 DEQUANT = "nf4.dequantize"
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"}
@@ -124,9 +126,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--grad-checkpoint", action="store_true")
+    ap.add_argument(
+        "--quick", action="store_true", help="2 layers, batch 1 x 16 tokens (a smoke test)"
+    )
+    add_json_option(ap)
     args = ap.parse_args()
+    if args.quick:
+        args.batch, args.seq = 1, 16
     source = nf4core.open_model(args.model or nf4core.default_model_path())
     model = CausalLM.from_source(source, compute_dtype=torch.float32)
+    if args.quick:
+        del model.model.layers[2:]
     apply_lora(model, LoRAConfig(rank=8, alpha=16))
     model.gradient_checkpointing = args.grad_checkpoint
     trainer = Trainer(model, TrainConfig(learning_rate=2e-4))
@@ -178,7 +188,7 @@ def main() -> None:
 
     print(f"machine: {describe()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(
-        f"model: {source.path.name}, {source.config.num_hidden_layers} layers; batch "
+        f"model: {source.path.name}, {len(model.model.layers)} layers; batch "
         f"{args.batch} x {args.seq}; LoRA r 8 on all seven projections; FP32; gradient "
         f"checkpointing {'on' if args.grad_checkpoint else 'off'}"
     )
@@ -207,6 +217,8 @@ def main() -> None:
     print("| phase | RSS at start | peak in phase | RSS at end |\n|---|---|---|---|")
     for name, (b, p, e) in peaks.peaks.items():
         print(f"| {name} | {b} | {p} | {e} |")
+    result = dict(step_s=plain, profiled_s=wall, tokens_per_s=args.batch * args.seq / plain)
+    write_json(args.json, dict(result, buckets=dict(buckets), batch=args.batch, seq=args.seq))
 
 
 if __name__ == "__main__":

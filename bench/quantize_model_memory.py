@@ -4,7 +4,7 @@ each in its own fresh process. transformers refuses a BitsAndBytesConfig togethe
 so the peer takes the two steps a user would: load the GGUF (de-quantized to bfloat16) and save it
 as a Hugging Face directory, then load that with load_in_4bit (nf4, double quant) and save it.
 
-    python bench/quantize_model_memory.py          # prints a table and the ratios
+    python bench/quantize_model_memory.py [--json PATH]   # prints a table and the ratios
 
 Each child reports its own VmHWM (peak RSS) and its RSS after imports, so import costs are visible.
 """
@@ -69,7 +69,14 @@ def run(which: str) -> dict:
 
 
 def main() -> None:
+    import argparse
+
     import nf4core
+    from bench.results import add_json_option, write_json
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_json_option(ap)
+    args = ap.parse_args()
 
     path = nf4core.default_model_path()
     print(
@@ -80,6 +87,7 @@ def main() -> None:
     peer = run("peer")
     for name, result in (("nf4core.quantize_model", ours), ("transformers+bitsandbytes", peer)):
         print(f"{name:28s} {json.dumps(result)}")
+    write_json(args.json, dict(ours=ours, peer=peer))
     if "error" not in ours and "error" not in peer:
         print(f"ratio peak RSS (ours / peer): {ours['peak_rss_mib'] / peer['peak_rss_mib']:.2f}")
         print(f"ratio time (ours / peer): {ours['seconds'] / peer['seconds']:.2f}")

@@ -1,13 +1,14 @@
 """CPU benchmarks of the torch backend, each against its peer in the same run (ratios = ours / peer).
 
-  python bench/torch_cpu.py [--out DIR] [--quick]
+  python bench/torch_cpu.py [--out DIR] [--quick] [--json PATH]
 
 1. dequantize a 4096x4096 NF4 weight (double quant): torch reference vs bitsandbytes CPU and torchao NF4;
 2. NF4Linear forward+backward (input grad) vs a frozen FP32 nn.Linear at 1, 32 and 512 tokens;
 3. one QLoRA training step vs LoRA on the same model with an unquantized FP32 base: time and peak RSS
    (each measured in its own subprocess);
 4. BF16 vs FP32 matmul on this CPU (why FP32 is the CPU compute dtype).
-Prints markdown; with --out writes results.json and results.md there.
+Prints markdown; with --out writes results.json and results.md there. --quick: 512x512 weights,
+1 and 32 tokens, 3 repeats, no training step (a smoke test).
 """
 
 from __future__ import annotations
@@ -32,15 +33,16 @@ from backends.torch_backend.nf4_weight import NF4Weight
 from bench._timing import median_seconds
 from bench.machine import describe
 from bench.random_llama import random_llama_state
+from bench.results import add_json_option, write_json
 
 
 def machine() -> str:
     return f"{describe()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-def bench_dequant(repeat: int) -> list[dict]:
+def bench_dequant(repeat: int, size: int = 4096) -> list[dict]:
     rng = np.random.default_rng(0)
-    w = rng.standard_normal((4096, 4096)).astype(np.float32)
+    w = rng.standard_normal((size, size)).astype(np.float32)
     ours = NF4Weight.from_nf4(nf4core.quantize(w, 64, double_quant=True))
     t_ours = median_seconds(lambda: ops_reference.dequantize(ours), repeat)
     rows = [dict(impl="ours (torch reference)", seconds=t_ours, ratio=1.0)]
@@ -63,17 +65,17 @@ def bench_dequant(repeat: int) -> list[dict]:
         rows.append(dict(impl=f"torchao unavailable: {exc}", seconds=None, ratio=None))
     for r in rows:
         if r["seconds"]:
-            r["GB_per_s_output"] = 4096 * 4096 * 4 / r["seconds"] / 1e9
+            r["GB_per_s_output"] = size * size * 4 / r["seconds"] / 1e9
     return rows
 
 
-def bench_linear(repeat: int, tokens_list=(1, 32, 512)) -> list[dict]:
+def bench_linear(repeat: int, tokens_list=(1, 32, 512), size: int = 4096) -> list[dict]:
     torch.manual_seed(0)
-    dense = torch.nn.Linear(4096, 4096, bias=False).requires_grad_(False)
+    dense = torch.nn.Linear(size, size, bias=False).requires_grad_(False)
     nf4 = NF4Linear.from_linear(dense)
     rows = []
     for tokens in tokens_list:
-        x = torch.randn(tokens, 4096, requires_grad=True)
+        x = torch.randn(tokens, size, requires_grad=True)
 
         def step(layer):
             def run():
@@ -171,7 +173,7 @@ def to_markdown(r: dict) -> str:
     lines = [
         f"Machine: {r['machine']}",
         "",
-        "Dequantize 4096x4096 NF4 (double quant) to FP32 "
+        f"Dequantize {r['size']}x{r['size']} NF4 (double quant) to FP32 "
         "(median seconds; ratio = ours / peer time, < 1 means ours is faster):",
         "",
         "| implementation | seconds | output GB/s | ours / peer |",
@@ -186,7 +188,7 @@ def to_markdown(r: dict) -> str:
             )
     lines += [
         "",
-        "NF4Linear 4096x4096 forward + input-grad backward vs frozen FP32 nn.Linear:",
+        f"NF4Linear {r['size']}x{r['size']} forward + input-grad backward vs frozen FP32 nn.Linear:",
         "",
         "| tokens | NF4Linear FP32 s | FP32 nn.Linear s | NF4 / FP32 | NF4Linear BF16 compute s |",
         "|---|---|---|---|---|",
@@ -226,18 +228,20 @@ def to_markdown(r: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT"))
-    parser.add_argument("--quick", action="store_true", help="fewer repeats, no training step")
+    parser.add_argument("--quick", action="store_true", help="small sizes, no training step")
+    add_json_option(parser)
     parser.add_argument("--child")
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(_train_step_child(args.child, args.steps)))
         return
-    repeat = 3 if args.quick else 7
+    repeat, size, tokens = (3, 512, (1, 32)) if args.quick else (7, 4096, (1, 32, 512))
     results = dict(
         machine=machine(),
-        dequant=bench_dequant(repeat),
-        linear=bench_linear(repeat),
+        size=size,
+        dequant=bench_dequant(repeat, size),
+        linear=bench_linear(repeat, tokens, size),
         matmul_dtype=bench_bf16_vs_fp32(repeat),
     )
     results["train"] = None if args.quick else bench_train(args.steps)
@@ -248,6 +252,7 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "torch_cpu.json").write_text(json.dumps(results, indent=2))
         (out / "torch_cpu.md").write_text(md + "\n")
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

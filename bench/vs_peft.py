@@ -1,6 +1,6 @@
 """QLoRA training on the CPU side by side: `cli.py finetune` vs transformers + peft + bitsandbytes.
 
-    python bench/vs_peft.py [--steps 6] [--batch 4] [--seq 128] [--hf-dir DIR] [--quick]
+    python bench/vs_peft.py [--steps 6] [--batch 4] [--seq 128] [--hf-dir DIR] [--quick] [--json PATH]
 
 The default model (the embedded SmolLM2-135M-Instruct GGUF) is exported once, through transformers'
 GGUF loader, to a 32-bit Hugging Face directory (kept in --hf-dir and reused); both sides load that
@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._peak_rss import run_child  # noqa: E402
 from bench.machine import describe  # noqa: E402
+from bench.results import add_json_option, write_json  # noqa: E402
 
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -169,6 +170,7 @@ def main() -> None:
     )
     ap.add_argument("--quick", action="store_true", help="2 layers, 2 steps (smoke test)")
     ap.add_argument("--no-peer", action="store_true", help="only our runs")
+    add_json_option(ap)
     args = ap.parse_args()
     layers, steps = (2, 2) if args.quick else (0, args.steps)
     hf_dir = args.hf_dir or Path(tempfile.gettempdir()) / f"nf4-bench-hf32-{layers or 'full'}"
@@ -215,6 +217,7 @@ def main() -> None:
             f"{ours['median_tokens_per_s'] / ours_mem['median_tokens_per_s']:.2f}, "
             f"peak RSS {ours_mem['peak_rss_mib'] / ours['peak_rss_mib']:.2f}"
         )
+    write_json(args.json, dict(ours=ours, ours_memory_options=ours_mem, peer=peer))
     if any("error" in r for r in (ours, ours_mem, peer or {})):
         sys.exit(1)
 

@@ -1,6 +1,7 @@
 """Picks the Metal kernel or the plain-mlx reference for each op when it is called (never at import).
 
-Auto: Metal when `mx.metal.is_available()` and the default device is the GPU, else the reference.
+Auto: Metal when `mx.metal.is_available()` and the default device is the GPU, else the reference;
+a Metal op is used only after it passed its self-check (self_check.py), else the reference runs.
 Force a path for a block of code with `use_path("reference")` / `use_path("metal")`, or for the
 process with the environment variable NF4_MLX_KERNELS=auto|metal|reference.
 """
@@ -12,7 +13,7 @@ import contextvars
 import os
 from collections.abc import Iterator
 
-from . import ops_reference
+from . import ops_reference, self_check
 from ._mlx import mx
 from .nf4_weight import NF4Weight
 from .op_checks import check_dtype, check_matmul, check_weight
@@ -65,8 +66,12 @@ def use_path(path: str) -> Iterator[None]:
         _forced.reset(token)
 
 
-def _ops():
+def _ops(op: str, dtype: mx.Dtype):
+    """The Metal ops, or the reference: when forced, when no Metal device is the default, or (in
+    auto mode) when the kernels of `op` in `dtype` failed their self-check (self_check.py)."""
     if selected_path() == "metal":
+        if requested_path() == "auto" and not self_check.trusted(op, dtype):
+            return ops_reference
         from . import ops_metal
 
         return ops_metal
@@ -76,22 +81,22 @@ def _ops():
 # Every op is checked first (op_checks.py), so each path refuses the same bad input alike.
 def reconstruct_absmax(w: NF4Weight) -> mx.array:
     check_weight("reconstruct_absmax", w)
-    return _ops().reconstruct_absmax(w)
+    return _ops("dequantize", mx.float32).reconstruct_absmax(w)
 
 
 def dequantize(w: NF4Weight, dtype: mx.Dtype = mx.float32) -> mx.array:
     check_weight("dequantize", w)
     check_dtype("dequantize", dtype)
-    return _ops().dequantize(w, dtype)
+    return _ops("dequantize", dtype).dequantize(w, dtype)
 
 
 def matmul(x: mx.array, w: NF4Weight) -> mx.array:
     """x @ W^T: (..., in) -> (..., out)."""
     check_matmul("matmul", x, w, w.shape[-1])
-    return _ops().matmul(x, w)
+    return _ops("matmul", x.dtype).matmul(x, w)
 
 
 def matmul_t(g: mx.array, w: NF4Weight) -> mx.array:
     """g @ W: (..., out) -> (..., in)."""
     check_matmul("matmul_t", g, w, w.shape[0])
-    return _ops().matmul_t(g, w)
+    return _ops("matmul_t", g.dtype).matmul_t(g, w)

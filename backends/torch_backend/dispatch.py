@@ -15,6 +15,9 @@ from collections.abc import Iterator
 import torch
 
 PATHS = ("auto", "reference", "triton")
+# Device types on which auto mode takes the Triton kernels (tests add "cpu" to run the interpreter
+# as auto mode would on a GPU).
+AUTO_TRITON_DEVICES = ("cuda",)
 _forced: list[str] = []
 
 
@@ -42,12 +45,17 @@ def use_triton(t: torch.Tensor) -> bool:
         if not triton_available():
             raise RuntimeError("NF4_QLORA_KERNELS=triton but triton is not installed")
         return True
-    return t.device.type == "cuda" and triton_available()
+    return t.device.type in AUTO_TRITON_DEVICES and triton_available()
+
+
+def auto_mode() -> bool:
+    """True when neither the environment nor `force_path` forces a path (kernels self-check)."""
+    return _requested() == "auto"
 
 
 def use_host(t: torch.Tensor) -> bool:
     """True when an op on CPU tensor `t` should use nf4core's numpy decoder (auto path only)."""
-    return _requested() == "auto" and t.device.type == "cpu"
+    return auto_mode() and t.device.type == "cpu"
 
 
 @contextlib.contextmanager

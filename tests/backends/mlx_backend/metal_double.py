@@ -12,15 +12,26 @@ variables set for each thread. MLX's rules it follows (read from MLX's custom_ke
   ...) is a parameter only if the source uses it;
 - template values are types (mx.Dtype), ints or bools, nothing else;
 - grid and threadgroup count threads (dispatchThreads): the last threadgroup of a dimension may be
-  partial, threads past the grid do not run. Zero-sized grids or threadgroups and threadgroups over
-  1024 threads are refused, as Metal refuses them.
-Outputs start as all-ones bytes (NaN for floats), so an element no thread writes shows up.
+  partial, threads past the grid do not run; each threadgroup dimension is clamped to the grid's.
+  Zero-sized grids or threadgroups and threadgroups over 1024 threads (checked before the clamp)
+  are refused, as Metal refuses them;
+- at least one output; `output_shapes` and `output_dtypes` as long as `output_names`; inputs as
+  many as `input_names`; `compile_options` a dict whose only key is math_mode (safe, relaxed,
+  fast); a template int must fit a C int;
+- names the Metal compiler would refuse (not an identifier, an address-space keyword such as
+  `device`, or a name used twice) fail to build, as MLX's library build fails.
+What MLX runs but the double cannot emulate is refused by name (NotImplementedError): atomic
+outputs, ensure_row_contiguous=False, simdgroup and quadgroup functions, and the thread attributes
+it does not set (threadgroups_per_grid, grid_size, grid_origin, thread_execution_width, ...).
+Outputs start as all-ones bytes (NaN for floats), so an element no thread writes shows up, or as
+`init_value` where one is given (MLX fills them with it).
 Each generated source compiles once per process.
 """
 
 from __future__ import annotations
 
 import hashlib
+import keyword
 import subprocess
 import tempfile
 from pathlib import Path
@@ -40,7 +51,30 @@ _ATTRIBUTES = {  # Metal thread attributes the double can set; MLX adds the ones
     "threads_per_grid": "uint3",
     "thread_index_in_threadgroup": "uint",
 }
-_UNSUPPORTED_ATTRIBUTES = ("simdgroup", "quadgroup", "thread_index_in_simdgroup")
+# Attributes MLX also passes (it adds any it finds in the source) that the double cannot set: refused
+# by name rather than left to a confusing compile error.
+_UNSUPPORTED_ATTRIBUTES = (
+    "simdgroup",
+    "quadgroup",
+    "thread_execution_width",
+    "threadgroups_per_grid",
+    "dispatch_threads_per_threadgroup",
+    "grid_origin",
+    "grid_size",
+)
+# Words a Metal parameter cannot be named (address spaces, function qualifiers); the shim defines
+# several of them away for C++, so the double checks them itself.
+_METAL_KEYWORDS = frozenset(
+    {"device", "constant", "threadgroup", "thread", "kernel", "vertex", "fragment", "half"}
+)
+C_INT_MAX = 2**31 - 1
+
+
+def _c_type(dtype) -> str:
+    types = _c_types()
+    if dtype not in types:
+        raise TypeError(f"[metal_kernel] the Metal double has no {dtype} arrays")
+    return types[dtype]
 
 
 def _c_types() -> dict:
@@ -123,17 +157,18 @@ def _compile(cpp: str, fast_math: bool) -> Path:
 def _template_header(template: list) -> tuple[str, str]:
     """(`template <...>`, `<...>` arguments) from MLX-style [(name, value), ...]."""
     params, args = [], []
-    types = _c_types()
     for name, value in template:
         if isinstance(value, bool):
             params.append(f"bool {name}")
             args.append("true" if value else "false")
         elif isinstance(value, int):
+            if not -C_INT_MAX - 1 <= value <= C_INT_MAX:
+                raise TypeError(f"[metal_kernel] template argument {name!r} does not fit an int")
             params.append(f"int {name}")
             args.append(str(value))
         elif isinstance(value, mx.Dtype):
             params.append(f"typename {name}")
-            args.append(types[value])
+            args.append(_c_type(value))
         else:
             raise TypeError(
                 f"[metal_kernel] template argument {name!r} must be an int, a bool or "
@@ -160,13 +195,19 @@ class MetalKernelDouble:
     ) -> None:
         if atomic_outputs:
             raise NotImplementedError("the Metal double has no atomic outputs")
+        if not output_names:
+            raise ValueError("[metal_kernel] Must specify at least one output.")
+        if compile_options is not None and not isinstance(compile_options, dict):
+            raise ValueError("[metal_kernel] Expected `compile_options` to be a dict.")
         options = dict(compile_options or {})
-        if set(options) - {"math_mode"} or options.get("math_mode", "safe") not in (
-            "safe",
-            "relaxed",
-            "fast",
-        ):
-            raise ValueError(f"[metal_kernel] unsupported compile_options {options}")
+        for key in set(options) - {"math_mode"}:
+            raise ValueError(f"[metal_kernel] Unknown compile option `{key}`.")
+        if options.get("math_mode", "safe") not in ("safe", "relaxed", "fast"):
+            raise ValueError(
+                "[metal_kernel] Expected math_mode to be 'safe', 'relaxed', or 'fast'."
+            )
+        if not ensure_row_contiguous:  # MLX then passes strided memory as is; the double cannot
+            raise NotImplementedError("the Metal double has no ensure_row_contiguous=False")
         for attr in _UNSUPPORTED_ATTRIBUTES:
             if attr in source:
                 raise NotImplementedError(f"the Metal double cannot run {attr} functions")
@@ -178,11 +219,10 @@ class MetalKernelDouble:
 
     def _signature(self, inputs: list[mx.array]) -> tuple[list[str], list[str]]:
         """Parameters as MLX writes them, and the driver's matching arguments."""
-        types = _c_types()
         params, args = [], []
         for i, (name, a) in enumerate(zip(self.input_names, inputs)):
             space = "constant" if a.size < CONSTANT_MAX_ELEMENTS else "device"
-            c_type = types[a.dtype]
+            c_type = _c_type(a.dtype)
             if a.ndim == 0:
                 params.append(f"const {space} {c_type}& {name}")
                 args.append(f"*reinterpret_cast<const {c_type}*>(in{i}.data())")
@@ -211,7 +251,7 @@ class MetalKernelDouble:
     def _program(self, inputs, output_dtypes, template) -> str:
         header_line, template_args = _template_header(template)
         params, args = self._signature(inputs)
-        out_types = {f"{{OUT{j}}}": _c_types()[d] for j, d in enumerate(output_dtypes)}
+        out_types = {f"{{OUT{j}}}": _c_type(d) for j, d in enumerate(output_dtypes)}
         fn = f"custom_kernel_{self.name}"
         lines = [
             '#include "metal_shim.h"',
@@ -237,7 +277,7 @@ class MetalKernelDouble:
         for j in range(len(output_dtypes)):
             lines += [
                 f"  const char* outpath{j} = argv[a++]; size_t bytes{j} = atol(argv[a++]);",
-                f"  std::vector<char> out{j}(bytes{j} + 8, char(0xFF));",
+                f"  std::vector<char> out{j} = slurp(outpath{j});",
             ]
         call = ", ".join(args)
         lines += [
@@ -305,8 +345,10 @@ class MetalKernelDouble:
                 f"[metal_kernel] threadgroup {threadgroup} has more than "
                 f"{MAX_THREADS_PER_THREADGROUP} threads"
             )
-        if init_value is not None:
-            raise NotImplementedError("the Metal double has no init_value")
+        threadgroup = tuple(min(t, g) for t, g in zip(threadgroup, grid))  # as MLX dispatches
+        if init_value is not None and not isinstance(init_value, (int, float)):
+            raise TypeError(f"[metal_kernel] init_value must be a float, got {init_value!r}")
+        self._check_names()
         inputs = [a if isinstance(a, mx.array) else mx.array(a) for a in inputs]
         binary = _compile(self._program(inputs, output_dtypes, template or []), self.fast_math)
         self.calls.append((grid, threadgroup))
@@ -316,16 +358,40 @@ class MetalKernelDouble:
                 path = Path(tmp) / f"in{i}"
                 path.write_bytes(_raw(a))
                 argv.append(str(path))
-            sizes = []
             for j, (shape, dtype) in enumerate(zip(output_shapes, output_dtypes)):
-                nbytes = int(np.prod(shape)) * dtype.size
-                sizes.append(nbytes)
-                argv += [str(Path(tmp) / f"out{j}"), str(nbytes)]
+                start = _initial_output(tuple(shape), dtype, init_value)
+                (Path(tmp) / f"out{j}").write_bytes(start)
+                argv += [str(Path(tmp) / f"out{j}"), str(len(start))]
             subprocess.run(argv, check=True, capture_output=True)
             return [
                 _from_raw((Path(tmp) / f"out{j}").read_bytes(), tuple(shape), dtype)
                 for j, (shape, dtype) in enumerate(zip(output_shapes, output_dtypes))
             ]
+
+    def _check_names(self) -> None:
+        """What the Metal compiler refuses in the generated signature, refused before g++ runs
+        (the shim defines address-space words away, so g++ alone would accept some of them)."""
+        names = self.input_names + self.output_names
+        for name in names:
+            if not name.isidentifier() or keyword.iskeyword(name) or name in _METAL_KEYWORDS:
+                raise RuntimeError(
+                    f"[metal_kernel] Unable to build metal library from source: "
+                    f"{name!r} is not a valid parameter name"
+                )
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise RuntimeError(
+                f"[metal_kernel] Unable to build metal library from source: parameter {twice[0]!r} "
+                "is named twice"
+            )
+
+
+def _initial_output(shape: tuple, dtype, init_value) -> bytes:
+    """An output's bytes before the kernel runs: `init_value` in its dtype, else all ones."""
+    nbytes = int(np.prod(shape)) * dtype.size
+    if init_value is None:
+        return b"\xff" * nbytes
+    return _raw(mx.full(shape, init_value, dtype=mx.float32).astype(dtype))
 
 
 def _row_strides(shape) -> list[int]:

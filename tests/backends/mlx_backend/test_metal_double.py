@@ -158,3 +158,97 @@ def test_each_kernel_compiles_once(doubled, weight):
     before = metal_double.compile_count
     ops_metal.dequantize(w, mx.float16)
     assert metal_double.compile_count == before
+
+
+@pytest.mark.parametrize(
+    "overrides,error",
+    [
+        (dict(output_names=[]), "at least one output"),
+        (dict(compile_options=[("math_mode", "safe")]), "to be a dict"),
+        (dict(compile_options={"fast_math": True}), "Unknown compile option"),
+        (dict(compile_options={"math_mode": "quick"}), "'safe', 'relaxed', or 'fast'"),
+    ],
+)
+def test_double_refuses_a_kernel_mlx_refuses(overrides, error):
+    with pytest.raises(ValueError, match=error):
+        _copy_kernel(**overrides)
+
+
+@pytest.mark.parametrize(
+    "kernel_overrides,call_overrides,error",
+    [
+        ({}, dict(output_shapes=[(10,), (10,)]), "output_shapes"),
+        ({}, dict(output_dtypes=[mx.float32, mx.float32]), "output_dtypes"),
+        ({}, dict(template=[("T", 2**31)]), "does not fit an int"),
+        ({}, dict(template=[("T", "float")]), "int, a bool or a Dtype"),
+        ({}, dict(grid=(10, 1)), "grid"),
+        ({}, dict(threadgroup=(4.0, 1, 1)), "threadgroup"),
+        ({}, dict(init_value="zero"), "init_value"),
+        ({}, dict(output_dtypes=[mx.complex64]), "no mlx.core.complex64"),
+        (dict(input_names=["device", "n"]), {}, "not a valid parameter name"),
+        (dict(input_names=["in-put", "n"]), {}, "not a valid parameter name"),
+        (dict(output_names=["n"]), {}, "named twice"),
+    ],
+)
+def test_double_refuses_a_call_mlx_refuses(kernel_overrides, call_overrides, error):
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=error):
+        _run_copy(_copy_kernel(**kernel_overrides), **call_overrides)
+
+
+def test_double_clamps_the_threadgroup_to_the_grid():
+    """MLX dispatches min(threadgroup, grid) per dimension: a kernel sees the clamped size."""
+    source = "out[thread_position_in_grid.x] = threads_per_threadgroup.x;"
+    kernel = metal_double.metal_kernel(
+        name="tg_size", input_names=["inp"], output_names=["out"], source=source
+    )
+    got = kernel(
+        inputs=[mx.zeros((1,))],
+        grid=(3, 1, 1),
+        threadgroup=(256, 1, 1),
+        output_shapes=[(3,)],
+        output_dtypes=[mx.uint32],
+    )[0]
+    assert np.array(got).tolist() == [3, 3, 3]
+
+
+def test_double_fills_outputs_with_init_value():
+    """Elements no thread writes keep init_value (MLX fills the outputs with it first)."""
+    got = _run_copy(_copy_kernel(), grid=(4, 1, 1), init_value=-1.5)
+    assert np.array(got).tolist() == [0.0, 2.0, 4.0, 6.0] + [-1.5] * 6
+
+
+@pytest.mark.parametrize("blocksize", [32, 256])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_every_op_other_blocksizes_and_layouts(doubled, blocksize, double_quant):
+    """Each public op of ops_metal with another blocksize, with and without double quant, a 3-D
+    batch, and an absmax passed in: dequantize bit-exact, matmuls within the dtype tolerance."""
+    rng = np.random.default_rng(blocksize)
+    t = nf4core.quantize(
+        rng.standard_normal((19, 70)).astype(np.float32), blocksize, double_quant=double_quant
+    )
+    w = NF4Weight.from_nf4(t)
+    absmax = ops_metal.reconstruct_absmax(w)
+    assert np.array_equal(np.array(absmax).view(np.uint32), t.block_absmax().view(np.uint32))
+    for dtype in DTYPES:
+        got = ops_metal.dequantize(w, dtype, absmax=absmax)
+        assert np.array_equal(_bits(got), _bits(ops_reference.dequantize(w, dtype)))
+        x = mx.array(rng.standard_normal((2, 3, 70)).astype(np.float32)).astype(dtype)
+        g = mx.array(rng.standard_normal((2, 5, 19)).astype(np.float32)).astype(dtype)
+        _close(ops_metal.matmul(x, w, absmax), ops_reference.matmul(x, w), dtype)
+        _close(ops_metal.matmul_t(g, w, absmax), ops_reference.matmul_t(g, w), dtype)
+    assert _calls(doubled)
+
+
+@pytest.mark.parametrize(
+    "overrides,error",
+    [
+        (dict(ensure_row_contiguous=False), "ensure_row_contiguous=False"),
+        (dict(atomic_outputs=True), "atomic outputs"),
+        (dict(source="out[0] = threadgroups_per_grid.x;"), "threadgroups_per_grid"),
+        (dict(source="out[0] = thread_index_in_simdgroup;"), "simdgroup"),
+    ],
+)
+def test_double_refuses_by_name_what_it_cannot_emulate(overrides, error):
+    """MLX accepts these; the double cannot run them faithfully, so it says so."""
+    with pytest.raises(NotImplementedError, match=error):
+        _copy_kernel(**overrides)

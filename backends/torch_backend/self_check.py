@@ -1,0 +1,60 @@
+"""The Triton kernels' self-checks (see backends/kernel_self_check.py): each op family on a tiny
+weight against ops_reference, on the device the caller's tensor is on. Dequantize (and the block
+scales) must match bit for bit; the matmuls, GEMV and tiled, within the dtype's tolerance."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+import nf4core
+from backends import kernel_self_check
+
+from . import ops_reference
+from .nf4_weight import NF4Weight
+
+OPS = ("dequantize", "linear", "linear_grad_input")
+_OUT, _IN = 20, 70  # neither a multiple of a tile; 22 blocks of 64, the last one partial
+_ROWS = (3, 9)  # the GEMV kernel (<= 8 rows) and the tiled matmul kernel
+
+
+@functools.cache
+def _nf4() -> nf4core.NF4Tensor:
+    w = np.random.default_rng(11).standard_normal((_OUT, _IN)).astype(np.float32)
+    return nf4core.quantize(w, blocksize=64, double_quant=True)
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+def _pairs(kernels, op: str, dtype: torch.dtype, device: torch.device) -> kernel_self_check.Pairs:
+    w = NF4Weight.from_nf4(_nf4(), device)
+    if op == "dequantize":
+        return [
+            (_host(kernels.block_absmax(w)), _host(ops_reference.block_absmax(w))),
+            (_host(kernels.dequantize(w, dtype)), _host(ops_reference.dequantize(w, dtype))),
+        ]
+    gen = torch.Generator().manual_seed(5)
+    width = _IN if op == "linear" else _OUT
+    pairs = []
+    for rows in _ROWS:
+        a = torch.randn(rows, width, generator=gen).to(device=device, dtype=dtype)
+        pairs.append((_host(getattr(kernels, op)(a, w)), _host(getattr(ops_reference, op)(a, w))))
+    return pairs
+
+
+def trusted(op: str, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the Triton kernels of `op` ("dequantize", "linear", "linear_grad_input") in `dtype`
+    passed their self-check on `device` (run on first use, then cached)."""
+    from . import ops_triton
+
+    def run() -> kernel_self_check.Pairs:  # the caller's autocast must not reach the reference
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            return _pairs(ops_triton, op, dtype, device)
+
+    return kernel_self_check.trusted(
+        "triton", op, dtype, str(device), run, exact=op == "dequantize"
+    )
