@@ -17,7 +17,15 @@ from ..errors import ModelLoadError
 from ..model_config import MISTRAL_DEFAULT_WINDOW, ModelConfig
 from .base import ModelSource, normalized
 
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+# Every weight type the `gguf` package (0.19) dequantizes: float, legacy, K-quants, IQ, ternary, FP4.
+# Q8_1, Q8_K (llama.cpp's intermediate types, never stored as weights) and Q1_0 it cannot decode.
+SUPPORTED_TYPES = (
+    *("F32", "F16", "BF16"),
+    *("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"),
+    *("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"),
+    *("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS"),
+    *("TQ1_0", "TQ2_0", "MXFP4", "NVFP4"),
+)
 _PERMUTED_ARCHS = ("llama", "mistral")  # Qwen2 uses NeoX-style RoPE: llama.cpp keeps its rows
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",

@@ -141,9 +141,11 @@ def write_gguf(
     arch: str | None = None,
     extra_tensors: dict[str, np.ndarray] | None = None,
     add_metadata: Callable[[gguf.GGUFWriter], None] | None = None,
+    raw: dict[str, tuple[str, np.ndarray]] | None = None,
 ) -> Path:
     """A GGUF file as llama.cpp's converter writes it: q/k rows permuted for Llama-type models,
-    2-D weights in `qtype`, 1-D tensors in F32."""
+    2-D weights in `qtype`, 1-D tensors in F32. `raw` stores some tensors (Hugging Face name ->
+    (type name, block bytes as uint8 rows)) as given, unpermuted."""
     arch = arch or config["model_type"]
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(config["num_hidden_layers"])
@@ -181,6 +183,10 @@ def write_gguf(
         add_metadata(w)
     qt = gguf.GGMLQuantizationType[qtype]
     for name, value in weights.items():
+        if name in (raw or {}):
+            raw_type, blocks = raw[name]
+            w.add_tensor(gguf_name(name), blocks, raw_dtype=gguf.GGMLQuantizationType[raw_type])
+            continue
         value = np.asarray(value, dtype=np.float32)
         if arch in ("llama", "mistral") and ".q_proj." in name:
             value = llama_cpp_permute(value, config["num_attention_heads"])
