@@ -51,7 +51,7 @@ BASE_DTYPES = ("nf4", "bfloat16", "float32")
 # what a checkpoint written before these settings existed was trained with
 LEGACY_BASE = {"base_dtype": "nf4", "quant_method": "absmax"}
 SCHEDULES = ("cosine", "linear", "constant")
-EXPORTS = ("mlx-lm",)
+EXPORTS = ("mlx-lm", "gguf")
 
 
 class ConfigError(ValueError):

@@ -72,6 +72,19 @@ def hf_name(gguf_name: str) -> str | None:
     return None
 
 
+def gguf_name(hf: str) -> str:
+    """The GGUF name of a Hugging Face tensor name (the inverse of `hf_name`)."""
+    for gguf_tensor, name in _GLOBAL_NAMES.items():
+        if name == hf:
+            return gguf_tensor
+    parts = hf.split(".", 3)
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+        for gguf_part, name in _LAYER_NAMES.items():
+            if name == parts[3]:
+                return f"blk.{parts[2]}.{gguf_part}"
+    raise KeyError(f"tensor {hf!r} has no GGUF name")
+
+
 def permute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's order: within each head, rows (pairs) interleaved: (h, 2, d/2) -> (h, d/2, 2)."""
     half = w.shape[0] // n_head // 2
