@@ -124,6 +124,7 @@ def write_hf_dir(
             writer.add(name, value)
             del value
     config = source.config.to_hf_config()
+    config.pop("quantization_config", None)  # an NF4 source's: the weights written are dense
     config["torch_dtype"] = dtype
     write_text_atomic(directory / "config.json", json.dumps(config, indent=2) + "\n")
     generation = {
