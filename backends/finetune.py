@@ -20,7 +20,7 @@ from pathlib import Path
 import nf4core
 from nf4core.atomic import write_text_atomic
 from nf4core.default_task import DefaultTask, default_task
-from nf4core.gguf_write import gguf_architecture, tokenizer_metadata
+from nf4core.gguf_write import gguf_architecture, gguf_package, tokenizer_metadata
 from nf4core.model_quantize import DEFAULT_QUANT_METHOD
 from nf4core.regular_file import check_regular_file
 
@@ -496,6 +496,7 @@ def check_gguf_export(cfg: FinetuneConfig, source: nf4core.ModelSource, model_pa
             f"does; this run trains on base_dtype {cfg.base_dtype}, quant_method "
             f"{cfg.quant_method} (not supported)"
         )
+    gguf_package()
     gguf_architecture(source.config)
     tokenizer_metadata(source)
 

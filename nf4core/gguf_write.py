@@ -40,6 +40,17 @@ class GGUFExportError(ValueError):
     """The model cannot be written as GGUF (the message names what and why)."""
 
 
+def gguf_package():
+    """The `gguf` package, which writing a GGUF file needs (it is optional for everything else)."""
+    try:
+        import gguf
+    except ImportError:
+        raise GGUFExportError(
+            "writing a GGUF file needs the `gguf` package, which is not installed (pip install gguf)"
+        ) from None
+    return gguf
+
+
 def gguf_architecture(config: ModelConfig) -> str:
     """llama.cpp's architecture name: Mistral is written as llama, as llama.cpp's converter does."""
     if config.architecture != "mistral":
@@ -101,8 +112,7 @@ def write_gguf(
 ) -> Path:
     """Write the model to `path`: `shapes` (Hugging Face names, file order) announces the tensors,
     `tensors` yields them (float32, same order); `tokenizer_keys` from `tokenizer_metadata`."""
-    import gguf
-
+    gguf = gguf_package()
     if dtype not in GGUF_DTYPES:
         raise GGUFExportError(f"dtype must be one of {', '.join(GGUF_DTYPES)}, got {dtype!r}")
     path = Path(path)
