@@ -267,3 +267,18 @@ def test_a_tokenizer_without_a_gguf_form_is_refused_by_name(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]
     data = json.loads((model / "tokenizer_config.json").read_text())
     assert data["chat_template"] == CHATML
+
+
+def test_finetune_export_gguf_refuses_a_base_merge_would_not_rebuild(tiny, tmp_path):
+    model, _, _ = tiny
+    data = write_jsonl(tmp_path / "train.jsonl", chat_records())
+    out = tmp_path / "run"
+    r = cli(
+        *("finetune", "--model", model, "--data", data, "--out", out, "--steps", 1),
+        *("--base-dtype", "float32", "--export", "gguf", "--quiet"),
+        ok=False,
+    )
+    assert (
+        r.returncode == 1 and "export gguf merges the adapter into the absmax NF4 base" in r.stderr
+    )
+    assert not out.exists()
