@@ -254,24 +254,30 @@ def _value_type(value: object) -> str:
 
 
 def _pre_tokenizer_name(state: dict, where: str) -> str:
-    """llama.cpp's name (`tokenizer.ggml.pre`) of a tokenizer.json pre-tokenizer we recognise."""
-    from .tokenizer import _GPT2_PRE, _SPLIT_PRE
+    """llama.cpp's name (`tokenizer.ggml.pre`) of a tokenizer.json pre-tokenizer (and normalizer)
+    that our GGUF reader rebuilds exactly; GGUFExportError for any other."""
+    from .tokenizer import _SPLIT_PRE
 
     pre = state.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]
-    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt-2" if "gpt-2" in _GPT2_PRE else _GPT2_PRE[0]
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
-        return "smollm"
-    if kinds == ["Split", "ByteLevel"]:
+    normalizer = (state.get("normalizer") or {}).get("type")
+    name = None
+    if steps[-1].get("add_prefix_space"):
+        name = None
+    elif kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        name = "gpt-2"
+    elif kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
+        name = "smollm"
+    elif kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
         pattern = (steps[0].get("pattern") or {}).get("Regex")
-        for name, split in _SPLIT_PRE.items():
-            if pattern == split:
-                return name
+        name = next((n for n, split in _SPLIT_PRE.items() if split == pattern), None)
+    if name is not None and normalizer == ("NFC" if name == "qwen2" else None):
+        return name
+    described = " + ".join(map(str, kinds)) + (f", normalizer {normalizer}" if normalizer else "")
     raise GGUFExportError(
-        f"{where}: the tokenizer's pre-tokenizer ({' + '.join(map(str, kinds)) or 'none'}) has no "
-        "GGUF name we know (supported: GPT-2 byte-level, SmolLM, Llama 3, Qwen2)"
+        f"{where}: the tokenizer's pre-tokenizer ({described}) has no GGUF name we know "
+        "(supported: GPT-2 byte-level, SmolLM, Llama 3, Qwen2)"
     )
 
 
