@@ -22,6 +22,7 @@ from tests.nf4core.tiny_models import (
     add_sentencepiece_metadata,
     hf_config,
     llama_cpp_permute,
+    pack_q4_k,
     random_weights,
     tiny_tokenizer,
     write_gguf,
@@ -282,3 +283,49 @@ def test_finetune_export_gguf_refuses_a_base_merge_would_not_rebuild(tiny, tmp_p
         r.returncode == 1 and "export gguf merges the adapter into the absmax NF4 base" in r.stderr
     )
     assert not out.exists()
+
+
+def test_round_trip_from_a_k_quant_gguf_to_a_merged_gguf(tmp_path):
+    """What users do: download a Q4_K GGUF, fine-tune on it, get the merged model as GGUF."""
+    config = hf_config(
+        "llama",
+        hidden_size=256,
+        intermediate_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        num_hidden_layers=1,
+    )
+    weights = random_weights(config)
+    rng = np.random.default_rng(7)
+    raw = {}
+    for name, w in weights.items():
+        if w.ndim == 2:
+            n = w.shape[0]
+            d, dmin = np.full(n, 2.0**-12), np.full(n, 2.0**-9)
+            scales, mins = rng.integers(0, 64, (n, 8)), rng.integers(0, 64, (n, 8))
+            raw[name] = ("Q4_K", pack_q4_k(d, dmin, scales, mins, rng.integers(0, 16, (n, 256))))
+        else:
+            weights[name] = np.ones_like(w)
+    model = write_gguf(tmp_path / "k.gguf", config, weights, tokenizer=tiny_tokenizer(), raw=raw)
+    data = write_jsonl(tmp_path / "train.jsonl", chat_records())
+    run = tmp_path / "run"
+    cli(
+        *("finetune", "--model", model, "--data", data, "--out", run, "--steps", 2),
+        *("--lr", 0.02, "--batch-size", 4, "--max-seq-len", 64, "--lora-r", 4),
+        *("--export", "gguf", "--quiet"),
+    )
+    fields = gguf.GGUFReader(run / "model.gguf").fields
+    assert fields["general.architecture"].contents() == "llama"
+    assert fields["tokenizer.chat_template"].contents() == CHATML
+    cli("merge", run, tmp_path / "merged", "--dtype", "float32")
+    merged, exported = (
+        nf4core.open_model(tmp_path / "merged"),
+        nf4core.open_model(run / "model.gguf"),
+    )
+    for name in merged.tensor_names():
+        w = merged.read(name)
+        want = w if w.ndim == 1 else rounded(w, "bfloat16")
+        np.testing.assert_array_equal(exported.read(name), want, err_msg=name)
+    r = cli("generate", "hi", "--model", run / "model.gguf", "--max-new-tokens", 3)
+    assert r.returncode == 0

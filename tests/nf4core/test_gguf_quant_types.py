@@ -14,7 +14,14 @@ import pytest
 from nf4core import ModelLoadError, open_model
 from nf4core.sources.gguf_file import SUPPORTED_TYPES
 
-from .tiny_models import hf_config, llama_cpp_permute, random_weights, write_gguf
+from .tiny_models import (
+    f16_bytes,
+    hf_config,
+    llama_cpp_permute,
+    pack_q4_k,
+    random_weights,
+    write_gguf,
+)
 
 UP = "model.layers.0.mlp.up_proj.weight"  # (256, 256): one 256-value block a row, not permuted
 QT = gguf.GGMLQuantizationType
@@ -31,10 +38,6 @@ def wide_config() -> dict:
         head_dim=64,
         num_hidden_layers=1,
     )
-
-
-def f16_bytes(values: np.ndarray) -> np.ndarray:
-    return np.asarray(values, np.float16).reshape(-1, 1).view(np.uint8)
 
 
 def test_supported_types_are_what_gguf_dequantizes():
@@ -65,15 +68,7 @@ def test_q4_k_golden_blocks(tmp_path):
     sc = rng.integers(0, 64, (rows, 8))
     mn = rng.integers(0, 64, (rows, 8))
     q = rng.integers(0, 16, (rows, 256))
-    packed = np.zeros((rows, 12), np.int64)
-    packed[:, 0:4] = sc[:, 0:4] | (sc[:, 4:8] >> 4) << 6
-    packed[:, 4:8] = mn[:, 0:4] | (mn[:, 4:8] >> 4) << 6
-    packed[:, 8:12] = (sc[:, 4:8] & 15) | (mn[:, 4:8] & 15) << 4
-    chunks = q.reshape(rows, 4, 2, 32)  # (chunk of 64, low/high half, byte)
-    qs = (chunks[:, :, 0, :] | chunks[:, :, 1, :] << 4).reshape(rows, 128)
-    blocks = np.concatenate(
-        [f16_bytes(d), f16_bytes(dmin), packed.astype(np.uint8), qs.astype(np.uint8)], axis=1
-    )
+    blocks = pack_q4_k(d, dmin, sc, mn, q)
     assert blocks.shape == (rows, 144)
     sub = np.arange(256) // 32
     expected = d[:, None] * sc[:, sub] * q - dmin[:, None] * mn[:, sub]

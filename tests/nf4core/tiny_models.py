@@ -232,3 +232,28 @@ def add_sentencepiece_metadata(w: gguf.GGUFWriter) -> None:
     w.add_add_bos_token(True)
     w.add_unk_token_id(0)
     w.add_add_space_prefix(True)
+
+
+def f16_bytes(values: np.ndarray) -> np.ndarray:
+    """Each value as its 2 little-endian float16 bytes: shape (n, 2)."""
+    return np.asarray(values, "<f2").reshape(-1, 1).view(np.uint8)
+
+
+def pack_q4_k(
+    d: np.ndarray, dmin: np.ndarray, scales: np.ndarray, mins: np.ndarray, q: np.ndarray
+) -> np.ndarray:
+    """Q4_K blocks (256 values, 144 bytes each) from per-block d, dmin (n,), 6-bit scales and mins
+    (n, 8) and 4-bit quants (n, 256), packed by hand from the format's layout: f16 d, f16 dmin,
+    12 bytes of scales/mins (low 6 bits of sub-blocks 0-3 in bytes 0-7, their top 2 bits holding
+    the high bits of sub-blocks 4-7, whose low 4 bits fill bytes 8-11), then 128 bytes of nibbles
+    (bytes 32i..32i+31: low nibbles are values 64i.., high nibbles values 64i+32..)."""
+    n = q.shape[0]
+    packed = np.zeros((n, 12), np.int64)
+    packed[:, 0:4] = scales[:, 0:4] | (scales[:, 4:8] >> 4) << 6
+    packed[:, 4:8] = mins[:, 0:4] | (mins[:, 4:8] >> 4) << 6
+    packed[:, 8:12] = (scales[:, 4:8] & 15) | (mins[:, 4:8] & 15) << 4
+    chunks = q.reshape(n, 4, 2, 32)
+    qs = (chunks[:, :, 0, :] | chunks[:, :, 1, :] << 4).reshape(n, 128)
+    return np.concatenate(
+        [f16_bytes(d), f16_bytes(dmin), packed.astype(np.uint8), qs.astype(np.uint8)], axis=1
+    )
