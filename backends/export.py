@@ -1,6 +1,6 @@
-"""Export any model we read (Hugging Face, GGUF, bitsandbytes or our NF4 directory), optionally with an
-adapter merged in, as a dense Hugging Face directory (what transformers and mlx-lm load) or a GGUF
-file (what llama.cpp loads).
+"""Export any model we read (Hugging Face, GGUF, bitsandbytes or our NF4 directory), optionally
+with an adapter merged in, as a dense Hugging Face directory (what transformers and mlx-lm load) or
+a GGUF file (what llama.cpp loads).
 
 NF4 weights are dequantized to the requested dtype. With an adapter, the weights are those `merge`
 writes (the adapter folded into the NF4 base it was trained on). The output is built under a

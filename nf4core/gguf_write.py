@@ -46,7 +46,8 @@ def gguf_package():
         import gguf
     except ImportError:
         raise GGUFExportError(
-            "writing a GGUF file needs the `gguf` package, which is not installed (pip install gguf)"
+            "writing a GGUF file needs the `gguf` package, which is not installed "
+            "(pip install gguf)"
         ) from None
     return gguf
 
@@ -288,7 +289,8 @@ def _from_tokenizer(tokenizer: Tokenizer, config: ModelConfig, where: str):
     if model.get("type") != "BPE" or model.get("byte_fallback") or decoder != "ByteLevel":
         raise GGUFExportError(
             f"{where}: only byte-level BPE tokenizers (GPT-2 style) can be written as GGUF from a "
-            f"tokenizer.json; this one is {model.get('type')} with a {decoder} decoder (not supported)"
+            f"tokenizer.json; this one is {model.get('type')} with a {decoder} decoder "
+            "(not supported)"
         )
     pre = _pre_tokenizer_name(state, where)
     tokens: dict[int, str] = {i: t for t, i in model["vocab"].items()}

@@ -1,6 +1,6 @@
-"""`export` to GGUF from the library: each byte-level pre-tokenizer we convert reads back to the same
-token ids, RoPE scalings survive the round trip, memory does not grow with the model, and what cannot
-be written is refused before anything is."""
+"""`export` to GGUF from the library: each byte-level pre-tokenizer we convert reads back to the
+same token ids, RoPE scalings survive the round trip, memory does not grow with the model, and what
+cannot be written is refused before anything is."""
 
 from __future__ import annotations
 
