@@ -444,7 +444,8 @@ def merge(adapter, out, model, dtype, requantize, fmt) -> None:
 @click.option("--adapter", type=click.Path(), help="A PEFT adapter to merge in first.")
 @click.option("--overwrite", is_flag=True, help="Move an existing OUT aside (to OUT.old-N).")
 def export(model, out, fmt, dtype, adapter, overwrite) -> None:
-    """Write MODEL (HF dir, GGUF, bnb or NF4 dir; NF4 is dequantized) densely as OUT."""
+    """Write MODEL (HF dir, GGUF, bnb or NF4 dir; NF4 is dequantized) as a dense Hugging Face
+    directory or a GGUF file OUT, with --adapter merged in when given."""
     from backends import api
 
     with user_errors():
