@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -26,11 +27,14 @@ from .sources.gguf_file import (
     llama3_rope_factors,
     permute_rope_rows,
 )
-from .tokenizer import Tokenizer
+from .tokenizer import SPIECE_SPACE, Tokenizer
 
 GGUF_DTYPES = ("bfloat16", "float16", "float32", "q8_0")
 _TYPE_OF = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "q8_0": "Q8_0"}
-_TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSED = 1, 3, 4, 5
+_TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSED, _TOKEN_BYTE = (
+    *(1, 2, 3, 4, 5, 6),
+)
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
 _Q8_0_BLOCK = 32
 _F16_MAX = 65504.0
 _BF16_MAX = 3.3895e38  # larger float32 values round to infinity in bfloat16
@@ -286,18 +290,28 @@ def _from_tokenizer(tokenizer: Tokenizer, config: ModelConfig, where: str):
     state = json.loads(tokenizer.backend.to_str())
     model = state.get("model") or {}
     decoder = (state.get("decoder") or {}).get("type")
-    if model.get("type") != "BPE" or model.get("byte_fallback") or decoder != "ByteLevel":
+    if model.get("type") == "BPE" and not model.get("byte_fallback") and decoder == "ByteLevel":
+        keys = _byte_level_vocabulary(state, config, where)
+    elif model.get("type") == "BPE" and model.get("byte_fallback"):
+        keys = _sentencepiece_vocabulary(state, config, where)
+    else:
         raise GGUFExportError(
-            f"{where}: only byte-level BPE tokenizers (GPT-2 style) can be written as GGUF from a "
-            f"tokenizer.json; this one is {model.get('type')} with a {decoder} decoder "
-            "(not supported)"
+            f"{where}: only BPE tokenizers (byte-level like GPT-2, or SentencePiece-style with byte "
+            f"fallback) can be written as GGUF from a tokenizer.json; this one is "
+            f"{model.get('type')} with a {decoder} decoder (not supported)"
         )
-    pre = _pre_tokenizer_name(state, where)
+    return keys + _special_token_keys(tokenizer, config)
+
+
+def _token_table(state: dict, config: ModelConfig, where: str, type_of) -> tuple[list, list]:
+    """Tokens and token types by id, `vocab_size` long (ids no token has become unused pads)."""
+    model = state["model"]
     tokens: dict[int, str] = {i: t for t, i in model["vocab"].items()}
-    types = dict.fromkeys(tokens, _TOKEN_NORMAL)
+    types = {i: type_of(t) for i, t in tokens.items()}
     for added in state.get("added_tokens") or []:
         tokens[added["id"]] = added["content"]
-        types[added["id"]] = _TOKEN_CONTROL if added.get("special") else _TOKEN_USER_DEFINED
+        if types.get(added["id"]) != _TOKEN_UNKNOWN:
+            types[added["id"]] = _TOKEN_CONTROL if added.get("special") else _TOKEN_USER_DEFINED
     if max(tokens) >= config.vocab_size:
         raise GGUFExportError(
             f"{where}: the tokenizer has token id {max(tokens)}, beyond the model's vocab_size "
@@ -305,14 +319,66 @@ def _from_tokenizer(tokenizer: Tokenizer, config: ModelConfig, where: str):
         )
     token_list = [tokens.get(i, f"[PAD{i}]") for i in range(config.vocab_size)]
     type_list = [types.get(i, _TOKEN_UNUSED) for i in range(config.vocab_size)]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-    keys: list[tuple[str, object, str]] = [
+    return token_list, type_list
+
+
+def _merge_list(model: dict) -> list[str]:
+    return [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+
+
+def _byte_level_vocabulary(state: dict, config: ModelConfig, where: str):
+    pre = _pre_tokenizer_name(state, where)
+    tokens, types = _token_table(state, config, where, lambda token: _TOKEN_NORMAL)
+    return [
         ("tokenizer.ggml.model", "gpt2", "STRING"),
         ("tokenizer.ggml.pre", pre, "STRING"),
-        ("tokenizer.ggml.tokens", token_list, "array:STRING"),
-        ("tokenizer.ggml.token_type", type_list, "array:INT32"),
-        ("tokenizer.ggml.merges", merges, "array:STRING"),
+        ("tokenizer.ggml.tokens", tokens, "array:STRING"),
+        ("tokenizer.ggml.token_type", types, "array:INT32"),
+        ("tokenizer.ggml.merges", _merge_list(state["model"]), "array:STRING"),
     ]
+
+
+def _sentencepiece_vocabulary(state: dict, config: ModelConfig, where: str):
+    """A SentencePiece-style BPE (Llama 2, Mistral, TinyLlama) as GGUF's "llama" tokenizer: GGUF
+    keeps no merges but a score per piece, and a piece merges before those of lower score. A
+    piece's score is minus the rank of the first merge that makes it, so merges keep their order."""
+    model = state["model"]
+    steps = (state.get("normalizer") or {}).get("normalizers") or [state.get("normalizer") or {}]
+    kinds = [step.get("type") for step in steps]
+    replaces_spaces = kinds[-1:] == ["Replace"] and steps[-1].get("content") == SPIECE_SPACE
+    if state.get("pre_tokenizer") or not replaces_spaces or kinds[:-1] not in ([], ["Prepend"]):
+        described = " + ".join(map(str, kinds)) or "none"
+        raise GGUFExportError(
+            f"{where}: a SentencePiece-style tokenizer with normalizer {described} and "
+            f"pre-tokenizer {(state.get('pre_tokenizer') or {}).get('type')} cannot be written "
+            "as GGUF (supported: the normalizer Prepend('▁') + Replace(' ', '▁') or Replace alone, "
+            "no pre-tokenizer)"
+        )
+    unk = model.get("unk_token")
+
+    def type_of(token: str) -> int:
+        if token == unk:
+            return _TOKEN_UNKNOWN
+        return _TOKEN_BYTE if _BYTE_TOKEN.fullmatch(token) else _TOKEN_NORMAL
+
+    tokens, types = _token_table(state, config, where, type_of)
+    merges = _merge_list(model)
+    score = {}
+    for rank, merge in enumerate(merges):
+        score.setdefault(merge.replace(" ", "", 1), -float(rank + 1))
+    unranked = -float(len(merges) + 1)  # pieces no merge makes (characters, bytes, specials)
+    return [
+        ("tokenizer.ggml.model", "llama", "STRING"),
+        ("tokenizer.ggml.pre", "default", "STRING"),
+        ("tokenizer.ggml.tokens", tokens, "array:STRING"),
+        ("tokenizer.ggml.scores", [score.get(t, unranked) for t in tokens], "array:FLOAT32"),
+        ("tokenizer.ggml.token_type", types, "array:INT32"),
+        ("tokenizer.ggml.add_space_prefix", kinds[0] == "Prepend", "BOOL"),
+    ]
+
+
+def _special_token_keys(tokenizer: Tokenizer, config: ModelConfig):
+    keys: list[tuple[str, object, str]] = []
     for role, fallback in (("bos", config.bos_token_id), ("eos", config.eos_token_id)):
         index = tokenizer.token_id(getattr(tokenizer, f"{role}_token"))
         index = index if index is not None else fallback

@@ -14,7 +14,14 @@ import nf4core
 from backends.export import export
 from nf4core.gguf_write import GGUFExportError
 from nf4core.tokenizer import _SPLIT_PRE
-from tests.nf4core.tiny_models import hf_config, random_weights, tiny_tokenizer, write_hf_dir
+from tests.nf4core.tiny_models import (
+    add_sentencepiece_metadata,
+    hf_config,
+    random_weights,
+    tiny_tokenizer,
+    write_gguf,
+    write_hf_dir,
+)
 
 TEXTS = [
     "Hello world! I'm here, they've 12345 apples.\n\n  Indented   text\t tab",
@@ -117,3 +124,26 @@ def test_gguf_export_memory_does_not_grow_with_the_model(tmp_path):
         for m in models
     ]
     assert peaks[1] - peaks[0] < added / 10, (peaks, added)
+
+
+def test_a_sentencepiece_tokenizer_json_becomes_a_llama_gguf_tokenizer(tmp_path):
+    """GGUF (SentencePiece vocabulary) -> HF directory (tokenizer.json) -> GGUF again: the same ids,
+    typed tokens and special tokens all the way."""
+    config = hf_config("llama", vocab=567)  # the SentencePiece test vocabulary
+    weights = random_weights(config)
+    first = write_gguf(
+        tmp_path / "sp.gguf", config, weights, add_metadata=add_sentencepiece_metadata
+    )
+    hf = export(first, tmp_path / "hf", "hf", "float32", echo=lambda s: None)
+    again = export(hf, tmp_path / "again.gguf", "gguf", "float32", echo=lambda s: None)
+    tokenizers = [nf4core.open_model(p).tokenizer() for p in (first, hf, again)]
+    texts = [*TEXTS, "  leading spaces and the quick brown fox", "Numbers 12345"]
+    for text in texts:
+        ids = tokenizers[0].encode(text)
+        assert [t.encode(text) for t in tokenizers[1:]] == [ids, ids], text
+        assert tokenizers[2].decode(ids) == tokenizers[0].decode(ids)
+    metadata = nf4core.open_model(again).metadata
+    assert metadata["tokenizer.ggml.model"] == "llama"
+    assert metadata["tokenizer.ggml.token_type"][:4] == [2, 3, 3, 6]
+    assert metadata["tokenizer.ggml.add_space_prefix"] is True
+    assert [t.bos_token for t in tokenizers] == ["<s>"] * 3
