@@ -232,15 +232,28 @@ def _add_key(gguf, writer, key: str, value: object, kind: str) -> None:
         writer.add_key_value(key, value, types[kind])
 
 
+# general.* keys this writer sets itself (or the gguf writer does)
+_OWN_GENERAL_KEYS = (
+    "general.architecture",
+    "general.type",
+    "general.name",
+    "general.file_type",
+    "general.quantization_version",
+    "general.alignment",
+)
+
+
 def tokenizer_metadata(source) -> list[tuple[str, object, str]]:
-    """The `tokenizer.*` keys of `source` as (key, value, GGUF value type): copied from a GGUF
-    file; converted from a Hugging Face tokenizer.json (byte-level BPE only) otherwise."""
+    """The `tokenizer.*` keys of `source` as (key, value, GGUF value type), and from a GGUF file its
+    descriptive `general.*` keys (license, organization, ...): copied from a GGUF file; converted
+    from a Hugging Face tokenizer.json otherwise."""
     metadata = getattr(source, "metadata", None)
     if isinstance(metadata, dict) and "tokenizer.ggml.tokens" in metadata:
         return [
             (key, value, _value_type(value))
             for key, value in metadata.items()
             if key.startswith("tokenizer.")
+            or (key.startswith("general.") and key not in _OWN_GENERAL_KEYS)
         ]
     return _from_tokenizer(source.tokenizer(), source.config, f"{source.path}")
 

@@ -181,25 +181,30 @@ def test_transformers_gguf_loader_reads_our_gguf(tmp_path):
 
 
 def test_a_gguf_source_keeps_its_tokenizer_metadata(tmp_path):
-    """A SentencePiece ("llama") tokenizer cannot come from a tokenizer.json, but a GGUF source's
-    tokenizer keys are copied as they are."""
+    """A GGUF source's tokenizer keys (here a SentencePiece vocabulary) and descriptive general.*
+    keys are copied as they are, value types included."""
     config = hf_config("llama")
     weights = random_weights(config, seed=5)
-    source_path = write_gguf(
-        tmp_path / "src.gguf",
-        config,
-        weights,
-        qtype="Q4_0",
-        add_metadata=add_sentencepiece_metadata,
-    )
+
+    def metadata(writer):
+        add_sentencepiece_metadata(writer)
+        writer.add_license("apache-2.0")
+        writer.add_languages(["en", "fr"])
+
+    source_path = write_gguf(tmp_path / "src.gguf", config, weights, "Q4_0", add_metadata=metadata)
     out = tmp_path / "out.gguf"
     cli("export", source_path, out, "--format", "gguf", "--dtype", "float32")
 
-    def tokenizer_keys(path):
+    def copied_keys(path):
         fields = gguf.GGUFReader(path).fields
-        return {k: f.contents() for k, f in fields.items() if k.startswith("tokenizer.")}
+        return {
+            k: (f.contents(), f.types)
+            for k, f in fields.items()
+            if k.startswith("tokenizer.") or k in ("general.license", "general.languages")
+        }
 
-    assert tokenizer_keys(out) == tokenizer_keys(source_path)
+    assert copied_keys(out) == copied_keys(source_path)
+    assert copied_keys(out)["general.languages"][0] == ["en", "fr"]
     source, back = nf4core.open_model(source_path), nf4core.open_model(out)
     for name in weights:
         np.testing.assert_array_equal(back.read(name), source.read(name), err_msg=name)
