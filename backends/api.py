@@ -188,6 +188,8 @@ def merge_adapter(
     if fmt == "gguf":
         if requantize:
             raise ValueError("--nf4 writes a bitsandbytes directory, not a GGUF file: drop one")
+        if Path(out).exists() and not (Path(out).is_dir() and not any(Path(out).iterdir())):
+            raise FileExistsError(f"{out}: the output exists (merge writes a new OUT only)")
         return export_model(path, out, "gguf", dtype, load_adapter(adapter))
     return merge(path, load_adapter(adapter), out, dtype, requantize)
 

@@ -537,6 +537,19 @@ CASES = [
         "{d}/out: the output file exists; pass --overwrite",
     ),
     Case(
+        "merge-gguf-over-a-file",
+        lambda d, i: [
+            "merge",
+            i.adapter,
+            file(d, "out", "keep"),
+            "--model",
+            i.model,
+            "--format",
+            "gguf",
+        ],
+        "{d}/out: the output exists (merge writes a new OUT only)",
+    ),
+    Case(
         "merge-gguf-nf4",
         lambda d, i: [
             "merge",
