@@ -235,9 +235,10 @@ def backend_options(f):
 @click.option(
     "--export",
     "export",
-    type=click.Choice(["mlx-lm"]),
+    type=click.Choice(["mlx-lm", "gguf"]),
     multiple=True,
-    help="Also write the adapter in another format (under OUT/mlx-lm).",
+    help="Also write the adapter for mlx-lm (OUT/mlx-lm), or the merged model as GGUF "
+    "(OUT/model.gguf, bfloat16).",
 )
 @click.option(
     "--resume",
@@ -405,14 +406,22 @@ def quantize(model, out, blocksize, double_quant, method) -> None:
 @click.option("--model", help="Base model [default: the adapter's base, else the embedded model].")
 @click.option(
     "--dtype",
-    type=click.Choice(["bfloat16", "float16", "float32"]),
+    type=click.Choice(["bfloat16", "float16", "float32", "q8_0"]),
     default="bfloat16",
     show_default=True,
-    help="Dtype of the merged weights.",
+    help="Dtype of the merged weights (q8_0: --format gguf only).",
 )
 @click.option("--nf4", "requantize", is_flag=True, help="Re-quantize the merged weights to NF4.")
-def merge(adapter, out, model, dtype, requantize) -> None:
-    """Merge ADAPTER into its base model; write a Hugging Face directory OUT."""
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["hf", "gguf"]),
+    default="hf",
+    show_default=True,
+    help="A Hugging Face directory, or one GGUF file for llama.cpp (then --dtype may be q8_0).",
+)
+def merge(adapter, out, model, dtype, requantize, fmt) -> None:
+    """Merge ADAPTER into its base model; write a Hugging Face directory (or a GGUF file) OUT."""
     from backends import api
     from backends.peft_adapter import load_adapter
     from nf4core.hub import base_spec
@@ -420,7 +429,37 @@ def merge(adapter, out, model, dtype, requantize) -> None:
     with user_errors():
         loaded = load_adapter(adapter)
         base = model or base_spec(loaded.base_model, loaded.base_revision)
-        path = api.merge_adapter(base, adapter, out, dtype, requantize)
+        path = api.merge_adapter(base, adapter, out, dtype, requantize, fmt)
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("model")
+@click.argument("out", type=click.Path())
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["hf", "gguf"]),
+    default="hf",
+    show_default=True,
+    help="hf: a dense Hugging Face directory (transformers, mlx-lm); gguf: one file for llama.cpp.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["bfloat16", "float16", "float32", "q8_0"]),
+    default="bfloat16",
+    show_default=True,
+    help="Dtype of the weights (q8_0: GGUF only; norms stay float32 in a GGUF).",
+)
+@click.option("--adapter", type=click.Path(), help="A PEFT adapter to merge in first.")
+@click.option("--overwrite", is_flag=True, help="Move an existing OUT aside (to OUT.old-N).")
+def export(model, out, fmt, dtype, adapter, overwrite) -> None:
+    """Write MODEL (HF dir, GGUF, bnb or NF4 dir; NF4 is dequantized) as a dense Hugging Face
+    directory or a GGUF file OUT, with --adapter merged in when given."""
+    from backends import api
+
+    with user_errors():
+        path = api.export(model, out, fmt, dtype, adapter, overwrite, echo=click.echo)
     click.echo(f"wrote {path}")
 
 

@@ -20,6 +20,8 @@ from nf4core.hub import recorded_base
 
 from .engine import Engine, LoRASettings, build_engine
 from .evaluate import ExactMatch, exact_match_score, perplexity, stop_ids
+from .export import check_export_options
+from .export import export as export_model
 from .finetune import FinetuneResult, RunInterrupted, finetune
 from .finetune_config import ConfigError, FinetuneConfig
 from .merge import merge
@@ -188,10 +190,35 @@ def merge_adapter(
     out: str | os.PathLike,
     dtype: str = "bfloat16",
     requantize: bool = False,
+    fmt: str = "hf",
 ) -> Path:
-    """Adapter + base -> a merged directory (16-bit, or NF4 again with `requantize`)."""
+    """Adapter + base -> a merged directory (16-bit, or NF4 again with `requantize`), or a merged
+    GGUF file (`fmt="gguf"`)."""
     path = str(model) if model is not None else str(nf4core.default_model_path())
+    check_export_options(fmt, dtype)
+    if fmt == "gguf":
+        if requantize:
+            raise ValueError("--nf4 writes a bitsandbytes directory, not a GGUF file: drop one")
+        if Path(out).exists() and not (Path(out).is_dir() and not any(Path(out).iterdir())):
+            raise FileExistsError(f"{out}: the output exists (merge writes a new OUT only)")
+        return export_model(path, out, "gguf", dtype, load_adapter(adapter))
     return merge(path, load_adapter(adapter), out, dtype, requantize)
+
+
+def export(
+    model: str | os.PathLike | None,
+    out: str | os.PathLike,
+    fmt: str = "hf",
+    dtype: str = "bfloat16",
+    adapter: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    echo=print,
+) -> Path:
+    """Any model (+ a PEFT adapter merged in) -> a dense Hugging Face directory (`fmt="hf"`) or a
+    GGUF file for llama.cpp (`fmt="gguf"`, also `dtype="q8_0"`)."""
+    path = str(model) if model is not None else str(nf4core.default_model_path())
+    loaded = load_adapter(adapter) if adapter is not None else None
+    return export_model(path, out, fmt, dtype, loaded, overwrite, echo)
 
 
 def info(
@@ -207,6 +234,7 @@ def info(
 __all__ = [
     "ConfigError",
     "ExactMatch",
+    "export",
     "FinetuneConfig",
     "FinetuneResult",
     "LoRASettings",

@@ -21,7 +21,9 @@ import nf4core
 from nf4core.atomic import write_text_atomic
 from nf4core.data_files import DataFiles, find_data
 from nf4core.default_task import DefaultTask, default_task
+from nf4core.gguf_write import gguf_architecture, gguf_package, tokenizer_metadata
 from nf4core.hub import recorded_base
+from nf4core.model_quantize import DEFAULT_QUANT_METHOD
 
 from .checkpoint import (
     Checkpoint,
@@ -33,6 +35,7 @@ from .checkpoint import (
 )
 from .engine import BaseWeights, Engine, LoRASettings, TrainSettings, build_engine
 from .evaluate import ExactMatch, exact_match_score, perplexity
+from .export import write_model_gguf
 from .finetune_config import ConfigError, FinetuneConfig, learning_rate
 from .nonfinite import NonFiniteError
 from .peft_adapter import Adapter, save_adapter
@@ -205,6 +208,8 @@ def finetune(
             f"base_dtype {cfg.base_dtype}: {model_path} is already NF4; a 16/32-bit "
             f"baseline needs the unquantized model"
         )
+    if "gguf" in (cfg.export or ()):
+        check_gguf_export(cfg, source, model_path)
     tokenizer = source.tokenizer()
     with tempfile.TemporaryDirectory() as scratch:
         train_set, valid_set, heldout = load_data(cfg, task, tokenizer, Path(scratch), echo)
@@ -371,6 +376,9 @@ class _Run:
             phases.mark("validation loss")
         last_ckpt = self._save_result(steps, last_ckpt)
         phases.mark("save")
+        if "gguf" in (cfg.export or ()):
+            self._export_gguf()
+            phases.mark("export")
         if heldout:
             after = exact_match_score(engine, tokenizer, heldout)
             self.write(
@@ -422,6 +430,22 @@ class _Run:
         save_adapter(self.out, adapter, cfg.export)
         _write_config(self.out, cfg)
         return saved
+
+    def _export_gguf(self) -> None:
+        """The trained adapter merged into the base, as OUT/model.gguf (bfloat16)."""
+        cfg = self.cfg
+        adapter = Adapter(
+            self.engine.adapters(),
+            cfg.lora_r,
+            cfg.lora_alpha,
+            cfg.lora_dropout,
+            cfg.targets,
+            self.model_path,
+        )
+        path = write_model_gguf(
+            nf4core.open_model(self.model_path), adapter, self.out / GGUF_EXPORT_NAME
+        )
+        self.echo(f"merged model (GGUF, bfloat16): {path}")
 
     def _checkpoint(self, step: int) -> Path:
         state = self.engine.training_state()
@@ -476,6 +500,23 @@ class _Phases:
         now = time.perf_counter()
         self.seconds[name] = now - self._last
         self._last = now
+
+
+GGUF_EXPORT_NAME = "model.gguf"
+
+
+def check_gguf_export(cfg: FinetuneConfig, source: nf4core.ModelSource, model_path: str) -> None:
+    """Before training: `--export gguf` can write this model, and merges onto the base trained
+    (the NF4 base as `merge` rebuilds it: absmax blocks)."""
+    if cfg.base_dtype != "nf4" or cfg.quant_method != DEFAULT_QUANT_METHOD:
+        raise ConfigError(
+            f"export gguf merges the adapter into the {DEFAULT_QUANT_METHOD} NF4 base, as merge "
+            f"does; this run trains on base_dtype {cfg.base_dtype}, quant_method "
+            f"{cfg.quant_method} (not supported)"
+        )
+    gguf_package()
+    gguf_architecture(source.config)
+    tokenizer_metadata(source)
 
 
 def _write_config(out: Path, cfg: FinetuneConfig) -> None:

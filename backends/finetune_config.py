@@ -54,7 +54,7 @@ BASE_DTYPES = ("nf4", "bfloat16", "float32")
 LEGACY_BASE = {"base_dtype": "nf4", "quant_method": "absmax", "data_format": "auto"}
 SCHEDULES = ("cosine", "linear", "constant")
 DATA_FORMATS = ("auto", *FORMATS)
-EXPORTS = ("mlx-lm",)
+EXPORTS = ("mlx-lm", "gguf")
 
 
 class ConfigError(ValueError):

@@ -8,7 +8,6 @@ never exists half-written.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -18,9 +17,7 @@ import ml_dtypes
 import numpy as np
 
 import nf4core
-from nf4core.atomic import write_text_atomic
 from nf4core.model_config import LINEAR_NAMES
-from nf4core.sources.safetensors_io import SafetensorsWriter
 
 from .nonfinite import NonFiniteError
 from .peft_adapter import PEFT_PREFIX, Adapter, check_adapter_fits
@@ -118,14 +115,9 @@ def merge(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        with SafetensorsWriter(tmp / "model.safetensors", metadata={"format": "pt"}) as writer:
-            for name, value in merged_tensors(source, adapter, dtype):
-                writer.add(name, value)
-                del value
-        config = source.config.to_hf_config()
-        config["torch_dtype"] = dtype
-        write_text_atomic(tmp / "config.json", json.dumps(config, indent=2) + "\n")
-        source.save_tokenizer(tmp)
+        from .export import write_hf_dir  # export reads through MergedSource: imported late
+
+        write_hf_dir(tmp, merged_tensors(source, adapter, dtype), source, dtype)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

@@ -515,6 +515,54 @@ CASES = [
         lambda d, i: ["quantize", i.model, file(d, "out", "keep me")],
         "{d}/out: exists and is not an empty directory",
     ),
+    Case(
+        "export-gguf-into-a-directory",
+        lambda d, i: [
+            "export",
+            i.model,
+            copy(i.adapter, d, "out"),
+            "--format",
+            "gguf",
+        ],
+        "{d}/out: is a directory; the GGUF export writes one file",
+    ),
+    Case(
+        "export-hf-q8_0",
+        lambda d, i: ["export", i.model, d / "out", "--dtype", "q8_0"],
+        "dtype 'q8_0' cannot be written as format hf (q8_0 is a GGUF type: use --format gguf)",
+    ),
+    Case(
+        "export-over-a-file",
+        lambda d, i: ["export", i.model, file(d, "out", "keep me"), "--format", "gguf"],
+        "{d}/out: the output file exists; pass --overwrite",
+    ),
+    Case(
+        "merge-gguf-over-a-file",
+        lambda d, i: [
+            "merge",
+            i.adapter,
+            file(d, "out", "keep"),
+            "--model",
+            i.model,
+            "--format",
+            "gguf",
+        ],
+        "{d}/out: the output exists (merge writes a new OUT only)",
+    ),
+    Case(
+        "merge-gguf-nf4",
+        lambda d, i: [
+            "merge",
+            i.adapter,
+            d / "out",
+            "--model",
+            i.model,
+            "--format",
+            "gguf",
+            "--nf4",
+        ],
+        "--nf4 writes a bitsandbytes directory, not a GGUF file",
+    ),
     # chat templates
     Case(
         "template-include",

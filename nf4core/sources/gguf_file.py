@@ -17,7 +17,15 @@ from ..errors import ModelLoadError
 from ..model_config import MISTRAL_DEFAULT_WINDOW, ModelConfig
 from .base import ModelSource, normalized
 
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+# Every weight type the `gguf` package (0.19) dequantizes: float, legacy, K-quants, IQ, ternary, FP4.
+# Q8_1, Q8_K (llama.cpp's intermediate types, never stored as weights) and Q1_0 it cannot decode.
+SUPPORTED_TYPES = (
+    *("F32", "F16", "BF16"),
+    *("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"),
+    *("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"),
+    *("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS"),
+    *("TQ1_0", "TQ2_0", "MXFP4", "NVFP4"),
+)
 _PERMUTED_ARCHS = ("llama", "mistral")  # Qwen2 uses NeoX-style RoPE: llama.cpp keeps its rows
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -65,6 +73,19 @@ def hf_name(gguf_name: str) -> str | None:
     if match and match.group(2) in _LAYER_NAMES:
         return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
     return None
+
+
+def gguf_name(hf: str) -> str:
+    """The GGUF name of a Hugging Face tensor name (the inverse of `hf_name`)."""
+    for gguf_tensor, name in _GLOBAL_NAMES.items():
+        if name == hf:
+            return gguf_tensor
+    parts = hf.split(".", 3)
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+        for gguf_part, name in _LAYER_NAMES.items():
+            if name == parts[3]:
+                return f"blk.{parts[2]}.{gguf_part}"
+    raise KeyError(f"tensor {hf!r} has no GGUF name")
 
 
 def permute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -214,7 +214,7 @@ def test_precedence_explicit_over_file_over_recommended(tmp_path):
         ({"lr": -1.0}, "lr"),
         ({"steps": 3, "epochs": 1.0}, "either"),
         ({"schedule": "zigzag"}, "schedule"),
-        ({"export": "gguf"}, "export"),
+        ({"export": "onnx"}, "export"),
     ],
 )
 def test_bad_settings(kw, match):

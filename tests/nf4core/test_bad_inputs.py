@@ -99,9 +99,12 @@ def test_unsupported_architecture(tmp_path):
 
 def test_unsupported_gguf_tensor_type(tmp_path):
     config = hf_config("llama")
-    path = write_gguf(tmp_path / "m.gguf", config, random_weights(config), qtype="Q5_0")
+    weights = random_weights(config)
+    blocks = np.zeros((config["vocab_size"], config["hidden_size"] // 32 * 40), np.uint8)
+    raw = {"model.embed_tokens.weight": ("Q8_1", blocks)}  # a type the gguf package cannot decode
+    path = write_gguf(tmp_path / "m.gguf", config, weights, raw=raw)
     with pytest.raises(
-        ModelLoadError, match="tensor 'token_embd.weight' has type Q5_0, not supported"
+        ModelLoadError, match="tensor 'token_embd.weight' has type Q8_1, not supported"
     ):
         open_model(path)
 

@@ -57,7 +57,7 @@ def test_llama_biases_read_alike_from_gguf_and_hf_dir(tmp_path):
         np.testing.assert_array_equal(hf.read(name), weights[name], err_msg=name)
 
 
-@pytest.mark.parametrize("qtype", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("qtype", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "MXFP4"])
 def test_gguf_types_dequantize_like_gguf_and_unpermute(tmp_path, qtype):
     config = hf_config("llama")
     weights = random_weights(config, seed=1)

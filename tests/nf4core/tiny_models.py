@@ -145,9 +145,11 @@ def write_gguf(
     arch: str | None = None,
     extra_tensors: dict[str, np.ndarray] | None = None,
     add_metadata: Callable[[gguf.GGUFWriter], None] | None = None,
+    raw: dict[str, tuple[str, np.ndarray]] | None = None,
 ) -> Path:
     """A GGUF file as llama.cpp's converter writes it: q/k rows permuted for Llama-type models,
-    2-D weights in `qtype`, 1-D tensors in F32."""
+    2-D weights in `qtype`, 1-D tensors in F32. `raw` stores some tensors (Hugging Face name ->
+    (type name, block bytes as uint8 rows)) as given, unpermuted."""
     arch = arch or config["model_type"]
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(config["num_hidden_layers"])
@@ -185,6 +187,10 @@ def write_gguf(
         add_metadata(w)
     qt = gguf.GGMLQuantizationType[qtype]
     for name, value in weights.items():
+        if name in (raw or {}):
+            raw_type, blocks = raw[name]
+            w.add_tensor(gguf_name(name), blocks, raw_dtype=gguf.GGMLQuantizationType[raw_type])
+            continue
         value = np.asarray(value, dtype=np.float32)
         if arch in ("llama", "mistral") and ".q_proj." in name:
             value = llama_cpp_permute(value, config["num_attention_heads"])
@@ -230,3 +236,28 @@ def add_sentencepiece_metadata(w: gguf.GGUFWriter) -> None:
     w.add_add_bos_token(True)
     w.add_unk_token_id(0)
     w.add_add_space_prefix(True)
+
+
+def f16_bytes(values: np.ndarray) -> np.ndarray:
+    """Each value as its 2 little-endian float16 bytes: shape (n, 2)."""
+    return np.asarray(values, "<f2").reshape(-1, 1).view(np.uint8)
+
+
+def pack_q4_k(
+    d: np.ndarray, dmin: np.ndarray, scales: np.ndarray, mins: np.ndarray, q: np.ndarray
+) -> np.ndarray:
+    """Q4_K blocks (256 values, 144 bytes each) from per-block d, dmin (n,), 6-bit scales and mins
+    (n, 8) and 4-bit quants (n, 256), packed by hand from the format's layout: f16 d, f16 dmin,
+    12 bytes of scales/mins (low 6 bits of sub-blocks 0-3 in bytes 0-7, their top 2 bits holding
+    the high bits of sub-blocks 4-7, whose low 4 bits fill bytes 8-11), then 128 bytes of nibbles
+    (bytes 32i..32i+31: low nibbles are values 64i.., high nibbles values 64i+32..)."""
+    n = q.shape[0]
+    packed = np.zeros((n, 12), np.int64)
+    packed[:, 0:4] = scales[:, 0:4] | (scales[:, 4:8] >> 4) << 6
+    packed[:, 4:8] = mins[:, 0:4] | (mins[:, 4:8] >> 4) << 6
+    packed[:, 8:12] = (scales[:, 4:8] & 15) | (mins[:, 4:8] & 15) << 4
+    chunks = q.reshape(n, 4, 2, 32)
+    qs = (chunks[:, :, 0, :] | chunks[:, :, 1, :] << 4).reshape(n, 128)
+    return np.concatenate(
+        [f16_bytes(d), f16_bytes(dmin), packed.astype(np.uint8), qs.astype(np.uint8)], axis=1
+    )
