@@ -246,7 +246,7 @@ def finetune(
                 write_text_atomic(out / "data" / name, text)
         if not (out / "config.yaml").exists():
             _write_config(out, cfg)
-        run = _Run(cfg, engine, out, steps, start, echo, recorded_base(cfg.model))
+        run = _Run(cfg, engine, out, steps, start, echo, model_path, recorded_base(cfg.model))
         return run.train(data, valid_set, heldout, tokenizer, pad, progress, phases, t0)
 
 
@@ -261,10 +261,12 @@ class _Run:
         steps: int,
         start: int,
         echo: Callable[[str], None],
+        model_path: str,
         base: tuple[str, str | None],
     ) -> None:
         self.cfg, self.engine, self.out, self.steps, self.start = cfg, engine, out, steps, start
-        self.echo, self.base = echo, base  # the (name, revision) the adapter records
+        self.echo, self.model_path = echo, model_path
+        self.base = base  # the (name, revision) the adapter records
         self.log = MetricsLog(out / "metrics.jsonl")
         self._truncate = start > 0  # records after `start` are replaced, once this run logs
 
@@ -417,8 +419,13 @@ class _Run:
         config.yaml; nothing non-finite is saved (NonFiniteStateError names the tensor)."""
         if step > self.start or saved is None:
             saved = self._checkpoint(step)
+        save_adapter(self.out, self._adapter(), self.cfg.export)
+        _write_config(self.out, self.cfg)
+        return saved
+
+    def _adapter(self) -> Adapter:
         cfg = self.cfg
-        adapter = Adapter(
+        return Adapter(
             self.engine.adapters(),
             cfg.lora_r,
             cfg.lora_alpha,
@@ -427,23 +434,11 @@ class _Run:
             base_model=self.base[0],
             base_revision=self.base[1],
         )
-        save_adapter(self.out, adapter, cfg.export)
-        _write_config(self.out, cfg)
-        return saved
 
     def _export_gguf(self) -> None:
         """The trained adapter merged into the base, as OUT/model.gguf (bfloat16)."""
-        cfg = self.cfg
-        adapter = Adapter(
-            self.engine.adapters(),
-            cfg.lora_r,
-            cfg.lora_alpha,
-            cfg.lora_dropout,
-            cfg.targets,
-            self.model_path,
-        )
         path = write_model_gguf(
-            nf4core.open_model(self.model_path), adapter, self.out / GGUF_EXPORT_NAME
+            nf4core.open_model(self.model_path), self._adapter(), self.out / GGUF_EXPORT_NAME
         )
         self.echo(f"merged model (GGUF, bfloat16): {path}")
 
