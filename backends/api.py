@@ -16,7 +16,7 @@ from pathlib import Path
 
 import nf4core
 
-from .engine import Engine, LoRASettings, build_engine
+from .engine import Engine, LoRASettings
 from .evaluate import ExactMatch, exact_match_score, perplexity, stop_ids
 from .finetune import FinetuneResult, RunInterrupted, finetune
 from .finetune_config import ConfigError, FinetuneConfig
@@ -24,7 +24,7 @@ from .merge import merge
 from .model_info import describe
 from .nonfinite import NonFiniteError
 from .peft_adapter import Adapter, check_adapter_fits, load_adapter, save_adapter
-from .registry import BackendChoice, select_backend
+from .registry import BackendChoice, build_engine, select_backend
 
 
 @dataclass

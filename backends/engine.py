@@ -1,7 +1,8 @@
 """What the fine-tuning pipeline needs from a backend, in backend-neutral terms (numpy in and out).
 
-`build_engine` imports the chosen backend lazily; `backends/torch_backend` and `backends/mlx_backend`
-never import each other. Adapter and optimizer tensors cross this boundary under PEFT's key names
+A leaf: it imports only nf4core, so both backends import their shared types from here while
+`registry.build_engine` imports the chosen backend lazily; `backends/torch_backend` and
+`backends/mlx_backend` never import each other. Adapter and optimizer tensors cross this boundary under PEFT's key names
 ("base_model.model.<module>.lora_A.weight"), float32, in the parameter's own shape, so a state taken
 from one engine loads into the other.
 """
@@ -11,14 +12,15 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 import nf4core
 from nf4core.model_config import LINEAR_NAMES
 
-from .registry import BackendChoice
+if TYPE_CHECKING:
+    from .registry import BackendChoice
 
 DEFAULT_TARGETS = LINEAR_NAMES
 
@@ -156,20 +158,3 @@ class SourceTensors(Mapping):
 
     def __len__(self) -> int:
         return len(self.names)
-
-
-def build_engine(
-    choice: BackendChoice,
-    source: nf4core.ModelSource,
-    lora: LoRASettings | None,
-    train: TrainSettings | None = None,
-    lr: float = 1e-4,
-    base: BaseWeights | None = None,
-) -> Engine:
-    """The chosen backend's model built from `source` (NF4 base), with adapters when `lora` is given
-    (always, to train), ready to train with `train` settings."""
-    if choice.backend == "torch":
-        from .torch_backend.engine import TorchEngine as cls
-    else:
-        from .mlx_backend.engine import MLXEngine as cls
-    return cls(choice, source, lora, train, lr, base or BaseWeights())

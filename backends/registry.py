@@ -8,14 +8,26 @@ NF4_BACKEND / NF4_DEVICE / NF4_COMPUTE_DTYPE environment variables) override. Pr
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .engine import BaseWeights, Engine, LoRASettings, TrainSettings
+
+if TYPE_CHECKING:
+    import nf4core
 
 BACKENDS = ("torch", "mlx")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 EXTRA_OF = {"torch": "torch", "mlx": "mlx"}
+# the engine class of each backend, imported only when that backend is chosen
+ENGINES = {
+    "torch": ("backends.torch_backend.engine", "TorchEngine"),
+    "mlx": ("backends.mlx_backend.engine", "MLXEngine"),
+}
 
 
 class BackendUnavailable(RuntimeError):
@@ -141,3 +153,18 @@ def _default_compute_dtype(backend, device, probe) -> tuple[str, str]:
     if device == "metal":
         return "bfloat16", "BF16 on the Apple GPU"
     return "float32", "FP32 on the CPU (BF16 matmul is several times slower on most CPUs)"
+
+
+def build_engine(
+    choice: BackendChoice,
+    source: nf4core.ModelSource,
+    lora: LoRASettings | None,
+    train: TrainSettings | None = None,
+    lr: float = 1e-4,
+    base: BaseWeights | None = None,
+) -> Engine:
+    """The chosen backend's model built from `source` (NF4 base), with adapters when `lora` is given
+    (always, to train), ready to train with `train` settings."""
+    module, name = ENGINES[choice.backend]
+    cls = getattr(importlib.import_module(module), name)
+    return cls(choice, source, lora, train, lr, base or BaseWeights())

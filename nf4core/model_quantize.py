@@ -16,8 +16,8 @@ import numpy as np
 from .atomic import current_umask, write_text_atomic
 from .dtypes import float_dtype
 from .errors import ModelLoadError
+from .json_file import read_json
 from .sources import ModelSource, is_quantized_linear, open_model
-from .sources.hf_dir import read_json
 from .sources.safetensors_io import SafetensorsWriter
 from .tensor import FORMAT_VERSION, NF4Tensor, check_quant_method, quantize
 from .validation import check_blocksize

@@ -9,6 +9,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..engine import SourceTensors, StepResult, TrainingState, check_one_length, rows_until_stop
 from ._mlx import mx
 from .lora import LoRAConfig, apply_lora, lora_state_dict
 from .model import LlamaModel
@@ -25,8 +26,6 @@ def _peft(path: str) -> str:  # "model.layers.0.self_attn.q_proj.lora_A" -> PEFT
 
 class MLXEngine:
     def __init__(self, choice, source, lora, train, lr: float, base=None) -> None:
-        from ..engine import SourceTensors
-
         self.choice, self.config = choice, source.config
         if choice.device == "cpu":
             mx.set_default_device(mx.cpu)
@@ -71,8 +70,6 @@ class MLXEngine:
         return Batch.from_tokens(b.input_ids, b.loss_mask)
 
     def train_step(self, micro_batches, lr: float):
-        from ..engine import StepResult
-
         # the pipeline owns the schedule: each step runs at the lr it is given
         self.trainer.config = dataclasses.replace(
             self.trainer.config, schedule=ScheduleConfig(learning_rate=lr)
@@ -124,8 +121,6 @@ class MLXEngine:
     def greedy_batch(
         self, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Sequence[int] = ()
     ) -> list[list[int]]:
-        from ..engine import check_one_length, rows_until_stop
-
         check_one_length(prompts)
         return rows_until_stop(self._greedy_steps(prompts, max_new_tokens), len(prompts), eos_ids)
 
@@ -163,8 +158,6 @@ class MLXEngine:
         mx.eval(self.model.parameters())
 
     def training_state(self):
-        from ..engine import TrainingState
-
         tensors, meta = self.trainer.optimizer.state_dict()
         adapters, moments = {}, {}
         for path, _ in tree_flatten(self.model.trainable_parameters()):

@@ -9,6 +9,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..engine import StepResult, TrainingState, check_one_length, rows_until_stop
 from .generate import SamplingConfig, generate_tokens, greedy_steps
 from .lora import PEFT_PREFIX, LoRAConfig, apply_lora, load_lora_state_dict, lora_state_dict
 from .model import CausalLM
@@ -69,8 +70,6 @@ class TorchEngine:
         return Batch.from_numpy(b, self.device)
 
     def train_step(self, micro_batches, lr: float):
-        from ..engine import StepResult
-
         self.trainer.cfg = dataclasses.replace(self.trainer.cfg, learning_rate=lr)
         stats = self.trainer.train_step([self._batch(b) for b in micro_batches])
         return StepResult(stats.loss, stats.tokens, stats.grad_norm)
@@ -105,8 +104,6 @@ class TorchEngine:
     def greedy_batch(
         self, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Sequence[int] = ()
     ) -> list[list[int]]:
-        from ..engine import check_one_length, rows_until_stop
-
         check_one_length(prompts)
         return rows_until_stop(
             greedy_steps(self.model, prompts, max_new_tokens), len(prompts), eos_ids
@@ -142,8 +139,6 @@ class TorchEngine:
         )
 
     def training_state(self):
-        from ..engine import TrainingState
-
         opt = self.trainer.optimizer
         moments, step = {}, self.trainer.step_index
         for name, p in zip(self._names, self.trainer.params):
