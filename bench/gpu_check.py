@@ -294,10 +294,12 @@ def bench_train() -> list[dict]:
         ).to(DEVICE)
         apply_lora(model, LoRAConfig(rank=16, alpha=32), adapter_dtype=torch.float32)
         model.gradient_checkpointing = True
-        trainer = Trainer(model, TrainConfig(learning_rate=1e-4))
+        trainer = Trainer(model, TrainConfig())
         ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=DEVICE)
         step_s = median_seconds(
-            lambda trainer=trainer: trainer.train_step([Batch(ids)]), 2 if SMOKE else 5, sync=sync
+            lambda trainer=trainer: trainer.train_step([Batch(ids)], 1e-4),
+            2 if SMOKE else 5,
+            sync=sync,
         )
         peak = torch.cuda.max_memory_allocated() / 2**20 if DEVICE.type == "cuda" else None
         rows.append(

@@ -120,10 +120,10 @@ def _train_step_child(kind: str, steps: int) -> dict:
     del state
     apply_lora(model, LoRAConfig(rank=16, alpha=32))
     model.gradient_checkpointing = True
-    trainer = Trainer(model, TrainConfig(learning_rate=1e-4))
+    trainer = Trainer(model, TrainConfig())
     ids = torch.randint(0, cfg.vocab_size, (4, 256), generator=torch.Generator().manual_seed(0))
     batch = [Batch(ids)]
-    seconds = median_seconds(lambda: trainer.train_step(batch), repeat=steps, warmup=1)
+    seconds = median_seconds(lambda: trainer.train_step(batch, 1e-4), repeat=steps, warmup=1)
     base_bytes = sum(b.numel() * b.element_size() for n, b in model.named_buffers()) + sum(
         p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n
     )

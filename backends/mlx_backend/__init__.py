@@ -23,7 +23,6 @@ _EXPORTS = {
     "TrainConfig": "train_step",
     "Trainer": "train_step",
     "masked_cross_entropy": "train_step",
-    "ScheduleConfig": "schedule",
     "PagedAdamW": "paged_optimizer",
     "PagedAdamWConfig": "paged_optimizer",
     "MemoryPlan": "memory",

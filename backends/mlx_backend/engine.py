@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -14,7 +13,6 @@ from ._mlx import mx
 from .lora import LoRAConfig, apply_lora, lora_state_dict
 from .model import LlamaModel
 from .paged_optimizer import FORMAT_VERSION, PagedAdamWConfig
-from .schedule import ScheduleConfig
 from .train_step import Batch, TrainConfig, Trainer, masked_cross_entropy
 
 PEFT_PREFIX = "base_model.model."
@@ -56,7 +54,6 @@ class MLXEngine:
             self.trainer = Trainer(
                 self.model,
                 TrainConfig(
-                    schedule=ScheduleConfig(learning_rate=lr),
                     optimizer=paged,
                     grad_accum_steps=train.grad_accum,
                     max_grad_norm=train.max_grad_norm or None,
@@ -70,14 +67,10 @@ class MLXEngine:
         return Batch.from_tokens(b.input_ids, b.loss_mask)
 
     def train_step(self, micro_batches, lr: float):
-        # the pipeline owns the schedule: each step runs at the lr it is given
-        self.trainer.config = dataclasses.replace(
-            self.trainer.config, schedule=ScheduleConfig(learning_rate=lr)
-        )
         # Note: MLX offers no way to restore a saved generator state, so the dropout generator is
         # reseeded from (seed, step) every step: a resumed run draws the same masks.
         mx.random.seed(self.seed * 1_000_003 + self.trainer.optimizer.step_count)
-        out = self.trainer.step([self._batch(b) for b in micro_batches])
+        out = self.trainer.step([self._batch(b) for b in micro_batches], lr)
         return StepResult(out["loss"], out["tokens"], out["grad_norm"])
 
     def eval_loss(self, batches) -> tuple[float, int]:

@@ -20,7 +20,6 @@ from .model import CausalLM, causal_lm_loss
 from .nf4_linear import NF4Linear, nf4_linear
 from .nf4_weight import NF4Weight
 from .paged_adamw import PagedAdamW
-from .schedule import ScheduleConfig
 from .train_step import Batch, StepStats, TrainConfig, Trainer
 
 __all__ = [
@@ -33,7 +32,6 @@ __all__ = [
     "NF4Weight",
     "PagedAdamW",
     "SamplingConfig",
-    "ScheduleConfig",
     "StepStats",
     "TrainConfig",
     "Trainer",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -15,7 +14,6 @@ from .lora import PEFT_PREFIX, LoRAConfig, apply_lora, load_lora_state_dict, lor
 from .model import CausalLM
 from .model.llama import causal_lm_loss
 from .nf4_linear import NF4Linear
-from .schedule import ScheduleConfig
 from .train_step import Batch, TrainConfig, Trainer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -50,16 +48,13 @@ class TorchEngine:
             torch.manual_seed(train.seed)
             self.model.gradient_checkpointing = train.grad_checkpoint
             self.model.chunked_loss = train.grad_checkpoint  # the memory options go together
-            # the pipeline owns the schedule: each step runs at the lr it is given (constant here)
             self.trainer = Trainer(
                 self.model,
                 TrainConfig(
-                    learning_rate=lr,
                     weight_decay=train.weight_decay,
                     max_grad_norm=train.max_grad_norm,
                     grad_accum_steps=train.grad_accum,
                     paged=train.paged,
-                    schedule=ScheduleConfig("constant", total_steps=1),
                 ),
             )
             self._names = [
@@ -70,8 +65,7 @@ class TorchEngine:
         return Batch.from_numpy(b, self.device)
 
     def train_step(self, micro_batches, lr: float):
-        self.trainer.cfg = dataclasses.replace(self.trainer.cfg, learning_rate=lr)
-        stats = self.trainer.train_step([self._batch(b) for b in micro_batches])
+        stats = self.trainer.train_step([self._batch(b) for b in micro_batches], lr)
         return StepResult(stats.loss, stats.tokens, stats.grad_norm)
 
     @torch.no_grad()

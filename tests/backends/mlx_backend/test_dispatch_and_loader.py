@@ -187,5 +187,7 @@ def test_metal_training_steps_match_reference_path():
             model = LlamaModel.from_state(config, random_tensors(config), compute_dtype="float32")
             apply_lora(model, LoRAConfig(r=4))
             trainer = Trainer(model, TrainConfig())
-            losses[path] = [trainer.step([Batch.from_tokens(tokens)])["loss"] for _ in range(3)]
+            losses[path] = [
+                trainer.step([Batch.from_tokens(tokens)], 2e-4)["loss"] for _ in range(3)
+            ]
     np.testing.assert_allclose(losses["metal"], losses["reference"], rtol=1e-4)

@@ -17,7 +17,6 @@ from backends.mlx_backend.memory import (
 )
 from backends.mlx_backend.model import LlamaModel
 from backends.mlx_backend.paged_optimizer import PagedAdamWConfig
-from backends.mlx_backend.schedule import ScheduleConfig
 from backends.mlx_backend.train_step import (
     Batch,
     TrainConfig,
@@ -25,6 +24,7 @@ from backends.mlx_backend.train_step import (
     clip_by_global_norm,
     masked_cross_entropy,
 )
+from backends.schedule import learning_rate_at
 
 from .tiny_models import random_tensors, tiny_config
 
@@ -50,9 +50,6 @@ def _run(steps=12, dropout=0.1, checkpointing=False):
     model = _model(dropout=dropout)
     tokens, mask = _data()
     config = TrainConfig(
-        schedule=ScheduleConfig(
-            learning_rate=2e-2, name="cosine", warmup_steps=2, total_steps=steps
-        ),
         optimizer=PagedAdamWConfig(page_elements=256),
         grad_accum_steps=2,
         max_grad_norm=1.0,
@@ -63,7 +60,8 @@ def _run(steps=12, dropout=0.1, checkpointing=False):
     batch = Batch.from_tokens(tokens, mask)
     before = trainer.evaluate(batch)
     halves = [Batch.from_tokens(tokens[:2], mask[:2]), Batch.from_tokens(tokens[2:], mask[2:])]
-    losses = [trainer.step(halves)["loss"] for _ in range(steps)]
+    lrs = [learning_rate_at(s, 2e-2, 2, steps, "cosine") for s in range(steps)]
+    losses = [trainer.step(halves, lr)["loss"] for lr in lrs]
     return before, trainer.evaluate(batch), losses, lora_state_dict(model)
 
 
@@ -139,14 +137,12 @@ def test_bfloat16_run_with_checkpointing_trains():
     tokens, mask = _data()
     trainer = Trainer(
         model,
-        TrainConfig(
-            schedule=ScheduleConfig(learning_rate=2e-2), gradient_checkpointing=True, compile=False
-        ),
+        TrainConfig(gradient_checkpointing=True, compile=False),
     )
     batch = Batch.from_tokens(tokens, mask)
     before = trainer.evaluate(batch)
     for _ in range(6):
-        trainer.step([batch])
+        trainer.step([batch], 2e-2)
     assert trainer.evaluate(batch) < 0.5 * before
     assert model.model.layers[0].self_attn.q_proj.lora_A.dtype == mx.bfloat16
     state = trainer.optimizer.state_dict()[0]
