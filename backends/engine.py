@@ -27,6 +27,10 @@ DEFAULT_TARGETS = LINEAR_NAMES
 
 @dataclass(frozen=True)
 class LoRASettings:
+    """The adapters of a run, in PEFT's terms, for both backends: rank r, alpha (scale alpha / r),
+    dropout on the adapter input, the linears adapted (by the last component of their name), and the
+    seed of the A initialisation (nf4core.lora_init)."""
+
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -34,7 +38,23 @@ class LoRASettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive int, got {self.r!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"LoRA alpha must be positive, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         object.__setattr__(self, "targets", tuple(self.targets))
+        if not self.targets:
+            raise ValueError("LoRA targets are empty: the adapters would train nothing")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+    def adapts(self, module: str) -> bool:
+        """Whether the linear named `module` (e.g. "model.layers.0.self_attn.q_proj") gets adapters."""
+        return module.rsplit(".", 1)[-1] in self.targets
 
 
 @dataclass(frozen=True)

@@ -258,7 +258,8 @@ def bench_matmul() -> list[dict]:
 
 
 def bench_train() -> list[dict]:
-    from backends.torch_backend.lora import LoRAConfig, apply_lora
+    from backends.engine import LoRASettings
+    from backends.torch_backend.lora import apply_lora
     from backends.torch_backend.model import CausalLM
     from backends.torch_backend.train_step import Batch, TrainConfig, Trainer
 
@@ -292,7 +293,7 @@ def bench_train() -> list[dict]:
         model = CausalLM.from_state(
             cfg, state, quantize=kind == "qlora_nf4", compute_dtype=torch.bfloat16
         ).to(DEVICE)
-        apply_lora(model, LoRAConfig(rank=16, alpha=32), adapter_dtype=torch.float32)
+        apply_lora(model, LoRASettings(r=16, alpha=32), adapter_dtype=torch.float32)
         model.gradient_checkpointing = True
         trainer = Trainer(model, TrainConfig())
         ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=DEVICE)

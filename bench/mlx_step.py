@@ -7,7 +7,8 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from backends.mlx_backend.lora import LoRAConfig, apply_lora
+from backends.engine import LoRASettings
+from backends.mlx_backend.lora import apply_lora
 from backends.mlx_backend.model import LlamaModel
 from backends.mlx_backend.train_step import Batch, TrainConfig, Trainer
 from nf4core import ModelConfig
@@ -67,7 +68,7 @@ def step_tokens_per_second(
     model = LlamaModel.from_state(
         config, random_state(config), quantize=quantize, compute_dtype=compute_dtype
     )
-    apply_lora(model, LoRAConfig(r=16, alpha=32.0))
+    apply_lora(model, LoRASettings(r=16, alpha=32.0))
     trainer = Trainer(model, TrainConfig(max_grad_norm=1.0))
     tokens = np.random.default_rng(1).integers(0, config.vocab_size, size=(batch, seq + 1))
     b = Batch.from_tokens(tokens)

@@ -24,8 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import nf4core  # noqa: E402
+from backends.engine import LoRASettings  # noqa: E402
 from backends.torch_backend import ops_host, ops_reference  # noqa: E402
-from backends.torch_backend.lora import LoRAConfig, apply_lora  # noqa: E402
+from backends.torch_backend.lora import apply_lora  # noqa: E402
 from backends.torch_backend.model import CausalLM  # noqa: E402
 from backends.torch_backend.model.llama import causal_lm_loss  # noqa: E402
 from backends.torch_backend.train_step import Batch, TrainConfig, Trainer  # noqa: E402
@@ -127,7 +128,7 @@ def main() -> None:
     args = ap.parse_args()
     source = nf4core.open_model(args.model or nf4core.default_model_path())
     model = CausalLM.from_source(source, compute_dtype=torch.float32)
-    apply_lora(model, LoRAConfig(rank=8, alpha=16))
+    apply_lora(model, LoRASettings(r=8, alpha=16))
     model.gradient_checkpointing = args.grad_checkpoint
     trainer = Trainer(model, TrainConfig())
     vocab = source.config.vocab_size

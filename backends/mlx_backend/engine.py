@@ -6,16 +6,15 @@ import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
 from ..engine import SourceTensors, StepResult, TrainingState, check_one_length, rows_until_stop
+from ..peft_adapter import PEFT_PREFIX
 from ._mlx import mx
-from .lora import LoRAConfig, apply_lora, lora_state_dict
+from .lora import apply_lora, load_lora_state_dict, lora_state_dict
 from .model import LlamaModel
 from .paged_optimizer import FORMAT_VERSION, PagedAdamWConfig
 from .train_step import Batch, TrainConfig, Trainer, masked_cross_entropy
-
-PEFT_PREFIX = "base_model.model."
 
 
 def _peft(path: str) -> str:  # "model.layers.0.self_attn.q_proj.lora_A" -> PEFT key
@@ -38,16 +37,7 @@ class MLXEngine:
         )
         self.trainer = None
         if lora is not None:
-            apply_lora(
-                self.model,
-                LoRAConfig(
-                    r=lora.r,
-                    alpha=lora.alpha,
-                    dropout=lora.dropout,
-                    target_modules=lora.targets,
-                    seed=lora.seed,
-                ),
-            )
+            apply_lora(self.model, lora)
         self.seed = train.seed if train is not None else 0
         if train is not None:
             paged = PagedAdamWConfig(weight_decay=train.weight_decay)
@@ -138,17 +128,7 @@ class MLXEngine:
         return lora_state_dict(self.model)
 
     def load_adapters(self, tensors: Mapping[str, np.ndarray]) -> None:
-        mine = lora_state_dict(self.model)
-        missing = sorted(set(mine) - set(tensors))
-        if missing:
-            raise KeyError(f"adapter state lacks {len(missing)} keys, e.g. {missing[0]}")
-        updates = []
-        for path, value in tree_flatten(self.model.trainable_parameters()):
-            updates.append(
-                (path, mx.array(np.asarray(tensors[_peft(path)], np.float32)).astype(value.dtype))
-            )
-        self.model.update(tree_unflatten(updates))
-        mx.eval(self.model.parameters())
+        load_lora_state_dict(self.model, tensors)
 
     def training_state(self):
         tensors, meta = self.trainer.optimizer.state_dict()

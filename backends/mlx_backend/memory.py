@@ -12,8 +12,8 @@ from mlx.utils import tree_flatten
 from nf4core import ModelConfig
 from nf4core.dtypes import float_dtype
 
+from ..engine import LoRASettings
 from ._mlx import mx, nn
-from .lora import LoRAConfig
 from .nf4_linear import NF4Linear
 from .paged_optimizer import BYTES_PER_ELEMENT
 
@@ -97,7 +97,7 @@ def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
 
 def plan_from_config(
     config: ModelConfig,
-    lora: LoRAConfig,
+    lora: LoRASettings,
     batch_size: int,
     seq_len: int,
     checkpointing: bool = False,
@@ -105,6 +105,7 @@ def plan_from_config(
     blocksize: int = 64,
     double_quant: bool = True,
     optimizer_budget: int | None = None,
+    adapter_dtype: str = "float32",
 ) -> MemoryPlan:
     """The same estimate as `plan_training`, before loading anything (for a "won't fit" up front)."""
     dense_bytes = np.dtype(float_dtype(compute_dtype)).itemsize
@@ -117,9 +118,9 @@ def plan_from_config(
     dense += config.hidden_size * (2 * layers + 1)
     if config.attention_bias:
         dense += sum(shapes[n][0] for n in ("q_proj", "k_proj", "v_proj")) * layers
-    n_adapter = sum(lora.r * (o + i) for n, (o, i) in shapes.items() if n in lora.target_modules)
+    n_adapter = sum(lora.r * (o + i) for n, (o, i) in shapes.items() if n in lora.targets)
     n_adapter *= layers
-    adapters = n_adapter * np.dtype(float_dtype(lora.dtype)).itemsize
+    adapters = n_adapter * np.dtype(float_dtype(adapter_dtype)).itemsize
     state = n_adapter * BYTES_PER_ELEMENT
     if optimizer_budget is not None:
         state = min(state, optimizer_budget)

@@ -9,7 +9,6 @@ from .dispatch import force_path
 from .generate import SamplingConfig, generate, generate_tokens
 from .kv_cache import KVCache
 from .lora import (
-    LoRAConfig,
     LoRALinear,
     apply_lora,
     load_lora_state_dict,
@@ -26,7 +25,6 @@ __all__ = [
     "Batch",
     "CausalLM",
     "KVCache",
-    "LoRAConfig",
     "LoRALinear",
     "NF4Linear",
     "NF4Weight",

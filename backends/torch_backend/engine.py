@@ -9,8 +9,9 @@ import numpy as np
 import torch
 
 from ..engine import StepResult, TrainingState, check_one_length, rows_until_stop
+from ..peft_adapter import PEFT_PREFIX
 from .generate import SamplingConfig, generate_tokens, greedy_steps
-from .lora import PEFT_PREFIX, LoRAConfig, apply_lora, load_lora_state_dict, lora_state_dict
+from .lora import apply_lora, load_lora_state_dict, lora_state_dict
 from .model import CausalLM
 from .model.llama import causal_lm_loss
 from .nf4_linear import NF4Linear
@@ -34,16 +35,7 @@ class TorchEngine:
         self.model.to(self.device)
         self.trainer = None
         if lora is not None:
-            apply_lora(
-                self.model,
-                LoRAConfig(
-                    rank=lora.r,
-                    alpha=lora.alpha,
-                    dropout=lora.dropout,
-                    target_modules=lora.targets,
-                    seed=lora.seed,
-                ),
-            )
+            apply_lora(self.model, lora)
         if train is not None:
             torch.manual_seed(train.seed)
             self.model.gradient_checkpointing = train.grad_checkpoint

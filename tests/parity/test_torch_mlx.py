@@ -9,11 +9,11 @@ import pytest
 torch = pytest.importorskip("torch")
 mx = pytest.importorskip("mlx.core")
 
+from backends.engine import LoRASettings  # noqa: E402
 from backends.mlx_backend import LlamaModel  # noqa: E402
-from backends.mlx_backend import LoRAConfig as MLXLoRAConfig  # noqa: E402
 from backends.mlx_backend import apply_lora as mlx_apply_lora  # noqa: E402
 from backends.mlx_backend import lora_state_dict as mlx_lora_state_dict  # noqa: E402
-from backends.torch_backend import CausalLM, LoRAConfig, apply_lora, lora_state_dict  # noqa: E402
+from backends.torch_backend import CausalLM, apply_lora, lora_state_dict  # noqa: E402
 from tests.backends.torch_backend.test_train_step import CFG, tiny_state  # noqa: E402
 
 
@@ -21,8 +21,8 @@ def test_same_model_same_adapters_same_logits():
     tensors = tiny_state(seed=3)
     ours = CausalLM.from_state(CFG, tensors, quantize=True)
     theirs = LlamaModel.from_state(CFG, tensors, quantize=True, compute_dtype="float32")
-    apply_lora(ours, LoRAConfig(rank=4, alpha=8.0, seed=11))
-    mlx_apply_lora(theirs, MLXLoRAConfig(r=4, alpha=8.0, seed=11))
+    apply_lora(ours, LoRASettings(r=4, alpha=8.0, seed=11))
+    mlx_apply_lora(theirs, LoRASettings(r=4, alpha=8.0, seed=11))
     a, b = lora_state_dict(ours), mlx_lora_state_dict(theirs)
     assert sorted(a) == sorted(b) and len(a) == 2 * 7 * CFG.num_hidden_layers
     for key, value in a.items():

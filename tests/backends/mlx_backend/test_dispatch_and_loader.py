@@ -173,7 +173,8 @@ def test_metal_check_script_skips_without_metal():
 @pytest.mark.metal
 def test_metal_training_steps_match_reference_path():
     """Three QLoRA steps with the kernels and with the reference ops: the same losses (fp32)."""
-    from backends.mlx_backend.lora import LoRAConfig, apply_lora
+    from backends.engine import LoRASettings
+    from backends.mlx_backend.lora import apply_lora
     from backends.mlx_backend.model import LlamaModel
     from backends.mlx_backend.train_step import Batch, TrainConfig, Trainer
 
@@ -185,7 +186,7 @@ def test_metal_training_steps_match_reference_path():
     for path in ("metal", "reference"):
         with dispatch.use_path(path):
             model = LlamaModel.from_state(config, random_tensors(config), compute_dtype="float32")
-            apply_lora(model, LoRAConfig(r=4))
+            apply_lora(model, LoRASettings(r=4))
             trainer = Trainer(model, TrainConfig())
             losses[path] = [
                 trainer.step([Batch.from_tokens(tokens)], 2e-4)["loss"] for _ in range(3)

@@ -12,7 +12,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from mlx.utils import tree_flatten, tree_unflatten
 
-from backends.mlx_backend.lora import LoRAConfig, apply_lora
+from backends.engine import LoRASettings
+from backends.mlx_backend.lora import apply_lora
 from backends.mlx_backend.model import LlamaModel
 from backends.mlx_backend.nf4_linear import NF4Linear
 
@@ -91,7 +92,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(dropout):
     """With LoRA dropout too: the recomputed block must draw the same masks."""
     config = tiny_config("qwen2")
     model = LlamaModel.from_state(config, random_tensors(config, seed=5))
-    apply_lora(model, LoRAConfig(r=4, seed=1, dropout=dropout))
+    apply_lora(model, LoRASettings(r=4, seed=1, dropout=dropout))
     model.train()
     nonzero_b = [
         (k, mx.full(v.shape, 0.01))

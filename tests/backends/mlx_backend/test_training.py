@@ -8,7 +8,8 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 from mlx.utils import tree_flatten, tree_unflatten
 
-from backends.mlx_backend.lora import LoRAConfig, apply_lora, lora_state_dict
+from backends.engine import LoRASettings
+from backends.mlx_backend.lora import apply_lora, lora_state_dict
 from backends.mlx_backend.memory import (
     ModelWontFitError,
     check_fits,
@@ -32,7 +33,7 @@ from .tiny_models import random_tensors, tiny_config
 def _model(dropout=0.0, seed=0):
     config = tiny_config("llama", num_hidden_layers=2)
     model = LlamaModel.from_state(config, random_tensors(config, seed=seed), blocksize=64)
-    apply_lora(model, LoRAConfig(r=4, alpha=8.0, dropout=dropout, seed=seed))
+    apply_lora(model, LoRASettings(r=4, alpha=8.0, dropout=dropout, seed=seed))
     return model
 
 
@@ -121,7 +122,7 @@ def test_wont_fit_message():
     with pytest.raises(ModelWontFitError, match=r"needs about .* GiB .* memory limit"):
         check_fits(plan, limit_bytes=1 << 20)
     check_fits(plan, limit_bytes=plan.total + 1)
-    before_loading = plan_from_config(model.config, LoRAConfig(r=4), 4, 512, checkpointing=False)
+    before_loading = plan_from_config(model.config, LoRASettings(r=4), 4, 512, checkpointing=False)
     assert before_loading.adapters == plan.adapters
     assert before_loading.activations == plan.activations
     assert abs(before_loading.base_weights - plan.base_weights) < 0.02 * plan.base_weights
@@ -133,7 +134,7 @@ def test_bfloat16_run_with_checkpointing_trains():
     """bfloat16 compute and adapters (as on a Mac), float32 masters, gradient checkpointing."""
     config = tiny_config("qwen2")
     model = LlamaModel.from_state(config, random_tensors(config), compute_dtype="bfloat16")
-    apply_lora(model, LoRAConfig(r=4, dtype="bfloat16"))
+    apply_lora(model, LoRASettings(r=4), adapter_dtype="bfloat16")
     tokens, mask = _data()
     trainer = Trainer(
         model,

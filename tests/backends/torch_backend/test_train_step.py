@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import nf4core
+from backends.engine import LoRASettings
 from backends.schedule import learning_rate_at
-from backends.torch_backend.lora import LoRAConfig, apply_lora
+from backends.torch_backend.lora import apply_lora
 from backends.torch_backend.model import CausalLM, causal_lm_loss
 from backends.torch_backend.train_step import Batch, TrainConfig, Trainer
 
@@ -61,7 +62,7 @@ def data(seed=0, n=4):
 def run(steps=12, dropout=0.1, accum=1, seed=0):
     torch.manual_seed(seed)
     model = CausalLM.from_state(CFG, tiny_state(), quantize=True)
-    apply_lora(model, LoRAConfig(rank=4, alpha=8, dropout=dropout, seed=seed))
+    apply_lora(model, LoRASettings(r=4, alpha=8, dropout=dropout, seed=seed))
     trainer = Trainer(model, TrainConfig(grad_accum_steps=accum, max_grad_norm=1.0))
     ids, mask = data()
     micro = [Batch(ids[i::accum], mask[i::accum]) for i in range(accum)]
@@ -81,7 +82,7 @@ def test_short_run_lowers_the_loss_and_is_deterministic():
 
 def test_only_adapters_change():
     model = CausalLM.from_state(CFG, tiny_state(), quantize=True)
-    apply_lora(model, LoRAConfig(rank=2))
+    apply_lora(model, LoRASettings(r=2))
     frozen = {
         k: v.clone()
         for k, v in model.state_dict().items()
