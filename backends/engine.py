@@ -162,7 +162,9 @@ def check_one_length(prompts: Sequence[Sequence[int]]) -> None:
 
 
 class SourceTensors(Mapping):
-    """A lazy mapping over a model source: each tensor is read (and quantized) only when asked."""
+    """A read-only mapping over a model source's tensors (both backends build their models from it)
+    that reads each one only when asked, so building a model holds one dense tensor at a time
+    (linears are quantized as they arrive)."""
 
     def __init__(self, source: nf4core.ModelSource) -> None:
         self.source, self.names = source, list(source.tensor_names())
@@ -173,7 +175,10 @@ class SourceTensors(Mapping):
             raise KeyError(name)
         return self.source.read(name)
 
-    def __iter__(self):
+    def __contains__(self, name: object) -> bool:
+        return name in self._set
+
+    def __iter__(self) -> Iterator[str]:
         return iter(self.names)
 
     def __len__(self) -> int:

@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from nf4core import ModelConfig, ModelSource
 
+from ...engine import SourceTensors
 from ..kv_cache import KVCache
 from .attention import Attention
 from .chunked_loss import chunked_head_loss
@@ -154,8 +155,6 @@ class CausalLM(nn.Module):
     ) -> CausalLM:
         """Build from `nf4core.open_model(path)`: tensors are read (and quantized) one at a time; NF4
         weights of a bitsandbytes directory are used without requantizing."""
-        from .source import SourceTensors
-
         return cls.from_state(
             source.config,
             SourceTensors(source),
