@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nf4core import ModelConfig, ModelSource
+from nf4core.rope import inverse_frequencies
 
 from ...engine import SourceTensors
 from ..kv_cache import KVCache
@@ -18,7 +19,7 @@ from .attention import Attention
 from .chunked_loss import chunked_head_loss
 from .layers import MLP, RMSNorm, make_linear
 from .masks import attention_mask
-from .rope import inverse_frequencies, rope_cos_sin
+from .rope import rope_cos_sin
 
 ATTENTION_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -72,7 +73,9 @@ class CausalLM(nn.Module):
         self.compute_dtype = compute_dtype
         self.gradient_checkpointing = False
         self.chunked_loss = False  # `loss` runs the LM head and cross-entropy in chunks of rows
-        self.register_buffer("inv_freq", inverse_frequencies(config), persistent=False)
+        self.register_buffer(
+            "inv_freq", torch.from_numpy(inverse_frequencies(config)), persistent=False
+        )
 
     @classmethod
     def from_state(
