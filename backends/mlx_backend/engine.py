@@ -11,6 +11,7 @@ from mlx.utils import tree_flatten
 from ..engine import SourceTensors, StepResult, TrainingState, check_one_length, rows_until_stop
 from ..peft_adapter import PEFT_PREFIX
 from ._mlx import mx
+from .generate import SamplingConfig, generate_tokens, greedy_steps
 from .lora import apply_lora, load_lora_state_dict, lora_state_dict
 from .model import LlamaModel
 from .paged_optimizer import FORMAT_VERSION, PagedAdamWConfig
@@ -83,43 +84,16 @@ class MLXEngine:
         seed: int = 0,
         eos_ids: Sequence[int] = (),
     ) -> Iterator[int]:
-        if not prompt:
-            raise ValueError("the prompt must hold at least one token")
-        was = self.model.training
-        self.model.eval()
-        key = mx.random.key(seed)
-        try:
-            cache = self.model.make_cache()
-            logits = self.model.last_logits(mx.array([list(prompt)]), cache)[0]
-            for _ in range(max_new_tokens):
-                key, sub = mx.random.split(key)
-                token = _pick(logits, temperature, top_p, sub)
-                yield token
-                if token in eos_ids:
-                    return
-                logits = self.model.last_logits(mx.array([[token]]), cache)[0]
-        finally:
-            self.model.train(was)
+        cfg = SamplingConfig(max_new_tokens, temperature, top_p, seed, tuple(eos_ids))
+        return generate_tokens(self.model, list(prompt), cfg)
 
     def greedy_batch(
         self, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Sequence[int] = ()
     ) -> list[list[int]]:
         check_one_length(prompts)
-        return rows_until_stop(self._greedy_steps(prompts, max_new_tokens), len(prompts), eos_ids)
-
-    def _greedy_steps(
-        self, prompts: Sequence[Sequence[int]], max_new_tokens: int
-    ) -> Iterator[np.ndarray]:
-        was = self.model.training
-        self.model.eval()
-        try:
-            cache = self.model.make_cache()
-            ids = mx.array([list(p) for p in prompts])
-            for _ in range(max_new_tokens):
-                ids = mx.argmax(self.model.last_logits(ids, cache), axis=-1, keepdims=True)
-                yield np.array(ids[:, 0])
-        finally:
-            self.model.train(was)
+        return rows_until_stop(
+            greedy_steps(self.model, prompts, max_new_tokens), len(prompts), eos_ids
+        )
 
     def inference(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
@@ -149,17 +123,3 @@ class MLXEngine:
         self.trainer.optimizer.load_state_dict(
             tensors, {"format_version": str(FORMAT_VERSION), "step": str(state.step)}
         )
-
-
-def _pick(logits: mx.array, temperature: float, top_p: float, key: mx.array) -> int:
-    if temperature == 0:
-        return int(mx.argmax(logits).item())
-    probs = np.array(mx.softmax(logits.astype(mx.float32) / temperature))
-    if top_p < 1.0:
-        order = np.argsort(-probs, kind="stable")
-        sorted_p = probs[order]
-        keep = np.cumsum(sorted_p) - sorted_p < top_p
-        probs = np.zeros_like(probs)
-        probs[order[keep]] = sorted_p[keep]
-    logp = mx.log(mx.array(probs / probs.sum()))
-    return int(mx.random.categorical(logp, key=key).item())

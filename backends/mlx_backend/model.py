@@ -144,24 +144,6 @@ class LlamaModel(nn.Module):
     def make_cache(self) -> list[KVCache]:
         return KVCache.for_model(self.config.num_hidden_layers)
 
-    def generate(self, prompt: list[int], max_new_tokens: int, eos: int | None = None) -> list[int]:
-        """Greedy decoding with the KV cache (dropout off); returns the new tokens."""
-        was_training = self.training
-        self.eval()
-        try:
-            cache = self.make_cache()
-            logits = self.last_logits(mx.array([prompt]), cache)
-            out: list[int] = []
-            for _ in range(max_new_tokens):
-                token = int(mx.argmax(logits[0]).item())
-                out.append(token)
-                if token == eos:
-                    break
-                logits = self.last_logits(mx.array([[token]]), cache)
-            return out
-        finally:
-            self.train(was_training)
-
     @classmethod
     def from_state(
         cls,

@@ -13,9 +13,11 @@ transformers = pytest.importorskip("transformers")
 from mlx.utils import tree_flatten, tree_unflatten
 
 from backends.engine import LoRASettings
+from backends.mlx_backend.generate import generate
 from backends.mlx_backend.lora import apply_lora
 from backends.mlx_backend.model import LlamaModel
 from backends.mlx_backend.nf4_linear import NF4Linear
+from backends.sampling import SamplingConfig
 
 from .tiny_models import random_tensors, tiny_config
 
@@ -83,7 +85,7 @@ def test_kv_cache_matches_full_forward():
     np.testing.assert_allclose(
         np.array(mx.concatenate(parts, axis=1)), np.array(full), rtol=1e-4, atol=1e-4
     )
-    new = model.generate([1, 2, 3], max_new_tokens=4)
+    new = generate(model, [1, 2, 3], SamplingConfig(max_new_tokens=4))
     assert len(new) == 4
 
 
