@@ -179,17 +179,9 @@ class NF4Tensor:
 
     @property
     def bits_per_weight(self) -> float:
-        """Storage per weight of the format: 4 bits of code plus the block scales.
-
-        4 + 32/blocksize without double quant; 4 + 8/blocksize + 32/(blocksize * 256) with it
-        (4.127 at blocksize 64). The code tables are shared constants and not counted.
-        """
-        bits = 4.0 + 32.0 / self.blocksize
-        if self.double_quant is not None:
-            bits = (
-                4.0 + 8.0 / self.blocksize + 32.0 / (self.blocksize * self.double_quant.blocksize)
-            )
-        return bits
+        """Storage per weight of the format (see `bits_per_weight`)."""
+        dq = self.double_quant
+        return bits_per_weight(self.blocksize, None if dq is None else dq.blocksize)
 
     def to_state_dict(self, prefix: str) -> dict[str, np.ndarray]:
         """The bitsandbytes state dict entries of a quantized linear named `prefix`."""
@@ -203,6 +195,15 @@ class NF4Tensor:
         from .state_dict import nf4_from_state_dict
 
         return nf4_from_state_dict(state_dict, prefix)
+
+
+def bits_per_weight(blocksize: int, nested_blocksize: int | None = NESTED_BLOCKSIZE) -> float:
+    """Storage per weight: 4 bits of code plus the block scales. 4 + 32/blocksize without double quant
+    (`nested_blocksize` None); 4 + 8/blocksize + 32/(blocksize * nested_blocksize) with it (4.127 at
+    blocksize 64). The code tables are shared constants and not counted."""
+    if nested_blocksize is None:
+        return 4.0 + 32.0 / blocksize
+    return 4.0 + 8.0 / blocksize + 32.0 / (blocksize * nested_blocksize)
 
 
 QUANT_METHODS = ("absmax", "mse")

@@ -10,7 +10,9 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from nf4core import ModelConfig
+from nf4core.codebooks import DYNAMIC_MAP_SIGNED, NESTED_BLOCKSIZE, NF4_CODE
 from nf4core.dtypes import float_dtype
+from nf4core.tensor import bits_per_weight
 
 from ..engine import LoRASettings
 from ._mlx import mx, nn
@@ -109,10 +111,10 @@ def plan_from_config(
 ) -> MemoryPlan:
     """The same estimate as `plan_training`, before loading anything (for a "won't fit" up front)."""
     dense_bytes = np.dtype(float_dtype(compute_dtype)).itemsize
-    bits = 4 + 8 / blocksize + 32 / (blocksize * 256) if double_quant else 4 + 32 / blocksize
+    bits = bits_per_weight(blocksize, NESTED_BLOCKSIZE if double_quant else None)
     shapes = linear_shapes(config)
     layers = config.num_hidden_layers
-    tables = 16 * 4 + (256 * 4 if double_quant else 0)  # each weight holds its code tables
+    tables = NF4_CODE.nbytes + (DYNAMIC_MAP_SIGNED.nbytes if double_quant else 0)  # per weight
     nf4 = sum(math.ceil(o * i * bits / 8) + tables for o, i in shapes.values()) * layers
     dense = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
     dense += config.hidden_size * (2 * layers + 1)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nf4core import DoubleQuantAbsmax, NF4Tensor
+from nf4core.codebooks import NESTED_BLOCKSIZE
 
 from ._mlx import mx
 
@@ -40,7 +41,7 @@ class NF4Weight:
     shape: tuple[int, ...]
     dtype: str
     blocksize: int
-    dq_blocksize: int = 256
+    dq_blocksize: int = NESTED_BLOCKSIZE
 
     def __post_init__(self) -> None:
         if self.packed.dtype != mx.uint8 or self.packed.ndim != 1:
@@ -105,7 +106,7 @@ class NF4Weight:
             shape=tuple(t.shape),
             dtype=t.dtype,
             blocksize=t.blocksize,
-            dq_blocksize=256 if dq is None else dq.blocksize,
+            dq_blocksize=NESTED_BLOCKSIZE if dq is None else dq.blocksize,
         )
 
     def to_nf4(self) -> NF4Tensor:

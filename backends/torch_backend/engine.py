@@ -8,6 +8,8 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from nf4core.dtypes import FLOAT_DTYPES
+
 from ..engine import StepResult, TrainingState, check_one_length, rows_until_stop
 from ..peft_adapter import PEFT_PREFIX
 from .generate import SamplingConfig, generate_tokens, greedy_steps
@@ -17,7 +19,7 @@ from .model.llama import causal_lm_loss
 from .nf4_linear import NF4Linear
 from .train_step import Batch, TrainConfig, Trainer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in FLOAT_DTYPES}  # "bfloat16" -> torch.bfloat16
 
 
 class TorchEngine:

@@ -106,7 +106,11 @@ class NF4Linear(nn.Module):
 
     def get_extra_state(self) -> dict:
         """The scalar metadata (blocksize, shape, dtype, nested offset) travels in the state dict."""
-        return {**self._meta, "shape": list(self._meta["shape"]), "format_version": 1}
+        return {
+            **self._meta,
+            "shape": list(self._meta["shape"]),
+            "format_version": nf4core.FORMAT_VERSION,
+        }
 
     def set_extra_state(self, state: dict) -> None:
         meta = {k: state[k] for k in self._meta}

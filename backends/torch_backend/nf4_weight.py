@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from nf4core import DoubleQuantAbsmax, NF4Tensor
+from nf4core.codebooks import NESTED_BLOCKSIZE
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,7 +110,7 @@ class NF4Weight:
             nested_scales=put(dq.scales) if dq else None,
             nested_quant_map=put(dq.quant_map) if dq else None,
             nested_offset=dq.offset if dq else 0.0,
-            nested_blocksize=dq.blocksize if dq else 256,
+            nested_blocksize=dq.blocksize if dq else NESTED_BLOCKSIZE,
             quant_map=put(t.quant_map),
             shape=tuple(t.shape),
             dtype=t.dtype,
