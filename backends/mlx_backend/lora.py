@@ -87,27 +87,6 @@ class LoRALinear(nn.Module):
         z = (self._dropout(x) @ self.lora_A.T.astype(x.dtype)) @ self.lora_B.T.astype(x.dtype)
         return y + (self.scale * z).astype(y.dtype)
 
-    def delta_weight(self, dtype: mx.Dtype = mx.float32) -> mx.array:
-        """scale * B @ A, (out, in)."""
-        return (
-            self.scale * (self.lora_B.astype(mx.float32) @ self.lora_A.astype(mx.float32))
-        ).astype(dtype)
-
-    def merge(self, dtype: mx.Dtype = mx.float32) -> nn.Linear:
-        """A dense nn.Linear holding W + scale * B A (the base dequantized in float32 first)."""
-        if isinstance(self.base, NF4Linear):
-            weight = self.base.dequantized_weight(mx.float32)
-        else:
-            weight = self.base.weight.astype(mx.float32)
-        weight = (weight + self.delta_weight(mx.float32)).astype(dtype)
-        out_features, in_features = weight.shape
-        has_bias = "bias" in self.base
-        merged = nn.Linear(in_features, out_features, bias=has_bias)
-        merged.weight = weight
-        if has_bias:
-            merged.bias = self.base.bias.astype(dtype)
-        return merged
-
 
 def apply_lora(
     model: nn.Module, settings: LoRASettings, adapter_dtype: str = "float32"

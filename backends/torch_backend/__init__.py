@@ -13,7 +13,6 @@ from .lora import (
     apply_lora,
     load_lora_state_dict,
     lora_state_dict,
-    merge_lora,
 )
 from .model import CausalLM, causal_lm_loss
 from .nf4_linear import NF4Linear, nf4_linear
@@ -40,6 +39,5 @@ __all__ = [
     "generate_tokens",
     "load_lora_state_dict",
     "lora_state_dict",
-    "merge_lora",
     "nf4_linear",
 ]

@@ -1,4 +1,5 @@
-"""`LoRALinear` in PEFT's convention, and helpers to add, export and merge adapters in a model."""
+"""`LoRALinear` in PEFT's convention, and helpers to add and export adapters in a model (merging is
+`backends/merge.py`, one definition for both backends)."""
 
 from __future__ import annotations
 
@@ -72,41 +73,6 @@ class LoRALinear(nn.Module):
         b = self.lora_B.weight.to(x.dtype)  # (out, r)
         return y + F.linear(F.linear(self.dropout(x), a), b) * self.scale
 
-    def delta_weight(self) -> torch.Tensor:
-        """scale * B @ A in float32, (out, in)."""
-        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scale
-
-    def merge(
-        self, requantize: bool = False, blocksize: int = 64, double_quant: bool = True
-    ) -> nn.Module:
-        """The base with the adapter folded in: a dense float32 nn.Linear, or an NF4Linear re-quantized
-        by nf4core when `requantize`."""
-        if isinstance(self.base, NF4Linear):
-            w = self.base.dequantize(torch.float32)
-        else:
-            w = self.base.weight.detach().float()
-        merged = w + self.delta_weight().detach()
-        bias = getattr(self.base, "bias", None)
-        if requantize:
-            t = nf4core.quantize(
-                merged.cpu().numpy(), blocksize=blocksize, double_quant=double_quant
-            )
-            b = None if bias is None else bias.detach().float().cpu()
-            return NF4Linear.from_nf4(t, b).to(merged.device)
-        dense = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=bias is not None,
-            device=merged.device,
-            dtype=torch.float32,
-        )
-        with torch.no_grad():
-            dense.weight.copy_(merged)
-            if bias is not None:
-                dense.bias.copy_(bias.float())
-        dense.requires_grad_(False)
-        return dense
-
 
 def _device_of(module: nn.Module) -> torch.device:
     for t in list(module.buffers()) + list(module.parameters()):
@@ -169,13 +135,3 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor | np.nd
                     else state[key]
                 )
             )
-
-
-def merge_lora(
-    model: nn.Module, requantize: bool = False, blocksize: int = 64, double_quant: bool = True
-) -> nn.Module:
-    """Replace every LoRALinear of `model` by its merged base (in place); returns the model."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
-            _set_submodule(model, name, module.merge(requantize, blocksize, double_quant))
-    return model

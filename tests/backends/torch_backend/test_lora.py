@@ -10,7 +10,6 @@ from backends.torch_backend.lora import (
     apply_lora,
     load_lora_state_dict,
     lora_state_dict,
-    merge_lora,
 )
 from backends.torch_backend.nf4_linear import NF4Linear
 from tests.backends.torch_backend.conftest import bits, quantized
@@ -58,24 +57,6 @@ def test_dropout_only_in_training(rng):
     assert not torch.allclose(y1, lora(x))
 
 
-@pytest.mark.parametrize("requantize", [False, True])
-def test_merge(rng, requantize):
-    lora = LoRALinear.from_base(nf4_layer(rng), "m", LoRASettings(r=3))
-    with torch.no_grad():
-        lora.lora_B.weight.normal_(std=0.1)
-    merged = lora.merge(requantize=requantize, blocksize=64)
-    x = torch.randn(5, 20)
-    if requantize:
-        assert isinstance(merged, NF4Linear)
-        dense = lora.base.dequantize() + lora.delta_weight().detach()
-        t = nf4core.quantize(dense.numpy(), blocksize=64)
-        assert np.array_equal(bits(merged.dequantize()), bits(nf4core.dequantize(t)))
-    else:
-        assert isinstance(merged, nn.Linear)
-        assert torch.allclose(merged(x), lora(x), atol=1e-5)
-    assert not any(p.requires_grad for p in merged.parameters())
-
-
 def tiny_stack(rng):
     model = nn.Module()
     model.layers = nn.ModuleList()
@@ -98,7 +79,7 @@ def test_apply_lora_targets_by_name_and_freezes_the_rest(rng):
         apply_lora(tiny_stack(rng), LoRASettings(targets=("nope",)))
 
 
-def test_peft_key_names_round_trip_and_merge(rng):
+def test_peft_key_names_round_trip(rng):
     model = tiny_stack(rng)
     apply_lora(model, LoRASettings(r=2))
     state = lora_state_dict(model)
@@ -109,11 +90,6 @@ def test_peft_key_names_round_trip_and_merge(rng):
     assert all(torch.equal(lora_state_dict(model)[k], v) for k, v in changed.items())
     with pytest.raises(KeyError):
         load_lora_state_dict(model, {})
-    x = torch.randn(3, 16)
-    before = model.layers[1].v_proj(x)
-    merge_lora(model)
-    assert isinstance(model.layers[1].v_proj, nn.Linear)
-    assert torch.allclose(model.layers[1].v_proj(x), before, atol=1e-5)
 
 
 def test_config_validation():
