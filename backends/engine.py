@@ -19,6 +19,8 @@ import numpy as np
 import nf4core
 from nf4core.model_config import LINEAR_NAMES
 
+from .sampling import SamplingConfig
+
 if TYPE_CHECKING:
     from .registry import BackendChoice
 
@@ -100,6 +102,9 @@ class TrainingState:
 
 
 class Engine(Protocol):
+    """What the pipeline calls. The backend engines subclass it: `generate` and `greedy_batch` are
+    written here once, over the backend's `decode` and `greedy_steps`."""
+
     choice: BackendChoice
     config: nf4core.ModelConfig
 
@@ -115,12 +120,23 @@ class Engine(Protocol):
         top_p: float = 1.0,
         seed: int = 0,
         eos_ids: Sequence[int] = (),
-    ) -> Iterator[int]: ...
+    ) -> Iterator[int]:
+        cfg = SamplingConfig(max_new_tokens, temperature, top_p, seed, tuple(eos_ids))
+        return self.decode(list(prompt), cfg)
 
-    # prompts of one token length decoded together; each row cut before its first stop id
     def greedy_batch(
         self, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Sequence[int] = ()
-    ) -> list[list[int]]: ...
+    ) -> list[list[int]]:
+        """Prompts of one token length decoded together; each row cut before its first stop id."""
+        check_one_length(prompts)
+        return rows_until_stop(self.greedy_steps(prompts, max_new_tokens), len(prompts), eos_ids)
+
+    def decode(self, prompt: list[int], cfg: SamplingConfig) -> Iterator[int]: ...
+
+    # the next greedy token of every row (an int array), step by step
+    def greedy_steps(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int
+    ) -> Iterator[np.ndarray]: ...
 
     def inference(self) -> AbstractContextManager: ...  # faster eval/generation inside, no training
 

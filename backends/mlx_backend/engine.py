@@ -8,7 +8,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..engine import SourceTensors, StepResult, TrainingState, check_one_length, rows_until_stop
+from ..engine import Engine, SourceTensors, StepResult, TrainingState
 from ..peft_adapter import PEFT_PREFIX
 from ._mlx import mx
 from .generate import SamplingConfig, generate_tokens, greedy_steps
@@ -22,7 +22,7 @@ def _peft(path: str) -> str:  # "model.layers.0.self_attn.q_proj.lora_A" -> PEFT
     return f"{PEFT_PREFIX}{path}.weight"
 
 
-class MLXEngine:
+class MLXEngine(Engine):
     def __init__(self, choice, source, lora, train, lr: float, base=None) -> None:
         self.choice, self.config = choice, source.config
         if choice.device == "cpu":
@@ -75,25 +75,13 @@ class MLXEngine:
         self.model.train(was)
         return total, n
 
-    def generate(
-        self,
-        prompt: Sequence[int],
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        eos_ids: Sequence[int] = (),
-    ) -> Iterator[int]:
-        cfg = SamplingConfig(max_new_tokens, temperature, top_p, seed, tuple(eos_ids))
-        return generate_tokens(self.model, list(prompt), cfg)
+    def decode(self, prompt: list[int], cfg: SamplingConfig) -> Iterator[int]:
+        return generate_tokens(self.model, prompt, cfg)
 
-    def greedy_batch(
-        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Sequence[int] = ()
-    ) -> list[list[int]]:
-        check_one_length(prompts)
-        return rows_until_stop(
-            greedy_steps(self.model, prompts, max_new_tokens), len(prompts), eos_ids
-        )
+    def greedy_steps(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int
+    ) -> Iterator[np.ndarray]:
+        return greedy_steps(self.model, prompts, max_new_tokens)
 
     def inference(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()

@@ -10,7 +10,7 @@ import torch
 
 from nf4core.dtypes import FLOAT_DTYPES
 
-from ..engine import StepResult, TrainingState, check_one_length, rows_until_stop
+from ..engine import Engine, StepResult, TrainingState
 from ..peft_adapter import PEFT_PREFIX
 from .generate import SamplingConfig, generate_tokens, greedy_steps
 from .lora import apply_lora, load_lora_state_dict, lora_state_dict
@@ -22,7 +22,7 @@ from .train_step import Batch, TrainConfig, Trainer
 DTYPES = {name: getattr(torch, name) for name in FLOAT_DTYPES}  # "bfloat16" -> torch.bfloat16
 
 
-class TorchEngine:
+class TorchEngine(Engine):
     def __init__(self, choice, source, lora, train, lr: float, base=None) -> None:
         self.choice, self.config = choice, source.config
         self.device = torch.device(choice.device)
@@ -77,25 +77,13 @@ class TorchEngine:
         self.model.train(was)
         return total, n
 
-    def generate(
-        self,
-        prompt: Sequence[int],
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        eos_ids: Sequence[int] = (),
-    ) -> Iterator[int]:
-        cfg = SamplingConfig(max_new_tokens, temperature, top_p, seed, tuple(eos_ids))
-        return generate_tokens(self.model, list(prompt), cfg)
+    def decode(self, prompt: list[int], cfg: SamplingConfig) -> Iterator[int]:
+        return generate_tokens(self.model, prompt, cfg)
 
-    def greedy_batch(
-        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Sequence[int] = ()
-    ) -> list[list[int]]:
-        check_one_length(prompts)
-        return rows_until_stop(
-            greedy_steps(self.model, prompts, max_new_tokens), len(prompts), eos_ids
-        )
+    def greedy_steps(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int
+    ) -> Iterator[np.ndarray]:
+        return greedy_steps(self.model, prompts, max_new_tokens)
 
     @contextlib.contextmanager
     def inference(self, budget_bytes: int = 2 << 30) -> Iterator[None]:
