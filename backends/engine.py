@@ -9,7 +9,7 @@ from one engine loads into the other.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -102,15 +102,33 @@ class TrainingState:
 
 
 class Engine(Protocol):
-    """What the pipeline calls. The backend engines subclass it: `generate` and `greedy_batch` are
-    written here once, over the backend's `decode` and `greedy_steps`."""
+    """What the pipeline calls. The backend engines subclass it: `eval_loss`, `generate` and
+    `greedy_batch` are written here once, over the backend's `batch_loss` and its generation
+    functions (`generate_tokens`, `greedy_steps`: the backend's generate module, called with the
+    engine's model)."""
 
     choice: BackendChoice
     config: nf4core.ModelConfig
+    model: object  # the backend's model: .training, .eval(), .train(mode)
+    generate_tokens: Callable[[object, list[int], SamplingConfig], Iterator[int]]
+    greedy_steps: Callable[[object, Sequence[Sequence[int]], int], Iterator[np.ndarray]]
 
     def train_step(self, micro_batches: Sequence[nf4core.Batch], lr: float) -> StepResult: ...
 
-    def eval_loss(self, batches: Sequence[nf4core.Batch]) -> tuple[float, int]: ...
+    def batch_loss(self, batch: nf4core.Batch) -> tuple[float, int]: ...  # (summed loss, targets)
+
+    def eval_loss(self, batches: Sequence[nf4core.Batch]) -> tuple[float, int]:
+        """(summed loss over the target tokens, their count) over `batches`, dropout off."""
+        was = self.model.training
+        self.model.eval()
+        total, n = 0.0, 0
+        try:
+            for b in batches:
+                s, k = self.batch_loss(b)
+                total, n = total + s, n + k
+        finally:
+            self.model.train(was)
+        return total, n
 
     def generate(
         self,
@@ -122,21 +140,15 @@ class Engine(Protocol):
         eos_ids: Sequence[int] = (),
     ) -> Iterator[int]:
         cfg = SamplingConfig(max_new_tokens, temperature, top_p, seed, tuple(eos_ids))
-        return self.decode(list(prompt), cfg)
+        return self.generate_tokens(self.model, list(prompt), cfg)
 
     def greedy_batch(
         self, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Sequence[int] = ()
     ) -> list[list[int]]:
         """Prompts of one token length decoded together; each row cut before its first stop id."""
         check_one_length(prompts)
-        return rows_until_stop(self.greedy_steps(prompts, max_new_tokens), len(prompts), eos_ids)
-
-    def decode(self, prompt: list[int], cfg: SamplingConfig) -> Iterator[int]: ...
-
-    # the next greedy token of every row (an int array), step by step
-    def greedy_steps(
-        self, prompts: Sequence[Sequence[int]], max_new_tokens: int
-    ) -> Iterator[np.ndarray]: ...
+        steps = self.greedy_steps(self.model, prompts, max_new_tokens)
+        return rows_until_stop(steps, len(prompts), eos_ids)
 
     def inference(self) -> AbstractContextManager: ...  # faster eval/generation inside, no training
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 from mlx.utils import tree_flatten
@@ -11,7 +11,7 @@ from mlx.utils import tree_flatten
 from ..engine import Engine, SourceTensors, StepResult, TrainingState
 from ..peft_adapter import PEFT_PREFIX
 from ._mlx import mx
-from .generate import SamplingConfig, generate_tokens, greedy_steps
+from .generate import generate_tokens, greedy_steps
 from .lora import apply_lora, load_lora_state_dict, lora_state_dict
 from .model import LlamaModel
 from .paged_optimizer import FORMAT_VERSION, PagedAdamWConfig
@@ -23,6 +23,9 @@ def _peft(path: str) -> str:  # "model.layers.0.self_attn.q_proj.lora_A" -> PEFT
 
 
 class MLXEngine(Engine):
+    generate_tokens = staticmethod(generate_tokens)
+    greedy_steps = staticmethod(greedy_steps)
+
     def __init__(self, choice, source, lora, train, lr: float, base=None) -> None:
         self.choice, self.config = choice, source.config
         if choice.device == "cpu":
@@ -64,24 +67,10 @@ class MLXEngine(Engine):
         out = self.trainer.step([self._batch(b) for b in micro_batches], lr)
         return StepResult(out["loss"], out["tokens"], out["grad_norm"])
 
-    def eval_loss(self, batches) -> tuple[float, int]:
-        was = self.model.training
-        self.model.eval()
-        total, n = 0.0, 0
-        for b in batches:
-            batch = self._batch(b)
-            s, k = masked_cross_entropy(self.model(batch.inputs), batch.targets, batch.mask)
-            total, n = total + s.item(), n + int(k.item())
-        self.model.train(was)
-        return total, n
-
-    def decode(self, prompt: list[int], cfg: SamplingConfig) -> Iterator[int]:
-        return generate_tokens(self.model, prompt, cfg)
-
-    def greedy_steps(
-        self, prompts: Sequence[Sequence[int]], max_new_tokens: int
-    ) -> Iterator[np.ndarray]:
-        return greedy_steps(self.model, prompts, max_new_tokens)
+    def batch_loss(self, b) -> tuple[float, int]:
+        batch = self._batch(b)
+        s, k = masked_cross_entropy(self.model(batch.inputs), batch.targets, batch.mask)
+        return s.item(), int(k.item())
 
     def inference(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
@@ -12,7 +12,7 @@ from nf4core.dtypes import FLOAT_DTYPES
 
 from ..engine import Engine, StepResult, TrainingState
 from ..peft_adapter import PEFT_PREFIX
-from .generate import SamplingConfig, generate_tokens, greedy_steps
+from .generate import generate_tokens, greedy_steps
 from .lora import apply_lora, load_lora_state_dict, lora_state_dict
 from .model import CausalLM
 from .model.llama import causal_lm_loss
@@ -23,6 +23,9 @@ DTYPES = {name: getattr(torch, name) for name in FLOAT_DTYPES}  # "bfloat16" -> 
 
 
 class TorchEngine(Engine):
+    generate_tokens = staticmethod(generate_tokens)
+    greedy_steps = staticmethod(greedy_steps)
+
     def __init__(self, choice, source, lora, train, lr: float, base=None) -> None:
         self.choice, self.config = choice, source.config
         self.device = torch.device(choice.device)
@@ -63,27 +66,13 @@ class TorchEngine(Engine):
         return StepResult(stats.loss, stats.tokens, stats.grad_norm)
 
     @torch.no_grad()
-    def eval_loss(self, batches) -> tuple[float, int]:
-        was = self.model.training
-        self.model.eval()
-        total, n = 0.0, 0
-        for b in batches:
-            batch = self._batch(b)
-            logits = self.model(
-                batch.input_ids, position_ids=batch.position_ids, segment_ids=batch.segment_ids
-            )
-            s, k = causal_lm_loss(logits, batch.input_ids, batch.loss_mask, batch.segment_ids)
-            total, n = total + float(s), n + int(k)
-        self.model.train(was)
-        return total, n
-
-    def decode(self, prompt: list[int], cfg: SamplingConfig) -> Iterator[int]:
-        return generate_tokens(self.model, prompt, cfg)
-
-    def greedy_steps(
-        self, prompts: Sequence[Sequence[int]], max_new_tokens: int
-    ) -> Iterator[np.ndarray]:
-        return greedy_steps(self.model, prompts, max_new_tokens)
+    def batch_loss(self, b) -> tuple[float, int]:
+        batch = self._batch(b)
+        logits = self.model(
+            batch.input_ids, position_ids=batch.position_ids, segment_ids=batch.segment_ids
+        )
+        s, k = causal_lm_loss(logits, batch.input_ids, batch.loss_mask, batch.segment_ids)
+        return float(s), int(k)
 
     @contextlib.contextmanager
     def inference(self, budget_bytes: int = 2 << 30) -> Iterator[None]:
