@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -95,7 +94,7 @@ class DoubleQuantAbsmax:
 
 
 @dataclass(frozen=True, eq=False)
-class NF4Tensor:
+class NF4Tensor(blockwise.BlockLayout):
     """A weight in 4-bit NormalFloat, laid out exactly as bitsandbytes stores it.
 
     Attributes:
@@ -152,14 +151,6 @@ class NF4Tensor:
                 f"absmax has {got} values, but {self.numel} elements in blocks of "
                 f"{self.blocksize} need {n_scales}"
             )
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def n_blocks(self) -> int:
-        return blockwise.n_blocks(self.numel, self.blocksize)
 
     def block_absmax(self) -> np.ndarray:
         """float32 (n_blocks,): the scale of every block, reconstructed if double-quantized."""

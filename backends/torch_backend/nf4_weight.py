@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from nf4core import DoubleQuantAbsmax, NF4Tensor
+from nf4core.blockwise import BlockLayout
 from nf4core.codebooks import NESTED_BLOCKSIZE
 
 
 @dataclass(frozen=True, eq=False)
-class NF4Weight:
+class NF4Weight(BlockLayout):
     """A frozen NF4 weight on a torch device, in bitsandbytes' layout.
 
     Attributes:
@@ -62,14 +62,6 @@ class NF4Weight:
         for t in self.tensors():
             if t.device != self.packed.device:
                 raise ValueError("all tensors of an NF4Weight must live on one device")
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def n_blocks(self) -> int:
-        return -(-self.numel // self.blocksize)
 
     @property
     def device(self) -> torch.device:
