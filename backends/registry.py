@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 BACKENDS = ("torch", "mlx")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 EXTRA_OF = {"torch": "torch", "mlx": "mlx"}
+# which kernels a backend's ops run: auto, reference, or its own ("triton" on torch, "metal" on mlx)
+KERNELS_ENV = "NF4_KERNELS"
+# deprecated: the names each backend read before NF4_KERNELS (still read when it is unset)
+OLD_KERNELS_ENV = {"torch": "NF4_QLORA_KERNELS", "mlx": "NF4_MLX_KERNELS"}
 # the engine class of each backend, imported only when that backend is chosen
 ENGINES = {
     "torch": ("backends.torch_backend.engine", "TorchEngine"),
@@ -75,6 +79,19 @@ class BackendChoice:
 
     def describe(self) -> str:
         return f"backend {self.backend}, device {self.device}, compute {self.compute_dtype} ({self.reason})"
+
+
+def kernels_from_env(
+    backend: str, paths: tuple[str, ...], env: Mapping[str, str] | None = None
+) -> str:
+    """The kernel path the environment asks `backend` for (NF4_KERNELS, else the backend's
+    deprecated name, else "auto"); ValueError naming the variable for a value not in `paths`."""
+    env = os.environ if env is None else env
+    name = KERNELS_ENV if KERNELS_ENV in env else OLD_KERNELS_ENV[backend]
+    path = env.get(name, "auto")
+    if path not in paths:
+        raise ValueError(f"{name} must be one of {paths}, got {path!r}")
+    return path
 
 
 def select_backend(

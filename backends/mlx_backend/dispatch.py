@@ -2,22 +2,22 @@
 
 Auto: Metal when `mx.metal.is_available()` and the default device is the GPU, else the reference.
 Force a path for a block of code with `use_path("reference")` / `use_path("metal")`, or for the
-process with the environment variable NF4_MLX_KERNELS=auto|metal|reference.
+process with the environment variable NF4_KERNELS=auto|metal|reference (NF4_MLX_KERNELS is its
+deprecated name).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
 from collections.abc import Iterator
 
+from ..registry import kernels_from_env
 from . import ops_reference
 from ._mlx import mx
 from .nf4_weight import NF4Weight
 
 PATHS = ("auto", "metal", "reference")
-ENV_VAR = "NF4_MLX_KERNELS"
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("nf4_mlx_path", default=None)
 
 
@@ -32,10 +32,7 @@ def default_compute_dtype() -> str:
 
 
 def requested_path() -> str:
-    path = _forced.get() or os.environ.get(ENV_VAR, "auto")
-    if path not in PATHS:
-        raise ValueError(f"{ENV_VAR}={path!r}; expected one of {PATHS}")
-    return path
+    return _forced.get() or kernels_from_env("mlx", PATHS)
 
 
 def selected_path() -> str:

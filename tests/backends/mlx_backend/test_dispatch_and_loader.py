@@ -34,11 +34,14 @@ def test_reference_path_off_metal_and_forcing():
 
 
 def test_environment_variable_forces_a_path(monkeypatch):
-    monkeypatch.setenv(dispatch.ENV_VAR, "reference")
+    monkeypatch.setenv("NF4_KERNELS", "reference")
     assert dispatch.selected_path() == "reference"
-    monkeypatch.setenv(dispatch.ENV_VAR, "fastest")
-    with pytest.raises(ValueError, match="NF4_MLX_KERNELS"):
+    monkeypatch.setenv("NF4_KERNELS", "fastest")
+    with pytest.raises(ValueError, match="NF4_KERNELS"):
         dispatch.selected_path()
+    monkeypatch.delenv("NF4_KERNELS")
+    monkeypatch.setenv("NF4_MLX_KERNELS", "reference")  # the deprecated name still counts
+    assert dispatch.selected_path() == "reference"
 
 
 def test_loader_finds_checkout_and_install_prefix(tmp_path):
