@@ -87,7 +87,7 @@ def check_correctness(ops, quick: bool) -> None:
     x = mx.array(rng.standard_normal((4, 7, 160)).astype(np.float32))
     grads = {}
     for path in ("auto", "reference"):
-        with dispatch.use_path(path):
+        with dispatch.force_path(path):
             grads[path] = mx.grad(lambda v: (layer(v) ** 2).sum())(x)
     err = float(mx.abs(grads["auto"] - grads["reference"]).max() / mx.abs(grads["reference"]).max())
     report(err < 1e-4, f"NF4Linear input gradient, kernels vs reference: rel err {err:.2e}")
@@ -161,7 +161,7 @@ def bench_step(smoke: bool) -> None:
     ]
     results = {}
     for label, path, quantize in runs:
-        with dispatch.use_path(path):
+        with dispatch.force_path(path):
             tps, peak = step_tokens_per_second(cfg, quantize, batch, seq, steps=2 if smoke else 5)
         results[label] = tps
         print(f"  {label}: {tps:.0f} tokens/s, peak {peak / 2**20:.0f} MiB")

@@ -1,7 +1,7 @@
 """Picks the Metal kernel or the plain-mlx reference for each op when it is called (never at import).
 
 Auto: Metal when `mx.metal.is_available()` and the default device is the GPU, else the reference.
-Force a path for a block of code with `use_path("reference")` / `use_path("metal")`, or for the
+Force a path for a block of code with `force_path("reference")` / `force_path("metal")`, or for the
 process with the environment variable NF4_KERNELS=auto|metal|reference (NF4_MLX_KERNELS is its
 deprecated name).
 """
@@ -50,7 +50,7 @@ def selected_path() -> str:
 
 
 @contextlib.contextmanager
-def use_path(path: str) -> Iterator[None]:
+def force_path(path: str) -> Iterator[None]:
     """Force "metal", "reference" or "auto" for the ops called inside the block."""
     if path not in PATHS:
         raise ValueError(f"unknown kernel path {path!r}; expected one of {PATHS}")

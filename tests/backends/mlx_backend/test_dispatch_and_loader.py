@@ -25,11 +25,11 @@ needs_metal = pytest.mark.skipif(not dispatch.metal_usable(), reason="needs a Me
 def test_reference_path_off_metal_and_forcing():
     if not dispatch.metal_usable():
         assert dispatch.selected_path() == "reference"
-        with dispatch.use_path("metal"), pytest.raises(RuntimeError, match="were requested"):
+        with dispatch.force_path("metal"), pytest.raises(RuntimeError, match="were requested"):
             dispatch.selected_path()
-    with dispatch.use_path("reference"):
+    with dispatch.force_path("reference"):
         assert dispatch.selected_path() == "reference"
-    with pytest.raises(ValueError), dispatch.use_path("cuda"):
+    with pytest.raises(ValueError), dispatch.force_path("cuda"):
         pass
 
 
@@ -187,7 +187,7 @@ def test_metal_training_steps_match_reference_path():
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, size=(4, 33))
     losses = {}
     for path in ("metal", "reference"):
-        with dispatch.use_path(path):
+        with dispatch.force_path(path):
             model = LlamaModel.from_state(config, random_tensors(config), compute_dtype="float32")
             apply_lora(model, LoRASettings(r=4))
             trainer = Trainer(model, TrainConfig())
