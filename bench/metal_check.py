@@ -72,13 +72,13 @@ def check_correctness(ops, quick: bool) -> None:
             w = NF4Weight.from_nf4(t)
             x = mx.array(rng.standard_normal((m, 257)).astype(np.float32)).astype(dtype)
             g = mx.array(rng.standard_normal((m, 67)).astype(np.float32)).astype(dtype)
-            for op, arg in (("matmul", x), ("matmul_t", g)):
+            for op, arg in (("linear", x), ("linear_grad_input", g)):
                 want = getattr(ops_reference, op)(arg.astype(mx.float32), w)
                 for strategy in ("fused", "dequant"):
                     got = getattr(ops, op)(arg, w, strategy=strategy).astype(mx.float32)
                     scale = float(mx.abs(want).max()) or 1.0
                     err = float(mx.abs(got - want).max()) / scale
-                    kind = "gemv" if op == "matmul" and m <= 8 and strategy == "fused" else op
+                    kind = "gemv" if op == "linear" and m <= 8 and strategy == "fused" else op
                     report(
                         err < TOLERANCE[name],
                         f"{kind} ({strategy}) M={m} {name}: max rel err {err:.2e}",
@@ -131,8 +131,8 @@ def bench_matmul(ops, n: int, k: int, rows: tuple[int, ...]) -> None:
     )
     for m in rows:
         x = mx.array(rng.standard_normal((m, k)).astype(np.float32)).astype(mx.bfloat16)
-        s_ours = timed(lambda x=x: ops.matmul(x, w))
-        s_fused = timed(lambda x=x: ops.matmul(x, w, strategy="fused"))
+        s_ours = timed(lambda x=x: ops.linear(x, w))
+        s_fused = timed(lambda x=x: ops.linear(x, w, strategy="fused"))
         s_aff = timed(
             lambda x=x: mx.quantized_matmul(
                 x, wq, scales, biases, transpose=True, group_size=64, bits=4

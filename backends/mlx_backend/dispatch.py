@@ -77,11 +77,11 @@ def dequantize(w: NF4Weight, dtype: mx.Dtype = mx.float32) -> mx.array:
     return _ops().dequantize(w, dtype)
 
 
-def matmul(x: mx.array, w: NF4Weight) -> mx.array:
+def linear(x: mx.array, w: NF4Weight) -> mx.array:
     """x @ W^T: (..., in) -> (..., out)."""
-    return _ops().matmul(x, w)
+    return _ops().linear(x, w)
 
 
-def matmul_t(g: mx.array, w: NF4Weight) -> mx.array:
+def linear_grad_input(g: mx.array, w: NF4Weight) -> mx.array:
     """g @ W: (..., out) -> (..., in)."""
-    return _ops().matmul_t(g, w)
+    return _ops().linear_grad_input(g, w)

@@ -130,14 +130,14 @@ def test_metal_kernels_match_reference(double_quant):
             x = mx.array(rng.standard_normal((m, shape[1])).astype(np.float32))
             g = mx.array(rng.standard_normal((m, shape[0])).astype(np.float32))
             np.testing.assert_allclose(
-                np.array(ops_metal.matmul(x, w)),
-                np.array(ops_reference.matmul(x, w)),
+                np.array(ops_metal.linear(x, w)),
+                np.array(ops_reference.linear(x, w)),
                 rtol=1e-4,
                 atol=1e-4,
             )
             np.testing.assert_allclose(
-                np.array(ops_metal.matmul_t(g, w)),
-                np.array(ops_reference.matmul_t(g, w)),
+                np.array(ops_metal.linear_grad_input(g, w)),
+                np.array(ops_reference.linear_grad_input(g, w)),
                 rtol=1e-4,
                 atol=1e-4,
             )
