@@ -72,10 +72,10 @@ def step_tokens_per_second(
     trainer = Trainer(model, TrainConfig(max_grad_norm=1.0))
     tokens = np.random.default_rng(1).integers(0, config.vocab_size, size=(batch, seq + 1))
     b = Batch.from_tokens(tokens)
-    trainer.step([b], 2e-4)  # compile + warm-up
+    trainer.train_step([b], 2e-4)  # compile + warm-up
     mx.reset_peak_memory()
     start = time.perf_counter()
     for _ in range(steps):
-        trainer.step([b], 2e-4)
+        trainer.train_step([b], 2e-4)
     elapsed = time.perf_counter() - start
     return batch * seq * steps / elapsed, mx.get_peak_memory()

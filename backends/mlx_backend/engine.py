@@ -64,7 +64,7 @@ class MLXEngine(Engine):
         # Note: MLX offers no way to restore a saved generator state, so the dropout generator is
         # reseeded from (seed, step) every step: a resumed run draws the same masks.
         mx.random.seed(self.seed * 1_000_003 + self.trainer.optimizer.step_count)
-        out = self.trainer.step([self._batch(b) for b in micro_batches], lr)
+        out = self.trainer.train_step([self._batch(b) for b in micro_batches], lr)
         return StepResult(out["loss"], out["tokens"], out["grad_norm"])
 
     def batch_loss(self, b) -> tuple[float, int]:

@@ -121,7 +121,7 @@ class Trainer:
         grads = tree_map(lambda g: g / total_tokens, acc)
         return grads, total_loss / total_tokens, int(total_tokens)
 
-    def step(self, micro_batches: list[Batch], lr: float) -> dict:
+    def train_step(self, micro_batches: list[Batch], lr: float) -> dict:
         """One optimizer step at `lr` over `grad_accum_steps` micro-batches; returns loss, lr, grad_norm. A
         non-finite loss or gradient norm skips the update (the caller sees it in the result)."""
         if len(micro_batches) != self.config.grad_accum_steps:

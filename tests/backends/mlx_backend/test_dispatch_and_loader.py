@@ -192,6 +192,6 @@ def test_metal_training_steps_match_reference_path():
             apply_lora(model, LoRASettings(r=4))
             trainer = Trainer(model, TrainConfig())
             losses[path] = [
-                trainer.step([Batch.from_tokens(tokens)], 2e-4)["loss"] for _ in range(3)
+                trainer.train_step([Batch.from_tokens(tokens)], 2e-4)["loss"] for _ in range(3)
             ]
     np.testing.assert_allclose(losses["metal"], losses["reference"], rtol=1e-4)

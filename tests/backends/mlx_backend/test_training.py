@@ -62,7 +62,7 @@ def _run(steps=12, dropout=0.1, checkpointing=False):
     before = trainer.evaluate(batch)
     halves = [Batch.from_tokens(tokens[:2], mask[:2]), Batch.from_tokens(tokens[2:], mask[2:])]
     lrs = [learning_rate_at(s, 2e-2, 2, steps, "cosine") for s in range(steps)]
-    losses = [trainer.step(halves, lr)["loss"] for lr in lrs]
+    losses = [trainer.train_step(halves, lr)["loss"] for lr in lrs]
     return before, trainer.evaluate(batch), losses, lora_state_dict(model)
 
 
@@ -143,7 +143,7 @@ def test_bfloat16_run_with_checkpointing_trains():
     batch = Batch.from_tokens(tokens, mask)
     before = trainer.evaluate(batch)
     for _ in range(6):
-        trainer.step([batch], 2e-2)
+        trainer.train_step([batch], 2e-2)
     assert trainer.evaluate(batch) < 0.5 * before
     assert model.model.layers[0].self_attn.q_proj.lora_A.dtype == mx.bfloat16
     state = trainer.optimizer.state_dict()[0]
