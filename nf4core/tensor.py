@@ -174,19 +174,6 @@ class NF4Tensor(blockwise.BlockLayout):
         dq = self.double_quant
         return bits_per_weight(self.blocksize, None if dq is None else dq.blocksize)
 
-    def to_state_dict(self, prefix: str) -> dict[str, np.ndarray]:
-        """The bitsandbytes state dict entries of a quantized linear named `prefix`."""
-        from .state_dict import nf4_to_state_dict
-
-        return nf4_to_state_dict(self, prefix)
-
-    @classmethod
-    def from_state_dict(cls, state_dict: dict, prefix: str) -> NF4Tensor:
-        """Read the bitsandbytes entries of `prefix` (with or without double quant)."""
-        from .state_dict import nf4_from_state_dict
-
-        return nf4_from_state_dict(state_dict, prefix)
-
 
 def bits_per_weight(blocksize: int, nested_blocksize: int | None = NESTED_BLOCKSIZE) -> float:
     """Storage per weight: 4 bits of code plus the block scales. 4 + 32/blocksize without double quant

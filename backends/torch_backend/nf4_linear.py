@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import nf4core
+from nf4core.state_dict import nf4_to_state_dict
 
 from . import ops
 from .dequant_cache import active_cache, cached_weight
@@ -95,7 +96,7 @@ class NF4Linear(nn.Module):
     def bnb_state_dict(self, prefix: str) -> dict[str, np.ndarray]:
         """bitsandbytes' state-dict entries for a module named `prefix` (`<prefix>.weight`,
         `.absmax`, `.quant_map`, nested data, quant_state JSON), plus `<prefix>.bias` if any."""
-        out = self.to_nf4().to_state_dict(prefix)
+        out = nf4_to_state_dict(self.to_nf4(), prefix)
         if self.bias is not None:
             out[f"{prefix}.bias"] = self.bias.detach().float().cpu().numpy()
         return out

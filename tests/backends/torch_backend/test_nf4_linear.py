@@ -131,6 +131,6 @@ def test_bnb_state_dict_reads_back_through_nf4core(rng):
     layer = NF4Linear.from_nf4(t, np.arange(6, dtype=np.float32))
     state = layer.bnb_state_dict("model.layers.0.mlp.up_proj")
     assert state["model.layers.0.mlp.up_proj.weight"].shape == (6 * 64 // 2, 1)
-    back = nf4core.NF4Tensor.from_state_dict(state, "model.layers.0.mlp.up_proj")
+    back = nf4core.nf4_from_state_dict(state, "model.layers.0.mlp.up_proj")
     assert np.array_equal(bits(nf4core.dequantize(back)), bits(layer.dequantize()))
     assert np.array_equal(state["model.layers.0.mlp.up_proj.bias"], np.arange(6))
