@@ -76,19 +76,19 @@ class StepStats:
 class Trainer:
     """Trains the parameters of `model` that require grad (the adapters) with PagedAdamW."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig) -> None:
-        self.model, self.cfg = model, cfg
+    def __init__(self, model: nn.Module, config: TrainConfig) -> None:
+        self.model, self.config = model, config
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters (apply LoRA first)")
         self.optimizer = PagedAdamW(
             self.params,
             lr=1.0,  # replaced by each step's learning rate
-            betas=cfg.betas,
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
-            page_bytes=cfg.page_bytes,
-            paged=cfg.paged,
+            betas=config.betas,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
+            page_bytes=config.page_bytes,
+            paged=config.paged,
         )
         self.step_index = 0
 
@@ -96,9 +96,9 @@ class Trainer:
         """Accumulate gradients over `micro_batches` (normalised by their total target count, so the
         result equals one big batch), clip, and take one optimizer step at `lr`. A non-finite loss or
         gradient norm skips the update (the stats show it; the caller decides what follows)."""
-        if len(micro_batches) != self.cfg.grad_accum_steps:
+        if len(micro_batches) != self.config.grad_accum_steps:
             raise ValueError(
-                f"expected {self.cfg.grad_accum_steps} micro-batches, got {len(micro_batches)}"
+                f"expected {self.config.grad_accum_steps} micro-batches, got {len(micro_batches)}"
             )
         self.model.train()
         total = sum(b.n_targets() for b in micro_batches)
@@ -111,7 +111,7 @@ class Trainer:
             )
             (summed / total).backward()
             loss_sum += float(summed.detach())
-        clip = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        clip = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
         if not lr > 0:
             raise ValueError(f"the learning rate must be positive, got {lr}")
