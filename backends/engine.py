@@ -1,10 +1,10 @@
 """What the fine-tuning pipeline needs from a backend, in backend-neutral terms (numpy in and out).
 
-A leaf: it imports only nf4core, so both backends import their shared types from here while
-`registry.build_engine` imports the chosen backend lazily; `backends/torch_backend` and
-`backends/mlx_backend` never import each other. Adapter and optimizer tensors cross this boundary under PEFT's key names
-("base_model.model.<module>.lora_A.weight"), float32, in the parameter's own shape, so a state taken
-from one engine loads into the other.
+A leaf (it imports nf4core and backends/sampling.py only): both backends import their shared types
+from here, while `registry.build_engine` imports the chosen backend lazily; `backends/torch_backend`
+and `backends/mlx_backend` never import each other. Adapter and optimizer tensors cross this boundary
+under PEFT's key names ("base_model.model.<module>.lora_A.weight"), float32, in the parameter's own
+shape, so a state taken from one engine loads into the other.
 """
 
 from __future__ import annotations
