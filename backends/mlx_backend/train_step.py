@@ -140,8 +140,3 @@ class Trainer:
         else:  # never apply a non-finite update; the step still counts, as a resume would count it
             self.optimizer.step_count += 1
         return {"loss": loss, "tokens": tokens, "lr": lr, "grad_norm": grad_norm}
-
-    def evaluate(self, batch: Batch) -> float:
-        self.model.eval()
-        loss_sum, count = masked_cross_entropy(self.model(batch.inputs), batch.targets, batch.mask)
-        return (loss_sum / count).item()

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .model.llama import causal_lm_loss, target_mask
+from .model.llama import target_mask
 from .paged_adamw import PagedAdamW
 
 
@@ -124,18 +124,3 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step_index += 1
         return StepStats(loss=loss_sum / total, learning_rate=lr, grad_norm=grad_norm, tokens=total)
-
-    @torch.no_grad()
-    def evaluate(self, batches: Sequence[Batch]) -> float:
-        """Mean loss per target token, no gradients."""
-        was = self.model.training
-        self.model.eval()
-        total, loss = 0, 0.0
-        for batch in batches:
-            logits = self.model(
-                batch.input_ids, position_ids=batch.position_ids, segment_ids=batch.segment_ids
-            )
-            summed, n = causal_lm_loss(logits, batch.input_ids, batch.loss_mask, batch.segment_ids)
-            loss, total = loss + float(summed), total + int(n)
-        self.model.train(was)
-        return loss / max(total, 1)
