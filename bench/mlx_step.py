@@ -9,7 +9,7 @@ import numpy as np
 
 from backends.engine import LoRASettings
 from backends.mlx_backend.lora import apply_lora
-from backends.mlx_backend.model import LlamaModel
+from backends.mlx_backend.model import CausalLM
 from backends.mlx_backend.train_step import Batch, TrainConfig, Trainer
 from nf4core import ModelConfig
 
@@ -65,7 +65,7 @@ def step_tokens_per_second(
     compute_dtype: str = "auto",
 ) -> tuple[float, int]:
     """(tokens/s of a LoRA training step, peak bytes) with an NF4 (quantize) or dense base."""
-    model = LlamaModel.from_state(
+    model = CausalLM.from_state(
         config, random_state(config), quantize=quantize, compute_dtype=compute_dtype
     )
     apply_lora(model, LoRASettings(r=16, alpha=32.0))

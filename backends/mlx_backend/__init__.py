@@ -15,7 +15,7 @@ _EXPORTS = {
     "LoRALinear": "lora",
     "apply_lora": "lora",
     "lora_state_dict": "lora",
-    "LlamaModel": "model",
+    "CausalLM": "model",
     "SamplingConfig": "generate",
     "generate": "generate",
     "generate_tokens": "generate",

@@ -13,7 +13,7 @@ from ..peft_adapter import PEFT_PREFIX
 from ._mlx import mx
 from .generate import generate_tokens, greedy_steps
 from .lora import apply_lora, load_lora_state_dict, lora_state_dict
-from .model import LlamaModel
+from .model import CausalLM
 from .paged_optimizer import FORMAT_VERSION, PagedAdamWConfig
 from .train_step import Batch, TrainConfig, Trainer, masked_cross_entropy
 
@@ -31,7 +31,7 @@ class MLXEngine(Engine):
         if choice.device == "cpu":
             mx.set_default_device(mx.cpu)
         quantized = base is None or base.quantized
-        self.model = LlamaModel.from_state(
+        self.model = CausalLM.from_state(
             source.config,
             SourceTensors(source),
             quantize=quantized,

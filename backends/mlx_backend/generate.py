@@ -8,7 +8,7 @@ import numpy as np
 
 from ..sampling import SamplingConfig, nucleus
 from ._mlx import mx
-from .model import LlamaModel
+from .model import CausalLM
 
 
 def _pick(logits: mx.array, cfg: SamplingConfig, key: mx.array) -> int:
@@ -22,7 +22,7 @@ def _pick(logits: mx.array, cfg: SamplingConfig, key: mx.array) -> int:
     return int(mx.random.categorical(logp, key=key).item())
 
 
-def generate_tokens(model: LlamaModel, prompt: Sequence[int], cfg: SamplingConfig) -> Iterator[int]:
+def generate_tokens(model: CausalLM, prompt: Sequence[int], cfg: SamplingConfig) -> Iterator[int]:
     """Yield new token ids one by one (stops at an EOS id, which is yielded, or max_new_tokens)."""
     if not prompt:
         raise ValueError("the prompt must hold at least one token")
@@ -44,7 +44,7 @@ def generate_tokens(model: LlamaModel, prompt: Sequence[int], cfg: SamplingConfi
 
 
 def greedy_steps(
-    model: LlamaModel, prompts: Sequence[Sequence[int]], max_new_tokens: int
+    model: CausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int
 ) -> Iterator[np.ndarray]:
     """The next greedy token of every row, step by step: prompts of one length share each forward
     and one KV cache, so no row needs padding."""
@@ -60,6 +60,6 @@ def greedy_steps(
         model.train(was_training)
 
 
-def generate(model: LlamaModel, prompt: Sequence[int], cfg: SamplingConfig) -> list[int]:
+def generate(model: CausalLM, prompt: Sequence[int], cfg: SamplingConfig) -> list[int]:
     """The new token ids as a list (see `generate_tokens`)."""
     return list(generate_tokens(model, prompt, cfg))

@@ -116,7 +116,7 @@ def _checkpointed(
     return mx.checkpoint(run)(layer.trainable_parameters(), h, *key_args)
 
 
-class LlamaModel(nn.Module):
+class CausalLM(nn.Module):
     """A causal language model; `__call__(tokens (B, T), cache)` returns logits (B, T, vocab)."""
 
     def __init__(self, config: ModelConfig) -> None:
@@ -155,7 +155,7 @@ class LlamaModel(nn.Module):
         compute_dtype: str = "auto",
         method: str = "absmax",
         base_dtype: str | None = None,
-    ) -> LlamaModel:
+    ) -> CausalLM:
         """Build from Hugging Face-named tensors (numpy arrays, or NF4Tensors for the linears).
 
         Dense linear weights are quantized with nf4core (one tensor at a time, by `method`) when

@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from backends.engine import LoRASettings
 from backends.mlx_backend.lora import apply_lora, load_lora_state_dict, lora_state_dict
-from backends.mlx_backend.model import LlamaModel
+from backends.mlx_backend.model import CausalLM
 from backends.peft_adapter import Adapter, load_adapter, save_adapter
 
 from .tiny_models import random_tensors, tiny_config
@@ -28,7 +28,7 @@ def test_peft_loads_our_adapters_to_the_same_logits(tmp_path):
         k: nf4core.quantize(v, 64, True) if k.endswith("proj.weight") else v
         for k, v in tensors.items()
     }
-    model = LlamaModel.from_state(config, nf4)
+    model = CausalLM.from_state(config, nf4)
     lora = LoRASettings(r=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"))
     apply_lora(model, lora)
     rng = np.random.default_rng(22)
@@ -54,7 +54,7 @@ def test_peft_loads_our_adapters_to_the_same_logits(tmp_path):
         theirs = peft_model(torch.from_numpy(tokens).long()).logits.numpy()
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
 
-    fresh = LlamaModel.from_state(config, nf4)
+    fresh = CausalLM.from_state(config, nf4)
     apply_lora(fresh, lora)
     loaded = load_adapter(tmp_path / "adapter")
     assert len(loaded.tensors) == 2 * 3 * config.num_hidden_layers

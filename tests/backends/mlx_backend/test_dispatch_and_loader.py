@@ -178,7 +178,7 @@ def test_metal_training_steps_match_reference_path():
     """Three QLoRA steps with the kernels and with the reference ops: the same losses (fp32)."""
     from backends.engine import LoRASettings
     from backends.mlx_backend.lora import apply_lora
-    from backends.mlx_backend.model import LlamaModel
+    from backends.mlx_backend.model import CausalLM
     from backends.mlx_backend.train_step import Batch, TrainConfig, Trainer
 
     from .tiny_models import random_tensors, tiny_config
@@ -188,7 +188,7 @@ def test_metal_training_steps_match_reference_path():
     losses = {}
     for path in ("metal", "reference"):
         with dispatch.force_path(path):
-            model = LlamaModel.from_state(config, random_tensors(config), compute_dtype="float32")
+            model = CausalLM.from_state(config, random_tensors(config), compute_dtype="float32")
             apply_lora(model, LoRASettings(r=4))
             trainer = Trainer(model, TrainConfig())
             losses[path] = [

@@ -16,7 +16,7 @@ from backends.mlx_backend.memory import (
     plan_from_config,
     plan_training,
 )
-from backends.mlx_backend.model import LlamaModel
+from backends.mlx_backend.model import CausalLM
 from backends.mlx_backend.paged_optimizer import PagedAdamWConfig
 from backends.mlx_backend.train_step import (
     Batch,
@@ -32,7 +32,7 @@ from .tiny_models import random_tensors, tiny_config
 
 def _model(dropout=0.0, seed=0):
     config = tiny_config("llama", num_hidden_layers=2)
-    model = LlamaModel.from_state(config, random_tensors(config, seed=seed), blocksize=64)
+    model = CausalLM.from_state(config, random_tensors(config, seed=seed), blocksize=64)
     apply_lora(model, LoRASettings(r=4, alpha=8.0, dropout=dropout, seed=seed))
     return model
 
@@ -140,7 +140,7 @@ def test_wont_fit_message():
 def test_bfloat16_run_with_checkpointing_trains():
     """bfloat16 compute and adapters (as on a Mac), float32 masters, gradient checkpointing."""
     config = tiny_config("qwen2")
-    model = LlamaModel.from_state(config, random_tensors(config), compute_dtype="bfloat16")
+    model = CausalLM.from_state(config, random_tensors(config), compute_dtype="bfloat16")
     apply_lora(model, LoRASettings(r=4), adapter_dtype="bfloat16")
     tokens, mask = _data()
     trainer = Trainer(
