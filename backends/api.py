@@ -18,7 +18,7 @@ import nf4core
 from nf4core.data_files import read_records
 from nf4core.hub import recorded_base
 
-from .engine import Engine, LoRASettings, build_engine
+from .engine import Engine, LoRASettings
 from .evaluate import ExactMatch, exact_match_score, perplexity, stop_ids
 from .export import check_export_options
 from .export import export as export_model
@@ -28,7 +28,7 @@ from .merge import merge
 from .model_info import describe
 from .nonfinite import NonFiniteError
 from .peft_adapter import Adapter, check_adapter_fits, load_adapter, save_adapter
-from .registry import BackendChoice, select_backend
+from .registry import BackendChoice, build_engine, select_backend
 
 
 @dataclass

@@ -1,30 +1,38 @@
 """What the fine-tuning pipeline needs from a backend, in backend-neutral terms (numpy in and out).
 
-`build_engine` imports the chosen backend lazily; `backends/torch_backend` and `backends/mlx_backend`
-never import each other. Adapter and optimizer tensors cross this boundary under PEFT's key names
-("base_model.model.<module>.lora_A.weight"), float32, in the parameter's own shape, so a state taken
-from one engine loads into the other.
+A leaf (it imports nf4core and backends/sampling.py only): both backends import their shared types
+from here, while `registry.build_engine` imports the chosen backend lazily; `backends/torch_backend`
+and `backends/mlx_backend` never import each other. Adapter and optimizer tensors cross this boundary
+under PEFT's key names ("base_model.model.<module>.lora_A.weight"), float32, in the parameter's own
+shape, so a state taken from one engine loads into the other.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 import nf4core
 from nf4core.model_config import LINEAR_NAMES
 
-from .registry import BackendChoice
+from .sampling import SamplingConfig
+
+if TYPE_CHECKING:
+    from .registry import BackendChoice
 
 DEFAULT_TARGETS = LINEAR_NAMES
 
 
 @dataclass(frozen=True)
 class LoRASettings:
+    """The adapters of a run, in PEFT's terms, for both backends: rank r, alpha (scale alpha / r),
+    dropout on the adapter input, the linears adapted (by the last component of their name), and the
+    seed of the A initialisation (nf4core.lora_init)."""
+
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -32,7 +40,23 @@ class LoRASettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive int, got {self.r!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"LoRA alpha must be positive, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         object.__setattr__(self, "targets", tuple(self.targets))
+        if not self.targets:
+            raise ValueError("LoRA targets are empty: the adapters would train nothing")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+    def adapts(self, module: str) -> bool:
+        """Whether the linear named `module` (e.g. "model.layers.0.self_attn.q_proj") gets adapters."""
+        return module.rsplit(".", 1)[-1] in self.targets
 
 
 @dataclass(frozen=True)
@@ -78,12 +102,33 @@ class TrainingState:
 
 
 class Engine(Protocol):
+    """What the pipeline calls. The backend engines subclass it: `eval_loss`, `generate` and
+    `greedy_batch` are written here once, over the backend's `batch_loss` and its generation
+    functions (`generate_tokens`, `greedy_steps`: the backend's generate module, called with the
+    engine's model)."""
+
     choice: BackendChoice
     config: nf4core.ModelConfig
+    model: object  # the backend's model: .training, .eval(), .train(mode)
+    generate_tokens: Callable[[object, list[int], SamplingConfig], Iterator[int]]
+    greedy_steps: Callable[[object, Sequence[Sequence[int]], int], Iterator[np.ndarray]]
 
     def train_step(self, micro_batches: Sequence[nf4core.Batch], lr: float) -> StepResult: ...
 
-    def eval_loss(self, batches: Sequence[nf4core.Batch]) -> tuple[float, int]: ...
+    def batch_loss(self, batch: nf4core.Batch) -> tuple[float, int]: ...  # (summed loss, targets)
+
+    def eval_loss(self, batches: Sequence[nf4core.Batch]) -> tuple[float, int]:
+        """(summed loss over the target tokens, their count) over `batches`, dropout off."""
+        was = self.model.training
+        self.model.eval()
+        total, n = 0.0, 0
+        try:
+            for b in batches:
+                s, k = self.batch_loss(b)
+                total, n = total + s, n + k
+        finally:
+            self.model.train(was)
+        return total, n
 
     def generate(
         self,
@@ -93,12 +138,17 @@ class Engine(Protocol):
         top_p: float = 1.0,
         seed: int = 0,
         eos_ids: Sequence[int] = (),
-    ) -> Iterator[int]: ...
+    ) -> Iterator[int]:
+        cfg = SamplingConfig(max_new_tokens, temperature, top_p, seed, tuple(eos_ids))
+        return self.generate_tokens(self.model, list(prompt), cfg)
 
-    # prompts of one token length decoded together; each row cut before its first stop id
     def greedy_batch(
         self, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Sequence[int] = ()
-    ) -> list[list[int]]: ...
+    ) -> list[list[int]]:
+        """Prompts of one token length decoded together; each row cut before its first stop id."""
+        check_one_length(prompts)
+        steps = self.greedy_steps(self.model, prompts, max_new_tokens)
+        return rows_until_stop(steps, len(prompts), eos_ids)
 
     def inference(self) -> AbstractContextManager: ...  # faster eval/generation inside, no training
 
@@ -140,7 +190,9 @@ def check_one_length(prompts: Sequence[Sequence[int]]) -> None:
 
 
 class SourceTensors(Mapping):
-    """A lazy mapping over a model source: each tensor is read (and quantized) only when asked."""
+    """A read-only mapping over a model source's tensors (both backends build their models from it)
+    that reads each one only when asked, so building a model holds one dense tensor at a time
+    (linears are quantized as they arrive)."""
 
     def __init__(self, source: nf4core.ModelSource) -> None:
         self.source, self.names = source, list(source.tensor_names())
@@ -151,25 +203,11 @@ class SourceTensors(Mapping):
             raise KeyError(name)
         return self.source.read(name)
 
-    def __iter__(self):
+    def __contains__(self, name: object) -> bool:
+        return name in self._set
+
+    def __iter__(self) -> Iterator[str]:
         return iter(self.names)
 
     def __len__(self) -> int:
         return len(self.names)
-
-
-def build_engine(
-    choice: BackendChoice,
-    source: nf4core.ModelSource,
-    lora: LoRASettings | None,
-    train: TrainSettings | None = None,
-    lr: float = 1e-4,
-    base: BaseWeights | None = None,
-) -> Engine:
-    """The chosen backend's model built from `source` (NF4 base), with adapters when `lora` is given
-    (always, to train), ready to train with `train` settings."""
-    if choice.backend == "torch":
-        from .torch_backend.engine import TorchEngine as cls
-    else:
-        from .mlx_backend.engine import MLXEngine as cls
-    return cls(choice, source, lora, train, lr, base or BaseWeights())

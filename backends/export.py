@@ -9,33 +9,30 @@ temporary name and renamed into place; an existing OUT is moved aside only with 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
 import nf4core
-from nf4core.atomic import write_text_atomic
+from nf4core.dtypes import FLOAT_DTYPES
 from nf4core.gguf_write import GGUF_DTYPES, tokenizer_metadata, write_gguf
-from nf4core.sources.safetensors_io import SafetensorsWriter
 
-from .nonfinite import NonFiniteError
+from .hf_dir_writer import write_hf_dir
+from .merge import MergedSource
 from .peft_adapter import Adapter, check_adapter_fits
 from .run_dir import check_not_locked, move_aside
 
 FORMATS = ("hf", "gguf")
-HF_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
 
 
 def check_export_options(fmt: str, dtype: str) -> None:
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    allowed = GGUF_DTYPES if fmt == "gguf" else tuple(HF_DTYPES)
+    allowed = GGUF_DTYPES if fmt == "gguf" else tuple(FLOAT_DTYPES)
     if dtype not in allowed:
         hint = " (q8_0 is a GGUF type: use --format gguf)" if dtype == "q8_0" else ""
         raise ValueError(
@@ -95,48 +92,12 @@ def dense_tensors(
     source: nf4core.ModelSource, adapter: Adapter | None = None
 ) -> Iterator[tuple[str, np.ndarray]]:
     """(name, float32 array) one at a time: NF4 dequantized, the adapter merged in when given."""
-    from .merge import MergedSource
-
     reader = source if adapter is None else MergedSource(source, adapter)
     for name in source.tensor_names():
         value = reader.read(name)
         if isinstance(value, nf4core.NF4Tensor):
             value = nf4core.dequantize(value, np.float32)
         yield name, np.asarray(value, np.float32)
-
-
-def write_hf_dir(
-    directory: Path,
-    tensors: Iterator[tuple[str, np.ndarray]],
-    source: nf4core.ModelSource,
-    dtype: str,
-) -> None:
-    """model.safetensors (in `dtype`), config.json, generation_config.json and the tokenizer files
-    into `directory` (an existing, empty one)."""
-    with SafetensorsWriter(directory / "model.safetensors", metadata={"format": "pt"}) as writer:
-        for name, value in tensors:
-            value = value.astype(HF_DTYPES[dtype], copy=False)
-            if not np.isfinite(value).all():
-                raise NonFiniteError(
-                    f"{source.path}: {name} would hold NaN or infinite values in {dtype}; "
-                    "nothing was written"
-                )
-            writer.add(name, value)
-            del value
-    config = source.config.to_hf_config()
-    config.pop("quantization_config", None)  # an NF4 source's: the weights written are dense
-    config["torch_dtype"] = dtype
-    write_text_atomic(directory / "config.json", json.dumps(config, indent=2) + "\n")
-    generation = {
-        k: v
-        for k, v in (
-            ("bos_token_id", config.get("bos_token_id")),
-            ("eos_token_id", config.get("eos_token_id")),
-        )
-        if v is not None
-    }
-    write_text_atomic(directory / "generation_config.json", json.dumps(generation, indent=2) + "\n")
-    source.save_tokenizer(directory)
 
 
 def _check_out(out: Path, fmt: str, overwrite: bool) -> None:

@@ -33,13 +33,13 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from .engine import BaseWeights, Engine, LoRASettings, TrainSettings, build_engine
+from .engine import BaseWeights, Engine, LoRASettings, TrainSettings
 from .evaluate import ExactMatch, exact_match_score, perplexity
 from .export import write_model_gguf
 from .finetune_config import ConfigError, FinetuneConfig, learning_rate
 from .nonfinite import NonFiniteError
 from .peft_adapter import Adapter, save_adapter
-from .registry import BackendChoice, select_backend
+from .registry import BackendChoice, build_engine, select_backend
 from .resume import resumed_config, run_dir_of, same_dir
 from .run_dir import check_not_locked, check_out, is_empty, move_aside, run_lock
 from .run_log import MetricsLog, Progress, plot_loss

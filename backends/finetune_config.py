@@ -18,6 +18,8 @@ from nf4core.model_quantize import DEFAULT_QUANT_METHOD
 from nf4core.regular_file import check_regular_file
 from nf4core.tensor import QUANT_METHODS
 
+from .schedule import SCHEDULES, learning_rate_at
+
 CONFIG_VERSION = 1
 GENERIC_DEFAULTS = {
     "steps": 100,
@@ -52,7 +54,6 @@ FIXED_DEFAULTS = {
 BASE_DTYPES = ("nf4", "bfloat16", "float32")
 # what a checkpoint written before these settings existed was trained with
 LEGACY_BASE = {"base_dtype": "nf4", "quant_method": "absmax", "data_format": "auto"}
-SCHEDULES = ("cosine", "linear", "constant")
 DATA_FORMATS = ("auto", *FORMATS)
 EXPORTS = ("mlx-lm", "gguf")
 
@@ -276,13 +277,5 @@ def _check_int(cfg: FinetuneConfig, name: str, minimum: int) -> None:
 
 
 def learning_rate(cfg: FinetuneConfig, step: int, total_steps: int) -> float:
-    """The LR of optimizer step `step` (0-based): linear warmup to `lr`, then cosine/linear decay to 0
-    (never exactly 0) or constant. One definition for every backend, so resumed runs match."""
-    peak, warm = cfg.lr, cfg.warmup_steps
-    if step < warm:
-        return peak * (step + 1) / warm
-    if cfg.schedule == "constant":
-        return peak
-    progress = min(1.0, (step - warm) / max(1, total_steps - warm))
-    shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
-    return max(peak * shape, peak * 1e-6)
+    """The LR of optimizer step `step` (0-based) under the run's schedule (`backends.schedule`)."""
+    return learning_rate_at(step, cfg.lr, cfg.warmup_steps, total_steps, cfg.schedule)

@@ -13,16 +13,16 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
 import nf4core
+from nf4core.dtypes import FLOAT_DTYPES
 from nf4core.model_config import LINEAR_NAMES
 
+from .hf_dir_writer import write_hf_dir
 from .nonfinite import NonFiniteError
 from .peft_adapter import PEFT_PREFIX, Adapter, check_adapter_fits
 
-DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 LINEARS = LINEAR_NAMES
 
 
@@ -30,7 +30,7 @@ def merged_tensors(source: nf4core.ModelSource, adapter: Adapter, dtype: str):
     """Yield (name, array in `dtype`) with every adapted linear as W_nf4 + scale * B @ A."""
     modules = set(adapter.modules())
     for name in source.tensor_names():
-        value = _merged(source, name, modules, adapter).astype(DTYPES[dtype], copy=False)
+        value = _merged(source, name, modules, adapter).astype(FLOAT_DTYPES[dtype], copy=False)
         if not np.isfinite(value).all():
             raise NonFiniteError(
                 f"{_named(adapter)}: merged into the base, {name} would hold NaN "
@@ -103,8 +103,8 @@ def merge(
 ) -> Path:
     """Write the merged model to `out` (a Hugging Face directory; bitsandbytes-NF4 when `requantize`).
     Tensors are merged and written one at a time: memory holds one weight, not the model."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(FLOAT_DTYPES)}, got {dtype!r}")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: the output directory exists and is not empty")
@@ -115,8 +115,6 @@ def merge(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        from .export import write_hf_dir  # export reads through MergedSource: imported late
-
         write_hf_dir(tmp, merged_tensors(source, adapter, dtype), source, dtype)
         if out.exists():
             out.rmdir()

@@ -8,11 +8,12 @@ import numpy as np
 
 import nf4core
 from nf4core.model_config import LINEAR_NAMES
+from nf4core.tensor import bits_per_weight
 
 from .checkpoint import STATE_NAME, CheckpointError, load_checkpoint
 from .peft_adapter import CONFIG_NAME, load_adapter
 
-NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # double-quantized, blocksize 64
+NF4_BITS = bits_per_weight(64)  # double-quantized, blocksize 64
 LINEARS = LINEAR_NAMES
 
 

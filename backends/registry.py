@@ -8,14 +8,30 @@ NF4_BACKEND / NF4_DEVICE / NF4_COMPUTE_DTYPE environment variables) override. Pr
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .engine import BaseWeights, Engine, LoRASettings, TrainSettings
+
+if TYPE_CHECKING:
+    import nf4core
 
 BACKENDS = ("torch", "mlx")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 EXTRA_OF = {"torch": "torch", "mlx": "mlx"}
+# which kernels a backend's ops run: auto, reference, or its own ("triton" on torch, "metal" on mlx)
+KERNELS_ENV = "NF4_KERNELS"
+# deprecated: the names each backend read before NF4_KERNELS (still read when it is unset)
+OLD_KERNELS_ENV = {"torch": "NF4_QLORA_KERNELS", "mlx": "NF4_MLX_KERNELS"}
+# the engine class of each backend, imported only when that backend is chosen
+ENGINES = {
+    "torch": ("backends.torch_backend.engine", "TorchEngine"),
+    "mlx": ("backends.mlx_backend.engine", "MLXEngine"),
+}
 
 
 class BackendUnavailable(RuntimeError):
@@ -63,6 +79,19 @@ class BackendChoice:
 
     def describe(self) -> str:
         return f"backend {self.backend}, device {self.device}, compute {self.compute_dtype} ({self.reason})"
+
+
+def kernels_from_env(
+    backend: str, paths: tuple[str, ...], env: Mapping[str, str] | None = None
+) -> str:
+    """The kernel path the environment asks `backend` for (NF4_KERNELS, else the backend's
+    deprecated name, else "auto"); ValueError naming the variable for a value not in `paths`."""
+    env = os.environ if env is None else env
+    name = KERNELS_ENV if KERNELS_ENV in env else OLD_KERNELS_ENV[backend]
+    path = env.get(name, "auto")
+    if path not in paths:
+        raise ValueError(f"{name} must be one of {paths}, got {path!r}")
+    return path
 
 
 def select_backend(
@@ -141,3 +170,18 @@ def _default_compute_dtype(backend, device, probe) -> tuple[str, str]:
     if device == "metal":
         return "bfloat16", "BF16 on the Apple GPU"
     return "float32", "FP32 on the CPU (BF16 matmul is several times slower on most CPUs)"
+
+
+def build_engine(
+    choice: BackendChoice,
+    source: nf4core.ModelSource,
+    lora: LoRASettings | None,
+    train: TrainSettings | None = None,
+    lr: float = 1e-4,
+    base: BaseWeights | None = None,
+) -> Engine:
+    """The chosen backend's model built from `source` (NF4 base), with adapters when `lora` is given
+    (always, to train), ready to train with `train` settings."""
+    module, name = ENGINES[choice.backend]
+    cls = getattr(importlib.import_module(module), name)
+    return cls(choice, source, lora, train, lr, base or BaseWeights())

@@ -272,7 +272,8 @@ def bench_matmul() -> list[dict]:
 
 
 def bench_train() -> list[dict]:
-    from backends.torch_backend.lora import LoRAConfig, apply_lora
+    from backends.engine import LoRASettings
+    from backends.torch_backend.lora import apply_lora
     from backends.torch_backend.model import CausalLM
     from backends.torch_backend.train_step import Batch, TrainConfig, Trainer
 
@@ -306,12 +307,14 @@ def bench_train() -> list[dict]:
         model = CausalLM.from_state(
             cfg, state, quantize=kind == "qlora_nf4", compute_dtype=torch.bfloat16
         ).to(DEVICE)
-        apply_lora(model, LoRAConfig(rank=16, alpha=32), adapter_dtype=torch.float32)
+        apply_lora(model, LoRASettings(r=16, alpha=32), adapter_dtype=torch.float32)
         model.gradient_checkpointing = True
-        trainer = Trainer(model, TrainConfig(learning_rate=1e-4))
+        trainer = Trainer(model, TrainConfig())
         ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=DEVICE)
         step_s = median_seconds(
-            lambda trainer=trainer: trainer.train_step([Batch(ids)]), 2 if SMOKE else 5, sync=sync
+            lambda trainer=trainer: trainer.train_step([Batch(ids)], 1e-4),
+            2 if SMOKE else 5,
+            sync=sync,
         )
         peak = torch.cuda.max_memory_allocated() / 2**20 if DEVICE.type == "cuda" else None
         rows.append(

@@ -25,8 +25,8 @@ from bench.results import add_json_option, write_json  # noqa: E402
 CHILD = r"""
 seq, batch = int(sys.argv[1]), int(sys.argv[2])
 import numpy as np, nf4core, torch
-from backends.engine import LoRASettings, TrainSettings, build_engine
-from backends.registry import select_backend
+from backends.engine import LoRASettings, TrainSettings
+from backends.registry import build_engine, select_backend
 imports = status()
 source = nf4core.open_model(nf4core.default_model_path())
 engine = build_engine(select_backend("torch", "cpu", "float32"), source, LoRASettings(), TrainSettings(), 1e-4)

@@ -74,13 +74,13 @@ def check_correctness(ops, quick: bool) -> None:
             w = NF4Weight.from_nf4(t)
             x = mx.array(rng.standard_normal((m, 257)).astype(np.float32)).astype(dtype)
             g = mx.array(rng.standard_normal((m, 67)).astype(np.float32)).astype(dtype)
-            for op, arg in (("matmul", x), ("matmul_t", g)):
+            for op, arg in (("linear", x), ("linear_grad_input", g)):
                 want = getattr(ops_reference, op)(arg.astype(mx.float32), w)
                 for strategy in ("fused", "dequant"):
                     got = getattr(ops, op)(arg, w, strategy=strategy).astype(mx.float32)
                     scale = float(mx.abs(want).max()) or 1.0
                     err = float(mx.abs(got - want).max()) / scale
-                    kind = "gemv" if op == "matmul" and m <= 8 and strategy == "fused" else op
+                    kind = "gemv" if op == "linear" and m <= 8 and strategy == "fused" else op
                     report(
                         err < TOLERANCE[name],
                         f"{kind} ({strategy}) M={m} {name}: max rel err {err:.2e}",
@@ -89,7 +89,7 @@ def check_correctness(ops, quick: bool) -> None:
     x = mx.array(rng.standard_normal((4, 7, 160)).astype(np.float32))
     grads = {}
     for path in ("auto", "reference"):
-        with dispatch.use_path(path):
+        with dispatch.force_path(path):
             grads[path] = mx.grad(lambda v: (layer(v) ** 2).sum())(x)
     err = float(mx.abs(grads["auto"] - grads["reference"]).max() / mx.abs(grads["reference"]).max())
     report(err < 1e-4, f"NF4Linear input gradient, kernels vs reference: rel err {err:.2e}")
@@ -135,8 +135,8 @@ def bench_matmul(ops, n: int, k: int, rows: tuple[int, ...]) -> list[dict]:
     results = []
     for m in rows:
         x = mx.array(rng.standard_normal((m, k)).astype(np.float32)).astype(mx.bfloat16)
-        s_ours = timed(lambda x=x: ops.matmul(x, w))
-        s_fused = timed(lambda x=x: ops.matmul(x, w, strategy="fused"))
+        s_ours = timed(lambda x=x: ops.linear(x, w))
+        s_fused = timed(lambda x=x: ops.linear(x, w, strategy="fused"))
         s_aff = timed(
             lambda x=x: mx.quantized_matmul(
                 x, wq, scales, biases, transpose=True, group_size=64, bits=4
@@ -167,7 +167,7 @@ def bench_step(smoke: bool) -> dict:
     ]
     results = {}
     for label, path, quantize in runs:
-        with dispatch.use_path(path):
+        with dispatch.force_path(path):
             tps, peak = step_tokens_per_second(cfg, quantize, batch, seq, steps=2 if smoke else 5)
         results[label] = tps
         print(f"  {label}: {tps:.0f} tokens/s, peak {peak / 2**20:.0f} MiB")

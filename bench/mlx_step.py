@@ -7,8 +7,9 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from backends.mlx_backend.lora import LoRAConfig, apply_lora
-from backends.mlx_backend.model import LlamaModel
+from backends.engine import LoRASettings
+from backends.mlx_backend.lora import apply_lora
+from backends.mlx_backend.model import CausalLM
 from backends.mlx_backend.train_step import Batch, TrainConfig, Trainer
 from nf4core import ModelConfig
 
@@ -64,17 +65,17 @@ def step_tokens_per_second(
     compute_dtype: str = "auto",
 ) -> tuple[float, int]:
     """(tokens/s of a LoRA training step, peak bytes) with an NF4 (quantize) or dense base."""
-    model = LlamaModel.from_state(
+    model = CausalLM.from_state(
         config, random_state(config), quantize=quantize, compute_dtype=compute_dtype
     )
-    apply_lora(model, LoRAConfig(r=16, alpha=32.0))
+    apply_lora(model, LoRASettings(r=16, alpha=32.0))
     trainer = Trainer(model, TrainConfig(max_grad_norm=1.0))
     tokens = np.random.default_rng(1).integers(0, config.vocab_size, size=(batch, seq + 1))
     b = Batch.from_tokens(tokens)
-    trainer.step([b])  # compile + warm-up
+    trainer.train_step([b], 2e-4)  # compile + warm-up
     mx.reset_peak_memory()
     start = time.perf_counter()
     for _ in range(steps):
-        trainer.step([b])
+        trainer.train_step([b], 2e-4)
     elapsed = time.perf_counter() - start
     return batch * seq * steps / elapsed, mx.get_peak_memory()

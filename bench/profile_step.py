@@ -25,8 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import nf4core  # noqa: E402
+from backends.engine import LoRASettings  # noqa: E402
 from backends.torch_backend import ops_host, ops_reference  # noqa: E402
-from backends.torch_backend.lora import LoRAConfig, apply_lora  # noqa: E402
+from backends.torch_backend.lora import apply_lora  # noqa: E402
 from backends.torch_backend.model import CausalLM  # noqa: E402
 from backends.torch_backend.model.llama import causal_lm_loss  # noqa: E402
 from backends.torch_backend.train_step import Batch, TrainConfig, Trainer  # noqa: E402
@@ -137,15 +138,15 @@ def main() -> None:
     model = CausalLM.from_source(source, compute_dtype=torch.float32)
     if args.quick:
         del model.model.layers[2:]
-    apply_lora(model, LoRAConfig(rank=8, alpha=16))
+    apply_lora(model, LoRASettings(r=8, alpha=16))
     model.gradient_checkpointing = args.grad_checkpoint
-    trainer = Trainer(model, TrainConfig(learning_rate=2e-4))
+    trainer = Trainer(model, TrainConfig())
     vocab = source.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=gen)
     batch = Batch(ids)
     for _ in range(2):
-        trainer.train_step([batch])
+        trainer.train_step([batch], 2e-4)
     peaks = PhasePeaks()
     model.train()
     before = peaks.start()
@@ -167,13 +168,13 @@ def main() -> None:
     label_dequantize()
 
     start = time.perf_counter()
-    trainer.train_step([batch])
+    trainer.train_step([batch], 2e-4)
     plain = time.perf_counter() - start
     with torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True
     ) as prof:
         start = time.perf_counter()
-        trainer.train_step([batch])
+        trainer.train_step([batch], 2e-4)
         wall = time.perf_counter() - start
     buckets: dict[str, float] = collections.defaultdict(float)
     others: dict[str, float] = collections.defaultdict(float)

@@ -102,7 +102,8 @@ def bench_linear(repeat: int, tokens_list=(1, 32, 512), size: int = 4096) -> lis
 
 def _train_step_child(kind: str, steps: int) -> dict:
     """Run in a subprocess: build a model, train `steps` steps, report median step time and max RSS."""
-    from backends.torch_backend.lora import LoRAConfig, apply_lora
+    from backends.engine import LoRASettings
+    from backends.torch_backend.lora import apply_lora
     from backends.torch_backend.model import CausalLM
     from backends.torch_backend.train_step import Batch, TrainConfig, Trainer
 
@@ -120,12 +121,12 @@ def _train_step_child(kind: str, steps: int) -> dict:
     dtype = torch.bfloat16 if kind.endswith("bf16") else torch.float32
     model = CausalLM.from_state(cfg, state, quantize=kind.startswith("qlora"), compute_dtype=dtype)
     del state
-    apply_lora(model, LoRAConfig(rank=16, alpha=32))
+    apply_lora(model, LoRASettings(r=16, alpha=32))
     model.gradient_checkpointing = True
-    trainer = Trainer(model, TrainConfig(learning_rate=1e-4))
+    trainer = Trainer(model, TrainConfig())
     ids = torch.randint(0, cfg.vocab_size, (4, 256), generator=torch.Generator().manual_seed(0))
     batch = [Batch(ids)]
-    seconds = median_seconds(lambda: trainer.train_step(batch), repeat=steps, warmup=1)
+    seconds = median_seconds(lambda: trainer.train_step(batch, 1e-4), repeat=steps, warmup=1)
     base_bytes = sum(b.numel() * b.element_size() for n, b in model.named_buffers()) + sum(
         p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n
     )

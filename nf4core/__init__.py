@@ -17,6 +17,7 @@ from .lora_init import lora_init
 from .model_config import ModelConfig
 from .model_quantize import iter_quantized, quantize_model
 from .sources import ModelSource, open_model
+from .state_dict import nf4_from_state_dict, nf4_to_state_dict
 from .tensor import FORMAT_VERSION, DoubleQuantAbsmax, NF4Tensor, dequantize, quantize
 from .tokenizer import Tokenizer
 
@@ -45,6 +46,8 @@ __all__ = [
     "load_dataset",
     "lora_init",
     "nf4_code_from_normal_quantiles",
+    "nf4_from_state_dict",
+    "nf4_to_state_dict",
     "open_model",
     "quantize",
     "quantize_model",

@@ -18,6 +18,8 @@ either library reads the other's data to the same numbers.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .codebooks import DYNAMIC_MAP_SIGNED, NF4_BOUNDS, NF4_ZERO_CODE
@@ -30,6 +32,22 @@ _CHUNK_ELEMENTS = 1 << 18  # elements per slice: a slice's temporaries stay in c
 
 def n_blocks(numel: int, blocksize: int) -> int:
     return -(-numel // blocksize)
+
+
+class BlockLayout:
+    """`numel` and `n_blocks` of a blockwise-quantized weight with `shape` and `blocksize`
+    (NF4Tensor here, and each backend's NF4Weight)."""
+
+    shape: tuple[int, ...]
+    blocksize: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def n_blocks(self) -> int:
+        return n_blocks(self.numel, self.blocksize)
 
 
 def block_absmax(flat: np.ndarray, blocksize: int) -> np.ndarray:

@@ -16,9 +16,10 @@ import numpy as np
 from .atomic import current_umask, write_text_atomic
 from .dtypes import float_dtype
 from .errors import ModelLoadError
+from .json_file import read_json
 from .sources import ModelSource, is_quantized_linear, open_model
-from .sources.hf_dir import read_json
 from .sources.safetensors_io import SafetensorsWriter
+from .state_dict import nf4_to_state_dict
 from .tensor import FORMAT_VERSION, NF4Tensor, check_quant_method, quantize
 from .validation import check_blocksize
 
@@ -145,7 +146,7 @@ def _write_weights(src: ModelSource, path: Path, options: QuantizeOptions) -> bo
         ):
             if isinstance(value, NF4Tensor):
                 double_quant = value.double_quant is not None
-                entries = value.to_state_dict(name.removesuffix(".weight"))
+                entries = nf4_to_state_dict(value, name.removesuffix(".weight"))
             else:
                 entries = {name: value}
             del value

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -95,7 +94,7 @@ class DoubleQuantAbsmax:
 
 
 @dataclass(frozen=True, eq=False)
-class NF4Tensor:
+class NF4Tensor(blockwise.BlockLayout):
     """A weight in 4-bit NormalFloat, laid out exactly as bitsandbytes stores it.
 
     Attributes:
@@ -153,14 +152,6 @@ class NF4Tensor:
                 f"{self.blocksize} need {n_scales}"
             )
 
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def n_blocks(self) -> int:
-        return blockwise.n_blocks(self.numel, self.blocksize)
-
     def block_absmax(self) -> np.ndarray:
         """float32 (n_blocks,): the scale of every block, reconstructed if double-quantized."""
         if self.double_quant is not None:
@@ -179,30 +170,18 @@ class NF4Tensor:
 
     @property
     def bits_per_weight(self) -> float:
-        """Storage per weight of the format: 4 bits of code plus the block scales.
+        """Storage per weight of the format (see `bits_per_weight`)."""
+        dq = self.double_quant
+        return bits_per_weight(self.blocksize, None if dq is None else dq.blocksize)
 
-        4 + 32/blocksize without double quant; 4 + 8/blocksize + 32/(blocksize * 256) with it
-        (4.127 at blocksize 64). The code tables are shared constants and not counted.
-        """
-        bits = 4.0 + 32.0 / self.blocksize
-        if self.double_quant is not None:
-            bits = (
-                4.0 + 8.0 / self.blocksize + 32.0 / (self.blocksize * self.double_quant.blocksize)
-            )
-        return bits
 
-    def to_state_dict(self, prefix: str) -> dict[str, np.ndarray]:
-        """The bitsandbytes state dict entries of a quantized linear named `prefix`."""
-        from .state_dict import nf4_to_state_dict
-
-        return nf4_to_state_dict(self, prefix)
-
-    @classmethod
-    def from_state_dict(cls, state_dict: dict, prefix: str) -> NF4Tensor:
-        """Read the bitsandbytes entries of `prefix` (with or without double quant)."""
-        from .state_dict import nf4_from_state_dict
-
-        return nf4_from_state_dict(state_dict, prefix)
+def bits_per_weight(blocksize: int, nested_blocksize: int | None = NESTED_BLOCKSIZE) -> float:
+    """Storage per weight: 4 bits of code plus the block scales. 4 + 32/blocksize without double quant
+    (`nested_blocksize` None); 4 + 8/blocksize + 32/(blocksize * nested_blocksize) with it (4.127 at
+    blocksize 64). The code tables are shared constants and not counted."""
+    if nested_blocksize is None:
+        return 4.0 + 32.0 / blocksize
+    return 4.0 + 8.0 / blocksize + 32.0 / (blocksize * nested_blocksize)
 
 
 QUANT_METHODS = ("absmax", "mse")

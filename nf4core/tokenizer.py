@@ -13,6 +13,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from .atomic import write_text_atomic
 from .chat_template import ChatTemplateError, render_chat
 from .errors import ModelLoadError
+from .json_file import read_json
 from .regular_file import check_regular_file
 
 # Pre-tokenizer split patterns by GGUF `tokenizer.ggml.pre` (facts of the models' own tokenizers).
@@ -132,8 +133,6 @@ class Tokenizer:
         config: dict = {}
         config_path = directory / "tokenizer_config.json"
         if config_path.is_file():
-            from .sources.hf_dir import read_json
-
             config = read_json(config_path)
         template = config.get("chat_template")
         source = f"{config_path} (chat_template)"

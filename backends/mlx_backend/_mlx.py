@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from nf4core.dtypes import FLOAT_DTYPES
+
 try:
     import mlx.core as mx
     from mlx import nn
@@ -11,7 +13,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "(on Linux this installs mlx[cpu], which runs on the CPU)"
     ) from exc
 
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+DTYPES = {name: getattr(mx, name) for name in FLOAT_DTYPES}  # "bfloat16" -> mx.bfloat16
 
 
 def mx_dtype(dtype: object) -> mx.Dtype:

@@ -2,24 +2,24 @@
 
 Auto: Metal when `mx.metal.is_available()` and the default device is the GPU, else the reference;
 a Metal op is used only after it passed its self-check (self_check.py), else the reference runs.
-Force a path for a block of code with `use_path("reference")` / `use_path("metal")`, or for the
-process with the environment variable NF4_MLX_KERNELS=auto|metal|reference.
+Force a path for a block of code with `force_path("reference")` / `force_path("metal")`, or for the
+process with the environment variable NF4_KERNELS=auto|metal|reference (NF4_MLX_KERNELS is its
+deprecated name).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
 from collections.abc import Iterator
 
+from ..registry import kernels_from_env
 from . import ops_reference, self_check
 from ._mlx import mx
 from .nf4_weight import NF4Weight
 from .op_checks import check_dtype, check_matmul, check_weight
 
 PATHS = ("auto", "metal", "reference")
-ENV_VAR = "NF4_MLX_KERNELS"
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("nf4_mlx_path", default=None)
 
 
@@ -34,10 +34,7 @@ def default_compute_dtype() -> str:
 
 
 def requested_path() -> str:
-    path = _forced.get() or os.environ.get(ENV_VAR, "auto")
-    if path not in PATHS:
-        raise ValueError(f"{ENV_VAR}={path!r}; expected one of {PATHS}")
-    return path
+    return _forced.get() or kernels_from_env("mlx", PATHS)
 
 
 def selected_path() -> str:
@@ -55,7 +52,7 @@ def selected_path() -> str:
 
 
 @contextlib.contextmanager
-def use_path(path: str) -> Iterator[None]:
+def force_path(path: str) -> Iterator[None]:
     """Force "metal", "reference" or "auto" for the ops called inside the block."""
     if path not in PATHS:
         raise ValueError(f"unknown kernel path {path!r}; expected one of {PATHS}")
@@ -90,13 +87,13 @@ def dequantize(w: NF4Weight, dtype: mx.Dtype = mx.float32) -> mx.array:
     return _ops("dequantize", dtype).dequantize(w, dtype)
 
 
-def matmul(x: mx.array, w: NF4Weight) -> mx.array:
+def linear(x: mx.array, w: NF4Weight) -> mx.array:
     """x @ W^T: (..., in) -> (..., out)."""
-    check_matmul("matmul", x, w, w.shape[-1])
-    return _ops("matmul", x.dtype).matmul(x, w)
+    check_matmul("linear", x, w, w.shape[-1])
+    return _ops("linear", x.dtype).linear(x, w)
 
 
-def matmul_t(g: mx.array, w: NF4Weight) -> mx.array:
+def linear_grad_input(g: mx.array, w: NF4Weight) -> mx.array:
     """g @ W: (..., out) -> (..., in)."""
-    check_matmul("matmul_t", g, w, w.shape[0])
-    return _ops("matmul_t", g.dtype).matmul_t(g, w)
+    check_matmul("linear_grad_input", g, w, w.shape[0])
+    return _ops("linear_grad_input", g.dtype).linear_grad_input(g, w)

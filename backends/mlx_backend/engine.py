@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
+from ..engine import Engine, SourceTensors, StepResult, TrainingState
+from ..peft_adapter import PEFT_PREFIX
 from ._mlx import mx
-from .lora import LoRAConfig, apply_lora, lora_state_dict
-from .model import LlamaModel
+from .generate import generate_tokens, greedy_steps
+from .lora import apply_lora, load_lora_state_dict, lora_state_dict
+from .model import CausalLM
 from .paged_optimizer import FORMAT_VERSION, PagedAdamWConfig
-from .schedule import ScheduleConfig
 from .train_step import Batch, TrainConfig, Trainer, masked_cross_entropy
-
-PEFT_PREFIX = "base_model.model."
 
 
 def _peft(path: str) -> str:  # "model.layers.0.self_attn.q_proj.lora_A" -> PEFT key
@@ -30,15 +29,16 @@ def optimizer_placement(paged: bool | None) -> str:
     return "device" if paged is False else "host"
 
 
-class MLXEngine:
-    def __init__(self, choice, source, lora, train, lr: float, base=None) -> None:
-        from ..engine import SourceTensors
+class MLXEngine(Engine):
+    generate_tokens = staticmethod(generate_tokens)
+    greedy_steps = staticmethod(greedy_steps)
 
+    def __init__(self, choice, source, lora, train, lr: float, base=None) -> None:
         self.choice, self.config = choice, source.config
         if choice.device == "cpu":
             mx.set_default_device(mx.cpu)
         quantized = base is None or base.quantized
-        self.model = LlamaModel.from_state(
+        self.model = CausalLM.from_state(
             source.config,
             SourceTensors(source),
             quantize=quantized,
@@ -48,16 +48,7 @@ class MLXEngine:
         )
         self.trainer = None
         if lora is not None:
-            apply_lora(
-                self.model,
-                LoRAConfig(
-                    r=lora.r,
-                    alpha=lora.alpha,
-                    dropout=lora.dropout,
-                    target_modules=lora.targets,
-                    seed=lora.seed,
-                ),
-            )
+            apply_lora(self.model, lora)
         self.seed = train.seed if train is not None else 0
         if train is not None:
             paged = PagedAdamWConfig(
@@ -66,7 +57,6 @@ class MLXEngine:
             self.trainer = Trainer(
                 self.model,
                 TrainConfig(
-                    schedule=ScheduleConfig(learning_rate=lr),
                     optimizer=paged,
                     grad_accum_steps=train.grad_accum,
                     max_grad_norm=train.max_grad_norm or None,
@@ -80,78 +70,18 @@ class MLXEngine:
         return Batch.from_tokens(b.input_ids, b.loss_mask, b.position_ids, b.segment_ids)
 
     def train_step(self, micro_batches, lr: float):
-        from ..engine import StepResult
-
-        # the pipeline owns the schedule: each step runs at the lr it is given
-        self.trainer.config = dataclasses.replace(
-            self.trainer.config, schedule=ScheduleConfig(learning_rate=lr)
-        )
         # Note: MLX offers no way to restore a saved generator state, so the dropout generator is
         # reseeded from (seed, step) every step: a resumed run draws the same masks.
         mx.random.seed(self.seed * 1_000_003 + self.trainer.optimizer.step_count)
-        out = self.trainer.step([self._batch(b) for b in micro_batches])
+        out = self.trainer.train_step([self._batch(b) for b in micro_batches], lr)
         return StepResult(out["loss"], out["tokens"], out["grad_norm"])
 
-    def eval_loss(self, batches) -> tuple[float, int]:
-        was = self.model.training
-        self.model.eval()
-        total, n = 0.0, 0
-        for b in batches:
-            batch = self._batch(b)
-            logits = self.model(batch.inputs, None, *batch.packing())
-            s, k = masked_cross_entropy(logits, batch.targets, batch.mask)
-            total, n = total + s.item(), n + int(k.item())
-        self.model.train(was)
-        return total, n
-
-    def generate(
-        self,
-        prompt: Sequence[int],
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        eos_ids: Sequence[int] = (),
-    ) -> Iterator[int]:
-        if not prompt:
-            raise ValueError("the prompt must hold at least one token")
-        was = self.model.training
-        self.model.eval()
-        key = mx.random.key(seed)
-        try:
-            cache = self.model.make_cache()
-            logits = self.model.last_logits(mx.array([list(prompt)]), cache)[0]
-            for _ in range(max_new_tokens):
-                key, sub = mx.random.split(key)
-                token = _pick(logits, temperature, top_p, sub)
-                yield token
-                if token in eos_ids:
-                    return
-                logits = self.model.last_logits(mx.array([[token]]), cache)[0]
-        finally:
-            self.model.train(was)
-
-    def greedy_batch(
-        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Sequence[int] = ()
-    ) -> list[list[int]]:
-        from ..engine import check_one_length, rows_until_stop
-
-        check_one_length(prompts)
-        return rows_until_stop(self._greedy_steps(prompts, max_new_tokens), len(prompts), eos_ids)
-
-    def _greedy_steps(
-        self, prompts: Sequence[Sequence[int]], max_new_tokens: int
-    ) -> Iterator[np.ndarray]:
-        was = self.model.training
-        self.model.eval()
-        try:
-            cache = self.model.make_cache()
-            ids = mx.array([list(p) for p in prompts])
-            for _ in range(max_new_tokens):
-                ids = mx.argmax(self.model.last_logits(ids, cache), axis=-1, keepdims=True)
-                yield np.array(ids[:, 0])
-        finally:
-            self.model.train(was)
+    def batch_loss(self, b) -> tuple[float, int]:
+        batch = self._batch(b)
+        s, k = masked_cross_entropy(
+            self.model(batch.inputs, None, *batch.packing()), batch.targets, batch.mask
+        )
+        return s.item(), int(k.item())
 
     def inference(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
@@ -160,21 +90,9 @@ class MLXEngine:
         return lora_state_dict(self.model)
 
     def load_adapters(self, tensors: Mapping[str, np.ndarray]) -> None:
-        mine = lora_state_dict(self.model)
-        missing = sorted(set(mine) - set(tensors))
-        if missing:
-            raise KeyError(f"adapter state lacks {len(missing)} keys, e.g. {missing[0]}")
-        updates = []
-        for path, value in tree_flatten(self.model.trainable_parameters()):
-            updates.append(
-                (path, mx.array(np.asarray(tensors[_peft(path)], np.float32)).astype(value.dtype))
-            )
-        self.model.update(tree_unflatten(updates))
-        mx.eval(self.model.parameters())
+        load_lora_state_dict(self.model, tensors)
 
     def training_state(self):
-        from ..engine import TrainingState
-
         tensors, meta = self.trainer.optimizer.state_dict()
         adapters, moments = {}, {}
         for path, _ in tree_flatten(self.model.trainable_parameters()):
@@ -193,17 +111,3 @@ class MLXEngine:
         self.trainer.optimizer.load_state_dict(
             tensors, {"format_version": str(FORMAT_VERSION), "step": str(state.step)}
         )
-
-
-def _pick(logits: mx.array, temperature: float, top_p: float, key: mx.array) -> int:
-    if temperature == 0:
-        return int(mx.argmax(logits).item())
-    probs = np.array(mx.softmax(logits.astype(mx.float32) / temperature))
-    if top_p < 1.0:
-        order = np.argsort(-probs, kind="stable")
-        sorted_p = probs[order]
-        keep = np.cumsum(sorted_p) - sorted_p < top_p
-        probs = np.zeros_like(probs)
-        probs[order[keep]] = sorted_p[keep]
-    logp = mx.log(mx.array(probs / probs.sum()))
-    return int(mx.random.categorical(logp, key=key).item())

@@ -2,45 +2,17 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from collections.abc import Mapping
 
 import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
 
 from nf4core import lora_init
-from nf4core.model_config import LINEAR_NAMES
 
+from ..engine import LoRASettings
+from ..peft_adapter import PEFT_PREFIX
 from ._mlx import mx, mx_dtype, nn
 from .nf4_linear import NF4Linear
-
-DEFAULT_TARGETS = LINEAR_NAMES
-
-
-@dataclass(frozen=True)
-class LoRAConfig:
-    """Adapter hyper-parameters (PEFT's names). `use_rslora` scales by alpha / sqrt(r)."""
-
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    use_rslora: bool = False
-    target_modules: tuple[str, ...] = DEFAULT_TARGETS
-    seed: int = 0
-    dtype: str = "float32"  # adapter storage dtype; the optimizer keeps float32 masters
-
-    def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"LoRA rank r must be a positive int, got {self.r!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        if not self.target_modules:
-            raise ValueError("target_modules is empty: LoRA would train nothing")
-        mx_dtype(self.dtype)
-        object.__setattr__(self, "target_modules", tuple(self.target_modules))
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
 def _shape_of(base: nn.Module) -> tuple[int, int]:
@@ -96,93 +68,71 @@ class LoRALinear(nn.Module):
 
     @classmethod
     def from_base(
-        cls,
-        base: nn.Module,
-        r: int = 8,
-        alpha: float = 16.0,
-        dropout: float = 0.0,
-        use_rslora: bool = False,
-        name: str = "",
-        seed: int = 0,
-        dtype: str = "float32",
+        cls, base: nn.Module, name: str, settings: LoRASettings, adapter_dtype: str = "float32"
     ) -> LoRALinear:
         """Wrap `base`; A from nf4core's seeded init for module `name`, B zero (PEFT's default)."""
-        config = LoRAConfig(
-            r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, seed=seed, dtype=dtype
-        )
         out_features, in_features = _shape_of(base)
-        a, b = lora_init(name, in_features, out_features, r, seed)
-        cast = mx_dtype(dtype)
-        return cls(base, mx.array(a).astype(cast), mx.array(b).astype(cast), config.scale, dropout)
+        a, b = lora_init(name, in_features, out_features, settings.r, settings.seed)
+        cast = mx_dtype(adapter_dtype)
+        return cls(
+            base,
+            mx.array(a).astype(cast),
+            mx.array(b).astype(cast),
+            settings.scale,
+            settings.dropout,
+        )
 
     def __call__(self, x: mx.array) -> mx.array:  # (..., in) -> (..., out)
         y = self.base(x)
         z = (self._dropout(x) @ self.lora_A.T.astype(x.dtype)) @ self.lora_B.T.astype(x.dtype)
         return y + (self.scale * z).astype(y.dtype)
 
-    def delta_weight(self, dtype: mx.Dtype = mx.float32) -> mx.array:
-        """scale * B @ A, (out, in)."""
-        return (
-            self.scale * (self.lora_B.astype(mx.float32) @ self.lora_A.astype(mx.float32))
-        ).astype(dtype)
 
-    def merge(self, dtype: mx.Dtype = mx.float32) -> nn.Linear:
-        """A dense nn.Linear holding W + scale * B A (the base dequantized in float32 first)."""
-        if isinstance(self.base, NF4Linear):
-            weight = self.base.dequantized_weight(mx.float32)
-        else:
-            weight = self.base.weight.astype(mx.float32)
-        weight = (weight + self.delta_weight(mx.float32)).astype(dtype)
-        out_features, in_features = weight.shape
-        has_bias = "bias" in self.base
-        merged = nn.Linear(in_features, out_features, bias=has_bias)
-        merged.weight = weight
-        if has_bias:
-            merged.bias = self.base.bias.astype(dtype)
-        return merged
+def apply_lora(
+    model: nn.Module, settings: LoRASettings, adapter_dtype: str = "float32"
+) -> list[str]:
+    """Freeze `model` and wrap every targeted linear in a LoRALinear; returns the wrapped names.
 
-
-def apply_lora(model: nn.Module, config: LoRAConfig, prefix: str = "") -> list[str]:
-    """Freeze `model` and wrap every targeted linear (matched by its last name) in a LoRALinear.
-
-    Adapters are named by their Hugging Face module path (e.g. model.layers.0.self_attn.q_proj), which
-    seeds their init; returns the names wrapped.
+    The module's qualified name (e.g. "model.layers.0.self_attn.q_proj") seeds its A, so adapters are
+    identical on every backend that names modules like Hugging Face. The optimizer keeps float32
+    masters whatever `adapter_dtype` the adapters are stored in.
     """
+    mx_dtype(adapter_dtype)
     model.freeze()
     wrapped = []
     for path, module in model.named_modules():
-        last = path.rsplit(".", 1)[-1]
-        if last not in config.target_modules or not isinstance(module, (NF4Linear, nn.Linear)):
+        if not settings.adapts(path) or not isinstance(module, (NF4Linear, nn.Linear)):
             continue
         parent = model
         parts = path.split(".")
         for part in parts[:-1]:
             parent = parent[int(part)] if part.isdigit() else getattr(parent, part)
-        name = f"{prefix}.{path}" if prefix else path
-        lora = LoRALinear.from_base(
-            module,
-            config.r,
-            config.alpha,
-            config.dropout,
-            config.use_rslora,
-            name,
-            config.seed,
-            config.dtype,
-        )
-        setattr(parent, parts[-1], lora)
-        wrapped.append(name)
+        setattr(parent, parts[-1], LoRALinear.from_base(module, path, settings, adapter_dtype))
+        wrapped.append(path)
     if not wrapped:
-        raise ValueError(f"no module matched target_modules {config.target_modules}")
+        raise ValueError(f"no linear module matches the LoRA targets {settings.targets}")
     return wrapped
 
 
-def lora_state_dict(model: nn.Module, prefix: str = "") -> dict[str, np.ndarray]:
-    """Adapter weights under PEFT's keys: base_model.model.<module>.lora_A.weight / lora_B.weight."""
+def lora_state_dict(model: nn.Module) -> dict[str, np.ndarray]:
+    """Adapter weights (float32) under PEFT's key names ("base_model.model.<m>.lora_A.weight")."""
     out = {}
     for path, module in model.named_modules():
         if isinstance(module, LoRALinear):
-            name = f"{prefix}.{path}" if prefix else path
             for key in ("lora_A", "lora_B"):
-                array = module[key].astype(mx.float32)
-                out[f"base_model.model.{name}.{key}.weight"] = np.array(array)
+                out[f"{PEFT_PREFIX}{path}.{key}.weight"] = np.array(module[key].astype(mx.float32))
     return out
+
+
+def load_lora_state_dict(model: nn.Module, tensors: Mapping[str, np.ndarray]) -> None:
+    """Copy adapters saved by `lora_state_dict` (or PEFT) into the model's LoRALinear modules, each
+    cast to the dtype it is held in. KeyError names an adapter the state lacks."""
+    missing = sorted(set(lora_state_dict(model)) - set(tensors))
+    if missing:
+        raise KeyError(f"adapter state lacks {len(missing)} keys, e.g. {missing[0]}")
+    updates = []
+    for path, value in tree_flatten(model.trainable_parameters()):
+        array = np.asarray(tensors[f"{PEFT_PREFIX}{path}.weight"], np.float32)
+        updates.append((path, mx.array(array).astype(value.dtype)))
+    model.update(tree_unflatten(updates))
+    mx.eval(model.parameters())

@@ -10,11 +10,13 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from nf4core import ModelConfig
+from nf4core.codebooks import DYNAMIC_MAP_SIGNED, NESTED_BLOCKSIZE, NF4_CODE
 from nf4core.dtypes import float_dtype
 from nf4core.sources.layout import attention_has_bias
+from nf4core.tensor import bits_per_weight
 
+from ..engine import LoRASettings
 from ._mlx import mx, nn
-from .lora import LoRAConfig
 from .nf4_linear import NF4Linear
 from .paged_optimizer import BYTES_PER_ELEMENT
 
@@ -98,7 +100,7 @@ def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
 
 def plan_from_config(
     config: ModelConfig,
-    lora: LoRAConfig,
+    lora: LoRASettings,
     batch_size: int,
     seq_len: int,
     checkpointing: bool = False,
@@ -106,13 +108,14 @@ def plan_from_config(
     blocksize: int = 64,
     double_quant: bool = True,
     optimizer_budget: int | None = None,
+    adapter_dtype: str = "float32",
 ) -> MemoryPlan:
     """The same estimate as `plan_training`, before loading anything (for a "won't fit" up front)."""
     dense_bytes = np.dtype(float_dtype(compute_dtype)).itemsize
-    bits = 4 + 8 / blocksize + 32 / (blocksize * 256) if double_quant else 4 + 32 / blocksize
+    bits = bits_per_weight(blocksize, NESTED_BLOCKSIZE if double_quant else None)
     shapes = linear_shapes(config)
     layers = config.num_hidden_layers
-    tables = 16 * 4 + (256 * 4 if double_quant else 0)  # each weight holds its code tables
+    tables = NF4_CODE.nbytes + (DYNAMIC_MAP_SIGNED.nbytes if double_quant else 0)  # per weight
     nf4 = sum(math.ceil(o * i * bits / 8) + tables for o, i in shapes.values()) * layers
     dense = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
     dense += config.hidden_size * (2 * layers + 1)
@@ -120,9 +123,9 @@ def plan_from_config(
     if config.mlp_bias:
         biased += ["gate_proj", "up_proj", "down_proj"]
     dense += sum(shapes[n][0] for n in biased) * layers
-    n_adapter = sum(lora.r * (o + i) for n, (o, i) in shapes.items() if n in lora.target_modules)
+    n_adapter = sum(lora.r * (o + i) for n, (o, i) in shapes.items() if n in lora.targets)
     n_adapter *= layers
-    adapters = n_adapter * np.dtype(float_dtype(lora.dtype)).itemsize
+    adapters = n_adapter * np.dtype(float_dtype(adapter_dtype)).itemsize
     state = n_adapter * BYTES_PER_ELEMENT
     if optimizer_budget is not None:
         state = min(state, optimizer_budget)

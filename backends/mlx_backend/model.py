@@ -67,7 +67,7 @@ class DecoderStack(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        rope = RoPE(config.resolved_head_dim, config.rope_theta, config.rope_scaling)
+        rope = RoPE(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = [DecoderLayer(config, rope) for _ in range(config.num_hidden_layers)]
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -143,7 +143,7 @@ def _checkpointed(
     return mx.checkpoint(run)(layer.trainable_parameters(), h, *key_args)
 
 
-class LlamaModel(nn.Module):
+class CausalLM(nn.Module):
     """A causal language model; `__call__(tokens (B, T), cache, positions, segments)` returns logits
     (B, T, vocab) (see `DecoderStack.__call__` for packed rows)."""
 
@@ -178,24 +178,6 @@ class LlamaModel(nn.Module):
     def make_cache(self) -> list[KVCache]:
         return KVCache.for_model(self.config.num_hidden_layers)
 
-    def generate(self, prompt: list[int], max_new_tokens: int, eos: int | None = None) -> list[int]:
-        """Greedy decoding with the KV cache (dropout off); returns the new tokens."""
-        was_training = self.training
-        self.eval()
-        try:
-            cache = self.make_cache()
-            logits = self.last_logits(mx.array([prompt]), cache)
-            out: list[int] = []
-            for _ in range(max_new_tokens):
-                token = int(mx.argmax(logits[0]).item())
-                out.append(token)
-                if token == eos:
-                    break
-                logits = self.last_logits(mx.array([[token]]), cache)
-            return out
-        finally:
-            self.train(was_training)
-
     @classmethod
     def from_state(
         cls,
@@ -207,7 +189,7 @@ class LlamaModel(nn.Module):
         compute_dtype: str = "auto",
         method: str = "absmax",
         base_dtype: str | None = None,
-    ) -> LlamaModel:
+    ) -> CausalLM:
         """Build from Hugging Face-named tensors (numpy arrays, or NF4Tensors for the linears).
 
         Dense linear weights are quantized with nf4core (one tensor at a time, by `method`) when

@@ -20,14 +20,14 @@ def _nf4_matmul_fn(weight: NF4Weight):
     """
 
     @mx.custom_function
-    def matmul(x):
-        return dispatch.matmul(x, weight)
+    def linear(x):
+        return dispatch.linear(x, weight)
 
-    @matmul.vjp
+    @linear.vjp
     def matmul_vjp(primals, cotangent, output):
-        return (dispatch.matmul_t(cotangent, weight),)
+        return (dispatch.linear_grad_input(cotangent, weight),)
 
-    return matmul
+    return linear
 
 
 class NF4Linear(nn.Module):

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from nf4core import DoubleQuantAbsmax, NF4Tensor
+from nf4core.blockwise import BlockLayout
+from nf4core.codebooks import NESTED_BLOCKSIZE
 
 from ._mlx import mx
 
 
 @dataclass(frozen=True, eq=False)
-class NF4Weight:
+class NF4Weight(BlockLayout):
     """A frozen NF4 weight on the device.
 
     The nibble order is bitsandbytes' (first element in the HIGH nibble), not MLX's own LSB-first
@@ -40,7 +41,7 @@ class NF4Weight:
     shape: tuple[int, ...]
     dtype: str
     blocksize: int
-    dq_blocksize: int = 256
+    dq_blocksize: int = NESTED_BLOCKSIZE
 
     def __post_init__(self) -> None:
         if self.packed.dtype != mx.uint8 or self.packed.ndim != 1:
@@ -53,28 +54,12 @@ class NF4Weight:
             raise ValueError("exactly one of absmax and dq_codes must be given")
 
     @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def n_blocks(self) -> int:
-        return -(-self.numel // self.blocksize)
-
-    @property
     def double_quant(self) -> bool:
         return self.dq_codes is not None
 
     @property
     def nbytes(self) -> int:
-        arrays = (
-            self.packed,
-            self.absmax,
-            self.dq_codes,
-            self.dq_scales,
-            self.dq_quant_map,
-            self.quant_map,
-        )
-        return sum(a.nbytes for a in arrays if a is not None)
+        return sum(a.nbytes for a in self.arrays())
 
     def arrays(self) -> list[mx.array]:
         """Every device array of the weight (for mx.eval and memory accounting)."""
@@ -105,7 +90,7 @@ class NF4Weight:
             shape=tuple(t.shape),
             dtype=t.dtype,
             blocksize=t.blocksize,
-            dq_blocksize=256 if dq is None else dq.blocksize,
+            dq_blocksize=NESTED_BLOCKSIZE if dq is None else dq.blocksize,
         )
 
     def to_nf4(self) -> NF4Tensor:

@@ -101,7 +101,7 @@ def _strategy(strategy: str, m: int) -> str:
     return strategy
 
 
-def matmul(
+def linear(
     x: mx.array, w: NF4Weight, absmax: mx.array | None = None, strategy: str = "auto"
 ) -> mx.array:
     """x @ W^T, x (..., K), W (N, K): GEMV kernel up to 8 rows, the fused kernel up to 64, then
@@ -128,10 +128,10 @@ def matmul(
     return y.reshape(*lead, n)
 
 
-def matmul_t(
+def linear_grad_input(
     g: mx.array, w: NF4Weight, absmax: mx.array | None = None, strategy: str = "auto"
 ) -> mx.array:
-    """g @ W, g (..., N), W (N, K): the input gradient of `matmul` (same strategies)."""
+    """g @ W, g (..., N), W (N, K): the input gradient of `linear` (same strategies)."""
     n, k = w.shape
     lead = g.shape[:-1]
     if g.size == 0 or n == 0 or k == 0:  # an empty batch or weight: nothing to dispatch

@@ -49,7 +49,7 @@ def dequantize_with_absmax(
 ) -> mx.array:
     """The weight in `dtype` and its shape: float32 quant_map[code] * absmax[block], one rounding.
 
-    `after`: an array this dequantization must wait for (see `matmul`).
+    `after`: an array this dequantization must wait for (see `linear`).
     """
     packed = w.packed if after is None else mx.depends(w.packed, after)
     values = mx.take(pair_table(w.quant_map), packed).view(mx.float32)  # (2 * bytes,)
@@ -65,7 +65,7 @@ def dequantize(w: NF4Weight, dtype: mx.Dtype = mx.float32) -> mx.array:
     return dequantize_with_absmax(w, reconstruct_absmax(w), dtype)
 
 
-def matmul(
+def linear(
     x: mx.array, w: NF4Weight, absmax: mx.array | None = None, strategy: str = "dequant"
 ) -> mx.array:
     """x @ W^T for x (..., in) and W (out, in): (..., out), in x's dtype.
@@ -78,10 +78,10 @@ def matmul(
     return x @ dequantize_with_absmax(w, absmax, x.dtype, after=x).T
 
 
-def matmul_t(
+def linear_grad_input(
     g: mx.array, w: NF4Weight, absmax: mx.array | None = None, strategy: str = "dequant"
 ) -> mx.array:
-    """g @ W for g (..., out): (..., in), the input gradient of `matmul`. (`strategy` exists for
+    """g @ W for g (..., out): (..., in), the input gradient of `linear`. (`strategy` exists for
     signature parity with ops_metal; the reference always dequantizes.)"""
     absmax = reconstruct_absmax(w) if absmax is None else absmax
     return g @ dequantize_with_absmax(w, absmax, g.dtype, after=g)

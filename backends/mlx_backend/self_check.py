@@ -16,7 +16,7 @@ from . import ops_reference
 from ._mlx import mx
 from .nf4_weight import NF4Weight
 
-OPS = ("dequantize", "matmul", "matmul_t")
+OPS = ("dequantize", "linear", "linear_grad_input")
 _OUT, _IN = 20, 70  # 22 blocks of 64, the last one partial
 _ROUTES = ((3, "fused"), (9, "fused"), (9, "dequant"))  # (rows, strategy): GEMV, fused, dequant
 
@@ -39,9 +39,9 @@ def _pairs(kernels, op: str, dtype: mx.Dtype) -> kernel_self_check.Pairs:
             (_host(kernels.dequantize(w, dtype)), _host(ops_reference.dequantize(w, dtype))),
         ]
     rng = np.random.default_rng(5)
-    width = _IN if op == "matmul" else _OUT
+    width = _IN if op == "linear" else _OUT
     pairs = []
-    for rows, strategy in _ROUTES if op == "matmul" else _ROUTES[::2]:
+    for rows, strategy in _ROUTES if op == "linear" else _ROUTES[::2]:
         a = mx.array(rng.standard_normal((rows, width)).astype(np.float32)).astype(dtype)
         got = getattr(kernels, op)(a, w, strategy=strategy)
         pairs.append((_host(got), _host(getattr(ops_reference, op)(a, w))))
@@ -49,7 +49,7 @@ def _pairs(kernels, op: str, dtype: mx.Dtype) -> kernel_self_check.Pairs:
 
 
 def trusted(op: str, dtype: mx.Dtype) -> bool:
-    """Whether the Metal kernels of `op` ("dequantize", "matmul", "matmul_t") in `dtype` passed
+    """Whether the Metal kernels of `op` ("dequantize", "linear", "linear_grad_input") in `dtype` passed
     their self-check on the default device (run on first use, then cached)."""
     from . import ops_metal
 

@@ -1,5 +1,6 @@
-"""The QLoRA training step on MLX: compiled loss and gradients, loss masking, accumulation, clipping,
-a learning-rate schedule and paged AdamW with float32 masters."""
+"""The QLoRA training step on MLX: compiled loss and gradients, loss masking, accumulation, clipping
+and paged AdamW with float32 masters, at the learning rate the caller gives (the schedule is the
+pipeline's, `backends.schedule`)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,12 @@ from mlx.utils import tree_flatten, tree_map
 from ._mlx import mx, nn
 from .memory import check_fits, plan_training, set_memory_limit
 from .paged_optimizer import PagedAdamW, PagedAdamWConfig
-from .schedule import ScheduleConfig
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """What one optimizer step does; `memory_limit_bytes` caps MLX's allocations and checks fit."""
 
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     optimizer: PagedAdamWConfig = field(default_factory=PagedAdamWConfig)
     grad_accum_steps: int = 1
     max_grad_norm: float | None = 1.0
@@ -148,8 +147,8 @@ class Trainer:
         grads = tree_map(lambda g: g / total_tokens, acc)
         return grads, total_loss / total_tokens, int(total_tokens)
 
-    def step(self, micro_batches: list[Batch]) -> dict:
-        """One optimizer step over `grad_accum_steps` micro-batches; returns loss, lr, grad_norm. A
+    def train_step(self, micro_batches: list[Batch], lr: float) -> dict:
+        """One optimizer step at `lr` over `grad_accum_steps` micro-batches; returns loss, lr, grad_norm. A
         non-finite loss or gradient norm skips the update (the caller sees it in the result)."""
         if len(micro_batches) != self.config.grad_accum_steps:
             raise ValueError(
@@ -158,7 +157,8 @@ class Trainer:
         self.model.train()
         grads, loss, tokens = self.gradients(micro_batches)
         grads, norm = clip_by_global_norm(grads, self.config.max_grad_norm)
-        lr = self.config.schedule(self.optimizer.step_count)
+        if not lr > 0:
+            raise ValueError(f"the learning rate must be positive, got {lr}")
         grad_norm = norm.item()
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.model.update(self.optimizer.step(grads, lr))
@@ -166,9 +166,3 @@ class Trainer:
         else:  # never apply a non-finite update; the step still counts, as a resume would count it
             self.optimizer.step_count += 1
         return {"loss": loss, "tokens": tokens, "lr": lr, "grad_norm": grad_norm}
-
-    def evaluate(self, batch: Batch) -> float:
-        self.model.eval()
-        logits = self.model(batch.inputs, None, *batch.packing())
-        loss_sum, count = masked_cross_entropy(logits, batch.targets, batch.mask)
-        return (loss_sum / count).item()

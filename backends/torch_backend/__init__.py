@@ -9,31 +9,26 @@ from .dispatch import force_path
 from .generate import SamplingConfig, generate, generate_tokens
 from .kv_cache import KVCache
 from .lora import (
-    LoRAConfig,
     LoRALinear,
     apply_lora,
     load_lora_state_dict,
     lora_state_dict,
-    merge_lora,
 )
 from .model import CausalLM, causal_lm_loss
 from .nf4_linear import NF4Linear, nf4_linear
 from .nf4_weight import NF4Weight
 from .paged_adamw import PagedAdamW
-from .schedule import ScheduleConfig
 from .train_step import Batch, StepStats, TrainConfig, Trainer
 
 __all__ = [
     "Batch",
     "CausalLM",
     "KVCache",
-    "LoRAConfig",
     "LoRALinear",
     "NF4Linear",
     "NF4Weight",
     "PagedAdamW",
     "SamplingConfig",
-    "ScheduleConfig",
     "StepStats",
     "TrainConfig",
     "Trainer",
@@ -44,6 +39,5 @@ __all__ = [
     "generate_tokens",
     "load_lora_state_dict",
     "lora_state_dict",
-    "merge_lora",
     "nf4_linear",
 ]

@@ -11,7 +11,7 @@ Note (policy): decoding visits the layers in the same order every token, so an L
 than the model would evict each weight just before its next use and never hit. This cache fills up
 to its byte budget and then stops adding: the first layers that fit stay, the rest dequantize per
 call, and the hit rate is budget / model size. Budget: NF4_QLORA_DEQUANT_CACHE_MB (default 1024; 0
-turns it off). CPU tensors on the auto path only: NF4_QLORA_KERNELS=reference or triton bypasses
+turns it off). CPU tensors on the auto path only: NF4_KERNELS=reference or triton bypasses
 it, and GPU tensors keep their fused 4-bit kernels."""
 
 from __future__ import annotations

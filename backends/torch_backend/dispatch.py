@@ -1,18 +1,19 @@
 """Which implementation an op uses, decided per call: the Triton kernels or the torch reference.
 
 `auto` (default) takes the kernels for CUDA tensors when triton is importable. The environment
-variable NF4_QLORA_KERNELS (auto | reference | triton) or the `force_path` context manager overrides
-it; `triton` on CPU tensors needs TRITON_INTERPRET=1 (the interpreter runs the kernel source).
+variable NF4_KERNELS (auto | reference | triton; NF4_QLORA_KERNELS is its deprecated name) or the
+`force_path` context manager overrides it; `triton` on CPU tensors needs TRITON_INTERPRET=1 (the interpreter runs the kernel source).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
 from collections.abc import Iterator
 
 import torch
+
+from ..registry import kernels_from_env
 
 PATHS = ("auto", "reference", "triton")
 # Device types on which auto mode takes the Triton kernels (tests add "cpu" to run the interpreter
@@ -22,10 +23,7 @@ _forced: list[str] = []
 
 
 def _requested() -> str:
-    path = _forced[-1] if _forced else os.environ.get("NF4_QLORA_KERNELS", "auto")
-    if path not in PATHS:
-        raise ValueError(f"NF4_QLORA_KERNELS must be one of {PATHS}, got {path!r}")
-    return path
+    return _forced[-1] if _forced else kernels_from_env("torch", PATHS)
 
 
 def triton_available() -> bool:
@@ -43,7 +41,7 @@ def use_triton(t: torch.Tensor) -> bool:
         return False
     if path == "triton":
         if not triton_available():
-            raise RuntimeError("NF4_QLORA_KERNELS=triton but triton is not installed")
+            raise RuntimeError("the triton kernels were requested, but triton is not installed")
         return True
     return t.device.type in AUTO_TRITON_DEVICES and triton_available()
 

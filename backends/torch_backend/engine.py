@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
 
-from .generate import SamplingConfig, generate_tokens, greedy_steps
-from .lora import PEFT_PREFIX, LoRAConfig, apply_lora, load_lora_state_dict, lora_state_dict
+from nf4core.dtypes import FLOAT_DTYPES
+
+from ..engine import Engine, StepResult, TrainingState
+from ..peft_adapter import PEFT_PREFIX
+from .generate import generate_tokens, greedy_steps
+from .lora import apply_lora, load_lora_state_dict, lora_state_dict
 from .model import CausalLM
 from .model.llama import causal_lm_loss
 from .nf4_linear import NF4Linear
-from .schedule import ScheduleConfig
 from .train_step import Batch, TrainConfig, Trainer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in FLOAT_DTYPES}  # "bfloat16" -> torch.bfloat16
 
 
-class TorchEngine:
+class TorchEngine(Engine):
+    generate_tokens = staticmethod(generate_tokens)
+    greedy_steps = staticmethod(greedy_steps)
+
     def __init__(self, choice, source, lora, train, lr: float, base=None) -> None:
         self.choice, self.config = choice, source.config
         self.device = torch.device(choice.device)
@@ -35,30 +40,18 @@ class TorchEngine:
         self.model.to(self.device)
         self.trainer = None
         if lora is not None:
-            apply_lora(
-                self.model,
-                LoRAConfig(
-                    rank=lora.r,
-                    alpha=lora.alpha,
-                    dropout=lora.dropout,
-                    target_modules=lora.targets,
-                    seed=lora.seed,
-                ),
-            )
+            apply_lora(self.model, lora)
         if train is not None:
             torch.manual_seed(train.seed)
             self.model.gradient_checkpointing = train.grad_checkpoint
             self.model.chunked_loss = train.grad_checkpoint  # the memory options go together
-            # the pipeline owns the schedule: each step runs at the lr it is given (constant here)
             self.trainer = Trainer(
                 self.model,
                 TrainConfig(
-                    learning_rate=lr,
                     weight_decay=train.weight_decay,
                     max_grad_norm=train.max_grad_norm,
                     grad_accum_steps=train.grad_accum,
                     paged=train.paged,
-                    schedule=ScheduleConfig("constant", total_steps=1),
                 ),
             )
             self._names = [
@@ -69,48 +62,17 @@ class TorchEngine:
         return Batch.from_numpy(b, self.device)
 
     def train_step(self, micro_batches, lr: float):
-        from ..engine import StepResult
-
-        self.trainer.cfg = dataclasses.replace(self.trainer.cfg, learning_rate=lr)
-        stats = self.trainer.train_step([self._batch(b) for b in micro_batches])
+        stats = self.trainer.train_step([self._batch(b) for b in micro_batches], lr)
         return StepResult(stats.loss, stats.tokens, stats.grad_norm)
 
     @torch.no_grad()
-    def eval_loss(self, batches) -> tuple[float, int]:
-        was = self.model.training
-        self.model.eval()
-        total, n = 0.0, 0
-        for b in batches:
-            batch = self._batch(b)
-            logits = self.model(
-                batch.input_ids, position_ids=batch.position_ids, segment_ids=batch.segment_ids
-            )
-            s, k = causal_lm_loss(logits, batch.input_ids, batch.loss_mask, batch.segment_ids)
-            total, n = total + float(s), n + int(k)
-        self.model.train(was)
-        return total, n
-
-    def generate(
-        self,
-        prompt: Sequence[int],
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        eos_ids: Sequence[int] = (),
-    ) -> Iterator[int]:
-        cfg = SamplingConfig(max_new_tokens, temperature, top_p, seed, tuple(eos_ids))
-        return generate_tokens(self.model, list(prompt), cfg)
-
-    def greedy_batch(
-        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Sequence[int] = ()
-    ) -> list[list[int]]:
-        from ..engine import check_one_length, rows_until_stop
-
-        check_one_length(prompts)
-        return rows_until_stop(
-            greedy_steps(self.model, prompts, max_new_tokens), len(prompts), eos_ids
+    def batch_loss(self, b) -> tuple[float, int]:
+        batch = self._batch(b)
+        logits = self.model(
+            batch.input_ids, position_ids=batch.position_ids, segment_ids=batch.segment_ids
         )
+        s, k = causal_lm_loss(logits, batch.input_ids, batch.loss_mask, batch.segment_ids)
+        return float(s), int(k)
 
     @contextlib.contextmanager
     def inference(self, budget_bytes: int = 2 << 30) -> Iterator[None]:
@@ -142,8 +104,6 @@ class TorchEngine:
         )
 
     def training_state(self):
-        from ..engine import TrainingState
-
         opt = self.trainer.optimizer
         moments, step = {}, self.trainer.step_index
         for name, p in zip(self._names, self.trainer.params):

@@ -3,45 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from ..sampling import SamplingConfig, nucleus
 from .dequant_cache import DequantCache
 from .model import CausalLM
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """temperature 0 is greedy; top_p < 1 keeps the smallest set of tokens with that probability."""
-
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    eos_token_ids: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
 
 
 def _pick(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator) -> int:
     """One token id from logits (V,)."""
     if cfg.temperature == 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)
+    probs = torch.softmax(logits.float() / cfg.temperature, dim=-1).cpu()
     if cfg.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, 0) - sorted_p < cfg.top_p  # always keeps the top token
-        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+        probs = torch.from_numpy(nucleus(probs.numpy(), cfg.top_p))
+    return int(torch.multinomial(probs, 1, generator=gen))
 
 
 @torch.no_grad()

@@ -1,10 +1,7 @@
-"""`LoRALinear` in PEFT's convention, and helpers to add, export and merge adapters in a model."""
+"""`LoRALinear` in PEFT's convention, and helpers to add and export adapters in a model (merging is
+`backends/merge.py`, one definition for both backends)."""
 
 from __future__ import annotations
-
-import math
-import re
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -12,47 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import nf4core
-from nf4core.model_config import LINEAR_NAMES
 
+from ..engine import LoRASettings
+from ..peft_adapter import PEFT_PREFIX
 from .nf4_linear import NF4Linear
-
-DEFAULT_TARGETS = LINEAR_NAMES
-PEFT_PREFIX = "base_model.model."
-
-
-@dataclass(frozen=True)
-class LoRAConfig:
-    """rank r, alpha, dropout on the adapter input, rsLoRA scaling (alpha/sqrt(r) instead of alpha/r),
-    which modules get adapters (last name component, or a regex over the full name), and the seed of
-    the A initialisation (nf4core.lora_init)."""
-
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    rslora: bool = False
-    target_modules: tuple[str, ...] = DEFAULT_TARGETS
-    target_regex: str | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
-            raise ValueError(f"LoRA rank must be a positive int, got {self.rank!r}")
-        if not self.alpha > 0:
-            raise ValueError(f"LoRA alpha must be positive, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        if self.target_regex is not None:
-            re.compile(self.target_regex)
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
-
-    def targets(self, name: str) -> bool:
-        if self.target_regex is not None:
-            return re.fullmatch(self.target_regex, name) is not None
-        return name.rsplit(".", 1)[-1] in self.target_modules
 
 
 class LoRALinear(nn.Module):
@@ -90,12 +50,12 @@ class LoRALinear(nn.Module):
         cls,
         base: nn.Module,
         name: str,
-        config: LoRAConfig,
+        settings: LoRASettings,
         adapter_dtype: torch.dtype = torch.float32,
     ) -> LoRALinear:
         """Wrap `base` (NF4Linear or nn.Linear) with adapters initialised by nf4core.lora_init(name)."""
         a, b = nf4core.lora_init(
-            name, base.in_features, base.out_features, config.rank, config.seed
+            name, base.in_features, base.out_features, settings.r, settings.seed
         )
         device = base.bias.device if getattr(base, "bias", None) is not None else _device_of(base)
         to = dict(device=device, dtype=adapter_dtype)
@@ -103,8 +63,8 @@ class LoRALinear(nn.Module):
             base,
             torch.from_numpy(a).to(**to),
             torch.from_numpy(b).to(**to),
-            config.scale,
-            config.dropout,
+            settings.scale,
+            settings.dropout,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
@@ -112,41 +72,6 @@ class LoRALinear(nn.Module):
         a = self.lora_A.weight.to(x.dtype)  # (r, in)
         b = self.lora_B.weight.to(x.dtype)  # (out, r)
         return y + F.linear(F.linear(self.dropout(x), a), b) * self.scale
-
-    def delta_weight(self) -> torch.Tensor:
-        """scale * B @ A in float32, (out, in)."""
-        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scale
-
-    def merge(
-        self, requantize: bool = False, blocksize: int = 64, double_quant: bool = True
-    ) -> nn.Module:
-        """The base with the adapter folded in: a dense float32 nn.Linear, or an NF4Linear re-quantized
-        by nf4core when `requantize`."""
-        if isinstance(self.base, NF4Linear):
-            w = self.base.dequantize(torch.float32)
-        else:
-            w = self.base.weight.detach().float()
-        merged = w + self.delta_weight().detach()
-        bias = getattr(self.base, "bias", None)
-        if requantize:
-            t = nf4core.quantize(
-                merged.cpu().numpy(), blocksize=blocksize, double_quant=double_quant
-            )
-            b = None if bias is None else bias.detach().float().cpu()
-            return NF4Linear.from_nf4(t, b).to(merged.device)
-        dense = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=bias is not None,
-            device=merged.device,
-            dtype=torch.float32,
-        )
-        with torch.no_grad():
-            dense.weight.copy_(merged)
-            if bias is not None:
-                dense.bias.copy_(bias.float())
-        dense.requires_grad_(False)
-        return dense
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -161,7 +86,7 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def apply_lora(
-    model: nn.Module, config: LoRAConfig, adapter_dtype: torch.dtype = torch.float32
+    model: nn.Module, settings: LoRASettings, adapter_dtype: torch.dtype = torch.float32
 ) -> list[str]:
     """Freeze `model` and wrap every targeted linear in a LoRALinear; returns the wrapped names.
 
@@ -172,15 +97,15 @@ def apply_lora(
     names = [
         n
         for n, m in model.named_modules()
-        if isinstance(m, (NF4Linear, nn.Linear)) and config.targets(n)
+        if isinstance(m, (NF4Linear, nn.Linear)) and settings.adapts(n)
     ]
     if not names:
-        raise ValueError(f"no linear module matches the LoRA targets {config.target_modules}")
+        raise ValueError(f"no linear module matches the LoRA targets {settings.targets}")
     for name in names:
         _set_submodule(
             model,
             name,
-            LoRALinear.from_base(model.get_submodule(name), name, config, adapter_dtype),
+            LoRALinear.from_base(model.get_submodule(name), name, settings, adapter_dtype),
         )
     return names
 
@@ -210,13 +135,3 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor | np.nd
                     else state[key]
                 )
             )
-
-
-def merge_lora(
-    model: nn.Module, requantize: bool = False, blocksize: int = 64, double_quant: bool = True
-) -> nn.Module:
-    """Replace every LoRALinear of `model` by its merged base (in place); returns the model."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
-            _set_submodule(model, name, module.merge(requantize, blocksize, double_quant))
-    return model

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import nf4core
+from nf4core.state_dict import nf4_to_state_dict
 
 from . import ops
 from .dequant_cache import active_cache, cached_weight
@@ -95,7 +96,7 @@ class NF4Linear(nn.Module):
     def bnb_state_dict(self, prefix: str) -> dict[str, np.ndarray]:
         """bitsandbytes' state-dict entries for a module named `prefix` (`<prefix>.weight`,
         `.absmax`, `.quant_map`, nested data, quant_state JSON), plus `<prefix>.bias` if any."""
-        out = self.to_nf4().to_state_dict(prefix)
+        out = nf4_to_state_dict(self.to_nf4(), prefix)
         if self.bias is not None:
             out[f"{prefix}.bias"] = self.bias.detach().float().cpu().numpy()
         return out
@@ -106,7 +107,11 @@ class NF4Linear(nn.Module):
 
     def get_extra_state(self) -> dict:
         """The scalar metadata (blocksize, shape, dtype, nested offset) travels in the state dict."""
-        return {**self._meta, "shape": list(self._meta["shape"]), "format_version": 1}
+        return {
+            **self._meta,
+            "shape": list(self._meta["shape"]),
+            "format_version": nf4core.FORMAT_VERSION,
+        }
 
     def set_extra_state(self, state: dict) -> None:
         meta = {k: state[k] for k in self._meta}

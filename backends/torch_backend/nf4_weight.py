@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from nf4core import DoubleQuantAbsmax, NF4Tensor
+from nf4core.blockwise import BlockLayout
+from nf4core.codebooks import NESTED_BLOCKSIZE
 
 
 @dataclass(frozen=True, eq=False)
-class NF4Weight:
+class NF4Weight(BlockLayout):
     """A frozen NF4 weight on a torch device, in bitsandbytes' layout.
 
     Attributes:
@@ -63,14 +64,6 @@ class NF4Weight:
                 raise ValueError("all tensors of an NF4Weight must live on one device")
 
     @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def n_blocks(self) -> int:
-        return -(-self.numel // self.blocksize)
-
-    @property
     def device(self) -> torch.device:
         return self.packed.device
 
@@ -109,7 +102,7 @@ class NF4Weight:
             nested_scales=put(dq.scales) if dq else None,
             nested_quant_map=put(dq.quant_map) if dq else None,
             nested_offset=dq.offset if dq else 0.0,
-            nested_blocksize=dq.blocksize if dq else 256,
+            nested_blocksize=dq.blocksize if dq else NESTED_BLOCKSIZE,
             quant_map=put(t.quant_map),
             shape=tuple(t.shape),
             dtype=t.dtype,

@@ -1,20 +1,19 @@
-"""One QLoRA optimizer step: masked next-token loss over accumulated micro-batches, clipping,
-the learning-rate schedule and paged AdamW over the trainable (adapter) parameters."""
+"""One QLoRA optimizer step: masked next-token loss over accumulated micro-batches, clipping and
+paged AdamW over the trainable (adapter) parameters, at the learning rate the caller gives (the
+schedule is the pipeline's, `backends.schedule`)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from .lora import load_lora_state_dict, lora_state_dict
-from .model.llama import causal_lm_loss, target_mask
+from .model.llama import target_mask
 from .paged_adamw import PagedAdamW
-from .schedule import ScheduleConfig
 
 
 @dataclass(frozen=True)
@@ -22,19 +21,15 @@ class TrainConfig:
     """Optimizer and step settings. `max_grad_norm` <= 0 disables clipping; `paged` None pages the
     optimizer state of CUDA parameters only."""
 
-    learning_rate: float = 2e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     max_grad_norm: float = 1.0
     grad_accum_steps: int = 1
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     paged: bool | None = None
     page_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.grad_accum_steps < 1:
             raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -81,29 +76,29 @@ class StepStats:
 class Trainer:
     """Trains the parameters of `model` that require grad (the adapters) with PagedAdamW."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig) -> None:
-        self.model, self.cfg = model, cfg
+    def __init__(self, model: nn.Module, config: TrainConfig) -> None:
+        self.model, self.config = model, config
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters (apply LoRA first)")
         self.optimizer = PagedAdamW(
             self.params,
-            lr=cfg.learning_rate,
-            betas=cfg.betas,
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
-            page_bytes=cfg.page_bytes,
-            paged=cfg.paged,
+            lr=1.0,  # replaced by each step's learning rate
+            betas=config.betas,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
+            page_bytes=config.page_bytes,
+            paged=config.paged,
         )
         self.step_index = 0
 
-    def train_step(self, micro_batches: Sequence[Batch]) -> StepStats:
+    def train_step(self, micro_batches: Sequence[Batch], lr: float) -> StepStats:
         """Accumulate gradients over `micro_batches` (normalised by their total target count, so the
-        result equals one big batch), clip, and take one optimizer step. A non-finite loss or
+        result equals one big batch), clip, and take one optimizer step at `lr`. A non-finite loss or
         gradient norm skips the update (the stats show it; the caller decides what follows)."""
-        if len(micro_batches) != self.cfg.grad_accum_steps:
+        if len(micro_batches) != self.config.grad_accum_steps:
             raise ValueError(
-                f"expected {self.cfg.grad_accum_steps} micro-batches, got {len(micro_batches)}"
+                f"expected {self.config.grad_accum_steps} micro-batches, got {len(micro_batches)}"
             )
         self.model.train()
         total = sum(b.n_targets() for b in micro_batches)
@@ -116,9 +111,10 @@ class Trainer:
             )
             (summed / total).backward()
             loss_sum += float(summed.detach())
-        clip = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        clip = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
-        lr = self.cfg.learning_rate * self.cfg.schedule.factor(self.step_index)
+        if not lr > 0:
+            raise ValueError(f"the learning rate must be positive, got {lr}")
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if math.isfinite(loss_sum) and math.isfinite(grad_norm):
@@ -128,35 +124,3 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step_index += 1
         return StepStats(loss=loss_sum / total, learning_rate=lr, grad_norm=grad_norm, tokens=total)
-
-    def state_dict(self) -> dict:
-        """Everything needed to resume: step, optimizer state (host tensors) and adapter weights."""
-        return {
-            "format_version": 1,
-            "step_index": self.step_index,
-            "optimizer": self.optimizer.state_dict(),
-            "adapters": lora_state_dict(self.model),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume from `state_dict()`: the following steps equal those of an uninterrupted run."""
-        if state.get("format_version") != 1:
-            raise ValueError(f"unknown trainer state version {state.get('format_version')!r}")
-        load_lora_state_dict(self.model, state["adapters"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step_index = int(state["step_index"])
-
-    @torch.no_grad()
-    def evaluate(self, batches: Sequence[Batch]) -> float:
-        """Mean loss per target token, no gradients."""
-        was = self.model.training
-        self.model.eval()
-        total, loss = 0, 0.0
-        for batch in batches:
-            logits = self.model(
-                batch.input_ids, position_ids=batch.position_ids, segment_ids=batch.segment_ids
-            )
-            summed, n = causal_lm_loss(logits, batch.input_ids, batch.loss_mask, batch.segment_ids)
-            loss, total = loss + float(summed), total + int(n)
-        self.model.train(was)
-        return loss / max(total, 1)

@@ -7,11 +7,12 @@ import os
 
 from ..errors import ModelLoadError
 from ..hub import resolve
+from ..json_file import read_json
 from ..regular_file import check_regular_file
 from .base import ModelSource
 from .bnb_dir import BnbDirSource
 from .gguf_file import GGUFSource
-from .hf_dir import HFDirSource, read_json
+from .hf_dir import HFDirSource
 from .layout import expected_shapes, is_quantized_linear
 
 GGUF_MAGIC = b"GGUF"

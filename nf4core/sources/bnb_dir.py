@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelLoadError, NF4FormatError
-from ..state_dict import QUANT_STATE_SUFFIX
+from ..state_dict import QUANT_STATE_SUFFIX, nf4_from_state_dict
 from ..tensor import NF4Tensor
 from .hf_dir import HFDirSource
 
@@ -89,6 +89,6 @@ class BnbDirSource(HFDirSource):
             if key in self._where:
                 parts[key] = self._file(key).read(key)
         try:
-            return NF4Tensor.from_state_dict(parts, name[: -len(".weight")])
+            return nf4_from_state_dict(parts, name[: -len(".weight")])
         except NF4FormatError as exc:
             raise ModelLoadError(f"{self._file(name).path}: {exc}") from None

@@ -7,7 +7,6 @@ kernel; `unpermute_rope_rows` restores the Hugging Face order.
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 
 from ..errors import ModelLoadError
 from ..model_config import MISTRAL_DEFAULT_WINDOW, ModelConfig
+from ..rope import base_frequencies, llama3_factors
 from .base import ModelSource, normalized
 
 # Every weight type the `gguf` package (0.19) dequantizes: float, legacy, K-quants, IQ, ternary, FP4.
@@ -101,19 +101,8 @@ def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def llama3_rope_factors(rope_theta: float, head_dim: int, scaling: dict) -> np.ndarray:
-    """Per-frequency divisors of Llama 3's RoPE scaling (what llama.cpp stores as rope_freqs)."""
-    inv_freq = 1.0 / rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    wavelen = 2 * math.pi / inv_freq
-    old, low, high = (
-        scaling[k]
-        for k in ("original_max_position_embeddings", "low_freq_factor", "high_freq_factor")
-    )
-    smooth = (old / wavelen - low) / (high - low)
-    mid = 1.0 / ((1.0 - smooth) / scaling["factor"] + smooth)
-    factors = np.where(
-        wavelen < old / high, 1.0, np.where(wavelen > old / low, scaling["factor"], mid)
-    )
-    return factors.astype(np.float32)
+    """Per-frequency divisors of Llama 3's RoPE scaling, float32 as llama.cpp stores rope_freqs."""
+    return llama3_factors(base_frequencies(rope_theta, head_dim), scaling).astype(np.float32)
 
 
 def _gguf_package(path: Path):

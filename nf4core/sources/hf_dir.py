@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 from ..atomic import atomic_file
 from ..dtypes import FLOAT_DTYPES
 from ..errors import ModelLoadError
+from ..json_file import read_json
 from ..model_config import ModelConfig
 from ..regular_file import check_regular_file
 from ..tensor import NF4Tensor
@@ -28,24 +28,6 @@ TOKENIZER_FILES = (
 _PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
 _DERIVED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")  # old checkpoints
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
-
-
-def read_json(path: Path) -> dict:
-    check_regular_file(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except FileNotFoundError:
-        raise ModelLoadError(f"{path}: file not found") from None
-    except OSError as exc:
-        raise ModelLoadError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{path}: not valid JSON: {exc}") from None
-    except RecursionError:
-        raise ModelLoadError(f"{path}: not valid JSON: nested too deeply") from None
-    if not isinstance(value, dict):
-        raise ModelLoadError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
 
 
 def config_from_json(path: Path, raw: dict) -> ModelConfig:

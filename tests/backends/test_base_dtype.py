@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backends.engine import BaseWeights, LoRASettings, build_engine
+from backends.engine import BaseWeights, LoRASettings
 from backends.finetune import finetune
 from backends.finetune_config import ConfigError, FinetuneConfig
-from backends.registry import select_backend
+from backends.registry import build_engine, select_backend
 from tests.backends.finetune_fixtures import tiny_setup
 
 torch = pytest.importorskip("torch")

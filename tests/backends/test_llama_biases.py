@@ -151,12 +151,12 @@ def _builders():
 
     out = [("torch", lambda config, tensors: CausalLM.from_state(config, tensors, quantize=False))]
     if HAVE_MLX:
-        from backends.mlx_backend.model import LlamaModel
+        from backends.mlx_backend.model import CausalLM
 
         out.append(
             (
                 "mlx",
-                lambda config, tensors: LlamaModel.from_state(
+                lambda config, tensors: CausalLM.from_state(
                     config, tensors, quantize=False, compute_dtype="float32"
                 ),
             )

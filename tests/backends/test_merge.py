@@ -213,3 +213,35 @@ def _poison(directory):
     tensors = load_file(str(path))
     tensors[sorted(tensors)[0]][0, 0] = np.nan
     save_file(tensors, str(path))
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_the_merged_model_computes_what_the_adapted_one_does(tmp_path, backend):
+    """The one merge (this module's) against each backend's forward with the adapters attached."""
+    pytest.importorskip("torch" if backend == "torch" else "mlx.core")
+    from backends.engine import BaseWeights, LoRASettings
+    from backends.registry import build_engine, select_backend
+
+    model = _model(tmp_path / "model", layers=2)
+    source = nf4core.open_model(model)
+    adapter = _adapter(source)
+    adapter = Adapter(
+        {k: v * 0.05 for k, v in adapter.tensors.items()}, 4, 8.0, 0.0, adapter.targets
+    )
+    merged = merge(model, adapter, tmp_path / "merged", dtype="float32")
+    choice = select_backend(backend, "cpu", "float32")
+    settings = LoRASettings(adapter.r, adapter.alpha, 0.0, adapter.targets)
+    adapted = build_engine(choice, source, settings, None)  # NF4 base + adapters
+    adapted.load_adapters(adapter.tensors)
+    # the fold W_nf4 + scale * B @ A, kept dense
+    folded = build_engine(
+        choice, nf4core.open_model(merged), None, None, base=BaseWeights("float32")
+    )
+    ids = np.random.default_rng(3).integers(0, 300, size=(2, 12)).astype(np.int32)
+    ones = np.ones_like(ids)
+    positions = np.broadcast_to(np.arange(12, dtype=np.int32), ids.shape).copy()
+    batch = nf4core.Batch(ids, ones.astype(bool), ones.astype(bool), positions, ones)
+    (want, n), (got, m) = adapted.eval_loss([batch]), folded.eval_loss([batch])
+    plain = build_engine(choice, source, None, None).eval_loss([batch])[0]
+    assert n == m and abs(want - plain) > 1e-2 * abs(plain)  # the adapters change the loss
+    assert got == pytest.approx(want, rel=1e-5)

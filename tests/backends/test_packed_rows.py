@@ -58,7 +58,7 @@ def _per_token(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_mlx_packed_row_equals_torch_and_separate_examples(name):
     from backends.mlx_backend._mlx import mx
-    from backends.mlx_backend.model import LlamaModel
+    from backends.mlx_backend.model import CausalLM
     from backends.mlx_backend.train_step import Batch as MLXBatch
     from backends.torch_backend.model import CausalLM
     from backends.torch_backend.train_step import Batch as TorchBatch
@@ -66,7 +66,7 @@ def test_mlx_packed_row_equals_torch_and_separate_examples(name):
 
     config = _config(name)
     tensors = random_tensors(config, seed=3)
-    mlx_model = LlamaModel.from_state(config, tensors, quantize=False, compute_dtype="float32")
+    mlx_model = CausalLM.from_state(config, tensors, quantize=False, compute_dtype="float32")
     torch_model = CausalLM.from_state(config, tensors, quantize=False).eval()
     examples, packed = _packed(config.vocab_size)
 
@@ -132,11 +132,11 @@ def test_engines_agree_on_a_packed_batch(model_dir, checkpointing):
 
 def test_mlx_refuses_packed_rows_with_a_kv_cache():
     from backends.mlx_backend._mlx import mx
-    from backends.mlx_backend.model import LlamaModel
+    from backends.mlx_backend.model import CausalLM
     from tests.backends.mlx_backend.tiny_models import random_tensors
 
     config = _config("llama")
-    model = LlamaModel.from_state(config, random_tensors(config), compute_dtype="float32")
+    model = CausalLM.from_state(config, random_tensors(config), compute_dtype="float32")
     ids = mx.array([[1, 2, 3, 4]])
     segments, positions = mx.array([[1, 1, 2, 2]]), mx.array([[0, 1, 0, 1]])
     with pytest.raises(ValueError, match="packed rows .* cannot be combined with a KV cache"):

@@ -8,6 +8,7 @@ import pytest
 import nf4core
 from nf4core import blockwise
 from nf4core.dtypes import bfloat16
+from nf4core.state_dict import nf4_to_state_dict
 from tests.nf4core import bnb_oracle as bnb
 
 BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
@@ -28,7 +29,7 @@ def weights(shape, dtype, seed=0, zero_blocks=False):
 def ours_and_theirs(w, blocksize, double_quant, prefix="model.layers.0.mlp.up_proj"):
     t = nf4core.quantize(w, blocksize=blocksize, double_quant=double_quant)
     packed, qs = bnb.quantize(w, blocksize, double_quant)
-    return t, t.to_state_dict(prefix), bnb.state_dict(packed, qs, prefix), packed, qs
+    return t, nf4_to_state_dict(t, prefix), bnb.state_dict(packed, qs, prefix), packed, qs
 
 
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)
@@ -94,7 +95,7 @@ def test_files_cross_between_the_libraries_with_the_same_values(shape, double_qu
     w = weights(shape, np.float32, seed=7)
     t, ours, theirs, packed, qs = ours_and_theirs(w, blocksize, double_quant, prefix="lin")
     # bitsandbytes' file read by nf4core
-    from_bnb = nf4core.NF4Tensor.from_state_dict(theirs, "lin")
+    from_bnb = nf4core.nf4_from_state_dict(theirs, "lin")
     bnb_absmax = qs.absmax.numpy() if not double_quant else None
     if double_quant:
         bnb_absmax = (bnb.F.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset).numpy()

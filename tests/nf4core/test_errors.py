@@ -7,11 +7,12 @@ import pytest
 
 import nf4core
 from nf4core import NF4FormatError
+from nf4core.state_dict import nf4_to_state_dict
 
 
 def good_state_dict(double_quant=True, prefix="m"):
     w = np.random.default_rng(0).standard_normal((8, 100)).astype(np.float32)
-    return nf4core.quantize(w, 64, double_quant).to_state_dict(prefix)
+    return nf4_to_state_dict(nf4core.quantize(w, 64, double_quant), prefix)
 
 
 def test_nan_and_inf_are_counted_and_located():
@@ -75,7 +76,7 @@ def test_missing_keys_are_named(missing):
     sd = good_state_dict()
     del sd[missing]
     with pytest.raises(NF4FormatError, match="missing '" + missing.replace(".", r"\.")):
-        nf4core.NF4Tensor.from_state_dict(sd, "m")
+        nf4core.nf4_from_state_dict(sd, "m")
 
 
 def with_state(sd, **changes):
@@ -107,37 +108,37 @@ def with_state(sd, **changes):
 def test_quant_state_disagreeing_with_the_tensors(changes, message):
     sd = with_state(good_state_dict(), **changes)
     with pytest.raises(NF4FormatError, match=message):
-        nf4core.NF4Tensor.from_state_dict(sd, "m")
+        nf4core.nf4_from_state_dict(sd, "m")
 
 
 def test_malformed_json_and_fp4_checkpoints():
     sd = good_state_dict()
     sd["m.weight.quant_state.bitsandbytes__nf4"] = np.frombuffer(b'{"quant_type": nf4', np.uint8)
     with pytest.raises(NF4FormatError, match="not valid UTF-8 JSON"):
-        nf4core.NF4Tensor.from_state_dict(sd, "m")
+        nf4core.nf4_from_state_dict(sd, "m")
     sd["m.weight.quant_state.bitsandbytes__nf4"] = np.frombuffer(b"[1, 2]", np.uint8)
     with pytest.raises(NF4FormatError, match="must hold a JSON object"):
-        nf4core.NF4Tensor.from_state_dict(sd, "m")
+        nf4core.nf4_from_state_dict(sd, "m")
     sd = good_state_dict()
     sd["m.weight.quant_state.bitsandbytes__fp4"] = sd.pop("m.weight.quant_state.bitsandbytes__nf4")
     with pytest.raises(NF4FormatError, match="'fp4' is not supported"):
-        nf4core.NF4Tensor.from_state_dict(sd, "m")
+        nf4core.nf4_from_state_dict(sd, "m")
 
 
 def test_tensors_of_the_wrong_size_or_dtype():
     sd = good_state_dict(double_quant=False)
     sd["m.weight.absmax"] = sd["m.weight.absmax"][:-1]
     with pytest.raises(NF4FormatError, match="absmax has 12 values.*need 13"):
-        nf4core.NF4Tensor.from_state_dict(sd, "m")
+        nf4core.nf4_from_state_dict(sd, "m")
     sd = good_state_dict(double_quant=False)
     sd["m.weight"] = sd["m.weight"].view(np.int8)
     with pytest.raises(NF4FormatError, match="must be uint8"):
-        nf4core.NF4Tensor.from_state_dict(sd, "m")
+        nf4core.nf4_from_state_dict(sd, "m")
     sd = good_state_dict()
     sd["m.weight.nested_quant_map"] = sd["m.weight.nested_quant_map"][:128]
     with pytest.raises(NF4FormatError, match="256 values"):
-        nf4core.NF4Tensor.from_state_dict(sd, "m")
+        nf4core.nf4_from_state_dict(sd, "m")
     sd = good_state_dict()
     sd["m.weight.quant_map"] = sd["m.weight.quant_map"].astype(np.float16)
     with pytest.raises(NF4FormatError, match="quant_map must be float32"):
-        nf4core.NF4Tensor.from_state_dict(sd, "m")
+        nf4core.nf4_from_state_dict(sd, "m")

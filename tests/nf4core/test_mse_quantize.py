@@ -10,6 +10,7 @@ import pytest
 
 import nf4core
 from nf4core import blockwise
+from nf4core.state_dict import nf4_to_state_dict
 
 bnb = pytest.importorskip("tests.nf4core.bnb_oracle")
 
@@ -22,9 +23,9 @@ def _relative_error(w: np.ndarray, t: nf4core.NF4Tensor) -> float:
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_same_keys_tables_json_and_bits_as_absmax(double_quant):
     w = np.random.default_rng(0).standard_normal((48, 320)).astype(np.float32)
-    absmax = nf4core.quantize(w, 64, double_quant, method="absmax").to_state_dict("m")
+    absmax = nf4_to_state_dict(nf4core.quantize(w, 64, double_quant, method="absmax"), "m")
     mse_t = nf4core.quantize(w, 64, double_quant, method="mse")
-    mse = mse_t.to_state_dict("m")
+    mse = nf4_to_state_dict(mse_t, "m")
     assert sorted(mse) == sorted(absmax)
     state_key = "m.weight.quant_state.bitsandbytes__nf4"
     for key in absmax:
@@ -51,7 +52,7 @@ def test_bitsandbytes_dequantizes_mse_data_to_our_values(shape, double_quant, bl
 
     w = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     t = nf4core.quantize(w, blocksize, double_quant, method="mse")
-    sd = t.to_state_dict("lin")
+    sd = nf4_to_state_dict(t, "lin")
     qs = bnb.quant_state_from(sd, "lin")
     if bnb.cpu_kernel_is_reliable(shape, blocksize):
         theirs = bnb.dequantize(torch.from_numpy(sd["lin.weight"].copy()), qs)

@@ -5,6 +5,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import nf4core
+from nf4core.state_dict import nf4_to_state_dict
 
 KEYS = [
     "",
@@ -21,7 +22,7 @@ KEYS = [
 def test_round_trip_through_a_safetensors_file(tmp_path, shape, double_quant):
     w = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     t = nf4core.quantize(w, 32, double_quant)
-    sd = t.to_state_dict("model.layers.3.self_attn.q_proj")
+    sd = nf4_to_state_dict(t, "model.layers.3.self_attn.q_proj")
     expected = {"model.layers.3.self_attn.q_proj.weight" + k for k in KEYS}
     if not double_quant:
         expected -= {
@@ -31,7 +32,7 @@ def test_round_trip_through_a_safetensors_file(tmp_path, shape, double_quant):
     assert set(sd) == expected
     assert sd["model.layers.3.self_attn.q_proj.weight"].shape == ((w.size + 1) // 2, 1)
     save_file(sd, tmp_path / "model.safetensors")
-    back = nf4core.NF4Tensor.from_state_dict(
+    back = nf4core.nf4_from_state_dict(
         load_file(tmp_path / "model.safetensors"), "model.layers.3.self_attn.q_proj"
     )
     assert back.shape == shape and back.blocksize == 32 and back.dtype == "float32"
@@ -41,7 +42,11 @@ def test_round_trip_through_a_safetensors_file(tmp_path, shape, double_quant):
 def test_quant_state_json_fields():
     w = np.ones((4, 64), np.float16)
     state = json.loads(
-        bytes(nf4core.quantize(w, 64).to_state_dict("x")["x.weight.quant_state.bitsandbytes__nf4"])
+        bytes(
+            nf4_to_state_dict(nf4core.quantize(w, 64), "x")[
+                "x.weight.quant_state.bitsandbytes__nf4"
+            ]
+        )
     )
     assert list(state) == [
         "quant_type",

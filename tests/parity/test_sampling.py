@@ -7,8 +7,8 @@ import pytest
 torch = pytest.importorskip("torch")
 mx = pytest.importorskip("mlx.core")
 
-from backends.mlx_backend.engine import _pick as mlx_pick  # noqa: E402
-from backends.torch_backend.generate import SamplingConfig  # noqa: E402
+from backends.mlx_backend.generate import _pick as mlx_pick  # noqa: E402
+from backends.sampling import SamplingConfig  # noqa: E402
 from backends.torch_backend.generate import _pick as torch_pick  # noqa: E402
 
 PROBS = np.array([0.05, 0.3, 0.02, 0.5, 0.13])  # token 3 most likely, then 1, 4, 0, 2
@@ -37,8 +37,9 @@ def torch_draws(temperature, top_p):
 
 def mlx_draws(temperature, top_p):
     logits = mx.array(np.log(PROBS).astype(np.float32))
+    cfg = SamplingConfig(temperature=temperature, top_p=top_p)
     keys = mx.random.split(mx.random.key(0), DRAWS)
-    return [mlx_pick(logits, temperature, top_p, keys[i]) for i in range(DRAWS)]
+    return [mlx_pick(logits, cfg, keys[i]) for i in range(DRAWS)]
 
 
 @pytest.mark.parametrize(
@@ -56,4 +57,4 @@ def test_draws_follow_the_nucleus(draw, temperature, top_p):
 def test_temperature_zero_is_argmax_on_both():
     logits = np.log(PROBS).astype(np.float32)
     assert torch_pick(torch.tensor(logits), SamplingConfig(), torch.Generator()) == 3
-    assert mlx_pick(mx.array(logits), 0.0, 1.0, mx.random.key(0)) == 3
+    assert mlx_pick(mx.array(logits), SamplingConfig(), mx.random.key(0)) == 3

@@ -9,20 +9,20 @@ import pytest
 torch = pytest.importorskip("torch")
 mx = pytest.importorskip("mlx.core")
 
-from backends.mlx_backend import LlamaModel  # noqa: E402
-from backends.mlx_backend import LoRAConfig as MLXLoRAConfig  # noqa: E402
+from backends.engine import LoRASettings  # noqa: E402
+from backends.mlx_backend import CausalLM as MLXCausalLM  # noqa: E402
 from backends.mlx_backend import apply_lora as mlx_apply_lora  # noqa: E402
 from backends.mlx_backend import lora_state_dict as mlx_lora_state_dict  # noqa: E402
-from backends.torch_backend import CausalLM, LoRAConfig, apply_lora, lora_state_dict  # noqa: E402
+from backends.torch_backend import CausalLM, apply_lora, lora_state_dict  # noqa: E402
 from tests.backends.torch_backend.test_train_step import CFG, tiny_state  # noqa: E402
 
 
 def test_same_model_same_adapters_same_logits():
     tensors = tiny_state(seed=3)
     ours = CausalLM.from_state(CFG, tensors, quantize=True)
-    theirs = LlamaModel.from_state(CFG, tensors, quantize=True, compute_dtype="float32")
-    apply_lora(ours, LoRAConfig(rank=4, alpha=8.0, seed=11))
-    mlx_apply_lora(theirs, MLXLoRAConfig(r=4, alpha=8.0, seed=11))
+    theirs = MLXCausalLM.from_state(CFG, tensors, quantize=True, compute_dtype="float32")
+    apply_lora(ours, LoRASettings(r=4, alpha=8.0, seed=11))
+    mlx_apply_lora(theirs, LoRASettings(r=4, alpha=8.0, seed=11))
     a, b = lora_state_dict(ours), mlx_lora_state_dict(theirs)
     assert sorted(a) == sorted(b) and len(a) == 2 * 7 * CFG.num_hidden_layers
     for key, value in a.items():
@@ -38,7 +38,7 @@ def test_sliding_window_same_logits_and_cached_decoding():
     config = dataclasses.replace(CFG, architecture="mistral", sliding_window=4)
     tensors = tiny_state(seed=5)
     ours = CausalLM.from_state(config, tensors, quantize=True)
-    theirs = LlamaModel.from_state(config, tensors, quantize=True, compute_dtype="float32")
+    theirs = MLXCausalLM.from_state(config, tensors, quantize=True, compute_dtype="float32")
     ids = np.random.default_rng(1).integers(0, config.vocab_size, (2, 13))
     with torch.no_grad():
         got = ours(torch.from_numpy(ids)).numpy()

@@ -11,15 +11,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nf4core import ModelConfig, ModelSource
+from nf4core.rope import inverse_frequencies
 from nf4core.sources.layout import attention_has_bias
 from nf4core.strict_tensors import StrictTensors
 
+from ...engine import SourceTensors
 from ..kv_cache import KVCache
 from .attention import Attention
 from .chunked_loss import chunked_head_loss
 from .layers import MLP, RMSNorm, make_linear
 from .masks import attention_mask
-from .rope import inverse_frequencies, rope_cos_sin
+from .rope import rope_cos_sin
 
 ATTENTION_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -73,7 +75,9 @@ class CausalLM(nn.Module):
         self.compute_dtype = compute_dtype
         self.gradient_checkpointing = False
         self.chunked_loss = False  # `loss` runs the LM head and cross-entropy in chunks of rows
-        self.register_buffer("inv_freq", inverse_frequencies(config), persistent=False)
+        self.register_buffer(
+            "inv_freq", torch.from_numpy(inverse_frequencies(config)), persistent=False
+        )
 
     @classmethod
     def from_state(
@@ -161,8 +165,6 @@ class CausalLM(nn.Module):
     ) -> CausalLM:
         """Build from `nf4core.open_model(path)`: tensors are read (and quantized) one at a time; NF4
         weights of a bitsandbytes directory are used without requantizing."""
-        from .source import SourceTensors
-
         return cls.from_state(
             source.config,
             SourceTensors(source),

@@ -1,44 +1,9 @@
-"""Rotary position embeddings as Llama uses them (rotate-half layout), with llama3/linear scaling."""
+"""Rotary position embeddings as Llama uses them (rotate-half layout); the frequencies come from
+`nf4core.rope.inverse_frequencies`."""
 
 from __future__ import annotations
 
-import math
-
 import torch
-
-from nf4core import ModelConfig
-
-
-def inverse_frequencies(config: ModelConfig) -> torch.Tensor:
-    """float32 (head_dim // 2,) rotation frequencies, scaled as `config.rope_scaling` says."""
-    dim = config.resolved_head_dim
-    inv_freq = 1.0 / (
-        config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
-    )
-    scaling = config.rope_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "default":
-        return inv_freq
-    if kind == "linear":
-        return inv_freq / float(scaling["factor"])
-    if kind == "llama3":
-        return _llama3(inv_freq, scaling)
-    raise ValueError(f"rope scaling {kind!r} is not supported (default, linear, llama3)")
-
-
-def _llama3(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
-    factor, low, high = (
-        float(s["factor"]),
-        float(s["low_freq_factor"]),
-        float(s["high_freq_factor"]),
-    )
-    old_len = float(s["original_max_position_embeddings"])
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
-    return torch.where(medium, smoothed, scaled)
 
 
 def rope_cos_sin(

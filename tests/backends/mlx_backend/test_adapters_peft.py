@@ -13,9 +13,10 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 from mlx.utils import tree_flatten, tree_unflatten
 
-from backends.mlx_backend.adapters import load_peft_weights, save_peft_adapter
-from backends.mlx_backend.lora import LoRAConfig, apply_lora
-from backends.mlx_backend.model import LlamaModel
+from backends.engine import LoRASettings
+from backends.mlx_backend.lora import apply_lora, load_lora_state_dict, lora_state_dict
+from backends.mlx_backend.model import CausalLM
+from backends.peft_adapter import Adapter, load_adapter, save_adapter
 
 from .tiny_models import random_tensors, tiny_config
 
@@ -27,10 +28,8 @@ def test_peft_loads_our_adapters_to_the_same_logits(tmp_path):
         k: nf4core.quantize(v, 64, True) if k.endswith("proj.weight") else v
         for k, v in tensors.items()
     }
-    model = LlamaModel.from_state(config, nf4)
-    lora = LoRAConfig(
-        r=4, alpha=8.0, use_rslora=True, target_modules=("q_proj", "v_proj", "down_proj")
-    )
+    model = CausalLM.from_state(config, nf4)
+    lora = LoRASettings(r=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"))
     apply_lora(model, lora)
     rng = np.random.default_rng(22)
     trained = [
@@ -40,7 +39,8 @@ def test_peft_loads_our_adapters_to_the_same_logits(tmp_path):
     model.update(tree_unflatten(trained))
     tokens = rng.integers(0, config.vocab_size, size=(1, 11))
     ours = np.array(model(mx.array(tokens)))
-    save_peft_adapter(model, tmp_path / "adapter", lora)
+    adapter = Adapter(lora_state_dict(model), lora.r, lora.alpha, lora.dropout, lora.targets)
+    save_adapter(tmp_path / "adapter", adapter)  # the pipeline's one writer
 
     dense = {
         k: nf4core.dequantize(v) if not isinstance(v, np.ndarray) else v for k, v in nf4.items()
@@ -54,7 +54,9 @@ def test_peft_loads_our_adapters_to_the_same_logits(tmp_path):
         theirs = peft_model(torch.from_numpy(tokens).long()).logits.numpy()
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
 
-    fresh = LlamaModel.from_state(config, nf4)
+    fresh = CausalLM.from_state(config, nf4)
     apply_lora(fresh, lora)
-    assert load_peft_weights(fresh, tmp_path / "adapter") == 2 * 3 * config.num_hidden_layers
+    loaded = load_adapter(tmp_path / "adapter")
+    assert len(loaded.tensors) == 2 * 3 * config.num_hidden_layers
+    load_lora_state_dict(fresh, loaded.tensors)
     np.testing.assert_array_equal(np.array(fresh(mx.array(tokens))), ours)

@@ -25,20 +25,23 @@ needs_metal = pytest.mark.skipif(not dispatch.metal_usable(), reason="needs a Me
 def test_reference_path_off_metal_and_forcing():
     if not dispatch.metal_usable():
         assert dispatch.selected_path() == "reference"
-        with dispatch.use_path("metal"), pytest.raises(RuntimeError, match="were requested"):
+        with dispatch.force_path("metal"), pytest.raises(RuntimeError, match="were requested"):
             dispatch.selected_path()
-    with dispatch.use_path("reference"):
+    with dispatch.force_path("reference"):
         assert dispatch.selected_path() == "reference"
-    with pytest.raises(ValueError), dispatch.use_path("cuda"):
+    with pytest.raises(ValueError), dispatch.force_path("cuda"):
         pass
 
 
 def test_environment_variable_forces_a_path(monkeypatch):
-    monkeypatch.setenv(dispatch.ENV_VAR, "reference")
+    monkeypatch.setenv("NF4_KERNELS", "reference")
     assert dispatch.selected_path() == "reference"
-    monkeypatch.setenv(dispatch.ENV_VAR, "fastest")
-    with pytest.raises(ValueError, match="NF4_MLX_KERNELS"):
+    monkeypatch.setenv("NF4_KERNELS", "fastest")
+    with pytest.raises(ValueError, match="NF4_KERNELS"):
         dispatch.selected_path()
+    monkeypatch.delenv("NF4_KERNELS")
+    monkeypatch.setenv("NF4_MLX_KERNELS", "reference")  # the deprecated name still counts
+    assert dispatch.selected_path() == "reference"
 
 
 def test_loader_finds_checkout_and_install_prefix(tmp_path):
@@ -127,14 +130,14 @@ def test_metal_kernels_match_reference(double_quant):
             x = mx.array(rng.standard_normal((m, shape[1])).astype(np.float32))
             g = mx.array(rng.standard_normal((m, shape[0])).astype(np.float32))
             np.testing.assert_allclose(
-                np.array(ops_metal.matmul(x, w)),
-                np.array(ops_reference.matmul(x, w)),
+                np.array(ops_metal.linear(x, w)),
+                np.array(ops_reference.linear(x, w)),
                 rtol=1e-4,
                 atol=1e-4,
             )
             np.testing.assert_allclose(
-                np.array(ops_metal.matmul_t(g, w)),
-                np.array(ops_reference.matmul_t(g, w)),
+                np.array(ops_metal.linear_grad_input(g, w)),
+                np.array(ops_reference.linear_grad_input(g, w)),
                 rtol=1e-4,
                 atol=1e-4,
             )
@@ -173,8 +176,9 @@ def test_metal_check_script_skips_without_metal():
 @pytest.mark.metal
 def test_metal_training_steps_match_reference_path():
     """Three QLoRA steps with the kernels and with the reference ops: the same losses (fp32)."""
-    from backends.mlx_backend.lora import LoRAConfig, apply_lora
-    from backends.mlx_backend.model import LlamaModel
+    from backends.engine import LoRASettings
+    from backends.mlx_backend.lora import apply_lora
+    from backends.mlx_backend.model import CausalLM
     from backends.mlx_backend.train_step import Batch, TrainConfig, Trainer
 
     from .tiny_models import random_tensors, tiny_config
@@ -183,9 +187,11 @@ def test_metal_training_steps_match_reference_path():
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, size=(4, 33))
     losses = {}
     for path in ("metal", "reference"):
-        with dispatch.use_path(path):
-            model = LlamaModel.from_state(config, random_tensors(config), compute_dtype="float32")
-            apply_lora(model, LoRAConfig(r=4))
+        with dispatch.force_path(path):
+            model = CausalLM.from_state(config, random_tensors(config), compute_dtype="float32")
+            apply_lora(model, LoRASettings(r=4))
             trainer = Trainer(model, TrainConfig())
-            losses[path] = [trainer.step([Batch.from_tokens(tokens)])["loss"] for _ in range(3)]
+            losses[path] = [
+                trainer.train_step([Batch.from_tokens(tokens)], 2e-4)["loss"] for _ in range(3)
+            ]
     np.testing.assert_allclose(losses["metal"], losses["reference"], rtol=1e-4)

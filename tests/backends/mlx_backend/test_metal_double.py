@@ -77,8 +77,12 @@ def test_matmuls_match_the_reference(doubled, weight, dtype, m, strategy):
     rng = np.random.default_rng(m)
     x = mx.array(rng.standard_normal((m, 129)).astype(np.float32)).astype(dtype)
     g = mx.array(rng.standard_normal((m, 37)).astype(np.float32)).astype(dtype)
-    _close(ops_metal.matmul(x, w, strategy=strategy), ops_reference.matmul(x, w), dtype)
-    _close(ops_metal.matmul_t(g, w, strategy=strategy), ops_reference.matmul_t(g, w), dtype)
+    _close(ops_metal.linear(x, w, strategy=strategy), ops_reference.linear(x, w), dtype)
+    _close(
+        ops_metal.linear_grad_input(g, w, strategy=strategy),
+        ops_reference.linear_grad_input(g, w),
+        dtype,
+    )
     assert _calls(doubled)  # the kernels really ran through the double
 
 
@@ -97,12 +101,12 @@ def test_double_detects_a_wrong_kernel(doubled, weight, monkeypatch):
 def test_empty_batches_dispatch_nothing(doubled, weight):
     _, w = weight
     for dtype in (mx.float32, mx.bfloat16):
-        assert ops_metal.matmul(mx.zeros((0, 129), dtype=dtype), w).shape == (0, 37)
-        assert ops_metal.matmul(mx.zeros((2, 0, 129), dtype=dtype), w).shape == (2, 0, 37)
-        fused = ops_metal.matmul(mx.zeros((0, 129), dtype=dtype), w, strategy="fused")
+        assert ops_metal.linear(mx.zeros((0, 129), dtype=dtype), w).shape == (0, 37)
+        assert ops_metal.linear(mx.zeros((2, 0, 129), dtype=dtype), w).shape == (2, 0, 37)
+        fused = ops_metal.linear(mx.zeros((0, 129), dtype=dtype), w, strategy="fused")
         assert fused.shape == (0, 37) and fused.dtype == dtype
-        assert ops_metal.matmul_t(mx.zeros((0, 37), dtype=dtype), w).shape == (0, 129)
-        fused_t = ops_metal.matmul_t(mx.zeros((0, 37), dtype=dtype), w, strategy="fused")
+        assert ops_metal.linear_grad_input(mx.zeros((0, 37), dtype=dtype), w).shape == (0, 129)
+        fused_t = ops_metal.linear_grad_input(mx.zeros((0, 37), dtype=dtype), w, strategy="fused")
         assert fused_t.shape == (0, 129)
     # (nf4core refuses to quantize an empty weight, so W always has elements)
     assert _calls(doubled) == []
@@ -234,8 +238,10 @@ def test_every_op_other_blocksizes_and_layouts(doubled, blocksize, double_quant)
         assert np.array_equal(_bits(got), _bits(ops_reference.dequantize(w, dtype)))
         x = mx.array(rng.standard_normal((2, 3, 70)).astype(np.float32)).astype(dtype)
         g = mx.array(rng.standard_normal((2, 5, 19)).astype(np.float32)).astype(dtype)
-        _close(ops_metal.matmul(x, w, absmax), ops_reference.matmul(x, w), dtype)
-        _close(ops_metal.matmul_t(g, w, absmax), ops_reference.matmul_t(g, w), dtype)
+        _close(ops_metal.linear(x, w, absmax), ops_reference.linear(x, w), dtype)
+        _close(
+            ops_metal.linear_grad_input(g, w, absmax), ops_reference.linear_grad_input(g, w), dtype
+        )
     assert _calls(doubled)
 
 

@@ -12,9 +12,12 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from mlx.utils import tree_flatten, tree_unflatten
 
-from backends.mlx_backend.lora import LoRAConfig, apply_lora
-from backends.mlx_backend.model import LlamaModel
+from backends.engine import LoRASettings
+from backends.mlx_backend.generate import generate
+from backends.mlx_backend.lora import apply_lora
+from backends.mlx_backend.model import CausalLM
 from backends.mlx_backend.nf4_linear import NF4Linear
+from backends.sampling import SamplingConfig
 from nf4core.errors import ModelLoadError
 
 from .tiny_models import random_tensors, tiny_config
@@ -64,7 +67,7 @@ def test_logits_match_transformers(architecture, overrides):
     config = tiny_config(architecture, **overrides)
     nf4, dense = _quantized_copy(random_tensors(config, seed=1))
     tokens = np.random.default_rng(2).integers(0, config.vocab_size, size=(2, 40))
-    model = LlamaModel.from_state(config, nf4)
+    model = CausalLM.from_state(config, nf4)
     assert isinstance(model.model.layers[0].self_attn.q_proj, NF4Linear)
     got = np.array(model(mx.array(tokens)))
     want = _hf_logits(config, dense, tokens)
@@ -73,7 +76,7 @@ def test_logits_match_transformers(architecture, overrides):
 
 def test_kv_cache_matches_full_forward():
     config = tiny_config("llama")
-    model = LlamaModel.from_state(config, random_tensors(config, seed=3))
+    model = CausalLM.from_state(config, random_tensors(config, seed=3))
     tokens = mx.array(np.random.default_rng(4).integers(0, config.vocab_size, size=(1, 12)))
     full = model(tokens)
     cache = model.make_cache()
@@ -83,7 +86,7 @@ def test_kv_cache_matches_full_forward():
     np.testing.assert_allclose(
         np.array(mx.concatenate(parts, axis=1)), np.array(full), rtol=1e-4, atol=1e-4
     )
-    new = model.generate([1, 2, 3], max_new_tokens=4)
+    new = generate(model, [1, 2, 3], SamplingConfig(max_new_tokens=4))
     assert len(new) == 4
 
 
@@ -91,8 +94,8 @@ def test_kv_cache_matches_full_forward():
 def test_gradient_checkpointing_gives_the_same_gradients(dropout):
     """With LoRA dropout too: the recomputed block must draw the same masks."""
     config = tiny_config("qwen2")
-    model = LlamaModel.from_state(config, random_tensors(config, seed=5))
-    apply_lora(model, LoRAConfig(r=4, seed=1, dropout=dropout))
+    model = CausalLM.from_state(config, random_tensors(config, seed=5))
+    apply_lora(model, LoRASettings(r=4, seed=1, dropout=dropout))
     model.train()
     nonzero_b = [
         (k, mx.full(v.shape, 0.01))
@@ -127,15 +130,15 @@ def test_missing_tensor_is_named():
     tensors = random_tensors(config)
     del tensors["model.layers.1.mlp.up_proj.weight"]
     with pytest.raises(ModelLoadError, match="missing: model.layers.1.mlp.up_proj.weight"):
-        LlamaModel.from_state(config, tensors)
+        CausalLM.from_state(config, tensors)
 
 
 def test_bfloat16_compute_close_to_float32():
     config = tiny_config("llama")
     tensors = random_tensors(config, seed=7)
     tokens = mx.array(np.random.default_rng(8).integers(0, config.vocab_size, size=(1, 16)))
-    f32 = LlamaModel.from_state(config, tensors, compute_dtype="float32")(tokens)
-    bf16 = LlamaModel.from_state(config, tensors, compute_dtype="bfloat16")(tokens)
+    f32 = CausalLM.from_state(config, tensors, compute_dtype="float32")(tokens)
+    bf16 = CausalLM.from_state(config, tensors, compute_dtype="bfloat16")(tokens)
     assert bf16.dtype == mx.bfloat16
     diff = np.abs(np.array(bf16.astype(mx.float32)) - np.array(f32))
     assert diff.max() < 0.1 * np.abs(np.array(f32)).max()

@@ -11,7 +11,8 @@ mx = pytest.importorskip("mlx.core")
 nn = pytest.importorskip("mlx.nn")
 from mlx.utils import tree_flatten
 
-from backends.mlx_backend.lora import LoRAConfig, LoRALinear
+from backends.engine import LoRASettings
+from backends.mlx_backend.lora import LoRALinear
 from backends.mlx_backend.nf4_linear import NF4Linear
 
 
@@ -39,7 +40,7 @@ def test_nf4_linear_forward_and_input_grad(bias):
 
 def test_lora_gradients_match_dense_reference():
     base, w, _ = _layer(bias=True, seed=3)
-    lora = LoRALinear.from_base(base, r=4, alpha=8.0, name="layer", seed=7)
+    lora = LoRALinear.from_base(base, "layer", LoRASettings(r=4, alpha=8.0, seed=7))
     lora.lora_B = mx.array(np.random.default_rng(4).standard_normal((13, 4)).astype(np.float32))
     x = mx.array(np.random.default_rng(5).standard_normal((3, 37)).astype(np.float32))
     g = mx.array(np.random.default_rng(6).standard_normal((3, 13)).astype(np.float32))
@@ -65,7 +66,7 @@ def test_lora_gradients_match_dense_reference():
 
 def test_lora_finite_differences():
     base, _, _ = _layer(out_f=5, in_f=9, seed=8)
-    lora = LoRALinear.from_base(base, r=2, alpha=4.0, name="fd", seed=1)
+    lora = LoRALinear.from_base(base, "fd", LoRASettings(r=2, alpha=4.0, seed=1))
     lora.lora_B = mx.array(np.random.default_rng(9).standard_normal((5, 2)).astype(np.float32))
     x = mx.array(np.random.default_rng(10).standard_normal((4, 9)).astype(np.float32))
 
@@ -84,23 +85,22 @@ def test_lora_finite_differences():
         assert abs(fd - grad[idx]) < 2e-3 * max(1.0, abs(fd))
 
 
-def test_lora_init_matches_nf4core_and_merge():
+def test_lora_init_matches_nf4core_and_the_forward_formula():
     base, _, _ = _layer(bias=True, seed=11)
-    lora = LoRALinear.from_base(base, r=4, alpha=16.0, use_rslora=True, name="m.q_proj", seed=3)
+    lora = LoRALinear.from_base(base, "m.q_proj", LoRASettings(r=4, alpha=16.0, seed=3))
     a, b0 = nf4core.lora_init("m.q_proj", 37, 13, 4, 3)
     np.testing.assert_array_equal(np.array(lora.lora_A), a)
     np.testing.assert_array_equal(np.array(lora.lora_B), b0)
-    assert lora.scale == pytest.approx(16.0 / 2.0)  # rsLoRA: alpha / sqrt(r)
-    assert LoRAConfig(r=4, alpha=16.0).scale == 4.0
+    assert lora.scale == 4.0  # alpha / r
     lora.lora_B = mx.array(np.random.default_rng(12).standard_normal((13, 4)).astype(np.float32))
     x = mx.array(np.random.default_rng(13).standard_normal((6, 37)).astype(np.float32))
-    merged = lora.merge()
-    np.testing.assert_allclose(np.array(merged(x)), np.array(lora(x)), rtol=1e-4, atol=1e-4)
+    want = base(x) + 4.0 * (x @ lora.lora_A.T) @ lora.lora_B.T
+    np.testing.assert_allclose(np.array(lora(x)), np.array(want), rtol=1e-4, atol=1e-4)
 
 
 def test_lora_dropout_only_in_training():
     base, _, _ = _layer(seed=14)
-    lora = LoRALinear.from_base(base, r=4, dropout=0.5, name="d")
+    lora = LoRALinear.from_base(base, "d", LoRASettings(r=4, dropout=0.5))
     lora.lora_B = mx.ones((13, 4))
     x = mx.ones((2, 37))
     lora.eval()
@@ -112,9 +112,9 @@ def test_lora_dropout_only_in_training():
 
 def test_lora_config_validation():
     with pytest.raises(ValueError, match="rank"):
-        LoRAConfig(r=0)
+        LoRASettings(r=0)
     with pytest.raises(ValueError, match="dropout"):
-        LoRAConfig(dropout=1.5)
+        LoRASettings(dropout=1.5)
 
 
 def test_backward_does_not_keep_dequantized_weights():

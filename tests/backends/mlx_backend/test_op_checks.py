@@ -27,7 +27,7 @@ def path(request, monkeypatch):
         ops_metal._kernel.cache_clear()
         monkeypatch.setattr(mx.fast, "metal_kernel", metal_double.metal_kernel)
         monkeypatch.setattr(dispatch, "metal_usable", lambda: True)
-    with dispatch.use_path(request.param):
+    with dispatch.force_path(request.param):
         yield request.param
     ops_metal._kernel.cache_clear()
 
@@ -50,17 +50,17 @@ def _corrupt(w: NF4Weight, **fields) -> NF4Weight:
 def test_input_width_must_match_the_weight(weight, path, rows):
     x = mx.zeros((rows, 64))
     with pytest.raises(ValueError) as info:
-        dispatch.matmul(x, weight)
+        dispatch.linear(x, weight)
     assert str(info.value) == (
-        f"nf4 matmul: input ({rows}, 64) does not fit weight (37, 100) (its last dim must be 100)"
+        f"nf4 linear: input ({rows}, 64) does not fit weight (37, 100) (its last dim must be 100)"
     )
-    with pytest.raises(ValueError, match=r"nf4 matmul_t: input \(2, 100\) does not fit"):
-        dispatch.matmul_t(mx.zeros((2, 100)), weight)
+    with pytest.raises(ValueError, match=r"nf4 linear_grad_input: input \(2, 100\) does not fit"):
+        dispatch.linear_grad_input(mx.zeros((2, 100)), weight)
 
 
 def test_valid_calls_still_run(weight, path):
-    y = dispatch.matmul(mx.ones((3, 100)), weight)
-    g = dispatch.matmul_t(mx.ones((2, 37)), weight)
+    y = dispatch.linear(mx.ones((3, 100)), weight)
+    g = dispatch.linear_grad_input(mx.ones((2, 37)), weight)
     mx.eval(y, g)
     assert y.shape == (3, 37) and g.shape == (2, 100)
 
@@ -68,7 +68,7 @@ def test_valid_calls_still_run(weight, path):
 def test_packed_codes_must_be_uint8(weight, path):
     bad = _corrupt(weight, packed=weight.packed.astype(mx.uint32))
     for call in (
-        lambda: dispatch.matmul(mx.ones((3, 100)), bad),
+        lambda: dispatch.linear(mx.ones((3, 100)), bad),
         lambda: dispatch.dequantize(bad),
         lambda: dispatch.reconstruct_absmax(bad),
     ):
@@ -79,10 +79,10 @@ def test_packed_codes_must_be_uint8(weight, path):
 def test_code_table_scales_and_dtypes(weight, path):
     x = mx.ones((3, 100))
     with pytest.raises(ValueError, match="code table must be 16 float32"):
-        dispatch.matmul(x, _corrupt(weight, quant_map=weight.quant_map.astype(mx.float16)))
+        dispatch.linear(x, _corrupt(weight, quant_map=weight.quant_map.astype(mx.float16)))
     with pytest.raises(ValueError, match="block scales must be mlx.core.uint8"):
-        dispatch.matmul(x, _corrupt(weight, dq_codes=weight.dq_codes.astype(mx.int32)))
+        dispatch.linear(x, _corrupt(weight, dq_codes=weight.dq_codes.astype(mx.int32)))
     with pytest.raises(ValueError, match="input must be float32.*got mlx.core.int32"):
-        dispatch.matmul(mx.ones((3, 100), dtype=mx.int32), weight)
+        dispatch.linear(mx.ones((3, 100), dtype=mx.int32), weight)
     with pytest.raises(ValueError, match="nf4 dequantize: the result dtype"):
         dispatch.dequantize(weight, mx.int32)

@@ -10,7 +10,7 @@ optim = pytest.importorskip("mlx.optimizers")
 from mlx.utils import tree_flatten
 
 from backends.mlx_backend.paged_optimizer import PagedAdamW, PagedAdamWConfig
-from backends.mlx_backend.schedule import ScheduleConfig
+from backends.schedule import learning_rate_at
 
 
 def _params(seed=0):
@@ -34,7 +34,6 @@ def _grads(step):
 @pytest.mark.parametrize("bias_correction", [True, False])
 @pytest.mark.parametrize("budget", [None, 12 * 60])  # all resident / most pages spilled to disk
 def test_matches_mlx_adamw_with_save_load(tmp_path, bias_correction, budget, placement):
-    schedule = ScheduleConfig(learning_rate=1e-2, name="cosine", warmup_steps=3, total_steps=20)
     config = PagedAdamWConfig(
         betas=(0.9, 0.99),
         eps=1e-8,
@@ -59,7 +58,7 @@ def test_matches_mlx_adamw_with_save_load(tmp_path, bias_correction, budget, pla
     ref_params = _params()
     ref.init(ref_params)
     for step in range(20):
-        lr = schedule(step)
+        lr = learning_rate_at(step, 1e-2, 3, 20, "cosine")
         ref.learning_rate = lr
         ref_params = ref.apply_gradients(_grads(step), ref_params)
         params = paged.step(_grads(step), lr)
@@ -95,15 +94,6 @@ def test_config_validation_and_mismatched_grads():
     opt.init({"w": mx.zeros(2)})
     with pytest.raises(KeyError):
         opt.step({"v": mx.zeros(2)}, 1e-3)
-
-
-def test_schedules():
-    s = ScheduleConfig(learning_rate=1.0, name="linear", warmup_steps=2, total_steps=6)
-    assert [s(i) for i in range(7)] == pytest.approx([0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0])
-    c = ScheduleConfig(learning_rate=1.0, name="cosine", total_steps=4, min_lr_ratio=0.1)
-    assert c(0) == 1.0 and c(2) == pytest.approx(0.55) and c(4) == pytest.approx(0.1)
-    with pytest.raises(ValueError, match="total_steps"):
-        ScheduleConfig(name="cosine")
 
 
 def test_paging_bounds_the_transient_memory_of_a_step():

@@ -82,12 +82,12 @@ def test_correct_kernels_pass_silently_once_per_op_and_dtype(auto_takes_metal, w
             for _ in range(2):
                 got = dispatch.dequantize(weight, dtype)
                 assert np.array_equal(_bits(got), _bits(ops_reference.dequantize(weight, dtype)))
-                dispatch.matmul(x, weight)
-                dispatch.matmul_t(g, weight)
+                dispatch.linear(x, weight)
+                dispatch.linear_grad_input(g, weight)
     assert _runtime_warnings(record) == []
     assert sorted(kernel_self_check._verdicts.values()) == [True] * 9  # 3 ops x 3 dtypes
     before = _launches(auto_takes_metal)
-    dispatch.matmul(x, weight)  # checked already: no self-check, the kernels run
+    dispatch.linear(x, weight)  # checked already: no self-check, the kernels run
     assert _launches(auto_takes_metal) == before + 3  # absmax scale and offset, then the GEMV
 
 
@@ -102,40 +102,40 @@ def test_a_wrong_dequantize_kernel_warns_once_and_the_reference_runs(
         warnings.simplefilter("always")
         for _ in range(2):
             got = dispatch.dequantize(weight)
-            y = dispatch.matmul(x, weight)
+            y = dispatch.linear(x, weight)
     messages = _runtime_warnings(record)
     assert len(messages) == 2
     assert messages[0].startswith(
         "metal dequantize kernel (float32) disagrees with the reference on a self-check (max |diff|"
     )
     assert messages[0].endswith("; using the reference path")
-    assert messages[1].startswith("metal matmul kernel (float32) disagrees")
+    assert messages[1].startswith("metal linear kernel (float32) disagrees")
     assert np.array_equal(_bits(got), _bits(ops_reference.dequantize(weight)))
-    assert np.array_equal(np.array(y), np.array(ops_reference.matmul(x, weight)))
+    assert np.array_equal(np.array(y), np.array(ops_reference.linear(x, weight)))
 
 
 def test_a_kernel_that_fails_to_build_warns_once_and_the_reference_runs(
     auto_takes_metal, weight, monkeypatch
 ):
-    """The GEMV body does not compile: matmul falls back; matmul_t (other kernels) stays Metal."""
+    """The GEMV body does not compile: linear falls back; linear_grad_input (other kernels) stays Metal."""
     _replace_in_source(monkeypatch, "nf4_gemv", "thread_position_in_grid", "thread_position_in_grd")
     rng = np.random.default_rng(2)
     x = mx.array(rng.standard_normal((2, 70)).astype(np.float32)).astype(mx.float16)
     g = mx.array(rng.standard_normal((2, 13)).astype(np.float32)).astype(mx.float16)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        y = dispatch.matmul(x, weight)
-        dispatch.matmul(x, weight)
-        dispatch.matmul_t(g, weight)
+        y = dispatch.linear(x, weight)
+        dispatch.linear(x, weight)
+        dispatch.linear_grad_input(g, weight)
     (message,) = _runtime_warnings(record)
     assert message.startswith(
-        "metal matmul kernel (float16) failed on a self-check "
+        "metal linear kernel (float16) failed on a self-check "
         "(RuntimeError: [metal_kernel] Unable to build metal library from source:"
     )
-    assert np.array_equal(np.array(y), np.array(ops_reference.matmul(x, weight)))
+    assert np.array_equal(np.array(y), np.array(ops_reference.linear(x, weight)))
     assert kernel_self_check._verdicts == {
-        ("metal", "matmul", "float16", str(mx.default_device())): False,
-        ("metal", "matmul_t", "float16", str(mx.default_device())): True,
+        ("metal", "linear", "float16", str(mx.default_device())): False,
+        ("metal", "linear_grad_input", "float16", str(mx.default_device())): True,
     }
 
 
@@ -143,27 +143,27 @@ def test_a_raising_op_warns_once_and_the_reference_runs(auto_takes_metal, weight
     def broken(*args, **kwargs):
         raise ValueError("[metal_kernel] threadgroup (2048, 1, 1) has more than 1024 threads")
 
-    monkeypatch.setattr(ops_metal, "matmul_t", broken)
+    monkeypatch.setattr(ops_metal, "linear_grad_input", broken)
     g = mx.array(np.random.default_rng(3).standard_normal((4, 13)).astype(np.float32))
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        dx = dispatch.matmul_t(g, weight)
+        dx = dispatch.linear_grad_input(g, weight)
     assert _runtime_warnings(record) == [
-        "metal matmul_t kernel (float32) failed on a self-check (ValueError: [metal_kernel] "
+        "metal linear_grad_input kernel (float32) failed on a self-check (ValueError: [metal_kernel] "
         "threadgroup (2048, 1, 1) has more than 1024 threads); using the reference path"
     ]
-    assert np.array_equal(np.array(dx), np.array(ops_reference.matmul_t(g, weight)))
+    assert np.array_equal(np.array(dx), np.array(ops_reference.linear_grad_input(g, weight)))
 
 
-@pytest.mark.parametrize("how", ["use_path", "environment"])
+@pytest.mark.parametrize("how", ["force_path", "environment"])
 def test_a_forced_metal_path_runs_as_forced_without_a_self_check(
     auto_takes_metal, weight, monkeypatch, how
 ):
     _replace_in_source(monkeypatch, "nf4_dequant", "bits >> 4", "bits & 15 ")
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        if how == "use_path":
-            with dispatch.use_path("metal"):
+        if how == "force_path":
+            with dispatch.force_path("metal"):
                 got = dispatch.dequantize(weight)
         else:
             monkeypatch.setenv(dispatch.ENV_VAR, "metal")
@@ -174,7 +174,7 @@ def test_a_forced_metal_path_runs_as_forced_without_a_self_check(
 
 
 def test_the_reference_path_never_self_checks(auto_takes_metal, weight):
-    with dispatch.use_path("reference"):
+    with dispatch.force_path("reference"):
         dispatch.dequantize(weight)
-        dispatch.matmul(mx.zeros((2, 70)), weight)
+        dispatch.linear(mx.zeros((2, 70)), weight)
     assert _launches(auto_takes_metal) == 0 and kernel_self_check._verdicts == {}

@@ -12,7 +12,7 @@ mx = pytest.importorskip("mlx.core")
 pytest.importorskip("transformers")
 
 from backends.mlx_backend.attention import causal_mask
-from backends.mlx_backend.model import LlamaModel
+from backends.mlx_backend.model import CausalLM
 
 from .test_model import _hf_logits, _quantized_copy
 from .tiny_models import random_tensors, tiny_config
@@ -24,8 +24,8 @@ def windowed_and_full(seed: int):
     """(the NF4 model with the window, the same weights without it, dequantized weights, config)."""
     config = tiny_config("mistral", sliding_window=WINDOW)
     nf4, dense = _quantized_copy(random_tensors(config, seed=seed))
-    full = LlamaModel.from_state(dataclasses.replace(config, sliding_window=None), nf4)
-    return LlamaModel.from_state(config, nf4), full, dense, config
+    full = CausalLM.from_state(dataclasses.replace(config, sliding_window=None), nf4)
+    return CausalLM.from_state(config, nf4), full, dense, config
 
 
 def test_mask_follows_transformers_window_rule():
@@ -59,7 +59,7 @@ def test_cached_decoding_past_the_window_equals_the_full_forward():
     assert np.abs(np.array(full(tokens))[:, -1] - stepped[:, -1]).max() > 1e-2
 
 
-def _cache_of(model: LlamaModel, tokens: mx.array):
+def _cache_of(model: CausalLM, tokens: mx.array):
     cache = model.make_cache()
     model(tokens, cache)
     return cache

@@ -8,16 +8,16 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 from mlx.utils import tree_flatten, tree_unflatten
 
-from backends.mlx_backend.lora import LoRAConfig, apply_lora, lora_state_dict
+from backends.engine import LoRASettings
+from backends.mlx_backend.lora import apply_lora, lora_state_dict
 from backends.mlx_backend.memory import (
     ModelWontFitError,
     check_fits,
     plan_from_config,
     plan_training,
 )
-from backends.mlx_backend.model import LlamaModel
+from backends.mlx_backend.model import CausalLM
 from backends.mlx_backend.paged_optimizer import PagedAdamWConfig
-from backends.mlx_backend.schedule import ScheduleConfig
 from backends.mlx_backend.train_step import (
     Batch,
     TrainConfig,
@@ -25,14 +25,15 @@ from backends.mlx_backend.train_step import (
     clip_by_global_norm,
     masked_cross_entropy,
 )
+from backends.schedule import learning_rate_at
 
 from .tiny_models import random_tensors, tiny_config
 
 
 def _model(dropout=0.0, seed=0):
     config = tiny_config("llama", num_hidden_layers=2)
-    model = LlamaModel.from_state(config, random_tensors(config, seed=seed), blocksize=64)
-    apply_lora(model, LoRAConfig(r=4, alpha=8.0, dropout=dropout, seed=seed))
+    model = CausalLM.from_state(config, random_tensors(config, seed=seed), blocksize=64)
+    apply_lora(model, LoRASettings(r=4, alpha=8.0, dropout=dropout, seed=seed))
     return model
 
 
@@ -46,13 +47,17 @@ def _data(n=4, t=17, vocab=97):
     return tokens, mask
 
 
+def _mean_loss(model, batch: Batch) -> float:
+    """Mean loss per target token with dropout off (what Engine.eval_loss sums)."""
+    model.eval()
+    summed, n = masked_cross_entropy(model(batch.inputs), batch.targets, batch.mask)
+    return (summed / n).item()
+
+
 def _run(steps=12, dropout=0.1, checkpointing=False):
     model = _model(dropout=dropout)
     tokens, mask = _data()
     config = TrainConfig(
-        schedule=ScheduleConfig(
-            learning_rate=2e-2, name="cosine", warmup_steps=2, total_steps=steps
-        ),
         optimizer=PagedAdamWConfig(page_elements=256),
         grad_accum_steps=2,
         max_grad_norm=1.0,
@@ -61,10 +66,11 @@ def _run(steps=12, dropout=0.1, checkpointing=False):
     )
     trainer = Trainer(model, config)
     batch = Batch.from_tokens(tokens, mask)
-    before = trainer.evaluate(batch)
+    before = _mean_loss(trainer.model, batch)
     halves = [Batch.from_tokens(tokens[:2], mask[:2]), Batch.from_tokens(tokens[2:], mask[2:])]
-    losses = [trainer.step(halves)["loss"] for _ in range(steps)]
-    return before, trainer.evaluate(batch), losses, lora_state_dict(model)
+    lrs = [learning_rate_at(s, 2e-2, 2, steps, "cosine") for s in range(steps)]
+    losses = [trainer.train_step(halves, lr)["loss"] for lr in lrs]
+    return before, _mean_loss(trainer.model, batch), losses, lora_state_dict(model)
 
 
 def test_training_lowers_the_loss_and_is_deterministic():
@@ -123,7 +129,7 @@ def test_wont_fit_message():
     with pytest.raises(ModelWontFitError, match=r"needs about .* GiB .* memory limit"):
         check_fits(plan, limit_bytes=1 << 20)
     check_fits(plan, limit_bytes=plan.total + 1)
-    before_loading = plan_from_config(model.config, LoRAConfig(r=4), 4, 512, checkpointing=False)
+    before_loading = plan_from_config(model.config, LoRASettings(r=4), 4, 512, checkpointing=False)
     assert before_loading.adapters == plan.adapters
     assert before_loading.activations == plan.activations
     assert abs(before_loading.base_weights - plan.base_weights) < 0.02 * plan.base_weights
@@ -134,20 +140,18 @@ def test_wont_fit_message():
 def test_bfloat16_run_with_checkpointing_trains():
     """bfloat16 compute and adapters (as on a Mac), float32 masters, gradient checkpointing."""
     config = tiny_config("qwen2")
-    model = LlamaModel.from_state(config, random_tensors(config), compute_dtype="bfloat16")
-    apply_lora(model, LoRAConfig(r=4, dtype="bfloat16"))
+    model = CausalLM.from_state(config, random_tensors(config), compute_dtype="bfloat16")
+    apply_lora(model, LoRASettings(r=4), adapter_dtype="bfloat16")
     tokens, mask = _data()
     trainer = Trainer(
         model,
-        TrainConfig(
-            schedule=ScheduleConfig(learning_rate=2e-2), gradient_checkpointing=True, compile=False
-        ),
+        TrainConfig(gradient_checkpointing=True, compile=False),
     )
     batch = Batch.from_tokens(tokens, mask)
-    before = trainer.evaluate(batch)
+    before = _mean_loss(trainer.model, batch)
     for _ in range(6):
-        trainer.step([batch])
-    assert trainer.evaluate(batch) < 0.5 * before
+        trainer.train_step([batch], 2e-2)
+    assert _mean_loss(trainer.model, batch) < 0.5 * before
     assert model.model.layers[0].self_attn.q_proj.lora_A.dtype == mx.bfloat16
     state = trainer.optimizer.state_dict()[0]
     assert state["model.layers.0.self_attn.q_proj.lora_A.master"].dtype == np.float32

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backends.torch_backend.lora import LoRAConfig, apply_lora
+from backends.engine import LoRASettings
+from backends.torch_backend.lora import apply_lora
 from backends.torch_backend.model import CausalLM
 from backends.torch_backend.model.chunked_loss import chunked_head_loss
 from tests.backends.torch_backend.tiny_models import hf_model, state_of
@@ -53,7 +54,7 @@ def test_model_loss_chunked_equals_full_with_lora_gradients(arch):
     pytest.importorskip("transformers")
     hf, cfg = hf_model(arch)
     model = CausalLM.from_state(cfg, state_of(hf), quantize=True)
-    apply_lora(model, LoRAConfig(rank=4, alpha=8))
+    apply_lora(model, LoRASettings(r=4, alpha=8))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

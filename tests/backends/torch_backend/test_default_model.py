@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import nf4core
+from backends.engine import LoRASettings
 from backends.torch_backend.generate import SamplingConfig, generate
-from backends.torch_backend.lora import LoRAConfig, apply_lora
+from backends.torch_backend.lora import apply_lora
 from backends.torch_backend.model import CausalLM
 from backends.torch_backend.nf4_linear import NF4Linear
-from backends.torch_backend.schedule import ScheduleConfig
 from backends.torch_backend.train_step import Batch, TrainConfig, Trainer
 
 pytestmark = pytest.mark.slow
@@ -58,10 +58,8 @@ def test_chat_answer_and_short_training(loaded):
     eos = tuple(i for i in (tok.eos_token_id, tok.token_id("<|im_end|>")) if i is not None)
     answer = tok.decode(generate(ours, ids, SamplingConfig(max_new_tokens=12, eos_token_ids=eos)))
     assert "Paris" in answer, answer
-    apply_lora(ours, LoRAConfig(rank=8, alpha=16, target_modules=("q_proj", "v_proj")))
-    trainer = Trainer(
-        ours, TrainConfig(learning_rate=2e-3, schedule=ScheduleConfig("constant", total_steps=4))
-    )
+    apply_lora(ours, LoRASettings(r=8, alpha=16, targets=("q_proj", "v_proj")))
+    trainer = Trainer(ours, TrainConfig())
     text = torch.tensor([tok.encode("The answer to everything is forty-two, said the computer.")])
-    losses = [trainer.train_step([Batch(text)]).loss for _ in range(4)]
+    losses = [trainer.train_step([Batch(text)], 2e-3).loss for _ in range(4)]
     assert losses[-1] < losses[0], losses

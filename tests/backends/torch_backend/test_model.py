@@ -5,8 +5,9 @@ import torch
 
 pytest.importorskip("transformers")
 
+from backends.engine import LoRASettings
 from backends.torch_backend.generate import SamplingConfig, generate
-from backends.torch_backend.lora import LoRAConfig, apply_lora
+from backends.torch_backend.lora import apply_lora
 from backends.torch_backend.model import CausalLM
 from backends.torch_backend.nf4_linear import NF4Linear
 from tests.backends.torch_backend.tiny_models import hf_model, state_of
@@ -91,7 +92,7 @@ def test_greedy_generation_with_cache_equals_recomputing(pair):
 def test_gradient_checkpointing_gives_the_same_gradients():
     hf, cfg = hf_model("llama", seed=1)
     ours = CausalLM.from_state(cfg, state_of(hf))
-    apply_lora(ours, LoRAConfig(rank=4))
+    apply_lora(ours, LoRASettings(r=4))
     with torch.no_grad():
         for name, p in ours.named_parameters():
             if "lora_B" in name:

@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 import nf4core
-from backends.torch_backend.lora import LoRAConfig, LoRALinear
+from backends.engine import LoRASettings
+from backends.torch_backend.lora import LoRALinear
 from backends.torch_backend.nf4_linear import NF4Linear
 from tests.backends.torch_backend.conftest import bits, quantized
 
@@ -34,7 +35,7 @@ def test_from_linear_quantizes_like_nf4core():
 def test_gradcheck_float64_input_and_adapters(rng):
     _, t = quantized(rng, (6, 10), 32)
     base = NF4Linear.from_nf4(t, rng.standard_normal(6))
-    lora = LoRALinear.from_base(base, "m", LoRAConfig(rank=3, alpha=6.0), torch.float64)
+    lora = LoRALinear.from_base(base, "m", LoRASettings(r=3, alpha=6.0), torch.float64)
     with torch.no_grad():
         lora.lora_B.weight.normal_()  # B = 0 at init would hide half of the adapter gradient
     a, b = lora.lora_A.weight, lora.lora_B.weight
@@ -65,7 +66,7 @@ def test_gradcheck_float64_input_and_adapters(rng):
 def test_bf16_gradients_within_tolerance(rng):
     _, t = quantized(rng, (32, 48))
     base = NF4Linear.from_nf4(t)
-    lora = LoRALinear.from_base(base, "m", LoRAConfig(rank=4), torch.float32)
+    lora = LoRALinear.from_base(base, "m", LoRASettings(r=4), torch.float32)
     with torch.no_grad():
         lora.lora_B.weight.normal_(std=0.1)
     x32 = torch.randn(5, 48)
@@ -85,7 +86,7 @@ def test_bf16_gradients_within_tolerance(rng):
 def test_dequantized_weight_is_not_saved_for_backward(rng):
     out_f, in_f = 24, 40
     _, t = quantized(rng, (out_f, in_f))
-    lora = LoRALinear.from_base(NF4Linear.from_nf4(t), "m", LoRAConfig(rank=2))
+    lora = LoRALinear.from_base(NF4Linear.from_nf4(t), "m", LoRASettings(r=2))
     x = torch.randn(3, in_f, requires_grad=True)
     saved = []
 
@@ -130,6 +131,6 @@ def test_bnb_state_dict_reads_back_through_nf4core(rng):
     layer = NF4Linear.from_nf4(t, np.arange(6, dtype=np.float32))
     state = layer.bnb_state_dict("model.layers.0.mlp.up_proj")
     assert state["model.layers.0.mlp.up_proj.weight"].shape == (6 * 64 // 2, 1)
-    back = nf4core.NF4Tensor.from_state_dict(state, "model.layers.0.mlp.up_proj")
+    back = nf4core.nf4_from_state_dict(state, "model.layers.0.mlp.up_proj")
     assert np.array_equal(bits(nf4core.dequantize(back)), bits(layer.dequantize()))
     assert np.array_equal(state["model.layers.0.mlp.up_proj.bias"], np.arange(6))

@@ -64,10 +64,15 @@ def test_reference_linear_matches_dense(rng):
 def test_cpu_tensors_take_the_reference_path_by_default(monkeypatch):
     from backends.torch_backend import dispatch
 
+    monkeypatch.delenv("NF4_KERNELS", raising=False)
     monkeypatch.delenv("NF4_QLORA_KERNELS", raising=False)
     assert not dispatch.use_triton(torch.zeros(1))
     with force_path("reference"):
         assert not dispatch.use_triton(torch.zeros(1))
-    monkeypatch.setenv("NF4_QLORA_KERNELS", "bogus")
+    monkeypatch.setenv("NF4_KERNELS", "bogus")
+    with pytest.raises(ValueError, match="NF4_KERNELS"):
+        dispatch.use_triton(torch.zeros(1))
+    monkeypatch.delenv("NF4_KERNELS")
+    monkeypatch.setenv("NF4_QLORA_KERNELS", "bogus")  # the deprecated name still counts
     with pytest.raises(ValueError, match="NF4_QLORA_KERNELS"):
         dispatch.use_triton(torch.zeros(1))

@@ -7,19 +7,20 @@ import torch
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from backends.torch_backend.lora import LoRAConfig, apply_lora, lora_state_dict
+from backends.engine import LoRASettings
+from backends.torch_backend.lora import apply_lora, lora_state_dict
 from backends.torch_backend.model import CausalLM
 from tests.backends.torch_backend.test_model import load_dequantized_into
 from tests.backends.torch_backend.tiny_models import hf_model, state_of
 
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
-@pytest.mark.parametrize("arch,rslora", [("llama", False), ("qwen2", True)])
-def test_adapters_load_into_peft_with_identical_logits(arch, rslora):
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_adapters_load_into_peft_with_identical_logits(arch):
     hf, cfg = hf_model(arch, seed=5)
     ours = CausalLM.from_state(cfg, state_of(hf), quantize=True)
     load_dequantized_into(hf, ours)
-    lora_cfg = LoRAConfig(rank=4, alpha=12.0, rslora=rslora, seed=3)
+    lora_cfg = LoRASettings(r=4, alpha=12.0, seed=3)
     apply_lora(ours, lora_cfg)
     with torch.no_grad():
         for name, p in ours.named_parameters():
@@ -30,9 +31,8 @@ def test_adapters_load_into_peft_with_identical_logits(arch, rslora):
         peft.LoraConfig(
             r=4,
             lora_alpha=12.0,
-            use_rslora=rslora,
             lora_dropout=0.0,
-            target_modules=list(lora_cfg.target_modules),
+            target_modules=list(lora_cfg.targets),
         ),
     )
     result = peft.set_peft_model_state_dict(peft_model, lora_state_dict(ours))

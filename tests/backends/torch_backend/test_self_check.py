@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture
 def auto_takes_triton(monkeypatch):
     """Auto mode on CPU tensors picks the Triton kernels (as on a GPU); no verdict is cached."""
-    monkeypatch.delenv("NF4_QLORA_KERNELS", raising=False)
+    monkeypatch.delenv("NF4_KERNELS", raising=False)
     monkeypatch.setattr(dispatch, "AUTO_TRITON_DEVICES", ("cuda", "cpu"))
     kernel_self_check.reset()
     yield
@@ -153,7 +153,7 @@ def test_a_forced_triton_path_runs_as_forced_without_a_self_check(
             with force_path("triton"):
                 got = ops.dequantize(w)
         else:
-            monkeypatch.setenv("NF4_QLORA_KERNELS", "triton")
+            monkeypatch.setenv("NF4_KERNELS", "triton")
             got = ops.dequantize(w)
     assert _runtime_warnings(record) == []
     assert calls == ["dequantize"]  # the call itself, no self-check

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import nf4core
+from backends.engine import LoRASettings
 from backends.torch_backend import ops, ops_triton
 from backends.torch_backend.dispatch import force_path
-from backends.torch_backend.lora import LoRAConfig, LoRALinear
+from backends.torch_backend.lora import LoRALinear
 from backends.torch_backend.nf4_linear import NF4Linear
 from backends.torch_backend.nf4_weight import NF4Weight
 from tests.backends.torch_backend.conftest import (
@@ -104,7 +105,7 @@ def test_nf4_linear_uses_the_kernels_when_forced(weight, monkeypatch):
         monkeypatch.setattr(
             ops_triton, name, lambda *a, _fn=fn, _n=name: calls.append(_n) or _fn(*a)
         )
-    lora = LoRALinear.from_base(NF4Linear.from_nf4(t), "m", LoRAConfig(rank=2))
+    lora = LoRALinear.from_base(NF4Linear.from_nf4(t), "m", LoRASettings(r=2))
     x = torch.randn(9, 100, requires_grad=True)
     with force_path("triton"):
         y = lora(x)
