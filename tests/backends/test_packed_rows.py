@@ -58,7 +58,7 @@ def _per_token(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_mlx_packed_row_equals_torch_and_separate_examples(name):
     from backends.mlx_backend._mlx import mx
-    from backends.mlx_backend.model import CausalLM
+    from backends.mlx_backend.model import CausalLM as MLXCausalLM
     from backends.mlx_backend.train_step import Batch as MLXBatch
     from backends.torch_backend.model import CausalLM
     from backends.torch_backend.train_step import Batch as TorchBatch
@@ -66,7 +66,7 @@ def test_mlx_packed_row_equals_torch_and_separate_examples(name):
 
     config = _config(name)
     tensors = random_tensors(config, seed=3)
-    mlx_model = CausalLM.from_state(config, tensors, quantize=False, compute_dtype="float32")
+    mlx_model = MLXCausalLM.from_state(config, tensors, quantize=False, compute_dtype="float32")
     torch_model = CausalLM.from_state(config, tensors, quantize=False).eval()
     examples, packed = _packed(config.vocab_size)
 
