@@ -15,13 +15,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from nf4core.dtypes import FLOAT_DTYPES
+
 from .engine import BaseWeights, Engine, LoRASettings, TrainSettings
 
 if TYPE_CHECKING:
     import nf4core
 
 BACKENDS = ("torch", "mlx")
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+COMPUTE_DTYPES = tuple(FLOAT_DTYPES)  # float32, float16, bfloat16
 EXTRA_OF = {"torch": "torch", "mlx": "mlx"}
 # which kernels a backend's ops run: auto, reference, or its own ("triton" on torch, "metal" on mlx)
 KERNELS_ENV = "NF4_KERNELS"
