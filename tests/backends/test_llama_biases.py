@@ -13,10 +13,13 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import nf4core  # noqa: E402
-from backends.engine import BaseWeights, LoRASettings, build_engine  # noqa: E402
+from backends.engine import BaseWeights, LoRASettings  # noqa: E402
 from backends.merge import merge  # noqa: E402
 from backends.peft_adapter import Adapter  # noqa: E402
-from backends.registry import select_backend  # noqa: E402
+from backends.registry import (
+    build_engine,  # noqa: E402
+    select_backend,  # noqa: E402
+)
 from nf4core.errors import ModelLoadError  # noqa: E402
 from tests.nf4core.tiny_models import tiny_tokenizer  # noqa: E402
 

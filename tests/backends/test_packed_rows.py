@@ -13,8 +13,11 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("mlx") is None, reason="no mlx")
 
 import nf4core  # noqa: E402
-from backends.engine import BaseWeights, LoRASettings, TrainSettings, build_engine  # noqa: E402
-from backends.registry import select_backend  # noqa: E402
+from backends.engine import BaseWeights, LoRASettings, TrainSettings  # noqa: E402
+from backends.registry import (
+    build_engine,  # noqa: E402
+    select_backend,  # noqa: E402
+)
 from tests.backends.finetune_fixtures import tiny_model_dir  # noqa: E402
 
 CONFIGS = {

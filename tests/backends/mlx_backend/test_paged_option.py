@@ -10,8 +10,11 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 
 import nf4core  # noqa: E402
-from backends.engine import BaseWeights, LoRASettings, TrainSettings, build_engine  # noqa: E402
-from backends.registry import select_backend  # noqa: E402
+from backends.engine import BaseWeights, LoRASettings, TrainSettings
+from backends.registry import (
+    build_engine,  # noqa: E402
+    select_backend,  # noqa: E402
+)
 from tests.backends.finetune_fixtures import tiny_model_dir  # noqa: E402
 
 
