@@ -33,7 +33,8 @@ import torch
 
 import nf4core
 from backends.torch_backend.generate import SamplingConfig, generate
-from backends.torch_backend.lora import LoRAConfig, apply_lora
+from backends.engine import LoRASettings
+from backends.torch_backend.lora import apply_lora
 from backends.torch_backend.model import CausalLM
 from backends.torch_backend.train_step import Batch, TrainConfig, Trainer
 from bench._timing import median_seconds
@@ -87,10 +88,10 @@ def decode_bytes_per_token(cfg: nf4core.ModelConfig, layers: int) -> float:
 
 
 def train_seconds(model: CausalLM, vocab: int, repeat: int) -> float:
-    apply_lora(model, LoRAConfig(rank=8, alpha=16.0))
-    trainer = Trainer(model, TrainConfig(learning_rate=1e-4))
+    apply_lora(model, LoRASettings(r=8, alpha=16.0))
+    trainer = Trainer(model, TrainConfig())
     ids = torch.randint(0, vocab, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
-    return median_seconds(lambda: trainer.train_step([Batch(ids)]), repeat)
+    return median_seconds(lambda: trainer.train_step([Batch(ids)], 1e-4), repeat)
 
 
 def decode_seconds(model: CausalLM, vocab: int, new: int) -> float:
