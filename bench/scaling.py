@@ -32,8 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 import nf4core
-from backends.torch_backend.generate import SamplingConfig, generate
 from backends.engine import LoRASettings
+from backends.torch_backend.generate import SamplingConfig, generate
 from backends.torch_backend.lora import apply_lora
 from backends.torch_backend.model import CausalLM
 from backends.torch_backend.train_step import Batch, TrainConfig, Trainer

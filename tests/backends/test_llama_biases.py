@@ -154,12 +154,12 @@ def _builders():
 
     out = [("torch", lambda config, tensors: CausalLM.from_state(config, tensors, quantize=False))]
     if HAVE_MLX:
-        from backends.mlx_backend.model import CausalLM
+        from backends.mlx_backend.model import CausalLM as MLXCausalLM
 
         out.append(
             (
                 "mlx",
-                lambda config, tensors: CausalLM.from_state(
+                lambda config, tensors: MLXCausalLM.from_state(
                     config, tensors, quantize=False, compute_dtype="float32"
                 ),
             )

@@ -13,8 +13,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import nf4core
-from backends import api
-from backends import export as export_mod
+from backends import api, hf_dir_writer
 from backends.merge import merge, merged_tensors
 from backends.peft_adapter import PEFT_PREFIX, Adapter, AdapterError, load_adapter, save_adapter
 from nf4core.model_quantize import DEFAULT_QUANT_METHOD
@@ -131,8 +130,8 @@ def test_a_failed_merge_leaves_no_directory(model_and_adapter, tmp_path, monkeyp
             raise OSError("disk full")
         real_add(self, name, array)
 
-    real_add = export_mod.SafetensorsWriter.add
-    monkeypatch.setattr(export_mod.SafetensorsWriter, "add", fail_late)
+    real_add = hf_dir_writer.SafetensorsWriter.add
+    monkeypatch.setattr(hf_dir_writer.SafetensorsWriter, "add", fail_late)
     with pytest.raises(OSError, match="disk full"):
         merge(model, adapter, tmp_path / "m")
     assert list(tmp_path.iterdir()) == []

@@ -34,7 +34,8 @@ def auto_takes_metal(monkeypatch):
         made.append(metal_double.metal_kernel(**kwargs))
         return made[-1]
 
-    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    for name in ("NF4_KERNELS", "NF4_MLX_KERNELS"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(dispatch, "metal_usable", lambda: True)
     monkeypatch.setattr(mx.fast, "metal_kernel", make)
     ops_metal._kernel.cache_clear()
@@ -166,7 +167,7 @@ def test_a_forced_metal_path_runs_as_forced_without_a_self_check(
             with dispatch.force_path("metal"):
                 got = dispatch.dequantize(weight)
         else:
-            monkeypatch.setenv(dispatch.ENV_VAR, "metal")
+            monkeypatch.setenv("NF4_KERNELS", "metal")
             got = dispatch.dequantize(weight)
     assert _runtime_warnings(record) == []
     assert not np.array_equal(_bits(got), _bits(ops_reference.dequantize(weight)))  # it ran
