@@ -74,11 +74,11 @@ def test_peft_on_the_unquantized_model_answers_with_our_adapter(default_run):
                 return_tensors="pt",
                 return_dict=True,
             )["input_ids"]
+            answer = rec["messages"][-1]["content"]
+            budget = len(tok(answer)["input_ids"]) + 4  # room for the answer and its end token
             with torch.no_grad():
-                new = m.generate(ids, max_new_tokens=40, do_sample=False)[0, ids.shape[1] :]
-            hits += exact_match(
-                tok.decode(new, skip_special_tokens=True), rec["messages"][-1]["content"]
-            )
+                new = m.generate(ids, max_new_tokens=budget, do_sample=False)[0, ids.shape[1] :]
+            hits += exact_match(tok.decode(new, skip_special_tokens=True), answer)
         return hits
 
     held = default_task(0).heldout[:10]
