@@ -33,6 +33,7 @@ GENERIC_DEFAULTS = {
 FIXED_DEFAULTS = {
     "grad_accum": 1,
     "lora_dropout": 0.0,
+    "use_dora": False,
     "seed": 0,
     "grad_checkpoint": False,
     "eval_every": 0,
@@ -53,7 +54,12 @@ FIXED_DEFAULTS = {
 }
 BASE_DTYPES = ("nf4", "bfloat16", "float32")
 # what a checkpoint written before these settings existed was trained with
-LEGACY_BASE = {"base_dtype": "nf4", "quant_method": "absmax", "data_format": "auto"}
+LEGACY_BASE = {
+    "base_dtype": "nf4",
+    "quant_method": "absmax",
+    "data_format": "auto",
+    "use_dora": False,
+}
 DATA_FORMATS = ("auto", *FORMATS)
 EXPORTS = ("mlx-lm", "gguf")
 
@@ -83,6 +89,7 @@ class FinetuneConfig:
     lora_alpha: float | None = None
     lora_dropout: float | None = None
     targets: tuple[str, ...] | None = None
+    use_dora: bool | None = None  # DoRA: a trained magnitude per output row (PEFT's use_dora)
     seed: int | None = None
     backend: str | None = None
     device: str | None = None
@@ -162,6 +169,8 @@ class FinetuneConfig:
             raise ConfigError(
                 f"quant_method must be one of {QUANT_METHODS}, got {self.quant_method!r}"
             )
+        if self.use_dora and "mlx-lm" in (self.export or ()):
+            raise ConfigError("export mlx-lm is not supported with use_dora (only plain LoRA)")
         if self.steps is not None and self.epochs is not None:
             raise ConfigError("give either steps or epochs, not both")
 
@@ -239,7 +248,7 @@ class FinetuneConfig:
 
 
 _TEXT_FIELDS = ("model", "data", "out", "backend", "device", "compute_dtype", "resume")
-_FLAG_FIELDS = ("grad_checkpoint", "paged_optimizer", "overwrite", "strict_data")
+_FLAG_FIELDS = ("grad_checkpoint", "paged_optimizer", "overwrite", "strict_data", "use_dora")
 
 
 def _check_types(cfg: FinetuneConfig) -> None:
