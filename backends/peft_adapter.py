@@ -216,7 +216,7 @@ def _check_config(cfg_path: Path, cfg: object) -> tuple[int, float, float, tuple
                 f"{cfg_path}: {name}: {value!r}: {what} is not supported (only plain LoRA adapters)"
             )
     use_dora = cfg.get("use_dora", False)
-    if use_dora not in (True, False, None):
+    if use_dora is not None and not isinstance(use_dora, bool):
         raise AdapterError(f"{cfg_path}: use_dora must be true or false, got {use_dora!r}")
     for name in _MUST_BE_EMPTY:
         if cfg.get(name) not in (None, [], {}, ""):
