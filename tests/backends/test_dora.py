@@ -52,6 +52,8 @@ def test_the_adapter_is_peft_dora_and_peft_loads_it_to_our_logits(trained):
     model_dir, _, out = trained
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["use_dora"] is True
+    info = CliRunner().invoke(main, ["info", str(out), "--json"])
+    assert json.loads(info.output)["use_dora"] is True
     tensors = load_file(str(out / "adapter_model.safetensors"))
     magnitudes = {k: v for k, v in tensors.items() if k.endswith(".lora_magnitude_vector")}
     assert len(magnitudes) == 3 * 2  # three targets, two layers
