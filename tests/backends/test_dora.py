@@ -178,3 +178,15 @@ def test_a_plain_lora_adapter_still_loads_without_magnitudes(trained, tmp_path):
     assert not adapter.use_dora
     loaded = api.load(model_dir, adapter=d, backend="torch")
     assert not any("magnitude" in k for k in loaded.engine.adapters())
+
+
+def test_eval_of_a_dora_adapter_agrees_across_backends(trained):
+    """torch evaluates on dense copies of the base (its inference path), MLX on NF4: the DoRA norm
+    must come out the same from either base."""
+    pytest.importorskip("mlx.core")
+    model_dir, data, out = trained
+    t = api.load(model_dir, adapter=out, backend="torch").evaluate(data, max_seq_len=64)
+    m = api.load(model_dir, adapter=out, backend="mlx").evaluate(data, max_seq_len=64)
+    plain = api.load(model_dir, backend="torch").evaluate(data, max_seq_len=64)
+    assert abs(t["loss"] - plain["loss"]) > 1e-3
+    np.testing.assert_allclose(t["loss"], m["loss"], rtol=1e-4)
