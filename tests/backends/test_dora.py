@@ -190,3 +190,30 @@ def test_eval_of_a_dora_adapter_agrees_across_backends(trained):
     plain = api.load(model_dir, backend="torch").evaluate(data, max_seq_len=64)
     assert abs(t["loss"] - plain["loss"]) > 1e-3
     np.testing.assert_allclose(t["loss"], m["loss"], rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_dora_with_dropout_trains_the_same_with_gradient_checkpointing(trained, tmp_path, backend):
+    if backend == "mlx":
+        pytest.importorskip("mlx.core")
+    model_dir, data, _ = trained
+    losses = []
+    for checkpointing in (False, True):
+        cfg = FinetuneConfig(
+            model=str(model_dir),
+            data=str(data),
+            out=str(tmp_path / f"run-{checkpointing}"),
+            steps=3,
+            batch_size=4,
+            max_seq_len=64,
+            lr=2e-2,
+            lora_r=4,
+            lora_dropout=0.2,
+            targets=("q_proj", "down_proj"),
+            use_dora=True,
+            grad_checkpoint=checkpointing,
+            backend=backend,
+        )
+        losses.append(api.finetune(cfg, echo=lambda s: None, progress=False).losses)
+    assert all(np.isfinite(losses[0]))
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
