@@ -217,3 +217,42 @@ def test_dora_with_dropout_trains_the_same_with_gradient_checkpointing(trained, 
         losses.append(api.finetune(cfg, echo=lambda s: None, progress=False).losses)
     assert all(np.isfinite(losses[0]))
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+
+
+def test_an_mlx_dora_checkpoint_resumes_on_torch(trained, tmp_path):
+    pytest.importorskip("mlx.core")
+    model_dir, data, _ = trained
+    first, resumed = tmp_path / "mlx", tmp_path / "torch"
+    common = ["--batch-size", "4", "--max-seq-len", "64", "--lr", "2e-2", "--lora-r", "4"]
+    _finetune(
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(first),
+        *common,
+        "--targets",
+        TARGETS,
+        "--steps",
+        "4",
+        "--save-every",
+        "2",
+        "--use-dora",
+        "--backend",
+        "mlx",
+    )
+    _finetune(
+        "--resume",
+        str(first / "checkpoints/step-000002"),
+        "--out",
+        str(resumed),
+        "--backend",
+        "torch",
+    )
+    np.testing.assert_allclose(_losses(resumed)[-2:], _losses(first)[-2:], rtol=2e-3)
+    assert yaml_config(resumed)["backend"] == "torch"
+    a, b = load_adapter(first), load_adapter(resumed)
+    assert b.use_dora and a.tensors.keys() == b.tensors.keys()
+    for k in a.tensors:
+        np.testing.assert_allclose(b.tensors[k], a.tensors[k], atol=2e-3, rtol=2e-3)
