@@ -169,8 +169,6 @@ class FinetuneConfig:
             raise ConfigError(
                 f"quant_method must be one of {QUANT_METHODS}, got {self.quant_method!r}"
             )
-        if self.use_dora and "mlx-lm" in (self.export or ()):
-            raise ConfigError("export mlx-lm is not supported with use_dora (only plain LoRA)")
         if self.steps is not None and self.epochs is not None:
             raise ConfigError("give either steps or epochs, not both")
 

@@ -3,7 +3,10 @@
 PEFT keys: `base_model.model.<module>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r), float32,
 and with DoRA (`use_dora`) `.lora_magnitude_vector` (out,) (no `.weight`: peft names it so);
 `PeftModel.from_pretrained(transformers_model, dir)` loads them onto the unquantized base.
-mlx-lm keys: `<module>.lora_a` (in, r) and `.lora_b` (r, out), scale alpha / r in its config.
+mlx-lm keys: `<module>.lora_a` (in, r) and `.lora_b` (r, out), scale alpha / r in its config; with
+DoRA (fine_tune_type "dora") also `<module>.m` (out,), the magnitude. Note: mlx-lm's DoRA applies
+dropout to the adapter path only, so training on there with dropout differs from peft's (and ours);
+the forward without dropout is the same.
 """
 
 from __future__ import annotations
@@ -91,11 +94,6 @@ def save_adapter(directory: str | Path, adapter: Adapter, export: tuple[str, ...
     """Write PEFT's two files atomically (and mlx-lm's under `mlx-lm/` when asked)."""
     from safetensors.numpy import save
 
-    if "mlx-lm" in export and adapter.use_dora:
-        raise AdapterError(
-            "export mlx-lm: DoRA adapters are not supported in mlx-lm's format here "
-            "(only plain LoRA); the PEFT adapter is the DoRA one"
-        )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     blob = save(
@@ -118,12 +116,14 @@ def save_mlx_lm(directory: Path, adapter: Adapter) -> None:
     for module in adapter.modules():
         tensors[f"{module}.lora_a"] = adapter.tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"].T
         tensors[f"{module}.lora_b"] = adapter.tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"].T
+        if adapter.use_dora:
+            tensors[f"{module}.m"] = adapter.tensors[f"{PEFT_PREFIX}{module}.{MAGNITUDE}"]
     layers = {int(m.split(".")[2]) for m in adapter.modules() if m.startswith("model.layers.")}
     keys = sorted({".".join(m.split(".")[3:]) for m in adapter.modules()})
     with atomic_file(directory / "adapters.safetensors") as f:
         f.write(save({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}))
     config = {
-        "fine_tune_type": "lora",
+        "fine_tune_type": "dora" if adapter.use_dora else "lora",
         "num_layers": len(layers),
         "lora_parameters": {
             "rank": adapter.r,

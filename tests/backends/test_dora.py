@@ -44,7 +44,11 @@ def trained(tmp_path_factory):
     common = ["--model", str(model), "--data", str(data), "--batch-size", "4"]
     common += ["--max-seq-len", "64", "--lr", "2e-2", "--lora-r", "4", "--lora-alpha", "8"]
     common += ["--targets", TARGETS, "--backend", "torch"]
-    _finetune(*common, "--out", str(out), "--steps", "4", "--save-every", "2", "--use-dora")
+    _finetune(
+        *common,
+        *("--out", str(out), "--steps", "4", "--save-every", "2", "--use-dora"),
+        *("--export", "mlx-lm"),
+    )
     return model, data, out
 
 
@@ -138,9 +142,26 @@ def test_use_dora_is_fixed_on_resume(trained, tmp_path):
         )
 
 
-def test_dora_with_mlx_lm_export_is_refused_by_name():
-    with pytest.raises(ConfigError, match="export mlx-lm .*use_dora"):
-        FinetuneConfig(use_dora=True, export=("mlx-lm",))
+def test_mlx_lm_loads_our_dora_export_to_our_logits(trained, tmp_path):
+    pytest.importorskip("mlx_lm")
+    import mlx.core as mx
+    from mlx_lm import load
+
+    model_dir, _, out = trained
+    config = json.loads((out / "mlx-lm" / "adapter_config.json").read_text())
+    assert config["fine_tune_type"] == "dora"
+    runner = CliRunner()
+    for args in (
+        ["quantize", str(model_dir), str(tmp_path / "nf4")],
+        ["export", str(tmp_path / "nf4"), str(tmp_path / "base"), "--dtype", "float32"],
+    ):
+        r = runner.invoke(main, args)
+        assert r.exit_code == 0, r.output
+    model, _ = load(str(tmp_path / "base"), adapter_path=str(out / "mlx-lm"))
+    theirs = np.array(model(mx.array(IDS)).astype(mx.float32))
+    ours = api.load(tmp_path / "nf4", adapter=out, backend="torch")  # the base mlx-lm has
+    ours = ours.engine.model(torch.tensor(IDS))
+    np.testing.assert_allclose(theirs, ours.detach().numpy(), atol=2e-4, rtol=1e-4)
 
 
 def _edited(tmp_path, out, config=None, drop_magnitude=False):
