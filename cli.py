@@ -198,6 +198,12 @@ def backend_options(f):
 @click.option("--lora-alpha", type=float, help="LoRA alpha (scale = alpha / r).")
 @click.option("--lora-dropout", type=float, help="Dropout on the adapter input [default: 0].")
 @click.option("--targets", help="Comma-separated module names to adapt, e.g. q_proj,v_proj.")
+@click.option(
+    "--use-dora",
+    is_flag=True,
+    default=None,
+    help="DoRA: also train a magnitude per output row (PEFT's use_dora) [default: off].",
+)
 @click.option("--seed", type=int, help="Seed of adapters, data order and dropout [default: 0].")
 @click.option(
     "--base-dtype",

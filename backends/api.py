@@ -110,7 +110,14 @@ class LoadedModel:
 
     def save_adapter(self, directory: str | os.PathLike, lora: LoRASettings) -> Path:
         name, revision = recorded_base(self.base)
-        adapter = Adapter(self.engine.adapters(), lora.r, lora.alpha, lora.dropout, lora.targets)
+        adapter = Adapter(
+            self.engine.adapters(),
+            lora.r,
+            lora.alpha,
+            lora.dropout,
+            lora.targets,
+            use_dora=lora.use_dora,
+        )
         return save_adapter(directory, replace(adapter, base_model=name, base_revision=revision))
 
 
@@ -158,7 +165,9 @@ def load(
     loaded = load_adapter(adapter) if adapter is not None else None
     if loaded is not None:
         modules = {m.rsplit(".", 1)[-1] for m in loaded.modules()}
-        lora = LoRASettings(loaded.r, loaded.alpha, 0.0, tuple(sorted(modules)))
+        lora = LoRASettings(
+            loaded.r, loaded.alpha, 0.0, tuple(sorted(modules)), use_dora=loaded.use_dora
+        )
     choice = select_backend(backend, device, compute_dtype)
     source = nf4core.open_model(path)
     if loaded is not None:

@@ -30,14 +30,16 @@ DEFAULT_TARGETS = LINEAR_NAMES
 @dataclass(frozen=True)
 class LoRASettings:
     """The adapters of a run, in PEFT's terms, for both backends: rank r, alpha (scale alpha / r),
-    dropout on the adapter input, the linears adapted (by the last component of their name), and the
-    seed of the A initialisation (nf4core.lora_init)."""
+    dropout on the adapter input, the linears adapted (by the last component of their name), the
+    seed of the A initialisation (nf4core.lora_init), and DoRA (`use_dora`: a trainable magnitude
+    per output row, PEFT's `lora_magnitude_vector`)."""
 
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] = DEFAULT_TARGETS
     seed: int = 0
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:

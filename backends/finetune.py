@@ -216,7 +216,9 @@ def finetune(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     data = _Data(train_set, cfg.batch_size, pad, cfg.seed)
     steps = total_steps(cfg, data)
-    lora = LoRASettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.targets, cfg.seed)
+    lora = LoRASettings(
+        cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.targets, cfg.seed, cfg.use_dora
+    )
     train = TrainSettings(
         cfg.grad_accum,
         cfg.max_grad_norm,
@@ -433,6 +435,7 @@ class _Run:
             cfg.targets,
             base_model=self.base[0],
             base_revision=self.base[1],
+            use_dora=bool(self.cfg.use_dora),
         )
 
     def _export_gguf(self) -> None:

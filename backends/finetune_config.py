@@ -33,6 +33,7 @@ GENERIC_DEFAULTS = {
 FIXED_DEFAULTS = {
     "grad_accum": 1,
     "lora_dropout": 0.0,
+    "use_dora": False,
     "seed": 0,
     "grad_checkpoint": False,
     "eval_every": 0,
@@ -53,7 +54,12 @@ FIXED_DEFAULTS = {
 }
 BASE_DTYPES = ("nf4", "bfloat16", "float32")
 # what a checkpoint written before these settings existed was trained with
-LEGACY_BASE = {"base_dtype": "nf4", "quant_method": "absmax", "data_format": "auto"}
+LEGACY_BASE = {
+    "base_dtype": "nf4",
+    "quant_method": "absmax",
+    "data_format": "auto",
+    "use_dora": False,
+}
 DATA_FORMATS = ("auto", *FORMATS)
 EXPORTS = ("mlx-lm", "gguf")
 
@@ -83,6 +89,7 @@ class FinetuneConfig:
     lora_alpha: float | None = None
     lora_dropout: float | None = None
     targets: tuple[str, ...] | None = None
+    use_dora: bool | None = None  # DoRA: a trained magnitude per output row (PEFT's use_dora)
     seed: int | None = None
     backend: str | None = None
     device: str | None = None
@@ -239,7 +246,7 @@ class FinetuneConfig:
 
 
 _TEXT_FIELDS = ("model", "data", "out", "backend", "device", "compute_dtype", "resume")
-_FLAG_FIELDS = ("grad_checkpoint", "paged_optimizer", "overwrite", "strict_data")
+_FLAG_FIELDS = ("grad_checkpoint", "paged_optimizer", "overwrite", "strict_data", "use_dora")
 
 
 def _check_types(cfg: FinetuneConfig) -> None:

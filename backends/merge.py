@@ -27,7 +27,8 @@ LINEARS = LINEAR_NAMES
 
 
 def merged_tensors(source: nf4core.ModelSource, adapter: Adapter, dtype: str):
-    """Yield (name, array in `dtype`) with every adapted linear as W_nf4 + scale * B @ A."""
+    """Yield (name, array in `dtype`) with every adapted linear as W_nf4 + scale * B @ A (DoRA:
+    each row of that rescaled to its magnitude, `Adapter.merged_weight`)."""
     modules = set(adapter.modules())
     for name in source.tensor_names():
         value = _merged(source, name, modules, adapter).astype(FLOAT_DTYPES[dtype], copy=False)
@@ -55,7 +56,7 @@ def _merged(
         w = np.asarray(value, np.float32)
     if module in modules:
         with np.errstate(over="ignore", invalid="ignore"):  # refused just below, by name
-            w = w + adapter.delta(module)
+            w = adapter.merged_weight(module, w)
         if not np.isfinite(w).all():
             raise NonFiniteError(
                 f"{_named(adapter)}: merged into the base, {name} would hold NaN "

@@ -74,6 +74,7 @@ def describe(path: str | Path, seq_len: int = 512, batch_size: int = 1, lora_r: 
             "path": str(p),
             "r": a.r,
             "alpha": a.alpha,
+            "use_dora": a.use_dora,
             "targets": list(a.targets),
             "modules": len(a.modules()),
             "parameters": int(sum(v.size for v in a.tensors.values())),

@@ -1,8 +1,12 @@
 """Adapters in PEFT's format (adapter_model.safetensors + adapter_config.json), and mlx-lm's.
 
-PEFT keys: `base_model.model.<module>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r), float32;
+PEFT keys: `base_model.model.<module>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r), float32,
+and with DoRA (`use_dora`) `.lora_magnitude_vector` (out,) (no `.weight`: peft names it so);
 `PeftModel.from_pretrained(transformers_model, dir)` loads them onto the unquantized base.
-mlx-lm keys: `<module>.lora_a` (in, r) and `.lora_b` (r, out), scale alpha / r in its config.
+mlx-lm keys: `<module>.lora_a` (in, r) and `.lora_b` (r, out), scale alpha / r in its config; with
+DoRA (fine_tune_type "dora") also `<module>.m` (out,), the magnitude. Note: mlx-lm's DoRA applies
+dropout to the adapter path only, so training on there with dropout differs from peft's (and ours);
+the forward without dropout is the same.
 """
 
 from __future__ import annotations
@@ -20,6 +24,12 @@ from nf4core.regular_file import check_regular_file
 WEIGHTS_NAME, CONFIG_NAME = "adapter_model.safetensors", "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 MLX_LM_DIR = "mlx-lm"
+MAGNITUDE = "lora_magnitude_vector"
+
+
+def peft_key(path: str) -> str:
+    """The PEFT key of an adapter parameter at `path` ("model.layers.0.mlp.up_proj.lora_A")."""
+    return f"{PEFT_PREFIX}{path}" + ("" if path.endswith(MAGNITUDE) else ".weight")
 
 
 class AdapterError(ValueError):
@@ -36,6 +46,7 @@ class Adapter:
     base_model: str | None = None  # a Hugging Face Hub id when known, else a path
     directory: Path | None = None  # where it was loaded from, for messages
     base_revision: str | None = None  # the base's Hub revision, when not its main branch
+    use_dora: bool = False  # DoRA: each module also has a magnitude vector (out,)
 
     @property
     def scale(self) -> float:
@@ -50,6 +61,15 @@ class Adapter:
         b = self.tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"].astype(np.float32)
         return (b @ a) * np.float32(self.scale)
 
+    def merged_weight(self, module: str, w: np.ndarray) -> np.ndarray:
+        """The base weight `w` (out, in) float32 with this adapter folded in: W + scale * B @ A, and
+        with DoRA each output row then rescaled to the magnitude m: m * V / ||V||_row."""
+        v = w + self.delta(module)
+        if not self.use_dora:
+            return v
+        m = self.tensors[f"{PEFT_PREFIX}{module}.{MAGNITUDE}"].astype(np.float32)
+        return v * (m / np.linalg.norm(v, axis=1))[:, None]
+
 
 def peft_config(adapter: Adapter) -> dict:
     return {
@@ -59,6 +79,7 @@ def peft_config(adapter: Adapter) -> dict:
         "lora_alpha": adapter.alpha,
         "lora_dropout": adapter.dropout,
         "use_rslora": False,
+        "use_dora": adapter.use_dora,
         "bias": "none",
         "target_modules": sorted(adapter.targets),
         "base_model_name_or_path": adapter.base_model,
@@ -95,12 +116,14 @@ def save_mlx_lm(directory: Path, adapter: Adapter) -> None:
     for module in adapter.modules():
         tensors[f"{module}.lora_a"] = adapter.tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"].T
         tensors[f"{module}.lora_b"] = adapter.tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"].T
+        if adapter.use_dora:
+            tensors[f"{module}.m"] = adapter.tensors[f"{PEFT_PREFIX}{module}.{MAGNITUDE}"]
     layers = {int(m.split(".")[2]) for m in adapter.modules() if m.startswith("model.layers.")}
     keys = sorted({".".join(m.split(".")[3:]) for m in adapter.modules()})
     with atomic_file(directory / "adapters.safetensors") as f:
         f.write(save({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}))
     config = {
-        "fine_tune_type": "lora",
+        "fine_tune_type": "dora" if adapter.use_dora else "lora",
         "num_layers": len(layers),
         "lora_parameters": {
             "rank": adapter.r,
@@ -130,7 +153,7 @@ def load_adapter(directory: str | Path) -> Adapter:
         raise AdapterError(f"{cfg_path}: cannot read: {e.strerror or e}") from e
     except (ValueError, RecursionError) as e:  # JSON and UTF-8 errors are ValueErrors
         raise AdapterError(f"{cfg_path}: not valid JSON ({e})") from e
-    r, alpha, dropout, targets = _check_config(cfg_path, cfg)
+    r, alpha, dropout, targets, use_dora = _check_config(cfg_path, cfg)
     try:
         tensors = load_file(str(w_path))
     except (OSError, SafetensorError, ValueError, TypeError) as e:  # numpy refuses some dtypes
@@ -149,7 +172,7 @@ def load_adapter(directory: str | Path) -> Adapter:
     revision = cfg.get("revision")
     if revision is not None and not isinstance(revision, str):
         raise AdapterError(f"{cfg_path}: revision must be a string, got {revision!r}")
-    adapter = Adapter(tensors, r, alpha, dropout, targets, base, directory, revision)
+    adapter = Adapter(tensors, r, alpha, dropout, targets, base, directory, revision, use_dora)
     problem = _shape_problem(adapter)
     if problem:
         raise AdapterError(f"{w_path}: {problem}")
@@ -158,7 +181,6 @@ def load_adapter(directory: str | Path) -> Adapter:
 
 # PEFT options that change what the adapter computes; we implement the value on the right only.
 _UNSUPPORTED_OPTIONS = {
-    "use_dora": "DoRA",
     "use_rslora": "rank-stabilised scaling",
     "fan_in_fan_out": "transposed (fan_in_fan_out) weights",
     "lora_bias": "LoRA biases",
@@ -177,9 +199,9 @@ _MUST_BE_EMPTY = (
 )
 
 
-def _check_config(cfg_path: Path, cfg: object) -> tuple[int, float, float, tuple[str, ...]]:
-    """(r, alpha, dropout, targets) of a plain LoRA adapter_config.json; AdapterError naming the
-    field for anything else."""
+def _check_config(cfg_path: Path, cfg: object) -> tuple[int, float, float, tuple[str, ...], bool]:
+    """(r, alpha, dropout, targets, use_dora) of a LoRA or DoRA adapter_config.json; AdapterError
+    naming the field for anything else."""
     if not isinstance(cfg, dict):
         raise AdapterError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
     if cfg.get("peft_type", "LORA") != "LORA":
@@ -193,6 +215,9 @@ def _check_config(cfg_path: Path, cfg: object) -> tuple[int, float, float, tuple
             raise AdapterError(
                 f"{cfg_path}: {name}: {value!r}: {what} is not supported (only plain LoRA adapters)"
             )
+    use_dora = cfg.get("use_dora", False)
+    if use_dora is not None and not isinstance(use_dora, bool):
+        raise AdapterError(f"{cfg_path}: use_dora must be true or false, got {use_dora!r}")
     for name in _MUST_BE_EMPTY:
         if cfg.get(name) not in (None, [], {}, ""):
             raise AdapterError(f"{cfg_path}: {name} is not supported (only plain LoRA adapters)")
@@ -212,7 +237,7 @@ def _check_config(cfg_path: Path, cfg: object) -> tuple[int, float, float, tuple
         raise AdapterError(
             f"{cfg_path}: target_modules must be module names, got {cfg.get('target_modules')!r}"
         )
-    return r, float(alpha), float(dropout), tuple(targets)
+    return r, float(alpha), float(dropout), tuple(targets), bool(use_dora)
 
 
 def _finite_number(value: object) -> bool:
@@ -231,7 +256,16 @@ def _shape_problem(adapter: Adapter) -> str | None:
                 f"{module}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not match "
                 f"r = {adapter.r} of {CONFIG_NAME}"
             )
-        if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        m = adapter.tensors.get(f"{PEFT_PREFIX}{module}.{MAGNITUDE}")
+        if (m is not None) != adapter.use_dora:
+            return (
+                f"{module} lacks its {MAGNITUDE} (use_dora is true in {CONFIG_NAME})"
+                if adapter.use_dora
+                else f"{module} has a {MAGNITUDE} but use_dora is not true in {CONFIG_NAME}"
+            )
+        if m is not None and m.shape != (b.shape[0],):
+            return f"{module}: {MAGNITUDE} {list(m.shape)} does not match lora_B {list(b.shape)}"
+        if not all(np.isfinite(t).all() for t in (a, b) + (() if m is None else (m,))):
             return f"{module} holds NaN or infinite values"
     return None
 

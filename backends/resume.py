@@ -31,6 +31,7 @@ FIXED = (
     "lora_alpha",
     "lora_dropout",
     "targets",
+    "use_dora",
     "seed",
     "max_grad_norm",
     "weight_decay",

@@ -429,7 +429,8 @@ CASES = [
     Case(
         "adapter-dora",
         adapter_with(use_dora=True),
-        "{d}/adapter/adapter_config.json: use_dora: True: DoRA is not supported",
+        f"{{d}}/adapter/adapter_model.safetensors: {MODULE.removeprefix('base_model.model.')} "
+        "lacks its lora_magnitude_vector (use_dora is true in adapter_config.json)",
     ),
     Case(
         "adapter-fan-in-fan-out",

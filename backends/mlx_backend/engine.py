@@ -9,7 +9,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ..engine import Engine, SourceTensors, StepResult, TrainingState
-from ..peft_adapter import PEFT_PREFIX
+from ..peft_adapter import peft_key
 from ._mlx import mx
 from .generate import generate_tokens, greedy_steps
 from .lora import apply_lora, load_lora_state_dict, lora_state_dict
@@ -19,7 +19,7 @@ from .train_step import Batch, TrainConfig, Trainer, masked_cross_entropy
 
 
 def _peft(path: str) -> str:  # "model.layers.0.self_attn.q_proj.lora_A" -> PEFT key
-    return f"{PEFT_PREFIX}{path}.weight"
+    return peft_key(path)
 
 
 def optimizer_placement(paged: bool | None) -> str:

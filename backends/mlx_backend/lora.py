@@ -1,4 +1,5 @@
-"""LoRA adapters in PEFT's convention: y = base(x) + scale * dropout(x) A^T B^T, scale = alpha / r."""
+"""LoRA adapters in PEFT's convention: y = base(x) + scale * dropout(x) A^T B^T, scale = alpha / r;
+DoRA adds PEFT's `lora_magnitude_vector` (see torch_backend/lora.py's LoRALinear for the formula)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from nf4core import lora_init
 
 from ..engine import LoRASettings
-from ..peft_adapter import PEFT_PREFIX
+from ..peft_adapter import MAGNITUDE, peft_key
 from ._mlx import mx, mx_dtype, nn
 from .nf4_linear import NF4Linear
 
@@ -23,8 +24,23 @@ def _shape_of(base: nn.Module) -> tuple[int, int]:
     raise TypeError(f"LoRA wraps NF4Linear or nn.Linear, got {type(base).__name__}")
 
 
+def base_weight(base: nn.Module) -> mx.array:
+    """The frozen (out, in) weight of an NF4Linear (dequantized) or nn.Linear, float32."""
+    if isinstance(base, NF4Linear):
+        return base.dequantized_weight(mx.float32)
+    return base.weight.astype(mx.float32)
+
+
+def _row_norm(w: mx.array, a: mx.array, b: mx.array, scale: float) -> mx.array:
+    """||W + scale * B A|| per output row (out,), float32."""
+    v = w + scale * (b.astype(mx.float32) @ a.astype(mx.float32))
+    return mx.sqrt(mx.sum(mx.square(v), axis=1))
+
+
 class LoRALinear(nn.Module):
-    """A frozen base linear plus trainable adapters `lora_A` (r, in) and `lora_B` (out, r)."""
+    """A frozen base linear plus trainable adapters `lora_A` (r, in) and `lora_B` (out, r), and
+    with DoRA the trainable `lora_magnitude_vector` (out,); the row norm it divides by is computed
+    from the dequantized base on each call and held constant for the gradient (as peft does)."""
 
     def __init__(
         self,
@@ -33,6 +49,7 @@ class LoRALinear(nn.Module):
         lora_B: mx.array,
         scale: float,
         dropout: float = 0.0,
+        magnitude: mx.array | None = None,
     ) -> None:
         super().__init__()
         out_features, in_features = _shape_of(base)
@@ -50,6 +67,12 @@ class LoRALinear(nn.Module):
         self.lora_B = lora_B
         self.scale = scale
         self.dropout_p = dropout
+        if magnitude is not None:
+            if magnitude.shape != (out_features,):
+                raise ValueError(
+                    f"DoRA magnitude {magnitude.shape} does not fit {out_features} outputs"
+                )
+            self.lora_magnitude_vector = magnitude
         self.set_dropout_key(None)
 
     def set_dropout_key(self, key: mx.array | None) -> None:
@@ -74,18 +97,30 @@ class LoRALinear(nn.Module):
         out_features, in_features = _shape_of(base)
         a, b = lora_init(name, in_features, out_features, settings.r, settings.seed)
         cast = mx_dtype(adapter_dtype)
+        a, b = mx.array(a), mx.array(b)
+        magnitude = None
+        if settings.use_dora:  # m starts as ||W + scale * B A||_row: the model starts unchanged
+            magnitude = _row_norm(base_weight(base), a, b, settings.scale).astype(cast)
         return cls(
-            base,
-            mx.array(a).astype(cast),
-            mx.array(b).astype(cast),
-            settings.scale,
-            settings.dropout,
+            base, a.astype(cast), b.astype(cast), settings.scale, settings.dropout, magnitude
         )
 
     def __call__(self, x: mx.array) -> mx.array:  # (..., in) -> (..., out)
         y = self.base(x)
-        z = (self._dropout(x) @ self.lora_A.T.astype(x.dtype)) @ self.lora_B.T.astype(x.dtype)
-        return y + (self.scale * z).astype(y.dtype)
+        dropped = self._dropout(x)
+        z = (dropped @ self.lora_A.T.astype(x.dtype)) @ self.lora_B.T.astype(x.dtype)
+        lora = (self.scale * z).astype(y.dtype)
+        if MAGNITUDE not in self:
+            return y + lora
+        norm = mx.stop_gradient(
+            _row_norm(base_weight(self.base), self.lora_A, self.lora_B, self.scale)
+        )
+        rescale = (self.lora_magnitude_vector / norm).astype(y.dtype)
+        bias = self.base.bias.astype(y.dtype) if "bias" in self.base else None
+        base_only = y if dropped is x else self.base(dropped)  # dropout: the dropped input's term
+        if bias is not None:
+            base_only = base_only - bias
+        return y + (rescale - 1) * base_only + rescale * lora
 
 
 def apply_lora(
@@ -115,12 +150,15 @@ def apply_lora(
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, np.ndarray]:
-    """Adapter weights (float32) under PEFT's key names ("base_model.model.<m>.lora_A.weight")."""
+    """Adapter weights (float32) under PEFT's key names ("base_model.model.<m>.lora_A.weight", and
+    with DoRA "base_model.model.<m>.lora_magnitude_vector")."""
     out = {}
     for path, module in model.named_modules():
         if isinstance(module, LoRALinear):
-            for key in ("lora_A", "lora_B"):
-                out[f"{PEFT_PREFIX}{path}.{key}.weight"] = np.array(module[key].astype(mx.float32))
+            for key in ("lora_A", "lora_B", MAGNITUDE):
+                if key in module:
+                    value = np.array(module[key].astype(mx.float32))
+                    out[peft_key(f"{path}.{key}")] = value
     return out
 
 
@@ -132,7 +170,7 @@ def load_lora_state_dict(model: nn.Module, tensors: Mapping[str, np.ndarray]) ->
         raise KeyError(f"adapter state lacks {len(missing)} keys, e.g. {missing[0]}")
     updates = []
     for path, value in tree_flatten(model.trainable_parameters()):
-        array = np.asarray(tensors[f"{PEFT_PREFIX}{path}.weight"], np.float32)
+        array = np.asarray(tensors[peft_key(path)], np.float32)
         updates.append((path, mx.array(array).astype(value.dtype)))
     model.update(tree_unflatten(updates))
     mx.eval(model.parameters())

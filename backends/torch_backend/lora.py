@@ -1,4 +1,4 @@
-"""`LoRALinear` in PEFT's convention, and helpers to add and export adapters in a model (merging is
+"""`LoRALinear` in PEFT's convention (LoRA, or DoRA with a magnitude vector), and helpers to add and export adapters in a model (merging is
 `backends/merge.py`, one definition for both backends)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from torch import nn
 import nf4core
 
 from ..engine import LoRASettings
-from ..peft_adapter import PEFT_PREFIX
+from ..peft_adapter import MAGNITUDE, PEFT_PREFIX
 from .nf4_linear import NF4Linear
 
 
@@ -21,10 +21,24 @@ class LoRALinear(nn.Module):
     `lora_A` and `lora_B` are bias-free nn.Linear modules, so state-dict keys are PEFT's
     (`<m>.lora_A.weight`, `<m>.lora_B.weight`). Adapters are held in `adapter_dtype` and cast to the
     input's dtype in forward; with float32 adapters that is the FP32 master copy itself.
+
+    DoRA (`magnitude` given, PEFT's `lora_magnitude_vector`, (out,)): the adapted weight
+    V = W + scale * B A has each output row rescaled to the trainable magnitude m, so without dropout
+    y = m / ||V||_row * (W x + scale * B A x) + bias. ||V||_row is computed from the dequantized base
+    weight on every forward (one dequantize per layer per call) and is detached from the graph, as
+    in peft (DoRA paper, section 4.3). With dropout active, as in peft, the rescaling's correction
+    of the base term uses the dropped input: y = W x + bias + (m/||V|| - 1) W x' + m/||V|| scale B A x'
+    with x' = dropout(x).
     """
 
     def __init__(
-        self, base: nn.Module, a: torch.Tensor, b: torch.Tensor, scale: float, dropout: float = 0.0
+        self,
+        base: nn.Module,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scale: float,
+        dropout: float = 0.0,
+        magnitude: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         rank, in_features = a.shape
@@ -44,6 +58,14 @@ class LoRALinear(nn.Module):
         self.scale = float(scale)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.in_features, self.out_features = in_features, b.shape[0]
+        self.lora_magnitude_vector = None
+        if magnitude is not None:
+            if tuple(magnitude.shape) != (self.out_features,):
+                raise ValueError(
+                    f"DoRA magnitude {tuple(magnitude.shape)} does not fit {self.out_features} "
+                    "outputs"
+                )
+            self.lora_magnitude_vector = nn.Parameter(magnitude.clone())
 
     @classmethod
     def from_base(
@@ -59,19 +81,45 @@ class LoRALinear(nn.Module):
         )
         device = base.bias.device if getattr(base, "bias", None) is not None else _device_of(base)
         to = dict(device=device, dtype=adapter_dtype)
-        return cls(
-            base,
-            torch.from_numpy(a).to(**to),
-            torch.from_numpy(b).to(**to),
-            settings.scale,
-            settings.dropout,
-        )
+        a, b = torch.from_numpy(a).to(**to), torch.from_numpy(b).to(**to)
+        magnitude = None
+        if settings.use_dora:  # m starts as ||W + scale * B A||_row, so the model starts unchanged
+            with torch.no_grad():
+                magnitude = _row_norm(base_weight(base), a, b, settings.scale).to(adapter_dtype)
+        return cls(base, a, b, settings.scale, settings.dropout, magnitude)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         y = self.base(x)
         a = self.lora_A.weight.to(x.dtype)  # (r, in)
         b = self.lora_B.weight.to(x.dtype)  # (out, r)
-        return y + F.linear(F.linear(self.dropout(x), a), b) * self.scale
+        dropped = self.dropout(x)
+        lora = F.linear(F.linear(dropped, a), b) * self.scale
+        if self.lora_magnitude_vector is None:
+            return y + lora
+        with torch.no_grad():
+            norm = _row_norm(
+                base_weight(self.base), self.lora_A.weight, self.lora_B.weight, self.scale
+            )
+        rescale = (self.lora_magnitude_vector / norm).to(x.dtype)  # (out,)
+        bias = getattr(self.base, "bias", None)
+        if not (self.training and isinstance(self.dropout, nn.Dropout)):
+            base_only = y if bias is None else y - bias.to(y.dtype)
+        else:  # the base term of the dropped input, through the base's own (NF4) matmul
+            base_only = self.base(dropped)
+            base_only = base_only if bias is None else base_only - bias.to(y.dtype)
+        return y + (rescale - 1) * base_only + rescale * lora
+
+
+def base_weight(base: nn.Module) -> torch.Tensor:
+    """The frozen (out, in) weight of an NF4Linear (dequantized) or nn.Linear, float32."""
+    if isinstance(base, NF4Linear):
+        return base.dequantize(torch.float32)
+    return base.weight.detach().float()
+
+
+def _row_norm(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """||W + scale * B A|| per output row (out,), float32."""
+    return torch.linalg.vector_norm(w + scale * (b.float() @ a.float()), dim=1)
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -111,12 +159,15 @@ def apply_lora(
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter weights under PEFT's key names ("base_model.model.<m>.lora_A.weight")."""
+    """Adapter weights under PEFT's key names ("base_model.model.<m>.lora_A.weight", and with DoRA
+    "base_model.model.<m>.lora_magnitude_vector")."""
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
             out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = module.lora_A.weight.detach()
             out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = module.lora_B.weight.detach()
+            if module.lora_magnitude_vector is not None:
+                out[f"{PEFT_PREFIX}{name}.{MAGNITUDE}"] = module.lora_magnitude_vector.detach()
     return out
 
 
