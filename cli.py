@@ -187,6 +187,12 @@ def backend_options(f):
 @click.option("--batch-size", type=int, help="Examples per micro-batch.")
 @click.option("--grad-accum", type=int, help="Micro-batches per optimizer step [default: 1].")
 @click.option("--max-seq-len", type=int, help="Longer examples are truncated to this many tokens.")
+@click.option(
+    "--packing/--no-packing",
+    default=None,
+    help="Lay short examples end to end in rows of --max-seq-len tokens (attention and loss stay "
+    "within each example) [default: off].",
+)
 @click.option("--lr", type=float, help="Peak learning rate.")
 @click.option("--warmup-steps", type=int, help="Linear warmup steps [default: 0].")
 @click.option(
@@ -224,6 +230,20 @@ def backend_options(f):
     help="Keep optimizer state in host memory, paged in [default: on for CUDA GPUs and on MLX].",
 )
 @click.option("--eval-every", type=int, help="Validation loss every N steps (0: only at the end).")
+@click.option(
+    "--early-stopping-patience",
+    type=int,
+    help="Stop when the validation loss has not improved for N evaluations (--eval-every); "
+    "the best step's adapter is the result [default: 0, off].",
+)
+@click.option(
+    "--report-to",
+    "report_to",
+    type=click.Choice(["tensorboard", "wandb"]),
+    multiple=True,
+    help="Also log metrics to TensorBoard (OUT/tensorboard) or Weights & Biases (optional "
+    "packages).",
+)
 @click.option(
     "--save-every", type=int, help="Training checkpoint every N steps (always at the end)."
 )
@@ -269,7 +289,7 @@ def backend_options(f):
     help="YAML file of settings (names as the options, with _ or -); the command line wins.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def finetune(config_file, quiet, export, **options) -> None:
+def finetune(config_file, quiet, export, report_to, **options) -> None:
     """Fine-tune a model with QLoRA (NF4 base, LoRA adapters).
 
     Writes to OUT: adapter_model.safetensors + adapter_config.json (PEFT), checkpoints/ (resume
@@ -281,6 +301,7 @@ def finetune(config_file, quiet, export, **options) -> None:
     with user_errors():
         file_settings = api.FinetuneConfig.from_file(config_file) if config_file else {}
         options["export"] = export or None
+        options["report_to"] = report_to or None
         cfg = api.FinetuneConfig.merged(options, file_settings)
         try:
             result = api.finetune(cfg, echo=click.echo, progress=not quiet)

@@ -13,13 +13,16 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 import nf4core
 from nf4core.atomic import write_text_atomic
 from nf4core.data_files import DataFiles, find_data
+from nf4core.dataset import epoch_order
 from nf4core.default_task import DefaultTask, default_task
 from nf4core.gguf_write import gguf_architecture, gguf_package, tokenizer_metadata
 from nf4core.hub import recorded_base
@@ -65,25 +68,65 @@ class FinetuneResult:
 
 
 class _Data:
-    """The micro-batch with global index g (epoch g // per_epoch), for any g, deterministically."""
+    """The micro-batch with global index g (epoch g // per_epoch), for any g, deterministically.
 
-    def __init__(self, dataset: nf4core.Dataset, batch_size: int, pad_id: int, seed: int) -> None:
+    With `packing`, examples are laid end to end in rows of `max_length` tokens once (in the seed's
+    order) and the rows are shuffled each epoch, so every epoch has the same number of batches."""
+
+    def __init__(
+        self,
+        dataset: nf4core.Dataset,
+        batch_size: int,
+        pad_id: int,
+        seed: int,
+        packing: bool = False,
+        max_length: int | None = None,
+    ) -> None:
         if len(dataset) == 0:
             raise ConfigError("the training set is empty")
         self.dataset, self.batch_size, self.pad_id, self.seed = dataset, batch_size, pad_id, seed
-        self.per_epoch = math.ceil(len(dataset) / batch_size)
+        self.rows = None
+        if packing:
+            self.rows = list(
+                nf4core.batches(
+                    dataset, 1, pad_id, seed=seed, epoch=0, packing=True, max_length=max_length
+                )
+            )
+        self.per_epoch = math.ceil(len(self.rows or dataset) / batch_size)
         self._epoch, self._batches = None, None
 
     def __getitem__(self, g: int) -> nf4core.Batch:
         epoch, index = divmod(g, self.per_epoch)
         if epoch != self._epoch:
             self._epoch = epoch
-            self._batches = list(
-                nf4core.batches(
-                    self.dataset, self.batch_size, self.pad_id, seed=self.seed, epoch=epoch
-                )
-            )
+            self._batches = list(self._epoch_batches(epoch))
         return self._batches[index]
+
+    def _epoch_batches(self, epoch: int) -> Iterator[nf4core.Batch]:
+        if self.rows is None:
+            yield from nf4core.batches(
+                self.dataset, self.batch_size, self.pad_id, seed=self.seed, epoch=epoch
+            )
+            return
+        order = epoch_order(len(self.rows), self.seed, epoch)
+        for start in range(0, len(order), self.batch_size):
+            yield _stacked([self.rows[i] for i in order[start : start + self.batch_size]])
+
+
+def _stacked(rows: list[nf4core.Batch]) -> nf4core.Batch:
+    """Packed rows of one batch in one, cut after the last column any row uses."""
+    segments = np.concatenate([r.segment_ids for r in rows])
+    width = int(np.flatnonzero(segments.any(axis=0))[-1]) + 1
+
+    def field(name: str) -> np.ndarray:
+        return np.concatenate([getattr(r, name) for r in rows])[:, :width]
+
+    return nf4core.Batch(
+        *(
+            field(n)
+            for n in ("input_ids", "loss_mask", "attention_mask", "position_ids", "segment_ids")
+        )
+    )
 
 
 def resolve(
@@ -214,7 +257,12 @@ def finetune(
     with tempfile.TemporaryDirectory() as scratch:
         train_set, valid_set, heldout = load_data(cfg, task, tokenizer, Path(scratch), echo)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    data = _Data(train_set, cfg.batch_size, pad, cfg.seed)
+    data = _Data(train_set, cfg.batch_size, pad, cfg.seed, cfg.packing, cfg.max_seq_len)
+    if data.rows is not None:
+        echo(
+            f"packing: {len(train_set)} examples in {len(data.rows)} rows of up to "
+            f"{cfg.max_seq_len} tokens"
+        )
     steps = total_steps(cfg, data)
     lora = LoRASettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.targets, cfg.seed)
     train = TrainSettings(
