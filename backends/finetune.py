@@ -36,6 +36,7 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from .early_stopping import EarlyStopping
 from .engine import BaseWeights, Engine, LoRASettings, TrainSettings
 from .evaluate import ExactMatch, exact_match_score, perplexity
 from .export import write_model_gguf
@@ -57,7 +58,7 @@ class FinetuneResult:
     config: FinetuneConfig  # resolved
     choice: BackendChoice
     out: Path
-    steps: int
+    steps: int  # the step the run ended at (before the planned last with early stopping)
     losses: list[float]  # the training loss of each step this call ran
     exact_match_before: ExactMatch | None
     exact_match_after: ExactMatch | None
@@ -65,6 +66,7 @@ class FinetuneResult:
     seconds: float
     checkpoint: Path | None
     phases: dict[str, float]  # seconds spent loading, training, evaluating (keys as they happened)
+    best_step: int | None = None  # with early stopping: the step whose adapter was written
 
 
 class _Data:
@@ -256,6 +258,7 @@ def finetune(
     tokenizer = source.tokenizer()
     with tempfile.TemporaryDirectory() as scratch:
         train_set, valid_set, heldout = load_data(cfg, task, tokenizer, Path(scratch), echo)
+    check_early_stopping(cfg, valid_set)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     data = _Data(train_set, cfg.batch_size, pad, cfg.seed, cfg.packing, cfg.max_seq_len)
     if data.rows is not None:
@@ -317,6 +320,8 @@ class _Run:
         self.base = base  # the (name, revision) the adapter records
         self.log = MetricsLog(out / "metrics.jsonl")
         self._truncate = start > 0  # records after `start` are replaced, once this run logs
+        self.saved_step: int | None = None  # of the latest checkpoint this call saved
+        self.best_checkpoint: Path | None = None  # with early stopping
 
     def write(self, record: dict) -> None:
         if self._truncate:
@@ -356,6 +361,10 @@ class _Run:
             phases.mark("exact match before")
         bar = Progress(steps, start, enabled=progress)
         losses, last_ckpt, eval_loss, bad_steps = [], None, None, 0
+        stopper = (
+            EarlyStopping(cfg.early_stopping_patience) if cfg.early_stopping_patience else None
+        )
+        evaluated_at = None
         done = start
         with _Interrupts() as interrupts:
             for step in range(start, steps):
@@ -409,7 +418,24 @@ class _Run:
                 ):
                     eval_loss, ppl = perplexity(engine, valid_set, cfg.batch_size, pad)
                     self.write({"step": done, "eval_loss": eval_loss, "perplexity": ppl})
-                if cfg.save_every and done % cfg.save_every == 0 and done < steps:
+                    evaluated_at = done
+                    if stopper is not None and stopper.improved(done, eval_loss):
+                        last_ckpt = self._checkpoint(done)  # the best: every checkpoint is kept
+                        self.best_checkpoint = last_ckpt
+                    if stopper is not None and stopper.stop:
+                        echo(
+                            f"early stopping at step {done}: the validation loss has not improved "
+                            f"for {stopper.since_best} evaluations (best {stopper.best_loss:.4f} "
+                            f"at step {stopper.best_step})"
+                        )
+                        break
+                saved_here = self.saved_step == done
+                if (
+                    cfg.save_every
+                    and done % cfg.save_every == 0
+                    and done < steps
+                    and not saved_here
+                ):
                     last_ckpt = self._checkpoint(done)
             bar.close()
             phases.mark("train")
@@ -419,12 +445,14 @@ class _Run:
                     f"interrupted: saved step {done} of {steps} to {out}; "
                     f"continue with: python cli.py finetune --resume {out}"
                 )
-        if valid_set is not None:
+        if valid_set is not None and evaluated_at != done:
             eval_loss, ppl = perplexity(engine, valid_set, cfg.batch_size, pad)
-            self.write({"step": steps, "eval_loss": eval_loss, "perplexity": ppl})
+            self.write({"step": done, "eval_loss": eval_loss, "perplexity": ppl})
             echo(f"validation loss {eval_loss:.4f} (perplexity {ppl:.2f})")
             phases.mark("validation loss")
-        last_ckpt = self._save_result(steps, last_ckpt)
+            if stopper is not None:
+                stopper.improved(done, eval_loss)
+        last_ckpt = self._save_result(done, last_ckpt, stopper)
         phases.mark("save")
         if "gguf" in (cfg.export or ()):
             self._export_gguf()
@@ -435,7 +463,7 @@ class _Run:
                 {
                     "event": "exact_match",
                     "phase": "after",
-                    "step": steps,
+                    "step": done,
                     "exact_match": after.score,
                 }
             )
@@ -452,7 +480,7 @@ class _Run:
             cfg,
             engine.choice,
             out,
-            steps,
+            done,
             losses,
             before,
             after,
@@ -460,16 +488,42 @@ class _Run:
             time.perf_counter() - t0,
             last_ckpt,
             phases.seconds,
+            stopper.best_step if stopper is not None else None,
         )
 
-    def _save_result(self, step: int, saved: Path | None = None) -> Path:
+    def _save_result(
+        self, step: int, saved: Path | None = None, stopper: EarlyStopping | None = None
+    ) -> Path:
         """The checkpoint of `step` (unless this call ran no step and saved one), the adapter and
-        config.yaml; nothing non-finite is saved (NonFiniteStateError names the tensor)."""
-        if step > self.start or saved is None:
+        config.yaml; nothing non-finite is saved (NonFiniteStateError names the tensor). With early
+        stopping, the adapter is the best step's (loaded back from its checkpoint, into the engine
+        too, so exact match and exports see it)."""
+        if (step > self.start or saved is None) and self.saved_step != step:
             saved = self._checkpoint(step)
+        if stopper is not None and stopper.best_step is not None:
+            self._use_best(
+                stopper, saved if stopper.best_step == step else self.best_checkpoint, step
+            )
         save_adapter(self.out, self._adapter(), self.cfg.export)
         _write_config(self.out, self.cfg)
         return saved
+
+    def _use_best(self, stopper: EarlyStopping, best: Path, step: int) -> None:
+        if stopper.best_step != step:
+            self.engine.load_adapters(load_checkpoint(best).state.adapters)
+        self.write(
+            {
+                "step": step,
+                "event": "best_checkpoint",
+                "best_step": stopper.best_step,
+                "best_eval_loss": stopper.best_loss,
+                "checkpoint": str(best),
+            }
+        )
+        self.echo(
+            f"adapter: the best step's, {stopper.best_step} (validation loss "
+            f"{stopper.best_loss:.4f}; checkpoint {best})"
+        )
 
     def _adapter(self) -> Adapter:
         cfg = self.cfg
@@ -493,6 +547,7 @@ class _Run:
     def _checkpoint(self, step: int) -> Path:
         state = self.engine.training_state()
         assert state.step == step, (state.step, step)
+        self.saved_step = step
         return save_checkpoint(
             self.out / "checkpoints",
             state,
@@ -546,6 +601,22 @@ class _Phases:
 
 
 GGUF_EXPORT_NAME = "model.gguf"
+
+
+def check_early_stopping(cfg: FinetuneConfig, valid_set: nf4core.Dataset | None) -> None:
+    """Early stopping watches the validation loss: it needs a validation set and --eval-every."""
+    if not cfg.early_stopping_patience:
+        return
+    if valid_set is None:
+        raise ConfigError(
+            f"early_stopping_patience {cfg.early_stopping_patience}: needs a validation set "
+            "(a valid* file beside the training data, or a --data directory with one)"
+        )
+    if not cfg.eval_every:
+        raise ConfigError(
+            f"early_stopping_patience {cfg.early_stopping_patience}: needs --eval-every N "
+            "(the validation loss it watches is computed every N steps)"
+        )
 
 
 def check_gguf_export(cfg: FinetuneConfig, source: nf4core.ModelSource, model_path: str) -> None:
