@@ -44,6 +44,7 @@ from .finetune_config import ConfigError, FinetuneConfig, learning_rate
 from .nonfinite import NonFiniteError
 from .peft_adapter import Adapter, save_adapter
 from .registry import BackendChoice, build_engine, select_backend
+from .reporters import Reporters, check_reporters
 from .resume import resumed_config, run_dir_of, same_dir
 from .run_dir import check_not_locked, check_out, is_empty, move_aside, run_lock
 from .run_log import MetricsLog, Progress, plot_loss
@@ -255,6 +256,7 @@ def finetune(
         )
     if "gguf" in (cfg.export or ()):
         check_gguf_export(cfg, source, model_path)
+    check_reporters(cfg.report_to or ())
     tokenizer = source.tokenizer()
     with tempfile.TemporaryDirectory() as scratch:
         train_set, valid_set, heldout = load_data(cfg, task, tokenizer, Path(scratch), echo)
@@ -298,7 +300,10 @@ def finetune(
         if not (out / "config.yaml").exists():
             _write_config(out, cfg)
         run = _Run(cfg, engine, out, steps, start, echo, model_path, recorded_base(cfg.model))
-        return run.train(data, valid_set, heldout, tokenizer, pad, progress, phases, t0)
+        try:
+            return run.train(data, valid_set, heldout, tokenizer, pad, progress, phases, t0)
+        finally:
+            run.reporters.close()
 
 
 class _Run:
@@ -319,6 +324,7 @@ class _Run:
         self.echo, self.model_path = echo, model_path
         self.base = base  # the (name, revision) the adapter records
         self.log = MetricsLog(out / "metrics.jsonl")
+        self.reporters = Reporters(cfg.report_to or (), out, cfg.to_dict())
         self._truncate = start > 0  # records after `start` are replaced, once this run logs
         self.saved_step: int | None = None  # of the latest checkpoint this call saved
         self.best_checkpoint: Path | None = None  # with early stopping
@@ -328,6 +334,7 @@ class _Run:
             self.log.truncate_after(self.start)
             self._truncate = False
         self.log.write(record)
+        self.reporters.record(record)
 
     def train(
         self,
