@@ -144,6 +144,14 @@ def main() -> None:
     (Metal/CPU). Run `python cli.py finetune` for the built-in demo run."""
 
 
+def phase(label: str):
+    """A long phase's start and end lines on stderr; in a log (not a terminal), only once it has
+    lasted 30 s, so bad input still ends the command with its error as the only line."""
+    from backends.run_log import PhaseDisplay
+
+    return PhaseDisplay().phase(label, log_delay=30.0)
+
+
 def backend_options(f):
     f = click.option(
         "--compute-dtype",
@@ -389,10 +397,11 @@ def evaluate(
     from backends import api
 
     with user_errors():
-        loaded = api.load(
-            model, adapter=adapter, backend=backend, device=device, compute_dtype=compute_dtype
-        )
-        r = loaded.evaluate(data, batch_size, max_seq_len, max_examples)
+        with phase("loading the model"):
+            loaded = api.load(
+                model, adapter=adapter, backend=backend, device=device, compute_dtype=compute_dtype
+            )
+        r = loaded.evaluate(data, batch_size, max_seq_len, max_examples, progress=True)
     click.echo(
         f"loss {r['loss']:.4f}  perplexity {r['perplexity']:.3f}  ({r['examples']} examples)"
     )
@@ -417,7 +426,8 @@ def quantize(model, out, blocksize, double_quant, method) -> None:
     from backends import api
 
     with user_errors():
-        path = api.quantize(model, out, blocksize, double_quant, method)
+        with phase(f"quantizing {model}"):
+            path = api.quantize(model, out, blocksize, double_quant, method)
     click.echo(f"wrote {path}")
 
 
@@ -450,7 +460,8 @@ def merge(adapter, out, model, dtype, requantize, fmt) -> None:
     with user_errors():
         loaded = load_adapter(adapter)
         base = model or base_spec(loaded.base_model, loaded.base_revision)
-        path = api.merge_adapter(base, adapter, out, dtype, requantize, fmt)
+        with phase(f"merging {adapter} into {base}"):
+            path = api.merge_adapter(base, adapter, out, dtype, requantize, fmt)
     click.echo(f"wrote {path}")
 
 
@@ -480,7 +491,8 @@ def export(model, out, fmt, dtype, adapter, overwrite) -> None:
     from backends import api
 
     with user_errors():
-        path = api.export(model, out, fmt, dtype, adapter, overwrite, echo=click.echo)
+        with phase(f"exporting {model}"):
+            path = api.export(model, out, fmt, dtype, adapter, overwrite, echo=click.echo)
     click.echo(f"wrote {path}")
 
 

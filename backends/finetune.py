@@ -47,7 +47,7 @@ from .registry import BackendChoice, build_engine, select_backend
 from .reporters import Reporters, check_reporters
 from .resume import resumed_config, run_dir_of, same_dir
 from .run_dir import check_not_locked, check_out, is_empty, move_aside, run_lock
-from .run_log import MetricsLog, Progress, plot_loss
+from .run_log import MetricsLog, PhaseDisplay, Progress, plot_loss
 
 
 class RunInterrupted(Exception):
@@ -278,9 +278,12 @@ def finetune(
         cfg.paged_optimizer,
         cfg.seed,
     )
-    engine = build_engine(
-        choice, source, lora, train, cfg.lr, BaseWeights(cfg.base_dtype, cfg.quant_method)
-    )
+    display = PhaseDisplay(enabled=progress)
+    quantizing = " (quantizing its linears to NF4)" if cfg.base_dtype == "nf4" else ""
+    with display.phase(f"loading the model{quantizing}", log_delay=30.0):  # may fail on input
+        engine = build_engine(
+            choice, source, lora, train, cfg.lr, BaseWeights(cfg.base_dtype, cfg.quant_method)
+        )
     start = 0
     if ckpt is not None:
         check_fits(ckpt, engine.adapters())
@@ -299,7 +302,9 @@ def finetune(
                 write_text_atomic(out / "data" / name, text)
         if not (out / "config.yaml").exists():
             _write_config(out, cfg)
-        run = _Run(cfg, engine, out, steps, start, echo, model_path, recorded_base(cfg.model))
+        run = _Run(
+            cfg, engine, out, steps, start, echo, model_path, recorded_base(cfg.model), display
+        )
         try:
             return run.train(data, valid_set, heldout, tokenizer, pad, progress, phases, t0)
         finally:
@@ -319,9 +324,10 @@ class _Run:
         echo: Callable[[str], None],
         model_path: str,
         base: tuple[str, str | None],
+        display: PhaseDisplay,
     ) -> None:
         self.cfg, self.engine, self.out, self.steps, self.start = cfg, engine, out, steps, start
-        self.echo, self.model_path = echo, model_path
+        self.echo, self.model_path, self.display = echo, model_path, display
         self.base = base  # the (name, revision) the adapter records
         self.log = MetricsLog(out / "metrics.jsonl")
         self.reporters = Reporters(cfg.report_to or (), out, cfg.to_dict())
@@ -357,7 +363,8 @@ class _Run:
         )
         before = after = None
         if heldout and start == 0:
-            before = exact_match_score(engine, tokenizer, heldout)
+            with self.display.phase(f"exact match on {len(heldout)} held-out examples") as c:
+                before = exact_match_score(engine, tokenizer, heldout, progress=c.update)
             self.write(
                 {"event": "exact_match", "phase": "before", "step": 0, "exact_match": before.score}
             )
@@ -423,7 +430,7 @@ class _Run:
                     and done % cfg.eval_every == 0
                     and (done < steps)
                 ):
-                    eval_loss, ppl = perplexity(engine, valid_set, cfg.batch_size, pad)
+                    eval_loss, ppl = self._validation(valid_set, done, pad)
                     self.write({"step": done, "eval_loss": eval_loss, "perplexity": ppl})
                     evaluated_at = done
                     if stopper is not None and stopper.improved(done, eval_loss):
@@ -453,19 +460,22 @@ class _Run:
                     f"continue with: python cli.py finetune --resume {out}"
                 )
         if valid_set is not None and evaluated_at != done:
-            eval_loss, ppl = perplexity(engine, valid_set, cfg.batch_size, pad)
+            eval_loss, ppl = self._validation(valid_set, done, pad)
             self.write({"step": done, "eval_loss": eval_loss, "perplexity": ppl})
             echo(f"validation loss {eval_loss:.4f} (perplexity {ppl:.2f})")
             phases.mark("validation loss")
             if stopper is not None:
                 stopper.improved(done, eval_loss)
-        last_ckpt = self._save_result(done, last_ckpt, stopper)
+        with self.display.phase(f"saving step {done} (checkpoint, adapter)"):
+            last_ckpt = self._save_result(done, last_ckpt, stopper)
         phases.mark("save")
         if "gguf" in (cfg.export or ()):
-            self._export_gguf()
+            with self.display.phase("exporting the merged model as GGUF"):
+                self._export_gguf()
             phases.mark("export")
         if heldout:
-            after = exact_match_score(engine, tokenizer, heldout)
+            with self.display.phase(f"exact match on {len(heldout)} held-out examples") as c:
+                after = exact_match_score(engine, tokenizer, heldout, progress=c.update)
             self.write(
                 {
                     "event": "exact_match",
@@ -497,6 +507,11 @@ class _Run:
             phases.seconds,
             stopper.best_step if stopper is not None else None,
         )
+
+    def _validation(self, valid_set: nf4core.Dataset, step: int, pad: int) -> tuple[float, float]:
+        label = f"validation loss at step {step} ({len(valid_set)} examples)"
+        with self.display.phase(label) as c:
+            return perplexity(self.engine, valid_set, self.cfg.batch_size, pad, progress=c.update)
 
     def _save_result(
         self, step: int, saved: Path | None = None, stopper: EarlyStopping | None = None
