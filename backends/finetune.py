@@ -32,6 +32,7 @@ from .checkpoint import (
     Checkpoint,
     CheckpointError,
     check_fits,
+    checkpoint_of_step,
     find_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -375,9 +376,7 @@ class _Run:
             phases.mark("exact match before")
         bar = Progress(steps, start, enabled=progress)
         losses, last_ckpt, eval_loss, bad_steps = [], None, None, 0
-        stopper = (
-            EarlyStopping(cfg.early_stopping_patience) if cfg.early_stopping_patience else None
-        )
+        stopper = self._early_stopping()
         evaluated_at = None
         done = start
         with _Interrupts() as interrupts:
@@ -507,6 +506,25 @@ class _Run:
             phases.seconds,
             stopper.best_step if stopper is not None else None,
         )
+
+    def _early_stopping(self) -> EarlyStopping | None:
+        """The early stopping of this run; a resumed run picks up the validation losses its log
+        holds up to `start`, when the best of them has its checkpoint here."""
+        if not self.cfg.early_stopping_patience:
+            return None
+        stopper = EarlyStopping(self.cfg.early_stopping_patience)
+        if self.start == 0:
+            return stopper
+        earlier = EarlyStopping(self.cfg.early_stopping_patience)
+        for r in self.log.read():
+            if "eval_loss" in r and r.get("step", 0) <= self.start:
+                earlier.improved(r["step"], r["eval_loss"])
+        if earlier.best_step is not None:
+            best = checkpoint_of_step(self.out / "checkpoints", earlier.best_step)
+            if best is not None:
+                self.best_checkpoint = best
+                return earlier
+        return stopper
 
     def _validation(self, valid_set: nf4core.Dataset, step: int, pad: int) -> tuple[float, float]:
         label = f"validation loss at step {step} ({len(valid_set)} examples)"

@@ -69,6 +69,32 @@ def test_stops_early_and_writes_the_best_checkpoints_adapter(tmp_path):
     assert any(not np.array_equal(last[k], v) for k, v in best.state.adapters.items())
 
 
+def test_a_resumed_run_remembers_the_best_before_the_resume(tmp_path):
+    model, data = tiny_model_dir(tmp_path / "model"), _data_dir(tmp_path)
+    flags = ("--lr", "0.05", "--eval-every", "1", "--early-stopping-patience", "2")
+    flags += ("--schedule", "constant")
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert _finetune(model, data, whole, "--steps", "40", *flags).exit_code == 0
+    stopped = max(x["step"] for x in _metrics(whole) if "loss" in x)
+    (event,) = [x for x in _metrics(whole) if x.get("event") == "best_checkpoint"]
+    assert event["best_step"] < stopped - 1  # so a part can end between the best and the stop
+    first = _finetune(model, data, parts, "--steps", str(event["best_step"] + 1), *flags)
+    assert first.exit_code == 0, first.output
+    r = CliRunner().invoke(main, ["finetune", "--resume", str(parts), "--steps", "40", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert f"early stopping at step {stopped}" in r.output
+    (resumed,) = [x for x in _metrics(parts) if x.get("event") == "best_checkpoint"][-1:]
+    assert resumed["best_step"] == event["best_step"]
+    a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (whole, parts))
+    assert set(a) == set(b)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+
+
+def _metrics(out):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_needs_validation_data_and_eval_every(tmp_path):
     model, data = tiny_model_dir(tmp_path / "model"), _data_dir(tmp_path)
     r = _finetune(model, data / "train.jsonl", tmp_path / "a", "--early-stopping-patience", "2")
