@@ -453,7 +453,7 @@ class _Run:
             bar.close()
             phases.mark("train")
             if interrupts.requested:  # a second interrupt while saving aborts; the save is atomic
-                self._save_result(done)
+                self._save_result(done, None, stopper)
                 raise RunInterrupted(
                     f"interrupted: saved step {done} of {steps} to {out}; "
                     f"continue with: python cli.py finetune --resume {out}"
@@ -541,9 +541,8 @@ class _Run:
         if (step > self.start or saved is None) and self.saved_step != step:
             saved = self._checkpoint(step)
         if stopper is not None and stopper.best_step is not None:
-            self._use_best(
-                stopper, saved if stopper.best_step == step else self.best_checkpoint, step
-            )
+            at_step = stopper.best_step == step and saved is not None
+            self._use_best(stopper, saved if at_step else self.best_checkpoint, step)
         save_adapter(self.out, self._adapter(), self.cfg.export)
         _write_config(self.out, self.cfg)
         return saved

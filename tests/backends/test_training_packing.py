@@ -59,10 +59,10 @@ def test_packed_batches_give_the_unpacked_loss(setup, backend):
     assert s_packed == pytest.approx(sum(s for s, _ in per_example), rel=1e-5)
 
 
-def _run(model, data, out, *extra):
+def _run(model, data, out, *extra, backend="torch"):
     args = ["finetune", "--model", str(model), "--data", str(data), "--out", str(out)]
     args += ["--batch-size", "4", "--max-seq-len", "128", "--epochs", "1", "--quiet", *extra]
-    return CliRunner().invoke(main, [*args, "--backend", "torch"])
+    return CliRunner().invoke(main, [*args, "--backend", backend])
 
 
 def test_cli_packing_takes_fewer_steps_and_is_fixed_on_resume(setup, tmp_path):
@@ -79,6 +79,10 @@ def test_cli_packing_takes_fewer_steps_and_is_fixed_on_resume(setup, tmp_path):
 
     assert steps(tmp_path / "plain") == [1, 2, 3]  # 12 examples, 4 a batch
     assert len(steps(tmp_path / "packed")) < 3
+    if "mlx" in BACKENDS:
+        r = _run(model, data, tmp_path / "mlx", "--packing", backend="mlx")
+        assert r.exit_code == 0, r.output
+        assert steps(tmp_path / "mlx") == steps(tmp_path / "packed")
     config = (tmp_path / "packed" / "config.yaml").read_text()
     assert "packing: true" in config
     r = CliRunner().invoke(
