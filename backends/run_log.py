@@ -71,6 +71,7 @@ class Progress:
         )
         self.t0, self.tokens = time.perf_counter(), 0
         self.terminal, self.every, self._shown = is_terminal(self.stream), every, None
+        self._unshown: str | None = None  # a log's latest line, until written
 
     def update(self, step: int, loss: float, tokens: int) -> None:
         self.tokens += tokens
@@ -89,6 +90,9 @@ class Progress:
             self.stream.write("\r" + line)
         elif self._due(step == self.total):
             self.stream.write(line + "\n")
+            self._unshown = None
+        else:
+            self._unshown = line
         self.stream.flush()
 
     def _due(self, last: bool) -> bool:
@@ -99,9 +103,16 @@ class Progress:
         return False
 
     def close(self) -> None:
-        if self.enabled and self.terminal:
+        """Ends the line on a terminal; a log gets the last step's line if it was held back (a run
+        that stopped before its planned last step)."""
+        if not self.enabled:
+            return
+        if self.terminal:
             self.stream.write("\n")
-            self.stream.flush()
+        elif self._unshown is not None:
+            self.stream.write(self._unshown + "\n")
+            self._unshown = None
+        self.stream.flush()
 
 
 class PhaseDisplay:

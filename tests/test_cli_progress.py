@@ -71,6 +71,12 @@ def test_a_terminal_gets_one_rewritten_line_a_log_gets_lines():
         "step 50/50",
     ]
     assert log.getvalue().splitlines()[-2:][0] == "validation loss ..."
+    stopped = io.StringIO()
+    bar = Progress(50, stream=stopped, every=3600)
+    for step in range(1, 8):  # e.g. early stopping at step 7
+        bar.update(step, 1.0, 10)
+    bar.close()
+    assert [x.split(" [")[0] for x in stopped.getvalue().splitlines()] == ["step 1/50", "step 7/50"]
 
 
 def test_a_phase_reading_input_is_announced_in_a_log_only_once_it_lasts():
