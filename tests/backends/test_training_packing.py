@@ -68,7 +68,9 @@ def _run(model, data, out, *extra, backend="torch"):
 def test_cli_packing_takes_fewer_steps_and_is_fixed_on_resume(setup, tmp_path):
     model, data = setup
     plain = _run(model, data, tmp_path / "plain")
-    packed = _run(model, data, tmp_path / "packed", "--packing")
+    conf = tmp_path / "packing.yaml"
+    conf.write_text("packing: true\n")  # the config file's name for --packing
+    packed = _run(model, data, tmp_path / "packed", "--config", str(conf))
     assert plain.exit_code == 0 and packed.exit_code == 0, plain.output + packed.output
     line = next(x for x in packed.output.splitlines() if x.startswith("packing: "))
     assert line.startswith("packing: 12 examples in ")
