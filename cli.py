@@ -144,6 +144,14 @@ def main() -> None:
     (Metal/CPU). Run `python cli.py finetune` for the built-in demo run."""
 
 
+def phase(label: str):
+    """A long phase's start and end lines on stderr; in a log (not a terminal), only once it has
+    lasted 30 s, so bad input still ends the command with its error as the only line."""
+    from backends.run_log import PhaseDisplay
+
+    return PhaseDisplay().phase(label, log_delay=30.0)
+
+
 def backend_options(f):
     f = click.option(
         "--compute-dtype",
@@ -187,6 +195,12 @@ def backend_options(f):
 @click.option("--batch-size", type=int, help="Examples per micro-batch.")
 @click.option("--grad-accum", type=int, help="Micro-batches per optimizer step [default: 1].")
 @click.option("--max-seq-len", type=int, help="Longer examples are truncated to this many tokens.")
+@click.option(
+    "--packing/--no-packing",
+    default=None,
+    help="Lay short examples end to end in rows of --max-seq-len tokens (attention and loss stay "
+    "within each example) [default: off].",
+)
 @click.option("--lr", type=float, help="Peak learning rate.")
 @click.option("--warmup-steps", type=int, help="Linear warmup steps [default: 0].")
 @click.option(
@@ -230,6 +244,20 @@ def backend_options(f):
     help="Keep optimizer state in host memory, paged in [default: on for CUDA GPUs and on MLX].",
 )
 @click.option("--eval-every", type=int, help="Validation loss every N steps (0: only at the end).")
+@click.option(
+    "--early-stopping-patience",
+    type=int,
+    help="Stop when the validation loss has not improved for N evaluations (--eval-every); "
+    "the best step's adapter is the result [default: 0, off].",
+)
+@click.option(
+    "--report-to",
+    "report_to",
+    type=click.Choice(["tensorboard", "wandb"]),
+    multiple=True,
+    help="Also log metrics to TensorBoard (OUT/tensorboard) or Weights & Biases (optional "
+    "packages).",
+)
 @click.option(
     "--save-every", type=int, help="Training checkpoint every N steps (always at the end)."
 )
@@ -275,7 +303,7 @@ def backend_options(f):
     help="YAML file of settings (names as the options, with _ or -); the command line wins.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def finetune(config_file, quiet, export, **options) -> None:
+def finetune(config_file, quiet, export, report_to, **options) -> None:
     """Fine-tune a model with QLoRA (NF4 base, LoRA adapters).
 
     Writes to OUT: adapter_model.safetensors + adapter_config.json (PEFT), checkpoints/ (resume
@@ -287,6 +315,7 @@ def finetune(config_file, quiet, export, **options) -> None:
     with user_errors():
         file_settings = api.FinetuneConfig.from_file(config_file) if config_file else {}
         options["export"] = export or None
+        options["report_to"] = report_to or None
         cfg = api.FinetuneConfig.merged(options, file_settings)
         try:
             result = api.finetune(cfg, echo=click.echo, progress=not quiet)
@@ -374,10 +403,11 @@ def evaluate(
     from backends import api
 
     with user_errors():
-        loaded = api.load(
-            model, adapter=adapter, backend=backend, device=device, compute_dtype=compute_dtype
-        )
-        r = loaded.evaluate(data, batch_size, max_seq_len, max_examples)
+        with phase("loading the model"):
+            loaded = api.load(
+                model, adapter=adapter, backend=backend, device=device, compute_dtype=compute_dtype
+            )
+        r = loaded.evaluate(data, batch_size, max_seq_len, max_examples, progress=True)
     click.echo(
         f"loss {r['loss']:.4f}  perplexity {r['perplexity']:.3f}  ({r['examples']} examples)"
     )
@@ -402,7 +432,8 @@ def quantize(model, out, blocksize, double_quant, method) -> None:
     from backends import api
 
     with user_errors():
-        path = api.quantize(model, out, blocksize, double_quant, method)
+        with phase(f"quantizing {model}"):
+            path = api.quantize(model, out, blocksize, double_quant, method)
     click.echo(f"wrote {path}")
 
 
@@ -435,7 +466,8 @@ def merge(adapter, out, model, dtype, requantize, fmt) -> None:
     with user_errors():
         loaded = load_adapter(adapter)
         base = model or base_spec(loaded.base_model, loaded.base_revision)
-        path = api.merge_adapter(base, adapter, out, dtype, requantize, fmt)
+        with phase(f"merging {adapter} into {base}"):
+            path = api.merge_adapter(base, adapter, out, dtype, requantize, fmt)
     click.echo(f"wrote {path}")
 
 
@@ -465,7 +497,8 @@ def export(model, out, fmt, dtype, adapter, overwrite) -> None:
     from backends import api
 
     with user_errors():
-        path = api.export(model, out, fmt, dtype, adapter, overwrite, echo=click.echo)
+        with phase(f"exporting {model}"):
+            path = api.export(model, out, fmt, dtype, adapter, overwrite, echo=click.echo)
     click.echo(f"wrote {path}")
 
 

@@ -29,6 +29,7 @@ from .model_info import describe
 from .nonfinite import NonFiniteError
 from .peft_adapter import Adapter, check_adapter_fits, load_adapter, save_adapter
 from .registry import BackendChoice, build_engine, select_backend
+from .run_log import PhaseDisplay
 
 
 @dataclass
@@ -83,14 +84,17 @@ class LoadedModel:
         batch_size: int = 4,
         max_seq_len: int = 2048,
         max_examples: int = 0,
+        progress: bool = False,
     ) -> dict:
         """Perplexity on a data file (any format of nf4core.data_files), and exact match on its
-        chat / prompt-completion records."""
+        chat / prompt-completion records; `progress` shows each phase on stderr."""
         ds, _ = nf4core.load_dataset(
             nf4core.DataConfig(train=data, max_length=max_seq_len), self.tokenizer
         )
         pad = self.tokenizer.pad_token_id or 0
-        loss, ppl = perplexity(self.engine, ds, batch_size, pad)
+        display = PhaseDisplay(enabled=progress)
+        with display.phase(f"loss on {len(ds)} examples") as c:
+            loss, ppl = perplexity(self.engine, ds, batch_size, pad, progress=c.update)
         if not math.isfinite(loss):
             raise NonFiniteError(
                 f"{self.adapter or self.path}: the loss on {data} is {loss} (not "
@@ -99,7 +103,10 @@ class LoadedModel:
         records = [r.fields for r in read_records(data)[0] if _has_reference_answer(r)]
         if max_examples:
             records = records[:max_examples]
-        em = exact_match_score(self.engine, self.tokenizer, records) if records else None
+        em = None
+        if records:
+            with display.phase(f"exact match on {len(records)} examples") as c:
+                em = exact_match_score(self.engine, self.tokenizer, records, progress=c.update)
         return {
             "loss": loss,
             "perplexity": ppl,

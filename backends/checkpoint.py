@@ -133,6 +133,12 @@ def _complete(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_of_step(root: str | Path, step: int) -> Path | None:
+    """The newest complete checkpoint of `step` under `root`, if one is there."""
+    found = [p for p in _complete(Path(root)) if _step_of(p.name) == step]
+    return found[-1] if found else None
+
+
 def _remove_leftovers(root: Path) -> None:
     """Temporary directories (`.<name>.tmp`, `.<name>.old`) that a crash left behind."""
     for p in root.iterdir():

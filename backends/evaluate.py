@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import nf4core
@@ -54,11 +54,13 @@ def exact_match_score(
     records: Sequence[dict],
     keep_samples: int = 3,
     max_batch: int = 32,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ExactMatch:
     """Greedy answers to each record's prompt compared with its reference (white space trimmed).
 
     Prompts of one token length are decoded together (`Engine.greedy_batch`), up to `max_batch` rows;
-    each answer may run to its reference's length plus 4 tokens."""
+    each answer may run to its reference's length plus 4 tokens. `progress(done, total)` is called
+    after each decoded group."""
     eos = stop_ids(tokenizer)
     prepared = [prompt_and_answer(r, tokenizer) for r in records]
     budgets = [len(tokenizer.encode(ref, add_special_tokens=False)) + 4 for _, ref in prepared]
@@ -74,6 +76,8 @@ def exact_match_score(
                     [prepared[i][0] for i in rows], max(budgets[i] for i in rows), eos
                 )
                 answers.update((i, ids[: budgets[i]]) for i, ids in zip(rows, out))
+                if progress is not None:
+                    progress(len(answers), len(records))
     correct, samples = 0, []
     for i, (_, reference) in enumerate(prepared):
         prediction = tokenizer.decode(answers[i], skip_special_tokens=True)
@@ -84,12 +88,21 @@ def exact_match_score(
 
 
 def perplexity(
-    engine: Engine, dataset: nf4core.Dataset, batch_size: int, pad_id: int
+    engine: Engine,
+    dataset: nf4core.Dataset,
+    batch_size: int,
+    pad_id: int,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[float, float]:
-    """(mean loss per target token, its exp) over the dataset, in order."""
+    """(mean loss per target token, its exp) over the dataset, in order; `progress(examples done,
+    examples)` after each batch."""
+    batches = list(nf4core.batches(dataset, batch_size, pad_id, shuffle=False))
+    total, n, done = 0.0, 0, 0
     with engine.inference():
-        total, n = engine.eval_loss(
-            list(nf4core.batches(dataset, batch_size, pad_id, shuffle=False))
-        )
+        for b in batches:
+            s, k = engine.eval_loss([b])
+            total, n, done = total + s, n + k, done + b.input_ids.shape[0]
+            if progress is not None:
+                progress(done, len(dataset))
     loss = total / max(1, n)
     return loss, math.exp(min(loss, 700.0))

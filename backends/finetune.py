@@ -13,13 +13,16 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 import nf4core
 from nf4core.atomic import write_text_atomic
 from nf4core.data_files import DataFiles, find_data
+from nf4core.dataset import epoch_order
 from nf4core.default_task import DefaultTask, default_task
 from nf4core.gguf_write import gguf_architecture, gguf_package, tokenizer_metadata
 from nf4core.hub import recorded_base
@@ -29,10 +32,12 @@ from .checkpoint import (
     Checkpoint,
     CheckpointError,
     check_fits,
+    checkpoint_of_step,
     find_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
+from .early_stopping import EarlyStopping
 from .engine import BaseWeights, Engine, LoRASettings, TrainSettings
 from .evaluate import ExactMatch, exact_match_score, perplexity
 from .export import write_model_gguf
@@ -40,9 +45,10 @@ from .finetune_config import ConfigError, FinetuneConfig, learning_rate
 from .nonfinite import NonFiniteError
 from .peft_adapter import Adapter, save_adapter
 from .registry import BackendChoice, build_engine, select_backend
+from .reporters import Reporters, check_reporters
 from .resume import resumed_config, run_dir_of, same_dir
 from .run_dir import check_not_locked, check_out, is_empty, move_aside, run_lock
-from .run_log import MetricsLog, Progress, plot_loss
+from .run_log import MetricsLog, PhaseDisplay, Progress, plot_loss
 
 
 class RunInterrupted(Exception):
@@ -54,7 +60,7 @@ class FinetuneResult:
     config: FinetuneConfig  # resolved
     choice: BackendChoice
     out: Path
-    steps: int
+    steps: int  # the step the run ended at (before the planned last with early stopping)
     losses: list[float]  # the training loss of each step this call ran
     exact_match_before: ExactMatch | None
     exact_match_after: ExactMatch | None
@@ -62,28 +68,69 @@ class FinetuneResult:
     seconds: float
     checkpoint: Path | None
     phases: dict[str, float]  # seconds spent loading, training, evaluating (keys as they happened)
+    best_step: int | None = None  # with early stopping: the step whose adapter was written
 
 
 class _Data:
-    """The micro-batch with global index g (epoch g // per_epoch), for any g, deterministically."""
+    """The micro-batch with global index g (epoch g // per_epoch), for any g, deterministically.
 
-    def __init__(self, dataset: nf4core.Dataset, batch_size: int, pad_id: int, seed: int) -> None:
+    With `packing`, examples are laid end to end in rows of `max_length` tokens once (in the seed's
+    order) and the rows are shuffled each epoch, so every epoch has the same number of batches."""
+
+    def __init__(
+        self,
+        dataset: nf4core.Dataset,
+        batch_size: int,
+        pad_id: int,
+        seed: int,
+        packing: bool = False,
+        max_length: int | None = None,
+    ) -> None:
         if len(dataset) == 0:
             raise ConfigError("the training set is empty")
         self.dataset, self.batch_size, self.pad_id, self.seed = dataset, batch_size, pad_id, seed
-        self.per_epoch = math.ceil(len(dataset) / batch_size)
+        self.rows = None
+        if packing:
+            self.rows = list(
+                nf4core.batches(
+                    dataset, 1, pad_id, seed=seed, epoch=0, packing=True, max_length=max_length
+                )
+            )
+        self.per_epoch = math.ceil(len(self.rows or dataset) / batch_size)
         self._epoch, self._batches = None, None
 
     def __getitem__(self, g: int) -> nf4core.Batch:
         epoch, index = divmod(g, self.per_epoch)
         if epoch != self._epoch:
             self._epoch = epoch
-            self._batches = list(
-                nf4core.batches(
-                    self.dataset, self.batch_size, self.pad_id, seed=self.seed, epoch=epoch
-                )
-            )
+            self._batches = list(self._epoch_batches(epoch))
         return self._batches[index]
+
+    def _epoch_batches(self, epoch: int) -> Iterator[nf4core.Batch]:
+        if self.rows is None:
+            yield from nf4core.batches(
+                self.dataset, self.batch_size, self.pad_id, seed=self.seed, epoch=epoch
+            )
+            return
+        order = epoch_order(len(self.rows), self.seed, epoch)
+        for start in range(0, len(order), self.batch_size):
+            yield _stacked([self.rows[i] for i in order[start : start + self.batch_size]])
+
+
+def _stacked(rows: list[nf4core.Batch]) -> nf4core.Batch:
+    """Packed rows of one batch in one, cut after the last column any row uses."""
+    segments = np.concatenate([r.segment_ids for r in rows])
+    width = int(np.flatnonzero(segments.any(axis=0))[-1]) + 1
+
+    def field(name: str) -> np.ndarray:
+        return np.concatenate([getattr(r, name) for r in rows])[:, :width]
+
+    return nf4core.Batch(
+        *(
+            field(n)
+            for n in ("input_ids", "loss_mask", "attention_mask", "position_ids", "segment_ids")
+        )
+    )
 
 
 def resolve(
@@ -210,11 +257,18 @@ def finetune(
         )
     if "gguf" in (cfg.export or ()):
         check_gguf_export(cfg, source, model_path)
+    check_reporters(cfg.report_to or ())
     tokenizer = source.tokenizer()
     with tempfile.TemporaryDirectory() as scratch:
         train_set, valid_set, heldout = load_data(cfg, task, tokenizer, Path(scratch), echo)
+    check_early_stopping(cfg, valid_set)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    data = _Data(train_set, cfg.batch_size, pad, cfg.seed)
+    data = _Data(train_set, cfg.batch_size, pad, cfg.seed, cfg.packing, cfg.max_seq_len)
+    if data.rows is not None:
+        echo(
+            f"packing: {len(train_set)} examples in {len(data.rows)} rows of up to "
+            f"{cfg.max_seq_len} tokens"
+        )
     steps = total_steps(cfg, data)
     lora = LoRASettings(
         cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.targets, cfg.seed, cfg.use_dora
@@ -227,9 +281,12 @@ def finetune(
         cfg.paged_optimizer,
         cfg.seed,
     )
-    engine = build_engine(
-        choice, source, lora, train, cfg.lr, BaseWeights(cfg.base_dtype, cfg.quant_method)
-    )
+    display = PhaseDisplay(enabled=progress)
+    quantizing = " (quantizing its linears to NF4)" if cfg.base_dtype == "nf4" else ""
+    with display.phase(f"loading the model{quantizing}", log_delay=30.0):  # may fail on input
+        engine = build_engine(
+            choice, source, lora, train, cfg.lr, BaseWeights(cfg.base_dtype, cfg.quant_method)
+        )
     start = 0
     if ckpt is not None:
         check_fits(ckpt, engine.adapters())
@@ -248,8 +305,13 @@ def finetune(
                 write_text_atomic(out / "data" / name, text)
         if not (out / "config.yaml").exists():
             _write_config(out, cfg)
-        run = _Run(cfg, engine, out, steps, start, echo, model_path, recorded_base(cfg.model))
-        return run.train(data, valid_set, heldout, tokenizer, pad, progress, phases, t0)
+        run = _Run(
+            cfg, engine, out, steps, start, echo, model_path, recorded_base(cfg.model), display
+        )
+        try:
+            return run.train(data, valid_set, heldout, tokenizer, pad, progress, phases, t0)
+        finally:
+            run.reporters.close()
 
 
 class _Run:
@@ -265,18 +327,23 @@ class _Run:
         echo: Callable[[str], None],
         model_path: str,
         base: tuple[str, str | None],
+        display: PhaseDisplay,
     ) -> None:
         self.cfg, self.engine, self.out, self.steps, self.start = cfg, engine, out, steps, start
-        self.echo, self.model_path = echo, model_path
+        self.echo, self.model_path, self.display = echo, model_path, display
         self.base = base  # the (name, revision) the adapter records
         self.log = MetricsLog(out / "metrics.jsonl")
+        self.reporters = Reporters(cfg.report_to or (), out, cfg.to_dict())
         self._truncate = start > 0  # records after `start` are replaced, once this run logs
+        self.saved_step: int | None = None  # of the latest checkpoint this call saved
+        self.best_checkpoint: Path | None = None  # with early stopping
 
     def write(self, record: dict) -> None:
         if self._truncate:
             self.log.truncate_after(self.start)
             self._truncate = False
         self.log.write(record)
+        self.reporters.record(record)
 
     def train(
         self,
@@ -299,7 +366,8 @@ class _Run:
         )
         before = after = None
         if heldout and start == 0:
-            before = exact_match_score(engine, tokenizer, heldout)
+            with self.display.phase(f"exact match on {len(heldout)} held-out examples") as c:
+                before = exact_match_score(engine, tokenizer, heldout, progress=c.update)
             self.write(
                 {"event": "exact_match", "phase": "before", "step": 0, "exact_match": before.score}
             )
@@ -310,6 +378,8 @@ class _Run:
             phases.mark("exact match before")
         bar = Progress(steps, start, enabled=progress)
         losses, last_ckpt, eval_loss, bad_steps = [], None, None, 0
+        stopper = self._early_stopping()
+        evaluated_at = None
         done = start
         with _Interrupts() as interrupts:
             for step in range(start, steps):
@@ -361,35 +431,57 @@ class _Run:
                     and done % cfg.eval_every == 0
                     and (done < steps)
                 ):
-                    eval_loss, ppl = perplexity(engine, valid_set, cfg.batch_size, pad)
+                    eval_loss, ppl = self._validation(valid_set, done, pad)
                     self.write({"step": done, "eval_loss": eval_loss, "perplexity": ppl})
-                if cfg.save_every and done % cfg.save_every == 0 and done < steps:
+                    evaluated_at = done
+                    if stopper is not None and stopper.improved(done, eval_loss):
+                        last_ckpt = self._checkpoint(done)  # the best: every checkpoint is kept
+                        self.best_checkpoint = last_ckpt
+                    if stopper is not None and stopper.stop:
+                        echo(
+                            f"early stopping at step {done}: the validation loss has not improved "
+                            f"for {stopper.since_best} evaluations (best {stopper.best_loss:.4f} "
+                            f"at step {stopper.best_step})"
+                        )
+                        break
+                saved_here = self.saved_step == done
+                if (
+                    cfg.save_every
+                    and done % cfg.save_every == 0
+                    and done < steps
+                    and not saved_here
+                ):
                     last_ckpt = self._checkpoint(done)
             bar.close()
             phases.mark("train")
             if interrupts.requested:  # a second interrupt while saving aborts; the save is atomic
-                self._save_result(done)
+                self._save_result(done, None, stopper)
                 raise RunInterrupted(
                     f"interrupted: saved step {done} of {steps} to {out}; "
                     f"continue with: python cli.py finetune --resume {out}"
                 )
-        if valid_set is not None:
-            eval_loss, ppl = perplexity(engine, valid_set, cfg.batch_size, pad)
-            self.write({"step": steps, "eval_loss": eval_loss, "perplexity": ppl})
+        if valid_set is not None and evaluated_at != done:
+            eval_loss, ppl = self._validation(valid_set, done, pad)
+            self.write({"step": done, "eval_loss": eval_loss, "perplexity": ppl})
             echo(f"validation loss {eval_loss:.4f} (perplexity {ppl:.2f})")
             phases.mark("validation loss")
-        last_ckpt = self._save_result(steps, last_ckpt)
+            if stopper is not None:
+                stopper.improved(done, eval_loss)
+        with self.display.phase(f"saving step {done} (checkpoint, adapter)"):
+            last_ckpt = self._save_result(done, last_ckpt, stopper)
         phases.mark("save")
         if "gguf" in (cfg.export or ()):
-            self._export_gguf()
+            with self.display.phase("exporting the merged model as GGUF"):
+                self._export_gguf()
             phases.mark("export")
         if heldout:
-            after = exact_match_score(engine, tokenizer, heldout)
+            with self.display.phase(f"exact match on {len(heldout)} held-out examples") as c:
+                after = exact_match_score(engine, tokenizer, heldout, progress=c.update)
             self.write(
                 {
                     "event": "exact_match",
                     "phase": "after",
-                    "step": steps,
+                    "step": done,
                     "exact_match": after.score,
                 }
             )
@@ -406,7 +498,7 @@ class _Run:
             cfg,
             engine.choice,
             out,
-            steps,
+            done,
             losses,
             before,
             after,
@@ -414,16 +506,65 @@ class _Run:
             time.perf_counter() - t0,
             last_ckpt,
             phases.seconds,
+            stopper.best_step if stopper is not None else None,
         )
 
-    def _save_result(self, step: int, saved: Path | None = None) -> Path:
+    def _early_stopping(self) -> EarlyStopping | None:
+        """The early stopping of this run; a resumed run picks up the validation losses its log
+        holds up to `start`, when the best of them has its checkpoint here."""
+        if not self.cfg.early_stopping_patience:
+            return None
+        stopper = EarlyStopping(self.cfg.early_stopping_patience)
+        if self.start == 0:
+            return stopper
+        earlier = EarlyStopping(self.cfg.early_stopping_patience)
+        for r in self.log.read():
+            if "eval_loss" in r and r.get("step", 0) <= self.start:
+                earlier.improved(r["step"], r["eval_loss"])
+        if earlier.best_step is not None:
+            best = checkpoint_of_step(self.out / "checkpoints", earlier.best_step)
+            if best is not None:
+                self.best_checkpoint = best
+                return earlier
+        return stopper
+
+    def _validation(self, valid_set: nf4core.Dataset, step: int, pad: int) -> tuple[float, float]:
+        label = f"validation loss at step {step} ({len(valid_set)} examples)"
+        with self.display.phase(label) as c:
+            return perplexity(self.engine, valid_set, self.cfg.batch_size, pad, progress=c.update)
+
+    def _save_result(
+        self, step: int, saved: Path | None = None, stopper: EarlyStopping | None = None
+    ) -> Path:
         """The checkpoint of `step` (unless this call ran no step and saved one), the adapter and
-        config.yaml; nothing non-finite is saved (NonFiniteStateError names the tensor)."""
-        if step > self.start or saved is None:
+        config.yaml; nothing non-finite is saved (NonFiniteStateError names the tensor). With early
+        stopping, the adapter is the best step's (loaded back from its checkpoint, into the engine
+        too, so exact match and exports see it)."""
+        if (step > self.start or saved is None) and self.saved_step != step:
             saved = self._checkpoint(step)
+        if stopper is not None and stopper.best_step is not None:
+            at_step = stopper.best_step == step and saved is not None
+            self._use_best(stopper, saved if at_step else self.best_checkpoint, step)
         save_adapter(self.out, self._adapter(), self.cfg.export)
         _write_config(self.out, self.cfg)
         return saved
+
+    def _use_best(self, stopper: EarlyStopping, best: Path, step: int) -> None:
+        if stopper.best_step != step:
+            self.engine.load_adapters(load_checkpoint(best).state.adapters)
+        self.write(
+            {
+                "step": step,
+                "event": "best_checkpoint",
+                "best_step": stopper.best_step,
+                "best_eval_loss": stopper.best_loss,
+                "checkpoint": str(best),
+            }
+        )
+        self.echo(
+            f"adapter: the best step's, {stopper.best_step} (validation loss "
+            f"{stopper.best_loss:.4f}; checkpoint {best})"
+        )
 
     def _adapter(self) -> Adapter:
         cfg = self.cfg
@@ -448,6 +589,7 @@ class _Run:
     def _checkpoint(self, step: int) -> Path:
         state = self.engine.training_state()
         assert state.step == step, (state.step, step)
+        self.saved_step = step
         return save_checkpoint(
             self.out / "checkpoints",
             state,
@@ -501,6 +643,22 @@ class _Phases:
 
 
 GGUF_EXPORT_NAME = "model.gguf"
+
+
+def check_early_stopping(cfg: FinetuneConfig, valid_set: nf4core.Dataset | None) -> None:
+    """Early stopping watches the validation loss: it needs a validation set and --eval-every."""
+    if not cfg.early_stopping_patience:
+        return
+    if valid_set is None:
+        raise ConfigError(
+            f"early_stopping_patience {cfg.early_stopping_patience}: needs a validation set "
+            "(a valid* file beside the training data, or a --data directory with one)"
+        )
+    if not cfg.eval_every:
+        raise ConfigError(
+            f"early_stopping_patience {cfg.early_stopping_patience}: needs --eval-every N "
+            "(the validation loss it watches is computed every N steps)"
+        )
 
 
 def check_gguf_export(cfg: FinetuneConfig, source: nf4core.ModelSource, model_path: str) -> None:

@@ -51,6 +51,9 @@ FIXED_DEFAULTS = {
     "base_dtype": "nf4",
     "quant_method": DEFAULT_QUANT_METHOD,
     "data_format": "auto",
+    "packing": False,
+    "early_stopping_patience": 0,
+    "report_to": (),
 }
 BASE_DTYPES = ("nf4", "bfloat16", "float32")
 # what a checkpoint written before these settings existed was trained with
@@ -59,9 +62,11 @@ LEGACY_BASE = {
     "quant_method": "absmax",
     "data_format": "auto",
     "use_dora": False,
+    "packing": False,
 }
 DATA_FORMATS = ("auto", *FORMATS)
 EXPORTS = ("mlx-lm", "gguf")
+REPORTERS = ("tensorboard", "wandb")
 
 
 class ConfigError(ValueError):
@@ -108,6 +113,9 @@ class FinetuneConfig:
     strict_data: bool | None = None  # refuse records without target tokens instead of skipping them
     base_dtype: str | None = None  # "nf4" (QLoRA), or "bfloat16"/"float32": plain LoRA, unquantized
     quant_method: str | None = None  # quantize-on-load of a 16/32-bit base: "absmax" or "mse"
+    packing: bool | None = None  # examples laid end to end in rows of max_seq_len tokens
+    early_stopping_patience: int | None = None  # stop after N evaluations without improvement
+    report_to: tuple[str, ...] | None = None  # also log metrics to "tensorboard" and/or "wandb"
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -123,6 +131,12 @@ class FinetuneConfig:
             if bad:
                 raise ConfigError(f"export: unknown format {bad[0]!r}; choose from {EXPORTS}")
             object.__setattr__(self, "export", e)
+        if self.report_to is not None:
+            e = (self.report_to,) if isinstance(self.report_to, str) else tuple(self.report_to)
+            bad = [x for x in e if x not in REPORTERS]
+            if bad:
+                raise ConfigError(f"report_to: unknown logger {bad[0]!r}; choose from {REPORTERS}")
+            object.__setattr__(self, "report_to", e)
         for name in ("steps", "batch_size", "grad_accum", "max_seq_len", "lora_r"):
             _check_int(self, name, 2 if name == "max_seq_len" else 1)
         for name in (
@@ -132,6 +146,7 @@ class FinetuneConfig:
             "save_every",
             "eval_max_examples",
             "skip_nonfinite",
+            "early_stopping_patience",
         ):
             _check_int(self, name, 0)
         for name in ("lr", "lora_alpha", "epochs"):
@@ -230,7 +245,7 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for k in ("targets", "export"):
+        for k in ("targets", "export", "report_to"):
             if d[k] is not None:
                 d[k] = list(d[k])
         return {"config_version": CONFIG_VERSION, **d}
@@ -246,7 +261,14 @@ class FinetuneConfig:
 
 
 _TEXT_FIELDS = ("model", "data", "out", "backend", "device", "compute_dtype", "resume")
-_FLAG_FIELDS = ("grad_checkpoint", "paged_optimizer", "overwrite", "strict_data", "use_dora")
+_FLAG_FIELDS = (
+    "grad_checkpoint",
+    "paged_optimizer",
+    "overwrite",
+    "strict_data",
+    "use_dora",
+    "packing",
+)
 
 
 def _check_types(cfg: FinetuneConfig) -> None:
@@ -263,7 +285,7 @@ def _check_types(cfg: FinetuneConfig) -> None:
         v = getattr(cfg, name)
         if v is not None and not isinstance(v, bool):
             raise ConfigError(f"{name} must be true or false, got {v!r}")
-    for name in ("targets", "export"):
+    for name in ("targets", "export", "report_to"):
         v = getattr(cfg, name)
         if v is not None and not (
             isinstance(v, str)

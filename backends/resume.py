@@ -37,6 +37,7 @@ FIXED = (
     "weight_decay",
     "base_dtype",
     "quant_method",
+    "packing",  # a step is a batch of packed rows, not of examples: the data position would move
 )
 CHANGEABLE = (
     "steps",
@@ -52,6 +53,8 @@ CHANGEABLE = (
     "export",
     "skip_nonfinite",
     "strict_data",
+    "early_stopping_patience",
+    "report_to",
 )
 FROM_COMMAND_LINE_ONLY = ("out", "resume", "overwrite")
 

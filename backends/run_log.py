@@ -1,10 +1,17 @@
-"""What a run reports: a JSONL metrics log, a one-line progress display, and the loss-curve PNG."""
+"""What a run reports: a JSONL metrics log, progress displays, and the loss-curve PNG.
+
+Progress goes to stderr. On a terminal a display rewrites its line (`\r`); anywhere else (a log
+file, a pipe) it prints plain lines, at most one per `every` seconds besides the first and the last.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from nf4core.atomic import atomic_file, os_errors_name
@@ -42,10 +49,20 @@ class MetricsLog:
             f.write("".join(json.dumps(r) + "\n" for r in kept))
 
 
-class Progress:
-    """`step 12/150 [####....] loss 1.234 | 345 tok/s | ETA 3m10s` on one line of `stream`."""
+def is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
-    def __init__(self, total: int, start: int = 0, stream=None, enabled: bool = True) -> None:
+
+class Progress:
+    """`step 12/150 [####....] loss 1.234 | 345 tok/s | ETA 3m10s` on one line of `stream` (a
+    terminal), or as plain lines at most every `every` seconds (anything else)."""
+
+    def __init__(
+        self, total: int, start: int = 0, stream=None, enabled: bool = True, every: float = 10.0
+    ) -> None:
         self.total, self.start, self.stream, self.enabled = (
             total,
             start,
@@ -53,6 +70,8 @@ class Progress:
             enabled,
         )
         self.t0, self.tokens = time.perf_counter(), 0
+        self.terminal, self.every, self._shown = is_terminal(self.stream), every, None
+        self._unshown: str | None = None  # a log's latest line, until written
 
     def update(self, step: int, loss: float, tokens: int) -> None:
         self.tokens += tokens
@@ -62,17 +81,114 @@ class Progress:
         eta = elapsed / done * (self.total - step) if done else 0.0
         filled = int(20 * step / max(1, self.total))
         line = (
-            f"\rstep {step}/{self.total} [{'#' * filled}{'.' * (20 - filled)}] loss {loss:.4f}"
+            f"step {step}/{self.total} [{'#' * filled}{'.' * (20 - filled)}] loss {loss:.4f}"
             f" | {rate:.0f} tok/s | ETA {_duration(eta)}"
         )
-        if self.enabled:
-            self.stream.write(line)
-            self.stream.flush()
+        if not self.enabled:
+            return
+        if self.terminal:
+            self.stream.write("\r" + line)
+        elif self._due(step == self.total):
+            self.stream.write(line + "\n")
+            self._unshown = None
+        else:
+            self._unshown = line
+        self.stream.flush()
+
+    def _due(self, last: bool) -> bool:
+        now = time.perf_counter()
+        if last or self._shown is None or now - self._shown >= self.every:
+            self._shown = now
+            return True
+        return False
 
     def close(self) -> None:
-        if self.enabled:
+        """Ends the line on a terminal; a log gets the last step's line if it was held back (a run
+        that stopped before its planned last step)."""
+        if not self.enabled:
+            return
+        if self.terminal:
             self.stream.write("\n")
+        elif self._unshown is not None:
+            self.stream.write(self._unshown + "\n")
+            self._unshown = None
+        self.stream.flush()
+
+
+class PhaseDisplay:
+    """Start lines and counters for a run's long phases (loading, evaluating, saving, exporting)."""
+
+    def __init__(self, stream=None, enabled: bool = True, every: float = 10.0) -> None:
+        self.stream, self.enabled, self.every = stream or sys.stderr, enabled, every
+        self.terminal = is_terminal(self.stream)
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def phase(
+        self, label: str, total: int | None = None, log_delay: float = 0.0
+    ) -> Iterator[PhaseCounter]:
+        """`label ...` now, `label: done in 3s` at the end; the counter's `update(done)` shows
+        `label: done/total` between (in place on a terminal). With `log_delay`, a log (not a
+        terminal) gets the lines only once the phase has lasted that long: a phase that reads the
+        user's input, and may fail on it at once, leaves the error the only line there."""
+        counter = PhaseCounter(self, label, total)
+        timer = None
+        delay = 0.0 if self.terminal else log_delay
+        if delay > 0:
+            timer = threading.Timer(delay, counter.start)
+            timer.daemon = True
+            timer.start()
+        else:
+            counter.start()
+        try:
+            yield counter
+        except BaseException:
+            if timer is not None:
+                timer.cancel()
+            if counter.started and self.enabled and self.terminal:  # the error on its own line
+                self._write("", final=True)
+            raise
+        if timer is not None:
+            timer.cancel()
+        if counter.started:
+            self._write(f"{label}: done in {_duration(counter.elapsed)}", final=True)
+
+    def _write(self, text: str, final: bool) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            if self.terminal:
+                self.stream.write("\r" + text.ljust(60) + ("\n" if final else ""))
+            else:
+                self.stream.write(text + "\n")
             self.stream.flush()
+
+
+class PhaseCounter:
+    def __init__(self, display: PhaseDisplay, label: str, total: int | None) -> None:
+        self.display, self.label, self.total = display, label, total
+        self.t0 = self._shown = time.perf_counter()
+        self.started = False
+
+    def start(self) -> None:
+        if not self.started:
+            self.started = True
+            self.display._write(f"{self.label} ...", final=not self.display.terminal)
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def update(self, done: int, total: int | None = None) -> None:
+        total = total if total is not None else self.total
+        now = time.perf_counter()
+        if not self.started or (
+            not self.display.terminal and now - self._shown < self.display.every
+        ):
+            return
+        self._shown = now
+        of = f"/{total}" if total is not None else ""
+        self.display._write(f"{self.label}: {done}{of}", final=False)
 
 
 def _duration(seconds: float) -> str:

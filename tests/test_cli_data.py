@@ -45,7 +45,7 @@ def test_sharegpt_json_array_trains_and_the_format_is_printed_once(model, tmp_pa
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
     r = CliRunner().invoke(main, ["eval", str(path), "--model", str(model), "--max-seq-len", "64"])
     assert r.exit_code == 0, r.output
-    assert "(4 examples)" in r.output.splitlines()[0] and "exact match" in r.output
+    assert "(4 examples)" in r.stdout.splitlines()[0] and "exact match" in r.stdout
 
 
 def test_data_format_decides_an_ambiguous_file(model, tmp_path):
