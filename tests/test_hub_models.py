@@ -10,8 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import nf4core
 from tests.backends.finetune_fixtures import chat_records, tiny_model_dir, write_jsonl
 from tests.backends.run_helpers import ROOT, cli_command, cli_env, error_line
 from tests.hub_cache import add_snapshot, hub_env
@@ -19,6 +21,7 @@ from tests.nf4core.tiny_models import hf_config, random_weights, tiny_tokenizer,
 
 pytest.importorskip("huggingface_hub")
 pytest.importorskip("torch")
+gguf = pytest.importorskip("gguf")
 
 MAIN, V2 = "a" * 40, "b" * 40
 
@@ -138,6 +141,19 @@ def test_round_trip_hub_id_to_an_adapter_peft_opens(hub):
     assert got["layers"] == 2 and got["tensors"] == 2 * 7 * 2
     assert got["lora"] == 0.0 and got["embed"] == 0.0  # our adapter on the cached base, exactly
     assert got["trained"] > 0  # lora_B starts at zero: these are trained weights
+    # ... -> a merged GGUF out, from the base the adapter names by its Hub id: the same tensors
+    # as the merged Hugging Face directory, read back by the gguf package's reader and by ours
+    for name, fmt in (("merged-id.gguf", "gguf"), ("merged-id", "hf")):
+        r = run(
+            tmp / "hf", "merge", tmp / "by-id", tmp / name, "--format", fmt, "--dtype", "float32"
+        )
+        assert r.returncode == 0, r.stderr
+    gg, hf = nf4core.open_model(tmp / "merged-id.gguf"), nf4core.open_model(tmp / "merged-id")
+    reader = gguf.GGUFReader(tmp / "merged-id.gguf")
+    assert len(reader.tensors) == len(hf.tensor_names())
+    assert sorted(gg.tensor_names()) == sorted(hf.tensor_names())
+    for tensor in hf.tensor_names():
+        np.testing.assert_array_equal(gg.read(tensor), hf.read(tensor), err_msg=tensor)
     # a snapshot directory off the main branch: the adapter records the id and the commit
     config = finetune(hub, str(v2), tmp / "by-snapshot")
     assert (config["base_model_name_or_path"], config["revision"]) == ("org/tiny", V2)
