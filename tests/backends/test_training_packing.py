@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import nf4core
 from backends.engine import BaseWeights, LoRASettings, TrainSettings
-from backends.finetune import _Data
+from backends.finetune_data import TrainBatches
 from backends.registry import build_engine, select_backend
 from cli import main
 from tests.backends.finetune_fixtures import tiny_setup
@@ -37,8 +37,8 @@ def _train_set(model, data) -> tuple[nf4core.Dataset, int]:
 def test_packed_batches_give_the_unpacked_loss(setup, backend):
     model, data = setup
     train, pad = _train_set(model, data)
-    packed = _Data(train, 4, pad, seed=0, packing=True, max_length=128)
-    plain = _Data(train, 4, pad, seed=0)
+    packed = TrainBatches(train, 4, pad, seed=0, packing=True, max_length=128)
+    plain = TrainBatches(train, 4, pad, seed=0)
     assert packed.per_epoch < plain.per_epoch  # short examples: several to a row
     engine = build_engine(
         select_backend(backend, "cpu", "float32"),
