@@ -63,6 +63,7 @@ def user_errors():
     from backends.checkpoint import CheckpointError
     from backends.peft_adapter import AdapterError
     from backends.registry import BackendUnavailable
+    from backends.world import WorldError
     from nf4core import ModelLoadError
 
     try:
@@ -72,6 +73,7 @@ def user_errors():
         CheckpointError,
         AdapterError,
         BackendUnavailable,
+        WorldError,
         ValueError,
         KeyError,
         OSError,
@@ -325,7 +327,7 @@ def finetune(config_file, quiet, export, report_to, **options) -> None:
         except KeyboardInterrupt:  # a second interrupt: aborted at once
             click.echo("aborted", err=True)
             sys.exit(130)
-    if result.exact_match_before and result.exact_match_after:
+    if result.is_main and result.exact_match_before and result.exact_match_after:
         b, a = result.exact_match_before, result.exact_match_after
         phases = ", ".join(f"{k} {v:.0f}s" for k, v in result.phases.items())
         click.echo(

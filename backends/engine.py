@@ -1,6 +1,6 @@
 """What the fine-tuning pipeline needs from a backend, in backend-neutral terms (numpy in and out).
 
-A leaf (it imports nf4core and backends/sampling.py only): both backends import their shared types
+A leaf (it imports nf4core, backends/sampling.py and backends/world.py only): both backends import their shared types
 from here, while `registry.build_engine` imports the chosen backend lazily; `backends/torch_backend`
 and `backends/mlx_backend` never import each other. Adapter and optimizer tensors cross this boundary
 under PEFT's key names ("base_model.model.<module>.lora_A.weight"), float32, in the parameter's own
@@ -20,6 +20,7 @@ import nf4core
 from nf4core.model_config import LINEAR_NAMES
 
 from .sampling import SamplingConfig
+from .world import SINGLE, World
 
 if TYPE_CHECKING:
     from .registry import BackendChoice
@@ -107,10 +108,16 @@ class Engine(Protocol):
     """What the pipeline calls. The backend engines subclass it: `eval_loss`, `generate` and
     `greedy_batch` are written here once, over the backend's `batch_loss` and its generation
     functions (`generate_tokens`, `greedy_steps`: the backend's generate module, called with the
-    engine's model)."""
+    engine's model).
+
+    Under a launcher (`world.size` > 1) every rank makes the same calls in the same order with the
+    same GLOBAL batches: `train_step` and `batch_loss` take this rank's rows (`world.rows`) and
+    return the global results (loss, targets, gradient norm identical on every rank); generation
+    runs on every rank; `adapters`/`training_state` are the full, unsharded tensors."""
 
     choice: BackendChoice
     config: nf4core.ModelConfig
+    world: World = SINGLE  # the processes training together (backends/world.py)
     model: object  # the backend's model: .training, .eval(), .train(mode)
     generate_tokens: Callable[[object, list[int], SamplingConfig], Iterator[int]]
     greedy_steps: Callable[[object, Sequence[Sequence[int]], int], Iterator[np.ndarray]]

@@ -2,6 +2,11 @@
 
 Data order is a pure function of (seed, epoch), so a run's position is its micro-batch count; the LR
 schedule is computed here (one definition for both backends). Checkpoints hold everything else.
+
+Several processes (a launcher's ranks, `engine.world`) run this same pipeline on the same global
+batches and make the same engine calls in the same order; only the main rank writes (run
+directory, lock, config, data files, metrics, reporters, checkpoints, adapter, exports) and prints.
+The others read what every rank needs to read: the model, the data, a checkpoint to resume.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from .reporters import Reporters, check_reporters
 from .resume import resumed_config, run_dir_of, same_dir
 from .run_dir import check_not_locked, check_out, is_empty, move_aside, run_lock
 from .run_log import MetricsLog, PhaseDisplay, Progress, plot_loss
+from .world import World, check_launcher, check_split, launched_rank
 
 
 class RunInterrupted(Exception):
@@ -65,6 +71,7 @@ class FinetuneResult:
     checkpoint: Path | None
     phases: dict[str, float]  # seconds spent loading, training, evaluating (keys as they happened)
     best_step: int | None = None  # with early stopping: the step whose adapter was written
+    is_main: bool = True  # False on the other ranks of a multi-process run (they write nothing)
 
 
 def resolve(
@@ -90,11 +97,16 @@ def finetune(
     `skip_nonfinite` skipped steps); RunInterrupted follows a SIGINT, after saving."""
     t0 = time.perf_counter()
     phases = _Phases()
+    main = launched_rank() == 0
+    if not main:  # the other ranks of a launcher stay quiet
+        echo, progress = _quiet, False
     cfg, task, ckpt = resolve(cfg, echo)
     out = Path(cfg.out)
     continuing = ckpt is not None and same_dir(out, run_dir_of(ckpt))
-    check_out(out, continuing, bool(cfg.overwrite))
     choice = select_backend(cfg.backend, cfg.device, cfg.compute_dtype)
+    check_launcher(choice.backend)
+    if main:
+        check_out(out, continuing, bool(cfg.overwrite))
     echo(choice.describe())
     model_path = cfg.model or str(nf4core.default_model_path())
     source = nf4core.open_model(model_path)
@@ -105,7 +117,8 @@ def finetune(
         )
     if "gguf" in (cfg.export or ()):
         check_gguf_export(cfg, source, model_path)
-    check_reporters(cfg.report_to or ())
+    if main:
+        check_reporters(cfg.report_to or ())
     tokenizer = source.tokenizer()
     with tempfile.TemporaryDirectory() as scratch:
         train_set, valid_set, heldout = load_data(cfg, task, tokenizer, Path(scratch), echo)
@@ -135,12 +148,17 @@ def finetune(
         engine = build_engine(
             choice, source, lora, train, cfg.lr, BaseWeights(cfg.base_dtype, cfg.quant_method)
         )
+    world = engine.world
+    check_split(world, data.batch_rows(), f"--batch-size {cfg.batch_size}")
     start = 0
     if ckpt is not None:
         check_fits(ckpt, engine.adapters())
         engine.load_training_state(ckpt.state)
         start = ckpt.state.step
     phases.mark("load")
+    if not world.is_main:
+        run = _Run(cfg, engine, out, steps, start, echo, model_path, (None, None), display, world)
+        return run.train(data, valid_set, heldout, tokenizer, pad, progress, phases, t0)
     if cfg.overwrite and not continuing and not is_empty(out):
         check_not_locked(out)
         echo(f"moved the earlier contents of {out} to {move_aside(out)} (--overwrite)")
@@ -154,7 +172,16 @@ def finetune(
         if not (out / "config.yaml").exists():
             _write_config(out, cfg)
         run = _Run(
-            cfg, engine, out, steps, start, echo, model_path, recorded_base(cfg.model), display
+            cfg,
+            engine,
+            out,
+            steps,
+            start,
+            echo,
+            model_path,
+            recorded_base(cfg.model),
+            display,
+            world,
         )
         try:
             return run.train(data, valid_set, heldout, tokenizer, pad, progress, phases, t0)
@@ -176,17 +203,21 @@ class _Run:
         model_path: str,
         base: tuple[str, str | None],
         display: PhaseDisplay,
+        world: World,
     ) -> None:
         self.cfg, self.engine, self.out, self.steps, self.start = cfg, engine, out, steps, start
         self.echo, self.model_path, self.display = echo, model_path, display
         self.base = base  # the (name, revision) the adapter records
-        self.log = MetricsLog(out / "metrics.jsonl")
-        self.reporters = Reporters(cfg.report_to or (), out, cfg.to_dict())
+        self.main = world.is_main  # the others make the same engine calls and write nothing
+        self.log = MetricsLog(out / "metrics.jsonl", create=self.main)
+        self.reporters = Reporters(cfg.report_to or () if self.main else (), out, cfg.to_dict())
         self._truncate = start > 0  # records after `start` are replaced, once this run logs
         self.saved_step: int | None = None  # of the latest checkpoint this call saved
         self.best_checkpoint: Path | None = None  # with early stopping
 
     def write(self, record: dict) -> None:
+        if not self.main:
+            return
         if self._truncate:
             self.log.truncate_after(self.start)
             self._truncate = False
@@ -229,7 +260,8 @@ class _Run:
         stopper = self._early_stopping()
         evaluated_at = None
         done = start
-        with _Interrupts() as interrupts:
+        # several ranks would see an interrupt at different steps: there it aborts at once
+        with _Interrupts(enabled=self.engine.world.size == 1) as interrupts:
             for step in range(start, steps):
                 micro = [data[step * cfg.grad_accum + k] for k in range(cfg.grad_accum)]
                 lr = learning_rate(cfg, step, steps)
@@ -247,7 +279,7 @@ class _Run:
                         "detail": what,
                         "skipped": skipped,
                     }
-                    if not skipped:  # appended: a failed run removes no record of an earlier one
+                    if not skipped and self.main:  # appended: keeps the records of earlier runs
                         self.log.write(record)
                         bar.close()
                         raise NonFiniteError(self._stopped(done, what))
@@ -318,7 +350,7 @@ class _Run:
         with self.display.phase(f"saving step {done} (checkpoint, adapter)"):
             last_ckpt = self._save_result(done, last_ckpt, stopper)
         phases.mark("save")
-        if "gguf" in (cfg.export or ()):
+        if "gguf" in (cfg.export or ()) and self.main:
             with self.display.phase("exporting the merged model as GGUF"):
                 self._export_gguf()
             phases.mark("export")
@@ -337,7 +369,7 @@ class _Run:
                 f"exact match on {after.total} held-out examples after training: {after.score:.1%}"
             )
             phases.mark("exact match after")
-        png = plot_loss(self.log.read(), out / "loss.png")
+        png = plot_loss(self.log.read(), out / "loss.png") if self.main else None
         echo(
             f"adapter: {out / 'adapter_model.safetensors'}; metrics: {self.log.path}"
             + (f"; loss curve: {png}" if png else "")
@@ -355,6 +387,7 @@ class _Run:
             last_ckpt,
             phases.seconds,
             stopper.best_step if stopper is not None else None,
+            self.main,
         )
 
     def _early_stopping(self) -> EarlyStopping | None:
@@ -366,7 +399,7 @@ class _Run:
         if self.start == 0:
             return stopper
         earlier = EarlyStopping(self.cfg.early_stopping_patience)
-        for r in self.log.read():
+        for r in MetricsLog(self.out / "metrics.jsonl", create=False).read():
             if "eval_loss" in r and r.get("step", 0) <= self.start:
                 earlier.improved(r["step"], r["eval_loss"])
         if earlier.best_step is not None:
@@ -393,12 +426,15 @@ class _Run:
         if stopper is not None and stopper.best_step is not None:
             at_step = stopper.best_step == step and saved is not None
             self._use_best(stopper, saved if at_step else self.best_checkpoint, step)
-        save_adapter(self.out, self._adapter(), self.cfg.export)
-        _write_config(self.out, self.cfg)
+        if self.main:
+            save_adapter(self.out, self._adapter(), self.cfg.export)
+            _write_config(self.out, self.cfg)
         return saved
 
     def _use_best(self, stopper: EarlyStopping, best: Path, step: int) -> None:
         if stopper.best_step != step:
+            if not self.main:  # the main rank wrote it (under this name, or a re-save's)
+                best = checkpoint_of_step(best.parent, stopper.best_step) or best
             self.engine.load_adapters(load_checkpoint(best).state.adapters)
         self.write(
             {
@@ -438,6 +474,8 @@ class _Run:
         state = self.engine.training_state()
         assert state.step == step, (state.step, step)
         self.saved_step = step
+        if not self.main:  # the name the main rank gives it
+            return self.out / "checkpoints" / f"step-{step:06d}"
         return save_checkpoint(
             self.out / "checkpoints",
             state,
@@ -459,12 +497,15 @@ class _Run:
 
 class _Interrupts:
     """The first SIGINT asks the loop to stop after the current step and save; a second one aborts
-    at once (KeyboardInterrupt). Signals can only be handled in the main thread; elsewhere the
-    default behaviour stays."""
+    at once (KeyboardInterrupt). Signals can only be handled in the main thread; elsewhere (or not
+    `enabled`) the default behaviour stays."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
 
     def __enter__(self) -> _Interrupts:
         self.requested, self._previous = False, None
-        if threading.current_thread() is threading.main_thread():
+        if self.enabled and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
@@ -491,6 +532,10 @@ class _Phases:
 
 
 GGUF_EXPORT_NAME = "model.gguf"
+
+
+def _quiet(line: str) -> None:
+    """The echo of the ranks other than the main one."""
 
 
 def check_early_stopping(cfg: FinetuneConfig, valid_set: nf4core.Dataset | None) -> None:

@@ -47,6 +47,13 @@ class TrainBatches:
         self.per_epoch = math.ceil(len(self.rows or dataset) / batch_size)
         self._epoch, self._batches = None, None
 
+    def batch_rows(self) -> set[int]:
+        """The row counts of the micro-batches (the last of an epoch may hold fewer)."""
+        n = len(self.rows or self.dataset)
+        return {min(n, self.batch_size)} | (
+            {n % self.batch_size} if n > self.batch_size and n % self.batch_size else set()
+        )
+
     def __getitem__(self, g: int) -> nf4core.Batch:
         epoch, index = divmod(g, self.per_epoch)
         if epoch != self._epoch:

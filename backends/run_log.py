@@ -20,9 +20,11 @@ from nf4core.atomic import atomic_file, os_errors_name
 class MetricsLog:
     """Appends one JSON object per line (flushed, so a crash keeps what was logged)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, create: bool = True) -> None:
+        """`create` False: only read (the other ranks of a run read the main rank's log)."""
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict) -> None:
         with os_errors_name(self.path), open(self.path, "a", encoding="utf-8") as f:

@@ -11,6 +11,7 @@ A leaf: it reads the environment only; the backends do the joining.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -56,6 +57,38 @@ class World:
 
 
 SINGLE = World()
+# the variable holding the rank in the processes each launcher starts
+RANK_ENV = {"torchrun": "RANK", "mlx.launch": "MLX_RANK"}
+
+
+def take_rows(batch: object, rows: slice) -> object:
+    """The rows `rows` of a batch dataclass whose fields are (B, ...) arrays (an nf4core.Batch)."""
+    return dataclasses.replace(
+        batch, **{f.name: getattr(batch, f.name)[rows] for f in dataclasses.fields(batch)}
+    )
+
+
+def launched_rank(env: Mapping[str, str] = os.environ) -> int:
+    """The rank the launcher gave this process (0 without one): known before any group is joined,
+    so a pipeline can keep the other ranks quiet from its first line."""
+    launcher = detect_launcher(env)
+    if launcher is None:
+        return 0
+    try:
+        return int(env.get(RANK_ENV[launcher], "0"))
+    except ValueError:
+        return 0
+
+
+def check_split(world: World, batch_rows: set[int], what: str) -> None:
+    """Refuse, before anything is written, micro-batches of row counts that do not split evenly over
+    the world (`what` names them for the message, e.g. "--batch-size 3")."""
+    for n in sorted(batch_rows):
+        if n % world.size:
+            raise WorldError(
+                f"{what}: a batch of {n} rows does not split over {world.size} processes; choose "
+                f"a --batch-size (and a data size) whose batches are multiples of {world.size}"
+            )
 
 
 def detect_launcher(env: Mapping[str, str] = os.environ) -> str | None:

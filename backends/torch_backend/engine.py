@@ -12,6 +12,8 @@ from nf4core.dtypes import FLOAT_DTYPES
 
 from ..engine import Engine, StepResult, TrainingState
 from ..peft_adapter import PEFT_PREFIX
+from ..world import WorldError, take_rows
+from . import distributed
 from .generate import generate_tokens, greedy_steps
 from .lora import apply_lora, load_lora_state_dict, lora_state_dict
 from .model import CausalLM
@@ -28,7 +30,12 @@ class TorchEngine(Engine):
 
     def __init__(self, choice, source, lora, train, lr: float, base=None) -> None:
         self.choice, self.config = choice, source.config
-        self.device = torch.device(choice.device)
+        self.world, self.device = distributed.join(choice.device)
+        if self.world.size > 1 and lora is not None and lora.use_dora:
+            raise WorldError(
+                "use_dora: DoRA reads each whole base weight outside the layer's forward, which "
+                "a sharded (torchrun) run does not hold; train DoRA in one process"
+            )
         quantized = base is None or base.quantized
         self.model = CausalLM.from_source(
             source,
@@ -57,22 +64,56 @@ class TorchEngine(Engine):
             self._names = [
                 PEFT_PREFIX + n for n, p in self.model.named_parameters() if p.requires_grad
             ]
+        self.sharded = self.world.size > 1
+        if self.sharded:
+            from .sharding import shard_nf4_base
+
+            shard_nf4_base(self.model, self.world.size, self.device)
+            if self.trainer is not None:
+                self.trainer.reduce = _sum_over_ranks
 
     def _batch(self, b) -> Batch:
         return Batch.from_numpy(b, self.device)
 
     def train_step(self, micro_batches, lr: float):
-        stats = self.trainer.train_step([self._batch(b) for b in micro_batches], lr)
+        """`micro_batches` are the global ones: with N ranks each trains on its rows of every one,
+        normalised by the global target count, and the gradients are summed over the ranks."""
+        if not self.sharded:
+            stats = self.trainer.train_step([self._batch(b) for b in micro_batches], lr)
+            return StepResult(stats.loss, stats.tokens, stats.grad_norm)
+        total = sum(self._batch(b).n_targets() for b in micro_batches)
+        mine = [self._batch(take_rows(b, self.world.rows(len(b.input_ids)))) for b in micro_batches]
+        with distributed.collective_errors(self.world):
+            stats = self.trainer.train_step(mine, lr, total=total)
         return StepResult(stats.loss, stats.tokens, stats.grad_norm)
 
     @torch.no_grad()
     def batch_loss(self, b) -> tuple[float, int]:
+        """(summed loss, targets) of the global batch `b`: with N ranks, each computes its rows and
+        the sums are added up (every rank computes all rows when they do not split evenly)."""
+        if not self.sharded:
+            return self._batch_loss(b)
+        n = len(b.input_ids)
+        with distributed.collective_errors(self.world):
+            if n % self.world.size:
+                return self._batch_loss(b)
+            s, k = self._batch_loss(take_rows(b, self.world.rows(n)))
+            sums = torch.tensor([s, float(k)], dtype=torch.float64, device=self.device)
+            distributed.all_reduce_sum([sums])
+        return float(sums[0]), int(sums[1])
+
+    def _batch_loss(self, b) -> tuple[float, int]:
         batch = self._batch(b)
         logits = self.model(
             batch.input_ids, position_ids=batch.position_ids, segment_ids=batch.segment_ids
         )
         s, k = causal_lm_loss(logits, batch.input_ids, batch.loss_mask, batch.segment_ids)
         return float(s), int(k)
+
+    def greedy_batch(self, prompts, max_new_tokens: int, eos_ids=()) -> list[list[int]]:
+        """Every rank decodes every prompt (each layer's forward gathers it on all ranks)."""
+        with distributed.collective_errors(self.world):
+            return super().greedy_batch(prompts, max_new_tokens, eos_ids)
 
     @contextlib.contextmanager
     def inference(self, budget_bytes: int = 2 << 30) -> Iterator[None]:
@@ -83,6 +124,10 @@ class TorchEngine(Engine):
         decoding; a dense copy is dequantized once (bit-exactly the same values)."""
         swaps = [(name, m) for name, m in self.model.named_modules() if isinstance(m, NF4Linear)]
         size = torch.finfo(self.model.compute_dtype).bits // 8
+        if self.sharded:  # dense copies would undo the sharding
+            with torch.no_grad():
+                yield
+            return
         if sum(m.weight.numel for _, m in swaps) * size > budget_bytes:
             yield
             return
@@ -149,6 +194,17 @@ class TorchEngine(Engine):
         self.trainer.step_index = state.step
         if "rng.torch" in state.rng:
             torch.set_rng_state(torch.from_numpy(np.asarray(state.rng["rng.torch"], np.uint8)))
+
+
+def _sum_over_ranks(params: list[torch.Tensor], loss_sum: float) -> float:
+    """The gradients of `params` and the loss summed over the ranks (each rank's loss is already
+    divided by the global target count, so the sum is the one-process gradient)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    loss = torch.tensor([loss_sum], dtype=torch.float64, device=params[0].device)
+    distributed.all_reduce_sum([p.grad for p in params] + [loss])
+    return float(loss[0])
 
 
 def _dense(m: NF4Linear, dtype: torch.dtype) -> torch.nn.Linear:

@@ -5,7 +5,7 @@ schedule is the pipeline's, `backends.schedule`)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,17 +91,23 @@ class Trainer:
             paged=config.paged,
         )
         self.step_index = 0
+        # data parallel: sums the gradients (in place) and the loss over the ranks; returns the loss
+        self.reduce: Callable[[list[torch.Tensor], float], float] | None = None
 
-    def train_step(self, micro_batches: Sequence[Batch], lr: float) -> StepStats:
+    def train_step(
+        self, micro_batches: Sequence[Batch], lr: float, total: int | None = None
+    ) -> StepStats:
         """Accumulate gradients over `micro_batches` (normalised by their total target count, so the
         result equals one big batch), clip, and take one optimizer step at `lr`. A non-finite loss or
-        gradient norm skips the update (the stats show it; the caller decides what follows)."""
+        gradient norm skips the update (the stats show it; the caller decides what follows).
+        `total`: the target count of the global batch when this rank holds a share of it."""
         if len(micro_batches) != self.config.grad_accum_steps:
             raise ValueError(
                 f"expected {self.config.grad_accum_steps} micro-batches, got {len(micro_batches)}"
             )
         self.model.train()
-        total = sum(b.n_targets() for b in micro_batches)
+        if total is None:
+            total = sum(b.n_targets() for b in micro_batches)
         if total == 0:
             raise ValueError("no target tokens in this step (check the loss masks)")
         loss_sum = 0.0
@@ -111,6 +117,8 @@ class Trainer:
             )
             (summed / total).backward()
             loss_sum += float(summed.detach())
+        if self.reduce is not None:
+            loss_sum = self.reduce(self.params, loss_sum)
         clip = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
         if not lr > 0:
