@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
 from . import ops
@@ -90,6 +90,10 @@ def shard_nf4_base(
             sharded.append(m)
     held = {p for p in model.parameters() if not isinstance(p, DTensor)}
     fully_shard(model, mesh=mesh, ignored_params=held)  # the root: orders the groups' hooks
+    # every entry point (forward, loss, generation's last_logits) runs hidden_states, which must
+    # enter through the root, or each linear would become a root that never reshards
+    if hasattr(model, "hidden_states"):
+        register_fsdp_forward_method(model, "hidden_states")
     return sharded
 
 
