@@ -4,14 +4,17 @@
 each rank's address, empty when it started one process); `join_world` turns that into the
 backend-neutral `World` plus the `Summer` that all-sums across it. Without a launcher nothing is
 joined: a world of one and no communication.
+
+No rank waits forever: joining gives up after JOIN_TIMEOUT_S with a message, and when a rank dies
+mid-run its peers' next all-sum fails ("connection to a peer was lost") while mlx.launch ends them.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import subprocess
 import sys
-import threading
 from collections.abc import Mapping
 
 from mlx.utils import tree_flatten, tree_unflatten
@@ -19,7 +22,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from ..world import SINGLE, World, WorldError, detect_launcher
 from ._mlx import mx
 
-JOIN_TIMEOUT_S = 300.0  # ring init waits forever for a peer that never starts
+JOIN_TIMEOUT_S = 300.0  # how long a rank waits for the others to join the ring
 
 
 class Summer:
@@ -55,27 +58,33 @@ def _ring_hosts(env: Mapping[str, str]) -> str:
         raise WorldError(f"{path}: cannot read mlx.launch's host file ({e.strerror})") from None
 
 
+# Run by a child process while the ring forms: mx.distributed.init holds the GIL while it waits for
+# its peers, so no thread of this process could end a wait for a peer that never starts.
+_WATCHDOG = """
+import os, sys, time
+parent, seconds, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+time.sleep(seconds)
+if os.getppid() == parent:  # still joining (a finished join kills this process first)
+    print(message, file=sys.stderr, flush=True)
+    os.kill(parent, 9)
+"""
+
+
 @functools.cache
 def _join_ring(rank: int) -> mx.distributed.Group:
-    # Note: a peer that never starts would block init forever; a watchdog ends the process instead.
-    def give_up() -> None:
-        print(
-            f"rank {rank}: no answer from the other mlx.launch processes after {JOIN_TIMEOUT_S:.0f} s "
-            "(did one fail to start?); exiting",
-            file=sys.stderr,
-            flush=True,
-        )
-        os._exit(1)
-
-    watchdog = threading.Timer(JOIN_TIMEOUT_S, give_up)
-    watchdog.daemon = True
-    watchdog.start()
+    message = (
+        f"rank {rank}: no answer from the other mlx.launch processes after {JOIN_TIMEOUT_S:g} s "
+        "(did one fail to start?); exiting"
+    )
+    args = [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(JOIN_TIMEOUT_S), message]
+    watchdog = subprocess.Popen(args, stdin=subprocess.DEVNULL)
     try:
         return mx.distributed.init(strict=True, backend="ring")
     except RuntimeError as e:
         raise WorldError(f"rank {rank}: cannot join the mlx.launch ring group ({e})") from None
     finally:
-        watchdog.cancel()
+        watchdog.kill()
+        watchdog.wait()
 
 
 def join_world(env: Mapping[str, str] = os.environ) -> tuple[World, Summer | None]:

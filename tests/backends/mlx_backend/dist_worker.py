@@ -1,6 +1,6 @@
 """One process of the MLX data-parallel test: train the MLX engine a few steps on fixed global batches.
 
-python -m tests.backends.mlx_backend.dist_worker MODEL_DIR OUT_DIR [--rows N] [--steps K]
+python -m tests.backends.mlx_backend.dist_worker MODEL_DIR OUT_DIR [--rows N] [--steps K] [--die S]
 
 Run plainly (one process) or under `mlx.launch` (each rank trains on its rows of every global
 micro-batch). Each rank writes OUT_DIR/rank<r>.json (world, losses, grad norms, token counts) and
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def main() -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--die", type=int, help="rank 1 exits at once before this step")
     args = parser.parse_args()
     engine = build_engine(
         select_backend("mlx", "cpu", "float32"),
@@ -61,7 +63,9 @@ def main() -> int:
     )
     batches, steps = global_batches(args.rows), []
     try:
-        for _ in range(args.steps):
+        for step in range(args.steps):
+            if step == args.die and engine.world.rank == 1:
+                os._exit(3)  # a rank that dies mid-run, leaving its peer in the next all-sum
             steps.append(engine.train_step(batches, 2e-2))
     except WorldError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -56,7 +56,7 @@ def _free_port_pair() -> int:
     raise RuntimeError("no two consecutive free ports on 127.0.0.1")
 
 
-def _run(command: list[str]) -> subprocess.CompletedProcess:
+def _run(command: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     # a session of its own, so a timeout ends the launcher and both ranks it started
     proc = subprocess.Popen(
         command,
@@ -66,7 +66,7 @@ def _run(command: list[str]) -> subprocess.CompletedProcess:
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
     )
     try:
         out, err = proc.communicate(timeout=TIMEOUT_S)
@@ -132,6 +132,26 @@ def test_a_global_batch_that_does_not_split_is_refused_in_one_line(model, tmp_pa
         assert "a batch of 3 rows does not split over 2 processes" in line
         assert "--batch-size" in line
     assert not (tmp_path / "odd").exists()
+
+
+def test_when_a_rank_dies_the_other_exits_instead_of_waiting(model, tmp_path):
+    r = _launch(2, str(model), str(tmp_path / "dies"), "--steps", "3", "--die", "1")
+    assert "rank 1 exited with code 3" in r.stderr.replace("Node with ", ""), r.stderr
+    assert not (tmp_path / "dies").exists()  # rank 0 never finished its steps
+
+
+def test_a_peer_that_never_starts_ends_the_join_with_a_message(tmp_path):
+    hosts = tmp_path / "hosts.json"
+    port = _free_port_pair()  # nobody listens on port + 1: rank 1 never starts
+    hosts.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
+    code = (
+        "import backends.mlx_backend.distributed as d; d.JOIN_TIMEOUT_S = 2; "
+        "d.join_world(); print('joined')"
+    )
+    env = {"MLX_RANK": "0", "MLX_HOSTFILE": str(hosts)}
+    r = _run([sys.executable, "-c", code], env)
+    assert r.returncode != 0 and "joined" not in r.stdout
+    assert "rank 0: no answer from the other mlx.launch processes after 2 s" in r.stderr
 
 
 def test_without_a_launcher_the_world_is_one_plain_process():
