@@ -513,19 +513,33 @@ def export(model, out, fmt, dtype, adapter, overwrite) -> None:
     show_default=True,
     help="Sequence length of the training-memory estimate.",
 )
-@click.option("--batch-size", type=POSITIVE, default=1, show_default=True)
+@click.option(
+    "--batch-size",
+    type=POSITIVE,
+    default=1,
+    show_default=True,
+    help="Rows per micro-batch (with --nproc: the global batch, split over the ranks).",
+)
 @click.option("--lora-r", type=POSITIVE, default=8, show_default=True)
+@click.option(
+    "--nproc",
+    type=POSITIVE,
+    help="Also plan each rank's memory in a run of this many processes (torchrun / mlx.launch).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def info(path, seq_len, batch_size, lora_r, as_json) -> None:
+def info(path, seq_len, batch_size, lora_r, nproc, as_json) -> None:
     """Describe a model, adapter or checkpoint PATH [default: the embedded model]."""
     from backends import api
 
     with user_errors():
-        d = api.info(path, seq_len, batch_size, lora_r)
+        d = api.info(path, seq_len, batch_size, lora_r, nproc)
     if as_json:
         click.echo(json.dumps(d, indent=2, default=str))
         return
     for key, value in d.items():
+        if key == "per_rank":
+            echo_per_rank(value)
+            continue
         if key == "memory_estimate_bytes":
             value = (
                 f"{value / 2**30:.2f} GiB (training, seq {d['seq_len']}, batch {d['batch_size']})"
@@ -535,6 +549,28 @@ def info(path, seq_len, batch_size, lora_r, as_json) -> None:
         elif isinstance(value, dict):
             value = json.dumps(value)
         click.echo(f"{key:>22}: {value}")
+
+
+def echo_per_rank(plan: dict) -> None:
+    """The per-rank memory plan of `info --nproc`, part by part, saying what is sharded."""
+
+    def size(b: int) -> str:
+        return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+
+    n, rows = plan["nproc"], plan["rows_per_rank"]
+    t, m = plan["torch_fsdp"], plan["mlx_data_parallel"]
+    lines = [
+        ("torch (torchrun, FSDP2)", t["total"], "per rank"),
+        (f"  NF4 base, 1/{n} per rank", t["nf4_base_shard"], "sharded"),
+        ("  one layer all-gathered", t["largest_layer_gathered"], "transient, the largest layer"),
+        ("  embedding, norms, LM head", t["dense_replicated"], "replicated"),
+        ("  adapters, grads, optimizer", t["adapters_and_optimizer_replicated"], "replicated"),
+        (f"  activations, {rows} rows", t["activations"], "this rank's rows"),
+        ("MLX (mlx.launch, data parallel)", m["total"], f"per rank: a full replica, {rows} rows"),
+    ]
+    click.echo(f"{'per rank':>22}: {n} processes, {rows} rows of each global batch per rank")
+    for label, value, note in lines:
+        click.echo(f"{'':>24}{label:<32}{size(value):>11}  {note}")
 
 
 if __name__ == "__main__":

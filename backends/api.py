@@ -238,13 +238,17 @@ def export(
 
 
 def info(
-    path: str | os.PathLike | None, seq_len: int = 512, batch_size: int = 1, lora_r: int = 8
+    path: str | os.PathLike | None,
+    seq_len: int = 512,
+    batch_size: int = 1,
+    lora_r: int = 8,
+    nproc: int | None = None,
 ) -> dict:
     """Architecture, parameter counts, bits per weight and a training-memory estimate (models);
-    rank and targets (adapters); step, backend and config (checkpoints)."""
-    return describe(
-        path if path is not None else nf4core.default_model_path(), seq_len, batch_size, lora_r
-    )
+    rank and targets (adapters); step, backend and config (checkpoints). With `nproc` (models), each
+    rank's memory in a run of that many processes with a global batch of `batch_size` rows."""
+    path = path if path is not None else nf4core.default_model_path()
+    return describe(path, seq_len, batch_size, lora_r, nproc)
 
 
 __all__ = [

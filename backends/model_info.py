@@ -11,6 +11,7 @@ from nf4core.model_config import LINEAR_NAMES
 from nf4core.tensor import bits_per_weight
 
 from .checkpoint import STATE_NAME, CheckpointError, load_checkpoint
+from .memory_plan import model_bytes, per_rank, training_bytes
 from .peft_adapter import CONFIG_NAME, load_adapter
 
 NF4_BITS = bits_per_weight(64)  # double-quantized, blocksize 64
@@ -23,30 +24,21 @@ def model_info(
     batch_size: int = 1,
     lora_r: int = 8,
     compute_bytes: int = 4,
+    nproc: int | None = None,
 ) -> dict:
+    """With `nproc`, also each rank's memory in a run of that many processes (`per_rank`)."""
     source = nf4core.open_model(path)
     c = source.config
     linear = other = 0
-    lora = 0
     for name in source.tensor_names():
         n = int(np.prod(source.tensor_shape(name)))
         module = name.removesuffix(".weight").rsplit(".", 1)[-1]
         if name.endswith(".weight") and module in LINEARS:
             linear += n
-            out_f, in_f = source.tensor_shape(name)
-            lora += lora_r * (out_f + in_f)
         else:
             other += n
-    base_bytes = linear * NF4_BITS / 8 + other * compute_bytes
-    # values kept for backward a token and layer: ~10 hidden-sized and 3 intermediate-sized vectors,
-    # and attention scores and probabilities (heads x seq_len each) where attention is not fused
-    per_token = 10 * c.hidden_size + 3 * c.intermediate_size + 2 * c.num_attention_heads * seq_len
-    act = c.num_hidden_layers * batch_size * seq_len * per_token
-    logits = (
-        batch_size * seq_len * c.vocab_size * 4 * 3
-    )  # float32 logits, log-probs, their gradient
-    train_bytes = base_bytes + lora * 16 + act * compute_bytes + logits
-    return {
+    m = model_bytes(source, lora_r, compute_bytes)
+    info = {
         "kind": "model",
         "path": str(path),
         "architecture": c.architecture,
@@ -56,18 +48,29 @@ def model_info(
         "parameters": linear + other,
         "quantized_parameters": linear,
         "bits_per_weight": (linear * NF4_BITS + other * 8 * compute_bytes) / max(1, linear + other),
-        "lora_parameters": lora,
+        "lora_parameters": m.lora_parameters,
         "lora_r": lora_r,
         "seq_len": seq_len,
         "batch_size": batch_size,
-        "memory_estimate_bytes": int(train_bytes),
+        "memory_estimate_bytes": training_bytes(m, c, batch_size, seq_len, compute_bytes),
     }
+    if nproc is not None:
+        info["per_rank"] = per_rank(m, c, nproc, batch_size, seq_len, compute_bytes)
+    return info
 
 
-def describe(path: str | Path, seq_len: int = 512, batch_size: int = 1, lora_r: int = 8) -> dict:
-    """Info on whatever `path` is: an adapter directory, a training checkpoint, or a model."""
+def describe(
+    path: str | Path,
+    seq_len: int = 512,
+    batch_size: int = 1,
+    lora_r: int = 8,
+    nproc: int | None = None,
+) -> dict:
+    """Info on whatever `path` is: an adapter directory, a training checkpoint, or a model; `nproc`
+    (a model only) adds each rank's memory in a run of that many processes."""
     p = Path(path)
     if (p / CONFIG_NAME).is_file() and (p / "adapter_model.safetensors").is_file():
+        _no_plan(p, nproc, "an adapter")
         a = load_adapter(p)
         return {
             "kind": "adapter",
@@ -87,6 +90,7 @@ def describe(path: str | Path, seq_len: int = 512, batch_size: int = 1, lora_r: 
             if not (p / "config.json").is_file():
                 raise
         else:
+            _no_plan(p, nproc, "a training checkpoint")
             return {
                 "kind": "checkpoint",
                 "path": str(ck.path),
@@ -95,4 +99,9 @@ def describe(path: str | Path, seq_len: int = 512, batch_size: int = 1, lora_r: 
                 "adapter_parameters": int(sum(v.size for v in ck.state.adapters.values())),
                 "config": ck.config,
             }
-    return model_info(p, seq_len, batch_size, lora_r)
+    return model_info(p, seq_len, batch_size, lora_r, nproc=nproc)
+
+
+def _no_plan(path: Path, nproc: int | None, what: str) -> None:
+    if nproc is not None:
+        raise ValueError(f"{path}: --nproc plans the memory of training a model; this is {what}")

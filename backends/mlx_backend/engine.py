@@ -11,6 +11,7 @@ from mlx.utils import tree_flatten
 from ..engine import Engine, SourceTensors, StepResult, TrainingState
 from ..peft_adapter import peft_key
 from ._mlx import mx
+from .distributed import join_world
 from .generate import generate_tokens, greedy_steps
 from .lora import apply_lora, load_lora_state_dict, lora_state_dict
 from .model import CausalLM
@@ -35,6 +36,8 @@ class MLXEngine(Engine):
 
     def __init__(self, choice, source, lora, train, lr: float, base=None) -> None:
         self.choice, self.config = choice, source.config
+        # started by mlx.launch: join its group first, so a misstarted run fails before loading
+        self.world, summer = join_world()
         if choice.device == "cpu":
             mx.set_default_device(mx.cpu)
         quantized = base is None or base.quantized
@@ -63,6 +66,7 @@ class MLXEngine(Engine):
                     seed=train.seed,
                     gradient_checkpointing=train.grad_checkpoint,
                 ),
+                summer,
             )
 
     @staticmethod
@@ -71,11 +75,21 @@ class MLXEngine(Engine):
 
     def train_step(self, micro_batches, lr: float):
         # Note: MLX offers no way to restore a saved generator state, so the dropout generator is
-        # reseeded from (seed, step) every step: a resumed run draws the same masks.
-        mx.random.seed(self.seed * 1_000_003 + self.trainer.optimizer.step_count)
-        out = self.trainer.train_step([self._batch(b) for b in micro_batches], lr)
+        # reseeded from (seed, step, rank) every step: a resumed run draws the same masks, and the
+        # ranks of a data-parallel run draw different ones.
+        step = self.trainer.optimizer.step_count
+        mx.random.seed(self.seed * 1_000_003 + step + self.world.rank * 7_919_113)
+        whole = [self._batch(b) for b in micro_batches]
+        if self.world.size == 1:
+            out = self.trainer.train_step(whole, lr)
+        else:  # this rank's rows of every global micro-batch; the loss divides by the global count
+            mine = [b.take_rows(self.world.rows(b.inputs.shape[0])) for b in whole]
+            total = int(sum(b.mask.sum().item() for b in whole))
+            out = self.trainer.train_step(mine, lr, total)
         return StepResult(out["loss"], out["tokens"], out["grad_norm"])
 
+    # Evaluation is not split: every rank computes the whole batch (no communication, any batch
+    # size), so every rank returns the same numbers.
     def batch_loss(self, b) -> tuple[float, int]:
         batch = self._batch(b)
         s, k = masked_cross_entropy(

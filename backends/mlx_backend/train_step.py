@@ -11,6 +11,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from ._mlx import mx, nn
+from .distributed import Summer
 from .memory import check_fits, plan_training, set_memory_limit
 from .paged_optimizer import PagedAdamW, PagedAdamWConfig
 
@@ -80,6 +81,11 @@ class Batch:
         """(positions, segments) for packed rows, else ()."""
         return () if self.segments is None else (self.positions, self.segments)
 
+    def take_rows(self, rows: slice) -> Batch:
+        """The batch of these rows only (a rank's share of a global batch)."""
+        fields = (self.inputs, self.targets, self.mask, self.positions, self.segments)
+        return Batch(*(None if a is None else a[rows] for a in fields))
+
 
 def masked_cross_entropy(logits: mx.array, targets: mx.array, mask: mx.array):
     """(sum of token losses where mask is 1, number of such tokens), in float32."""
@@ -99,9 +105,13 @@ def clip_by_global_norm(grads: dict, max_norm: float | None):
 class Trainer:
     """Trains the unfrozen parameters of `model` (the LoRA adapters) one optimizer step at a time."""
 
-    def __init__(self, model: nn.Module, config: TrainConfig | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, config: TrainConfig | None = None, summer: Summer | None = None
+    ) -> None:
+        """`summer`: with data parallel, adds up each rank's share of the loss and gradients."""
         self.model = model
         self.config = config or TrainConfig()
+        self.summer = summer
         mx.random.seed(self.config.seed)
         if hasattr(model, "set_gradient_checkpointing"):
             model.set_gradient_checkpointing(self.config.gradient_checkpointing)
@@ -130,9 +140,13 @@ class Trainer:
             grad_fn = mx.compile(grad_fn, inputs=state, outputs=state)
         self._grad_fn = grad_fn
 
-    def gradients(self, micro_batches: list[Batch]):
-        """(mean-per-token float32 gradients over all micro-batches, mean loss, token count)."""
-        total_loss, total_tokens, acc = 0.0, 0.0, None
+    def gradients(self, micro_batches: list[Batch], total_tokens: int | None = None):
+        """(mean-per-token float32 gradients over all micro-batches, mean loss, token count).
+
+        With data parallel, `micro_batches` are this rank's rows of the global ones and
+        `total_tokens` counts the global targets: each rank divides its sums by it, and the summer
+        adds the ranks' shares up, so every rank gets the one-process result."""
+        total_loss, local_tokens, acc = 0.0, 0.0, None
         for batch in micro_batches:
             (loss_sum, count), grads = self._grad_fn(
                 batch.inputs, batch.targets, batch.mask, *batch.packing()
@@ -141,21 +155,30 @@ class Trainer:
             acc = grads if acc is None else tree_map(mx.add, acc, grads)
             mx.eval(acc, loss_sum, count)  # one micro-batch's graph at a time
             total_loss += loss_sum.item()
-            total_tokens += count.item()
+            local_tokens += count.item()
+        total_tokens = local_tokens if total_tokens is None else total_tokens
         if total_tokens == 0:
             raise ValueError("no tokens to learn from: every loss-mask entry of the batch is 0")
         grads = tree_map(lambda g: g / total_tokens, acc)
-        return grads, total_loss / total_tokens, int(total_tokens)
+        loss = total_loss / total_tokens
+        if self.summer is not None:
+            grads, loss = self.summer.all_sum((grads, mx.array(loss, dtype=mx.float32)))
+            mx.eval(grads, loss)
+            loss = loss.item()
+        return grads, loss, int(total_tokens)
 
-    def train_step(self, micro_batches: list[Batch], lr: float) -> dict:
+    def train_step(
+        self, micro_batches: list[Batch], lr: float, total_tokens: int | None = None
+    ) -> dict:
         """One optimizer step at `lr` over `grad_accum_steps` micro-batches; returns loss, lr, grad_norm. A
-        non-finite loss or gradient norm skips the update (the caller sees it in the result)."""
+        non-finite loss or gradient norm skips the update (the caller sees it in the result).
+        `total_tokens`: see `gradients`."""
         if len(micro_batches) != self.config.grad_accum_steps:
             raise ValueError(
                 f"expected {self.config.grad_accum_steps} micro-batches, got {len(micro_batches)}"
             )
         self.model.train()
-        grads, loss, tokens = self.gradients(micro_batches)
+        grads, loss, tokens = self.gradients(micro_batches, total_tokens)
         grads, norm = clip_by_global_norm(grads, self.config.max_grad_norm)
         if not lr > 0:
             raise ValueError(f"the learning rate must be positive, got {lr}")
