@@ -210,7 +210,7 @@ class _Run:
         self.base = base  # the (name, revision) the adapter records
         self.main = world.is_main  # the others make the same engine calls and write nothing
         self.log = MetricsLog(out / "metrics.jsonl", create=self.main)
-        self.reporters = Reporters(cfg.report_to or () if self.main else (), out, cfg.to_dict())
+        self.reporters = Reporters((cfg.report_to or ()) if self.main else (), out, cfg.to_dict())
         self._truncate = start > 0  # records after `start` are replaced, once this run logs
         self.saved_step: int | None = None  # of the latest checkpoint this call saved
         self.best_checkpoint: Path | None = None  # with early stopping
@@ -279,8 +279,9 @@ class _Run:
                         "detail": what,
                         "skipped": skipped,
                     }
-                    if not skipped and self.main:  # appended: keeps the records of earlier runs
-                        self.log.write(record)
+                    if not skipped:  # appended: a failed run removes no record of an earlier one
+                        if self.main:
+                            self.log.write(record)
                         bar.close()
                         raise NonFiniteError(self._stopped(done, what))
                     self.write(record)
@@ -399,7 +400,7 @@ class _Run:
         if self.start == 0:
             return stopper
         earlier = EarlyStopping(self.cfg.early_stopping_patience)
-        for r in MetricsLog(self.out / "metrics.jsonl", create=False).read():
+        for r in self.log.read():
             if "eval_loss" in r and r.get("step", 0) <= self.start:
                 earlier.improved(r["step"], r["eval_loss"])
         if earlier.best_step is not None:

@@ -1,7 +1,9 @@
 """torch data parallel on the CPU: 2 gloo ranks (torchrun, FSDP2-sharded NF4 base) vs 1 process,
-training the same global batches of the default model (SmolLM2-135M, LoRA r=8 on every linear).
+training the same global batches of the default model (SmolLM2-135M, LoRA r=8 on every linear);
+with --device cuda, NCCL ranks on every visible GPU vs one GPU.
 
   python bench/distributed.py [--quick] [--ranks 2] [--batch 4] [--seq 128] [--steps 4]
+  python bench/distributed.py --device cuda   # every visible GPU (NCCL), vs one GPU
 
 Each run is its own `torchrun --nproc-per-node N` (N = 1 is the plain single-process path); the
 machine's cores are shared out equally (threads per rank = cores // N). Prints per run: tokens/s in
@@ -37,7 +39,7 @@ def worker(args: argparse.Namespace) -> None:
 
     size = int(os.environ.get("WORLD_SIZE", "1"))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
-    choice = select_backend("torch", "cpu", "float32")
+    choice = select_backend("torch", args.device, "float32" if args.device == "cpu" else None)
     source = nf4core.open_model(str(nf4core.default_model_path()))
     engine = build_engine(choice, source, LoRASettings(), TrainSettings(seed=0), 1e-4)
     rng = np.random.default_rng(0)
@@ -53,6 +55,8 @@ def worker(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - t
     with open("/proc/self/status") as f:
         peak = int(next(x for x in f if x.startswith("VmHWM")).split()[1]) * 1024
+    if engine.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(engine.device)
     result = {
         "rank": engine.world.rank,
         "size": engine.world.size,
@@ -73,6 +77,7 @@ def run(n: int, args: argparse.Namespace) -> list[dict]:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n)]
         command += ["--master-port", str(port), __file__, "--worker", "--out", out]
         command += ["--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
+        command += ["--device", args.device]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(os.cpu_count() // n)}
         subprocess.run(command, check=True, env=env, cwd=ROOT)
         return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(n)]
@@ -81,7 +86,8 @@ def run(n: int, args: argparse.Namespace) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--ranks", type=int, help="default: 2 on the CPU, every visible GPU on cuda")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--batch", type=int, default=4, help="global rows per step")
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--steps", type=int, default=4)
@@ -92,18 +98,23 @@ def main() -> None:
         return worker(args)
     if args.quick:
         args.batch, args.seq, args.steps = 2, 64, 2
+    if args.ranks is None:
+        import torch
+
+        args.ranks = torch.cuda.device_count() if args.device == "cuda" else 2
     from bench.machine import describe
 
     print(
         f"machine: {describe()}; global batch {args.batch} x {args.seq} tokens, {args.steps} steps"
     )
+    memory = "peak RSS" if args.device == "cpu" else "peak GPU memory"
     print(
-        "| ranks | threads/rank | tokens/s total | tokens/s per rank | peak RSS per rank (MiB) "
+        f"| ranks | threads/rank | tokens/s total | tokens/s per rank | {memory} per rank (MiB) "
         "| NF4 held per rank (MiB) | NF4 base (MiB) |"
     )
     print("|---|---|---|---|---|---|---|")
     base = None
-    for n in (1, args.ranks):
+    for n in sorted({1, args.ranks}):
         ranks = run(n, args)
         total = ranks[0]["tokens_per_s"]  # every rank steps the whole global batch together
         base = base or total

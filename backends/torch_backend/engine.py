@@ -44,10 +44,17 @@ class TorchEngine(Engine):
             method=base.quant_method if base is not None else "absmax",
             base_dtype=None if quantized else DTYPES[base.dtype],
         )
+        self.sharded = self.world.size > 1
+        if self.sharded:  # before moving: only this rank's shards go to the device
+            from .sharding import shard_nf4_linears, shard_root
+
+            mesh = shard_nf4_linears(self.model, self.world.size, self.device)
         self.model.to(self.device)
         self.trainer = None
         if lora is not None:
             apply_lora(self.model, lora)
+        if self.sharded:
+            shard_root(self.model, mesh)
         if train is not None:
             torch.manual_seed(train.seed)
             self.model.gradient_checkpointing = train.grad_checkpoint
@@ -64,12 +71,7 @@ class TorchEngine(Engine):
             self._names = [
                 PEFT_PREFIX + n for n, p in self.model.named_parameters() if p.requires_grad
             ]
-        self.sharded = self.world.size > 1
-        if self.sharded:
-            from .sharding import shard_nf4_base
-
-            shard_nf4_base(self.model, self.world.size, self.device)
-            if self.trainer is not None:
+            if self.sharded:
                 self.trainer.reduce = _sum_over_ranks
 
     def _batch(self, b) -> Batch:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
@@ -56,7 +56,7 @@ class _ShardedNF4Matmul(torch.autograd.Function):
 
 class ShardedNF4Linear(NF4Linear):
     """An NF4Linear whose data are frozen parameters that FSDP2 shards (see the module note).
-    Made by `shard_nf4_base`; outside its forward the parameters are DTensor shards."""
+    Made by `shard_nf4_linears`; outside its forward the parameters are DTensor shards."""
 
     def gathered_weight(self) -> NF4Weight:
         """The NF4 weight as FSDP2 has all-gathered it (call inside forward or backward only)."""
@@ -75,26 +75,28 @@ class ShardedNF4Linear(NF4Linear):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
-def shard_nf4_base(
-    model: nn.Module, world_size: int, device: torch.device
-) -> list[ShardedNF4Linear]:
-    """Shard every NF4Linear of `model` over the `world_size` ranks of the default process group
-    (one FSDP2 group per linear, so one layer is whole at a time); everything else stays replicated.
-    Call after the adapters are applied and the model is on `device`."""
+def shard_nf4_linears(model: nn.Module, world_size: int, device: torch.device) -> DeviceMesh:
+    """Shard every NF4Linear of `model` over the `world_size` ranks of the default process group,
+    one FSDP2 group per linear (so one layer is whole at a time). FSDP2 puts the shards on
+    `device`: a model built on the host never holds its whole NF4 base on the accelerator. Then
+    `shard_root` (after the adapters are applied)."""
     mesh = init_device_mesh(device.type, (world_size,))
-    sharded = []
     for m in model.modules():
         if isinstance(m, NF4Linear):
             _to_parameters(m)
             fully_shard(m, mesh=mesh, reshard_after_forward=True)
-            sharded.append(m)
+    return mesh
+
+
+def shard_root(model: nn.Module, mesh: DeviceMesh) -> None:
+    """Make `model` the FSDP2 root over the sharded linears; every other parameter (adapters,
+    embeddings, norms, head) is left out of sharding and stays replicated."""
     held = {p for p in model.parameters() if not isinstance(p, DTensor)}
-    fully_shard(model, mesh=mesh, ignored_params=held)  # the root: orders the groups' hooks
+    fully_shard(model, mesh=mesh, ignored_params=held)  # orders the groups' hooks
     # every entry point (forward, loss, generation's last_logits) runs hidden_states, which must
     # enter through the root, or each linear would become a root that never reshards
     if hasattr(model, "hidden_states"):
         register_fsdp_forward_method(model, "hidden_states")
-    return sharded
 
 
 def _to_parameters(m: NF4Linear) -> None:
