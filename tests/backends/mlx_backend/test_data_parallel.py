@@ -23,7 +23,8 @@ from safetensors.numpy import load_file  # noqa: E402
 
 from backends.mlx_backend.distributed import Summer, join_world  # noqa: E402
 from backends.world import SINGLE, World  # noqa: E402
-from tests.backends.finetune_fixtures import tiny_model_dir  # noqa: E402
+from tests.backends.finetune_fixtures import tiny_model_dir, tiny_setup  # noqa: E402
+from tests.backends.run_helpers import run_cli, tiny_run_args  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[3]
 WORKER = "tests.backends.mlx_backend.dist_worker"
@@ -77,7 +78,9 @@ def _run(command: list[str], env: dict[str, str] | None = None) -> subprocess.Co
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
-def _launch(n: int, *args: str) -> subprocess.CompletedProcess:
+def _launch(
+    n: int, *args: str, command: tuple[str, ...] = ("-m", WORKER)
+) -> subprocess.CompletedProcess:
     head = [
         _launcher(),
         "-n",
@@ -87,7 +90,7 @@ def _launch(n: int, *args: str) -> subprocess.CompletedProcess:
         "--starting-port",
         str(_free_port_pair()),
     ]
-    return _run([*head, "--", sys.executable, "-m", WORKER, *args])
+    return _run([*head, "--", sys.executable, *command, *args])
 
 
 def _result(out: Path, rank: int) -> tuple[dict, dict[str, np.ndarray]]:
@@ -176,3 +179,34 @@ def test_the_flat_all_sum_keeps_every_leaf_in_place():
     np.testing.assert_array_equal(np.array(summed[0]["a"]), np.arange(6).reshape(2, 3))
     np.testing.assert_array_equal(np.array(summed[0]["b"][0]), [7.0, 8.0])
     assert summed[1].shape == () and summed[1].item() == 9.0
+
+
+def _metrics(out: Path) -> list[list[float]]:
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [[r["step"], r["loss"], r["grad_norm"], r["tokens"]] for r in records if "loss" in r]
+
+
+def test_cli_finetune_under_mlx_launch_is_one_process_and_rank_0_alone_writes(tmp_path):
+    """The README's line: `mlx.launch -n 2 --backend ring -- python cli.py finetune --backend mlx`."""
+    model, data = tiny_setup(tmp_path)
+    args = ("--steps", "4", "--save-every", "2", "--lr", "1e-3", "--backend", "mlx")
+    one = run_cli(*tiny_run_args(model, data, tmp_path / "one", *args))
+    assert one.returncode == 0, one.stderr
+    two = _launch(
+        2,
+        *tiny_run_args(model, data, tmp_path / "two", *args),
+        command=(str(ROOT / "cli.py"),),
+    )
+    assert (tmp_path / "two" / "adapter_model.safetensors").is_file(), two.stdout + two.stderr
+    assert "error" not in two.stderr.lower(), two.stderr
+    got, want = _metrics(tmp_path / "two"), _metrics(tmp_path / "one")
+    assert [r[0] for r in got] == [1, 2, 3, 4] and [r[3] for r in got] == [r[3] for r in want]
+    np.testing.assert_allclose([r[1:3] for r in got], [r[1:3] for r in want], rtol=0, atol=1e-5)
+    a = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-5, err_msg=key)
+    one_files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*"))
+    two_files = sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*"))
+    assert two_files == one_files  # one writer: the same files a single process writes
