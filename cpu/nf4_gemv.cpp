@@ -136,6 +136,45 @@ struct Acc {
   }
 };
 
+// Whole blocks of a multiple of 64 elements (K % 64 == 0, blocksize % 64 == 0; the usual case): x is
+// permuted per 64 columns so that xq[64g + 16r + j] = x[64g + 4j + r]; 32 packed bytes widen to 16
+// lanes of two bytes each, and the four nibbles of a lane are looked up after shifts by 4, 0, 12 and 8
+// (vpermps reads only the low four bits of each index): one widening per 64 weights, no masking.
+constexpr bool kWide = true;
+
+template <int M>
+void rows_wide(const Weight& w, const float* xq, float* y, int64_t n0, int64_t n1) {
+  const int64_t K = w.K, bs = w.blocksize;
+  const __m512 codes = _mm512_loadu_ps(w.quant_map);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w.packed + ((n * K) >> 1);
+    __m512 acc[M][4];
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < 4; ++r) acc[m][r] = _mm512_setzero_ps();
+    int64_t b = n * (K / bs);
+    for (int64_t k0 = 0; k0 < K; k0 += bs, ++b) {
+      const __m512 table = _mm512_mul_ps(codes, _mm512_set1_ps(block_scale(w, b)));
+      for (int64_t k = k0; k < k0 + bs; k += 64) {
+        const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(row + (k >> 1))));
+        const __m512 e0 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+        const __m512 e1 = _mm512_permutexvar_ps(v, table);
+        const __m512 e2 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 12), table);
+        const __m512 e3 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 8), table);
+        for (int m = 0; m < M; ++m) {
+          const float* xm = xq + m * K + k;
+          acc[m][0] = _mm512_fmadd_ps(e0, _mm512_loadu_ps(xm), acc[m][0]);
+          acc[m][1] = _mm512_fmadd_ps(e1, _mm512_loadu_ps(xm + 16), acc[m][1]);
+          acc[m][2] = _mm512_fmadd_ps(e2, _mm512_loadu_ps(xm + 32), acc[m][2]);
+          acc[m][3] = _mm512_fmadd_ps(e3, _mm512_loadu_ps(xm + 48), acc[m][3]);
+        }
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      y[m * w.N + n] = _mm512_reduce_add_ps(
+          _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3])));
+  }
+}
+
 #elif defined(NF4_AVX2)
 constexpr const char* kIsa = "avx2";
 
@@ -218,6 +257,12 @@ struct Acc {
 };
 #endif
 
+#if !defined(NF4_AVX512)
+constexpr bool kWide = false;
+template <int M>
+void rows_wide(const Weight&, const float*, float*, int64_t, int64_t) {}
+#endif
+
 template <int M>
 void rows_even(const Weight& w, const float* xe, const float* xo, float* y, int64_t n0, int64_t n1) {
   const int64_t K = w.K, bs = w.blocksize, half = K >> 1;
@@ -244,8 +289,9 @@ void rows_even(const Weight& w, const float* xe, const float* xo, float* y, int6
 // Threads only when the weight is big enough to pay for waking them (~128k weights).
 inline bool worth_threads(const Weight& w) { return w.N * w.K >= (int64_t{1} << 17) && w.N >= 16; }
 
-template <int M>
-void run_even(const Weight& w, const float* xe, const float* xo, float* y) {
+// Rows of W spread evenly over the threads; rows(n0, n1) computes outputs n0..n1-1.
+template <typename Rows>
+void run(const Weight& w, Rows&& rows) {
   const int64_t N = w.N;
 #pragma omp parallel if (worth_threads(w))
   {
@@ -256,7 +302,7 @@ void run_even(const Weight& w, const float* xe, const float* xo, float* y) {
 #endif
     const int64_t per = (N + threads - 1) / threads;
     const int64_t n0 = me * per, n1 = n0 + per < N ? n0 + per : N;
-    if (n0 < n1) rows_even<M>(w, xe, xo, y, n0, n1);
+    if (n0 < n1) rows(n0, n1);
   }
 }
 
@@ -296,11 +342,29 @@ int nf4_gemv_f32(const float* x, int64_t M, int64_t K, const uint8_t* packed, in
     for (int64_t n = 0; n < N; ++n) rows_scalar(w, x, M, y, n, n + 1);
     return 0;
   }
+  std::vector<float> split(kMaxRows * K);  // kMaxRows rows of x, rearranged for the row kernel
+  const bool wide = kWide && K % 64 == 0 && blocksize % 64 == 0;
   const int64_t half = K / 2;
-  std::vector<float> split(2 * kMaxRows * half);  // x's even and odd columns, kMaxRows rows at a time
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
     const int rows = M - m0 < kMaxRows ? int(M - m0) : kMaxRows;
-    float* xe = split.data();
+    float* out = y + m0 * N;
+    if (wide) {
+      float* xq = split.data();
+      for (int m = 0; m < rows; ++m) {
+        const float* src = x + (m0 + m) * K;
+        for (int64_t g = 0; g < K; g += 64)
+          for (int r = 0; r < 4; ++r)
+            for (int j = 0; j < 16; ++j) xq[m * K + g + 16 * r + j] = src[g + 4 * j + r];
+      }
+      switch (rows) {
+        case 1: run(w, [&](int64_t a, int64_t b) { rows_wide<1>(w, xq, out, a, b); }); break;
+        case 2: run(w, [&](int64_t a, int64_t b) { rows_wide<2>(w, xq, out, a, b); }); break;
+        case 3: run(w, [&](int64_t a, int64_t b) { rows_wide<3>(w, xq, out, a, b); }); break;
+        default: run(w, [&](int64_t a, int64_t b) { rows_wide<4>(w, xq, out, a, b); }); break;
+      }
+      continue;
+    }
+    float* xe = split.data();  // even columns, then odd columns
     float* xo = split.data() + kMaxRows * half;
     for (int m = 0; m < rows; ++m) {
       const float* src = x + (m0 + m) * K;
@@ -309,12 +373,11 @@ int nf4_gemv_f32(const float* x, int64_t M, int64_t K, const uint8_t* packed, in
         xo[m * half + i] = src[2 * i + 1];
       }
     }
-    float* out = y + m0 * N;
     switch (rows) {
-      case 1: run_even<1>(w, xe, xo, out); break;
-      case 2: run_even<2>(w, xe, xo, out); break;
-      case 3: run_even<3>(w, xe, xo, out); break;
-      default: run_even<4>(w, xe, xo, out); break;
+      case 1: run(w, [&](int64_t a, int64_t b) { rows_even<1>(w, xe, xo, out, a, b); }); break;
+      case 2: run(w, [&](int64_t a, int64_t b) { rows_even<2>(w, xe, xo, out, a, b); }); break;
+      case 3: run(w, [&](int64_t a, int64_t b) { rows_even<3>(w, xe, xo, out, a, b); }); break;
+      default: run(w, [&](int64_t a, int64_t b) { rows_even<4>(w, xe, xo, out, a, b); }); break;
     }
   }
   return 0;
