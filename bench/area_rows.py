@@ -125,7 +125,9 @@ def decode_rows(r: dict) -> list[Row]:
     names = list(decoders)  # the kernel first, then the previous default (decode_vs_transformers)
     if len(names) == 2:
         new, old = (decoders[n]["tokens_per_s"] for n in names)
-        rows.append(Row(f"decode, {names[0]}", "tokens/s", new, names[1], old))
+        rows.append(
+            Row("decode, GEMV kernel vs the previous default", "tokens/s", new, names[1], old)
+        )
     for name, p in r.get("profile", {}).items():
         rows.append(Row(f"decode step, {name}", "ms", p["step_ms"]))
         rows.append(Row(f"decode step LM head, {name}", "ms", p["lm_head_ms"]))
