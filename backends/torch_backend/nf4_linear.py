@@ -140,8 +140,15 @@ class NF4Linear(nn.Module):
         if not torch.is_grad_enabled() and cpu_gemv.covers(x):  # decoding: the 4-bit GEMV
             if x.shape[-1] != self.in_features or held["packed"].device != x.device:
                 return nf4_linear(x, self.weight, self.bias)  # ops.linear's checks say why
-            bias = held["bias"]
-            y = cpu_gemv.linear_parts(x, *(held[n] for n in _BUFFERS), **self._gemv_meta())
+            m, bias = self._meta, held["bias"]
+            y = cpu_gemv.linear_parts(
+                x,
+                *(held[n] for n in _BUFFERS),
+                m["nested_offset"],
+                m["nested_blocksize"],
+                m["blocksize"],
+                self.out_features,
+            )
             return y if bias is None else y + bias.to(y.dtype)
         cache = active_cache()
         if cache is not None:  # generation: skip building an NF4Weight per call
@@ -151,15 +158,6 @@ class NF4Linear(nn.Module):
             if dense is not None:
                 return F.linear(x, dense, None if self.bias is None else self.bias.to(x.dtype))
         return nf4_linear(x, self.weight, self.bias)
-
-    def _gemv_meta(self) -> dict:
-        m = self._meta
-        return dict(
-            nested_offset=m["nested_offset"],
-            nested_blocksize=m["nested_blocksize"],
-            blocksize=m["blocksize"],
-            out_features=self.out_features,
-        )
 
     def extra_repr(self) -> str:
         dq = "double-quant" if self.nested_codes is not None else "plain absmax"
