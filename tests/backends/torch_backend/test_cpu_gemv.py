@@ -244,3 +244,22 @@ def test_a_compile_error_is_one_line_naming_the_source(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_gemv, "_build_dir", lambda: tmp_path / "build")
     with pytest.raises(cpu_gemv.GemvUnavailable, match=f"compiling {cpu_gemv.SOURCE} failed"):
         cpu_gemv.build()
+
+
+def test_a_compiler_without_openmp_builds_a_one_thread_kernel(variants, rng, monkeypatch, tmp_path):
+    real = shutil.which("g++") or shutil.which("c++")
+    fake = tmp_path / "c++"
+    fake.write_text(
+        '#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && { echo "unsupported" >&2; exit 1; }; '
+        f'done\nexec {real} "$@"\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    monkeypatch.setattr(cpu_gemv, "_libs", {})
+    monkeypatch.setattr(cpu_gemv, "_functions", {})
+    monkeypatch.setattr(cpu_gemv, "_build_dir", lambda: tmp_path / "build")
+    w = NF4Weight.from_nf4(quantized(rng, (300, 1000), 64, True)[1])
+    x = torch.randn(3, 1000)
+    torch.testing.assert_close(
+        cpu_gemv.linear(x, w), ops_reference.linear(x, w), rtol=1e-5, atol=1e-4
+    )
