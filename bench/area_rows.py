@@ -122,8 +122,19 @@ def decode_rows(r: dict) -> list[Row]:
         Row(f"decode, {name}", "tokens/s", d["tokens_per_s"], peer_name, peer)
         for name, d in decoders.items()
     ]
+    names = list(decoders)  # the kernel first, then the previous default (decode_vs_transformers)
+    if len(names) == 2:
+        new, old = (decoders[n]["tokens_per_s"] for n in names)
+        rows.append(
+            Row("decode, GEMV kernel vs the previous default", "tokens/s", new, names[1], old)
+        )
+    for name, p in r.get("profile", {}).items():
+        rows.append(Row(f"decode step, {name}", "ms", p["step_ms"]))
+        rows.append(Row(f"decode step LM head, {name}", "ms", p["lm_head_ms"]))
+        rows.append(Row(f"dense weights held decoding, {name}", "MiB", p["dense_cache_mib"]))
     for x in r["linear"]:
-        for how, key in (("per call", "per_call_ms"), ("cached", "cached_ms")):
+        hows = (("GEMV kernel", "kernel_ms"), ("per call", "per_call_ms"), ("cached", "cached_ms"))
+        for how, key in hows:
             rows.append(
                 Row(
                     f"NF4Linear {x['shape']} at 1 token, {how}",

@@ -7,6 +7,10 @@ bits as `ops.dequantize`) and multiplies with `F.linear`: after the first token 
 layer's speed. Training never uses it (grad enabled): the NF4 linear must not keep W between forward
 and backward.
 
+With the CPU GEMV kernel (cpu_gemv.py) decoding needs no dense copy: `for_decoding` gives a cache
+with no budget when the kernel covers the decode steps' rows, so the cache holds weights only where
+the kernel does not run (no compiler, a failed self-check, a forced path, more rows than it takes).
+
 Note (policy): decoding visits the layers in the same order every token, so an LRU cache smaller
 than the model would evict each weight just before its next use and never hit. This cache fills up
 to its byte budget and then stops adding: the first layers that fit stay, the rest dequantize per
@@ -53,6 +57,15 @@ class DequantCache:
         self._entries: dict[
             tuple[int, torch.dtype], tuple[torch.Tensor, tuple[int, ...], torch.Tensor]
         ] = {}
+
+    @classmethod
+    def for_decoding(cls, rows: int, dtype: torch.dtype, device: torch.device) -> DequantCache:
+        """The cache for decode steps of `rows` rows: budget 0 when the CPU GEMV kernel covers them
+        (it reads the 4-bit codes, and a prefill of more rows runs it or dequantizes per call)."""
+        from . import cpu_gemv
+
+        probe = torch.empty(rows, 1, dtype=dtype, device=device)
+        return cls(budget_bytes=0 if cpu_gemv.covers(probe) else None)
 
     @contextlib.contextmanager
     def active(self) -> Iterator[DequantCache]:

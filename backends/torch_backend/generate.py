@@ -33,7 +33,7 @@ def generate_tokens(model: CausalLM, prompt: Sequence[int], cfg: SamplingConfig)
         device = model.inv_freq.device
         cache = model.new_cache(1, len(prompt) + cfg.max_new_tokens)
         gen = torch.Generator().manual_seed(cfg.seed)
-        weights = DequantCache()  # active only inside each forward: callers may interleave
+        weights = DequantCache.for_decoding(1, model.compute_dtype, device)  # only inside forwards
         with weights.active():
             logits = last_logits(model, torch.tensor([list(prompt)], device=device), cache)[0]
         for _ in range(cfg.max_new_tokens):
@@ -64,7 +64,7 @@ def greedy_steps(
         device = model.inv_freq.device
         cache = model.new_cache(len(prompts), len(prompts[0]) + max_new_tokens)
         ids = torch.tensor([list(p) for p in prompts], device=device)
-        weights = DequantCache()
+        weights = DequantCache.for_decoding(len(prompts), model.compute_dtype, device)
         for _ in range(max_new_tokens):
             with weights.active():
                 ids = last_logits(model, ids, cache).argmax(-1, keepdim=True)

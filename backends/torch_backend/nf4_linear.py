@@ -10,7 +10,7 @@ from torch import nn
 import nf4core
 from nf4core.state_dict import nf4_to_state_dict
 
-from . import ops
+from . import cpu_gemv, ops
 from .dequant_cache import active_cache, cached_weight
 from .nf4_weight import NF4Weight
 
@@ -36,8 +36,9 @@ def nf4_linear(
     x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Functional form: x (..., in) -> (..., out), computed in x's dtype. With autograd off inside
-    an active `DequantCache` (generation), the cached dequantized weight is used."""
-    dense = cached_weight(weight, x.dtype)
+    an active `DequantCache` (generation), the cached dequantized weight is used, unless the CPU
+    GEMV kernel covers x (few rows): it reads the 4-bit codes and needs no dense copy."""
+    dense = None if cpu_gemv.covers(x) else cached_weight(weight, x.dtype)
     y = F.linear(x, dense) if dense is not None else _NF4Matmul.apply(x, weight)
     return y if bias is None else y + bias.to(y.dtype)
 
@@ -135,9 +136,22 @@ class NF4Linear(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        held = self._buffers  # skips Module.__getattr__ per buffer (per-token overhead)
+        if not torch.is_grad_enabled() and cpu_gemv.covers(x):  # decoding: the 4-bit GEMV
+            if x.shape[-1] != self.in_features or held["packed"].device != x.device:
+                return nf4_linear(x, self.weight, self.bias)  # ops.linear's checks say why
+            m, bias = self._meta, held["bias"]
+            y = cpu_gemv.linear_parts(
+                x,
+                *(held[n] for n in _BUFFERS),
+                m["nested_offset"],
+                m["nested_blocksize"],
+                m["blocksize"],
+                self.out_features,
+            )
+            return y if bias is None else y + bias.to(y.dtype)
         cache = active_cache()
         if cache is not None:  # generation: skip building an NF4Weight per call
-            held = self._buffers  # skips Module.__getattr__ per buffer (per-token overhead)
             tensors = [held[n] for n in _BUFFERS if held[n] is not None]
             numel = self.out_features * self.in_features
             dense = cache.dense(tensors, numel, x.dtype, lambda: self.dequantize(x.dtype))

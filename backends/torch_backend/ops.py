@@ -1,5 +1,6 @@
-"""NF4 ops with per-call dispatch: Triton kernels (CUDA), nf4core's numpy decoder (CPU tensors), or the
-plain-torch reference (anything else, or when forced). Every call is checked first (op_checks.py), so
+"""NF4 ops with per-call dispatch: Triton kernels (CUDA), the CPU GEMV kernel (CPU linears of few
+rows, cpu_gemv.py), nf4core's numpy decoder (other CPU ops), or the plain-torch reference (anything
+else, or when forced). Every call is checked first (op_checks.py), so
 every path refuses the same bad input with the same message. In auto mode a kernel op is used only
 after it passed its self-check (self_check.py); one that fails it runs the reference instead."""
 
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import ops_host, ops_reference, self_check
+from . import cpu_gemv, ops_host, ops_reference, self_check
 from .dispatch import auto_mode, use_host, use_triton
 from .nf4_weight import NF4Weight
 from .op_checks import check_dtype, check_matmul, check_weight
@@ -43,6 +44,8 @@ def block_absmax(w: NF4Weight) -> torch.Tensor:
 def linear(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
     """x (..., in) @ W^T -> (..., out) in x's dtype (fused kernel or dequantize-then-matmul)."""
     check_matmul("linear", x, w, w.shape[-1])
+    if cpu_gemv.covers(x):
+        return cpu_gemv.linear(x, w)
     return _impl(x.reshape(-1, x.shape[-1]), x.dtype, "linear").linear(x, w)
 
 

@@ -1,6 +1,7 @@
-"""The Triton kernels' self-checks (see backends/kernel_self_check.py): each op family on a tiny
-weight against ops_reference, on the device the caller's tensor is on. Dequantize (and the block
-scales) must match bit for bit; the matmuls, GEMV and tiled, within the dtype's tolerance."""
+"""The kernels' self-checks (see backends/kernel_self_check.py): each Triton op family on a tiny
+weight against ops_reference, on the device the caller's tensor is on, and the CPU GEMV (cpu_gemv.py)
+on two tiny weights (even and odd K). Dequantize (and the block scales) must match bit for bit; the
+matmuls, GEMV and tiled, within the dtype's tolerance."""
 
 from __future__ import annotations
 
@@ -58,3 +59,36 @@ def trusted(op: str, dtype: torch.dtype, device: torch.device) -> bool:
     return kernel_self_check.trusted(
         "triton", op, dtype, str(device), run, exact=op == "dequantize"
     )
+
+
+_GEMV_ODD = (7, 45)  # odd K: rows start mid-byte (the kernel's scalar path); blocksize 32
+
+
+@functools.cache
+def _nf4_odd() -> nf4core.NF4Tensor:
+    w = np.random.default_rng(12).standard_normal(_GEMV_ODD).astype(np.float32)
+    return nf4core.quantize(w, blocksize=32, double_quant=False)
+
+
+def _gemv_pairs(dtype: torch.dtype) -> kernel_self_check.Pairs:
+    from . import cpu_gemv
+
+    gen = torch.Generator().manual_seed(6)
+    pairs = []
+    for t in (_nf4(), _nf4_odd()):
+        w = NF4Weight.from_nf4(t)
+        for rows in (1, cpu_gemv.MAX_ROWS):
+            x = torch.randn(rows, w.shape[1], generator=gen).to(dtype)
+            pairs.append((_host(cpu_gemv.linear(x, w)), _host(ops_reference.linear(x, w))))
+    return pairs
+
+
+def cpu_gemv_trusted(dtype: torch.dtype) -> bool:
+    """Whether the CPU GEMV kernel (cpu_gemv.py) in `dtype` builds and matches ops_reference.linear
+    (run on first use, then cached); a failed build is one warning, like a wrong result."""
+
+    def run() -> kernel_self_check.Pairs:
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            return _gemv_pairs(dtype)
+
+    return kernel_self_check.trusted("cpu", "linear", dtype, "cpu", run, exact=False)

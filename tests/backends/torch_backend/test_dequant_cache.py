@@ -1,17 +1,25 @@
-"""The dequant cache of inference: same results as the per-call path, bounded, never in training."""
+"""The dequant cache of inference: same results as the per-call path, bounded, never in training.
+It serves the calls the CPU GEMV kernel does not take (no compiler, a failed self-check, many rows),
+so these tests turn the kernel off; test_cpu_gemv.py covers how the two share decoding."""
 
 import numpy as np
 import pytest
 import torch
 
 import nf4core
-from backends.torch_backend import dispatch
+from backends.torch_backend import cpu_gemv, dispatch
 from backends.torch_backend.dequant_cache import DequantCache, budget_from_env, cached_weight
 from backends.torch_backend.generate import SamplingConfig, generate, greedy_steps
 from backends.torch_backend.model import CausalLM
 from backends.torch_backend.nf4_linear import NF4Linear, nf4_linear
 from tests.backends.torch_backend.conftest import bits, quantized
 from tests.backends.torch_backend.tiny_models import hf_model, state_of
+
+
+@pytest.fixture(autouse=True)
+def no_gemv_kernel(monkeypatch):
+    monkeypatch.setattr(cpu_gemv, "covers", lambda x: False)
+
 
 CASES = [
     ((13, 37), 64, True),

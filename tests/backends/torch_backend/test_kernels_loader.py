@@ -67,6 +67,7 @@ def test_non_editable_install_ships_and_finds_the_kernels(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.endswith("data/share/nf4-qlora/cuda/nf4_kernels.py") for n in names), names
+    assert any(n.endswith("data/share/nf4-qlora/cpu/nf4_gemv.cpp") for n in names), names
     assert not any(n.startswith("cuda/") for n in names)  # no top-level `cuda` package
     prefix = tmp_path / "prefix"
     # --ignore-installed: never uninstall the developer's own (editable) install of the project
@@ -87,8 +88,10 @@ def test_non_editable_install_ships_and_finds_the_kernels(tmp_path):
     (site,) = prefix.glob("lib/python*/site-packages")
     code = (
         "import backends.torch_backend.kernels as k, pathlib, sys\n"
+        "import backends.torch_backend.cpu_gemv as g\n"
         "assert 'site-packages' in k.__file__, k.__file__\n"
         "print(k.kernel_dir())\n"
+        "print(g.source_path().parent)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(site), "NF4_QLORA_KERNEL_DIR": ""}
     out = subprocess.run(
@@ -98,5 +101,6 @@ def test_non_editable_install_ships_and_finds_the_kernels(tmp_path):
         check=True,
         capture_output=True,
         text=True,
-    ).stdout.strip()
-    assert Path(out) == prefix / "share" / "nf4-qlora" / "cuda"
+    ).stdout.split()
+    assert Path(out[0]) == prefix / "share" / "nf4-qlora" / "cuda"
+    assert Path(out[1]) == prefix / "share" / "nf4-qlora" / "cpu"
