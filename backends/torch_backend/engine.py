@@ -44,7 +44,7 @@ class TorchEngine(Engine):
         if train is not None:
             torch.manual_seed(train.seed)
             self.model.gradient_checkpointing = train.grad_checkpoint
-            self.model.chunked_loss = train.grad_checkpoint  # the memory options go together
+            self.model.chunked_loss = True  # never holds the logits; costs no extra matmul
             self.trainer = Trainer(
                 self.model,
                 TrainConfig(
