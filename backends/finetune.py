@@ -135,6 +135,8 @@ def finetune(
         engine = build_engine(
             choice, source, lora, train, cfg.lr, BaseWeights(cfg.base_dtype, cfg.quant_method)
         )
+    for line in engine.notes():
+        echo(line)
     start = 0
     if ckpt is not None:
         check_fits(ckpt, engine.adapters())

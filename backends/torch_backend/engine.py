@@ -12,6 +12,7 @@ from nf4core.dtypes import FLOAT_DTYPES
 
 from ..engine import Engine, StepResult, TrainingState
 from ..peft_adapter import PEFT_PREFIX
+from . import cpu_matmul
 from .generate import generate_tokens, greedy_steps
 from .lora import apply_lora, load_lora_state_dict, lora_state_dict
 from .model import CausalLM
@@ -57,6 +58,11 @@ class TorchEngine(Engine):
             self._names = [
                 PEFT_PREFIX + n for n, p in self.model.named_parameters() if p.requires_grad
             ]
+
+    def notes(self) -> list[str]:
+        if self.trainer is None or self.device.type != "cpu":
+            return []
+        return [cpu_matmul.describe()] if self.model.compute_dtype == torch.float32 else []
 
     def _batch(self, b) -> Batch:
         return Batch.from_numpy(b, self.device)

@@ -1,4 +1,4 @@
-"""The Triton kernels' self-checks (see backends/kernel_self_check.py): each op family on a tiny
+"""The Triton kernels' and the C decoder's self-checks (see backends/kernel_self_check.py): each op family on a tiny
 weight against ops_reference, on the device the caller's tensor is on. Dequantize (and the block
 scales) must match bit for bit; the matmuls, GEMV and tiled, within the dtype's tolerance."""
 
@@ -58,3 +58,23 @@ def trusted(op: str, dtype: torch.dtype, device: torch.device) -> bool:
     return kernel_self_check.trusted(
         "triton", op, dtype, str(device), run, exact=op == "dequantize"
     )
+
+
+def c_decoder_trusted(dtype: torch.dtype) -> bool:
+    """Whether the C decoder (cpu_dequant.py) builds and decodes bit for bit like ops_reference in
+    `dtype` (checked on first use, then cached)."""
+    from . import cpu_dequant
+
+    def run() -> kernel_self_check.Pairs:
+        weights = [NF4Weight.from_nf4(_nf4())]  # blocks of 64, the last one partial
+        wide = np.random.default_rng(12).standard_normal((3, 200)).astype(np.float32)
+        weights.append(NF4Weight.from_nf4(nf4core.quantize(wide, blocksize=32)))
+        pairs = []
+        for w in weights:
+            pairs.append((_host(cpu_dequant.block_absmax(w)), _host(ops_reference.block_absmax(w))))
+            pairs.append(
+                (_host(cpu_dequant.dequantize(w, dtype)), _host(ops_reference.dequantize(w, dtype)))
+            )
+        return pairs
+
+    return kernel_self_check.trusted("c", "dequantize", dtype, "cpu", run, exact=True)
