@@ -15,6 +15,7 @@ from ..peft_adapter import PEFT_PREFIX
 from . import cpu_matmul
 from .generate import generate_tokens, greedy_steps
 from .lora import apply_lora, load_lora_state_dict, lora_state_dict
+from .malloc_tuning import keep_freed_memory
 from .model import CausalLM
 from .model.llama import causal_lm_loss
 from .nf4_linear import NF4Linear
@@ -43,6 +44,8 @@ class TorchEngine(Engine):
         if lora is not None:
             apply_lora(self.model, lora)
         if train is not None:
+            if self.device.type == "cpu":
+                keep_freed_memory()  # steps reuse what the previous one freed (no page faults)
             torch.manual_seed(train.seed)
             self.model.gradient_checkpointing = train.grad_checkpoint
             self.model.chunked_loss = True  # never holds the logits; costs no extra matmul

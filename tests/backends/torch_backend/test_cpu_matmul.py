@@ -124,3 +124,10 @@ def test_loss_trajectory_with_bf16_matmuls_stays_within_tolerance():
     assert fp32 != bf16
     np.testing.assert_allclose(bf16, fp32, rtol=BF16_TOL)
     assert bf16[-1] < bf16[0] - 0.5  # it learns as the FP32 run does
+
+
+def test_malloc_tuning_is_applied_once_and_says_whether_it_took():
+    from backends.torch_backend import malloc_tuning
+
+    first = malloc_tuning.keep_freed_memory()
+    assert isinstance(first, bool) and malloc_tuning.keep_freed_memory() is first
