@@ -126,6 +126,10 @@ class Engine(Protocol):
 
     def batch_loss(self, batch: nf4core.Batch) -> tuple[float, int]: ...  # (summed loss, targets)
 
+    def notes(self) -> list[str]:
+        """Lines for the run's log on choices the backend made (e.g. the CPU matmul dtype)."""
+        return []
+
     def eval_loss(self, batches: Sequence[nf4core.Batch]) -> tuple[float, int]:
         """(summed loss over the target tokens, their count) over `batches`, dropout off."""
         was = self.model.training

@@ -150,6 +150,8 @@ def finetune(
         )
     world = engine.world
     check_split(world, data.batch_rows(), f"--batch-size {cfg.batch_size}")
+    for line in engine.notes():
+        echo(line)
     start = 0
     if ckpt is not None:
         check_fits(ckpt, engine.adapters())

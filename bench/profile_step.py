@@ -140,6 +140,7 @@ def main() -> None:
         del model.model.layers[2:]
     apply_lora(model, LoRASettings(r=8, alpha=16))
     model.gradient_checkpointing = args.grad_checkpoint
+    model.chunked_loss = True
     trainer = Trainer(model, TrainConfig())
     vocab = source.config.vocab_size
     gen = torch.Generator().manual_seed(0)

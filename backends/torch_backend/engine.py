@@ -13,9 +13,10 @@ from nf4core.dtypes import FLOAT_DTYPES
 from ..engine import Engine, StepResult, TrainingState
 from ..peft_adapter import PEFT_PREFIX
 from ..world import WorldError, take_rows
-from . import distributed
+from . import cpu_matmul, distributed
 from .generate import generate_tokens, greedy_steps
 from .lora import apply_lora, load_lora_state_dict, lora_state_dict
+from .malloc_tuning import keep_freed_memory
 from .model import CausalLM
 from .model.llama import causal_lm_loss
 from .nf4_linear import NF4Linear
@@ -56,9 +57,11 @@ class TorchEngine(Engine):
         if self.sharded:
             shard_root(self.model, mesh)
         if train is not None:
+            if self.device.type == "cpu":
+                keep_freed_memory()  # steps reuse what the previous one freed (no page faults)
             torch.manual_seed(train.seed)
             self.model.gradient_checkpointing = train.grad_checkpoint
-            self.model.chunked_loss = train.grad_checkpoint  # the memory options go together
+            self.model.chunked_loss = True  # never holds the logits; costs no extra matmul
             self.trainer = Trainer(
                 self.model,
                 TrainConfig(
@@ -73,6 +76,11 @@ class TorchEngine(Engine):
             ]
             if self.sharded:
                 self.trainer.reduce = _sum_over_ranks
+
+    def notes(self) -> list[str]:
+        if self.trainer is None or self.device.type != "cpu":
+            return []
+        return [cpu_matmul.describe()] if self.model.compute_dtype == torch.float32 else []
 
     def _batch(self, b) -> Batch:
         return Batch.from_numpy(b, self.device)

@@ -12,6 +12,9 @@ import nf4core
 
 from ..engine import LoRASettings
 from ..peft_adapter import MAGNITUDE, PEFT_PREFIX
+from .cpu_matmul import frozen_matmul_dtype
+from .dequant_cache import active_cache
+from .lora_nf4 import lora_nf4_linear
 from .nf4_linear import NF4Linear
 
 
@@ -89,9 +92,14 @@ class LoRALinear(nn.Module):
         return cls(base, a, b, settings.scale, settings.dropout, magnitude)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
-        y = self.base(x)
         a = self.lora_A.weight.to(x.dtype)  # (r, in)
         b = self.lora_B.weight.to(x.dtype)  # (out, r)
+        if self._fusable():
+            weight, bias = self.base.weight, self.base.bias
+            matmul = frozen_matmul_dtype(x, x.numel() // max(x.shape[-1], 1))
+            y = lora_nf4_linear(x, a, b, weight, self.scale, matmul)
+            return y if bias is None else y + bias.to(y.dtype)
+        y = self.base(x)
         dropped = self.dropout(x)
         lora = F.linear(F.linear(dropped, a), b) * self.scale
         if self.lora_magnitude_vector is None:
@@ -108,6 +116,18 @@ class LoRALinear(nn.Module):
             base_only = self.base(dropped)
             base_only = base_only if bias is None else base_only - bias.to(y.dtype)
         return y + (rescale - 1) * base_only + rescale * lora
+
+    def _fusable(self) -> bool:
+        """Whether forward may run as one node (lora_nf4.py): LoRA (no DoRA) on an NF4 base,
+        no active dropout, autograd recording and no dequantized-weight cache in use. Not a
+        sharded base (sharding.py): FSDP2 gathers its weight only inside its own forward."""
+        return (
+            self.lora_magnitude_vector is None
+            and type(self.base) is NF4Linear
+            and (isinstance(self.dropout, nn.Identity) or not self.training)
+            and torch.is_grad_enabled()
+            and active_cache() is None
+        )
 
 
 def base_weight(base: nn.Module) -> torch.Tensor:

@@ -11,6 +11,7 @@ import nf4core
 from nf4core.state_dict import nf4_to_state_dict
 
 from . import cpu_gemv, ops
+from .cpu_matmul import frozen_matmul_dtype
 from .dequant_cache import active_cache, cached_weight
 from .nf4_weight import NF4Weight
 
@@ -19,17 +20,39 @@ _BUFFERS = ("packed", "absmax", "nested_codes", "nested_scales", "nested_quant_m
 
 class _NF4Matmul(torch.autograd.Function):
     """y = x @ W^T. Saves no tensor: backward dequantizes W again (or runs the fused dY @ W kernel),
-    so the dequantized weight exists only inside each of the two calls. W gets no gradient."""
+    so the dequantized weight exists only inside each of the two calls. W gets no gradient. The
+    matmuls run in `matmul_dtype` (x's own, or BF16 on CPUs with native BF16: cpu_matmul.py)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: NF4Weight, matmul_dtype: torch.dtype) -> torch.Tensor:
         ctx.weight = weight  # packed codes and scales only: ~4.1 bits per weight
-        return ops.linear(x, weight)
+        ctx.matmul_dtype = matmul_dtype
+        return base_matmul(x, weight, matmul_dtype).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        grad_x = ops.linear_grad_input(grad_out, ctx.weight) if ctx.needs_input_grad[0] else None
-        return grad_x, None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = base_matmul_grad_input(grad_out, ctx.weight, ctx.matmul_dtype)
+            grad_x = grad_x.to(grad_out.dtype)
+        return grad_x, None, None
+
+
+def base_matmul(x: torch.Tensor, weight: NF4Weight, matmul_dtype: torch.dtype) -> torch.Tensor:
+    """x (..., in) @ W^T -> (..., out) in `matmul_dtype`: through `ops` in x's own dtype, else W
+    dequantized bit-exactly and rounded to `matmul_dtype` as the matmul's input, like x."""
+    if matmul_dtype == x.dtype:
+        return ops.linear(x, weight)
+    return x.to(matmul_dtype) @ ops.dequantize(weight, matmul_dtype).t()
+
+
+def base_matmul_grad_input(
+    grad_out: torch.Tensor, weight: NF4Weight, matmul_dtype: torch.dtype
+) -> torch.Tensor:
+    """dY (..., out) @ W -> (..., in) in `matmul_dtype` (see `base_matmul`)."""
+    if matmul_dtype == grad_out.dtype:
+        return ops.linear_grad_input(grad_out, weight)
+    return grad_out.to(matmul_dtype) @ ops.dequantize(weight, matmul_dtype)
 
 
 def nf4_linear(
@@ -39,7 +62,11 @@ def nf4_linear(
     an active `DequantCache` (generation), the cached dequantized weight is used, unless the CPU
     GEMV kernel covers x (few rows): it reads the 4-bit codes and needs no dense copy."""
     dense = None if cpu_gemv.covers(x) else cached_weight(weight, x.dtype)
-    y = F.linear(x, dense) if dense is not None else _NF4Matmul.apply(x, weight)
+    if dense is not None:
+        y = F.linear(x, dense)
+    else:
+        matmul_dtype = frozen_matmul_dtype(x, x.numel() // max(x.shape[-1], 1))
+        y = _NF4Matmul.apply(x, weight, matmul_dtype)
     return y if bias is None else y + bias.to(y.dtype)
 
 

@@ -1,7 +1,7 @@
 """The kernels' self-checks (see backends/kernel_self_check.py): each Triton op family on a tiny
-weight against ops_reference, on the device the caller's tensor is on, and the CPU GEMV (cpu_gemv.py)
-on two tiny weights (even and odd K). Dequantize (and the block scales) must match bit for bit; the
-matmuls, GEMV and tiled, within the dtype's tolerance."""
+weight against ops_reference, on the device the caller's tensor is on; the CPU GEMV (cpu_gemv.py)
+on two tiny weights (even and odd K); the C decoder (cpu_dequant.py). Dequantize (and the block
+scales) must match bit for bit; the matmuls, GEMV and tiled, within the dtype's tolerance."""
 
 from __future__ import annotations
 
@@ -92,3 +92,23 @@ def cpu_gemv_trusted(dtype: torch.dtype) -> bool:
             return _gemv_pairs(dtype)
 
     return kernel_self_check.trusted("cpu", "linear", dtype, "cpu", run, exact=False)
+
+
+def c_decoder_trusted(dtype: torch.dtype) -> bool:
+    """Whether the C decoder (cpu_dequant.py) builds and decodes bit for bit like ops_reference in
+    `dtype` (checked on first use, then cached)."""
+    from . import cpu_dequant
+
+    def run() -> kernel_self_check.Pairs:
+        weights = [NF4Weight.from_nf4(_nf4())]  # blocks of 64, the last one partial
+        wide = np.random.default_rng(12).standard_normal((3, 200)).astype(np.float32)
+        weights.append(NF4Weight.from_nf4(nf4core.quantize(wide, blocksize=32)))
+        pairs = []
+        for w in weights:
+            pairs.append((_host(cpu_dequant.block_absmax(w)), _host(ops_reference.block_absmax(w))))
+            pairs.append(
+                (_host(cpu_dequant.dequantize(w, dtype)), _host(ops_reference.dequantize(w, dtype)))
+            )
+        return pairs
+
+    return kernel_self_check.trusted("c", "dequantize", dtype, "cpu", run, exact=True)

@@ -2,10 +2,13 @@
 
 The full path holds the (B, T, vocab) logits, their float32 log-softmax and their gradient at once:
 for the default model at batch 4 x 128 that is 3 x 96 MiB. This one never holds more than one
-chunk's logits: forward keeps only the summed loss, backward recomputes each chunk's logits and
-turns them into the hidden states' gradient right away. The price is one more LM head matmul per
-step. The LM head weight must be frozen (it is: LoRA adapts the block linears); a trainable head
-takes the full path."""
+chunk's logits. The summed loss is the graph's last node before `backward`, so its gradient with
+respect to the hidden states is that of the summed loss times one scalar: forward computes it chunk
+by chunk while the chunk's logits are at hand (softmax minus one-hot, through the head weight) and
+keeps only that (N, C) gradient; backward scales it. The head costs the same two matmuls as the
+full path and no recompute. The LM head weight must be frozen (it is: LoRA adapts the block
+linears); a trainable head takes the full path. The matmuls may run in BF16 on CPUs with native
+BF16 (`cpu_matmul.py`); the softmax and the loss stay in float32."""
 
 from __future__ import annotations
 
@@ -26,31 +29,33 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         targets: torch.Tensor,
         mask: torch.Tensor,
         chunk: int,
+        matmul_dtype: torch.dtype,
     ) -> torch.Tensor:
         # hidden (N, C) compute dtype; weight (V, C); targets (N,) int64; mask (N,) bool
         acc = torch.promote_types(hidden.dtype, torch.float32)  # float32, float64 for gradcheck
+        w = weight.to(matmul_dtype)  # a BF16 copy lives only inside this call
+        need_grad = ctx.needs_input_grad[0]
+        grad_hidden = torch.empty_like(hidden) if need_grad else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk):
-            logits = (hidden[s : s + chunk] @ weight.t()).to(acc)  # (n, V)
-            picked = logits.gather(1, targets[s : s + chunk, None])[:, 0]
-            losses = torch.logsumexp(logits, dim=-1) - picked
-            total += torch.where(mask[s : s + chunk], losses, 0.0).sum()
-        ctx.save_for_backward(hidden, weight, targets, mask)
-        ctx.chunk = chunk
+            rows = slice(s, s + chunk)
+            logits = (hidden[rows].to(matmul_dtype) @ w.t()).to(acc)  # (n, V)
+            keep = mask[rows]
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            picked = logits.gather(1, targets[rows, None])[:, 0]
+            total += torch.where(keep, lse - picked, 0.0).sum()
+            if need_grad:  # d(sum of losses)/d(logits) = softmax - onehot on counted rows
+                probs = logits.sub_(lse[:, None]).exp_()  # reuses the logits' memory
+                probs[torch.arange(probs.shape[0], device=probs.device), targets[rows]] -= 1.0
+                probs *= keep.to(acc)[:, None]
+                grad_hidden[rows] = (probs.to(matmul_dtype) @ w).to(hidden.dtype)
+        ctx.save_for_backward(grad_hidden)
         return total
 
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
-        hidden, weight, targets, mask = ctx.saved_tensors
-        grad_hidden = torch.empty_like(hidden)
-        for s in range(0, hidden.shape[0], ctx.chunk):
-            logits = (hidden[s : s + ctx.chunk] @ weight.t()).to(grad_total.dtype)  # (n, V)
-            probs = torch.softmax(logits, dim=-1)
-            rows = torch.arange(probs.shape[0], device=probs.device)
-            probs[rows, targets[s : s + ctx.chunk]] -= 1.0
-            probs *= (mask[s : s + ctx.chunk].to(probs.dtype) * grad_total)[:, None]
-            grad_hidden[s : s + ctx.chunk] = probs.to(hidden.dtype) @ weight
-        return grad_hidden, None, None, None, None
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None, None
 
 
 def chunked_head_loss(
@@ -59,12 +64,21 @@ def chunked_head_loss(
     input_ids: torch.Tensor,
     mask: torch.Tensor,
     chunk: int = CHUNK_ROWS,
+    matmul_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Summed next-token cross-entropy (float32) of hidden states (B, T, C) through an LM head
-    weight (V, C) (frozen), for targets input_ids[:, 1:] where `mask` (B, T-1) holds."""
+    weight (V, C) (frozen), for targets input_ids[:, 1:] where `mask` (B, T-1) holds. The head's
+    matmuls run in `matmul_dtype` (default: hidden's dtype)."""
     if weight.requires_grad:
         raise ValueError(
             "chunked_head_loss needs a frozen LM head (it computes no weight gradient)"
         )
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(T-1), C)
-    return _ChunkedHeadLoss.apply(h, weight, input_ids[:, 1:].reshape(-1), mask.reshape(-1), chunk)
+    return _ChunkedHeadLoss.apply(
+        h,
+        weight,
+        input_ids[:, 1:].reshape(-1),
+        mask.reshape(-1),
+        chunk,
+        matmul_dtype or hidden.dtype,
+    )

@@ -16,6 +16,7 @@ from nf4core.sources.layout import attention_has_bias
 from nf4core.strict_tensors import StrictTensors
 
 from ...engine import SourceTensors
+from ..cpu_matmul import frozen_matmul_dtype
 from ..kv_cache import KVCache
 from .attention import Attention
 from .chunked_loss import chunked_head_loss
@@ -233,7 +234,9 @@ class CausalLM(nn.Module):
         ):
             hidden = self.hidden_states(input_ids, None, position_ids, segment_ids)
             mask = target_mask(input_ids, loss_mask, segment_ids)
-            return chunked_head_loss(hidden, head.weight, input_ids, mask), mask.sum()
+            matmul = frozen_matmul_dtype(hidden, mask.numel())
+            loss = chunked_head_loss(hidden, head.weight, input_ids, mask, matmul_dtype=matmul)
+            return loss, mask.sum()
         logits = self(input_ids, position_ids=position_ids, segment_ids=segment_ids)
         return causal_lm_loss(logits, input_ids, loss_mask, segment_ids)
 
