@@ -4,11 +4,12 @@ OpenMP) by native_build.py and called through ctypes. No compiler, or a failed b
 `native_build.NativeUnavailable`; in auto mode the self-check turns that into one warning and the
 reference path.
 
-Which calls take it (`covers`): CPU tensors in float32 or bfloat16 (bfloat16 is computed in float32
-and rounded once at the end) with few rows, in auto mode once the kernel passed its self-check, or
-always with NF4_KERNELS=cpu (forced, unchecked). "Few" depends on the alternative: at most MAX_ROWS
-rows while a DequantCache with a budget is active (a dense matmul on a cached weight wins beyond), at
-most MAX_ROWS_PER_CALL otherwise (the alternative dequantizes the whole weight per call).
+Which calls take it (dequant_cache.gemv_covers, next to the cache it competes with): CPU tensors in
+float32 or bfloat16 (bfloat16 is computed in float32 and rounded once at the end) with few rows, in
+auto mode once the kernel passed its self-check, or always with NF4_KERNELS=cpu (forced, unchecked).
+"Few" depends on the alternative: at most MAX_ROWS rows while a DequantCache with a budget is active
+(a dense matmul on a cached weight wins beyond), at most MAX_ROWS_PER_CALL otherwise (the
+alternative dequantizes the whole weight per call).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import ctypes
 
 import torch
 
-from . import dispatch, native_build
+from . import native_build
 
 SOURCE = "nf4_gemv.cpp"
 # Row limits of auto mode, measured with bench/decode_vs_transformers.py (see BENCHMARKS.md).
@@ -43,27 +44,6 @@ def build(flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL:
 def isa(flags: tuple[str, ...] = FLAGS) -> str:
     """The instruction set the build runs on: "avx512", "avx2" or "generic"."""
     return build(flags).nf4_gemv_isa().decode()
-
-
-def covers(x: torch.Tensor) -> bool:
-    """Whether `ops.linear` on input `x` (..., in) takes this kernel now (see the module doc)."""
-    if not x.is_cpu or x.dtype not in DTYPES:
-        return False
-    path = dispatch.requested()
-    if path == "cpu":
-        return True
-    if path != "auto" or "cpu" in dispatch.AUTO_TRITON_DEVICES:  # (tests) auto takes Triton there
-        return False
-    rows = x.numel() // max(x.shape[-1], 1)
-    if rows > MAX_ROWS:
-        from .dequant_cache import active_cache  # imports ops, which imports this module
-
-        cache = active_cache()
-        if rows > MAX_ROWS_PER_CALL or (cache is not None and cache.budget > 0):
-            return False
-    from . import self_check
-
-    return self_check.cpu_gemv_trusted(x.dtype)
 
 
 def _gemv(flags: tuple[str, ...]):
