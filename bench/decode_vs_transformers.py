@@ -35,7 +35,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import nf4core  # noqa: E402
-from backends.torch_backend import cpu_gemv  # noqa: E402
+from backends.torch_backend import (
+    cpu_gemv,  # noqa: E402
+    dequant_cache,  # noqa: E402
+)
 from backends.torch_backend.dequant_cache import DequantCache  # noqa: E402
 from backends.torch_backend.dispatch import force_path  # noqa: E402
 from backends.torch_backend.generate import SamplingConfig, generate, last_logits  # noqa: E402
@@ -54,12 +57,12 @@ OLD = "ours, kernel off: dequant cache (the previous default)"
 @contextlib.contextmanager
 def kernel_off() -> Iterator[None]:
     """Auto mode without the GEMV kernel: what `generate` ran before it (host dequantize + cache)."""
-    covers = cpu_gemv.covers
-    cpu_gemv.covers = lambda x: False
+    covers = dequant_cache.gemv_covers
+    dequant_cache.gemv_covers = lambda x: False
     try:
         yield
     finally:
-        cpu_gemv.covers = covers
+        dequant_cache.gemv_covers = covers
 
 
 def prompt_ids(source: nf4core.ModelSource) -> list[int]:

@@ -8,8 +8,9 @@ layer's speed. Training never uses it (grad enabled): the NF4 linear must not ke
 and backward.
 
 With the CPU GEMV kernel (cpu_gemv.py) decoding needs no dense copy: `for_decoding` gives a cache
-with no budget when the kernel covers the decode steps' rows, so the cache holds weights only where
-the kernel does not run (no compiler, a failed self-check, a forced path, more rows than it takes).
+with no budget when the kernel covers the decode steps' rows (`gemv_covers`, which also lives here:
+it depends on the active cache), so the cache holds weights only where the kernel does not run (no
+compiler, a failed self-check, a forced path, more rows than it takes).
 
 Note (policy): decoding visits the layers in the same order every token, so an LRU cache smaller
 than the model would evict each weight just before its next use and never hit. This cache fills up
@@ -26,9 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from . import ops
-from .dispatch import use_host
-from .nf4_weight import NF4Weight
+from . import cpu_gemv, dispatch, self_check
 
 DEFAULT_BUDGET_MB = 1024
 _current: list[DequantCache] = []
@@ -62,10 +61,8 @@ class DequantCache:
     def for_decoding(cls, rows: int, dtype: torch.dtype, device: torch.device) -> DequantCache:
         """The cache for decode steps of `rows` rows: budget 0 when the CPU GEMV kernel covers them
         (it reads the 4-bit codes, and a prefill of more rows runs it or dequantizes per call)."""
-        from . import cpu_gemv
-
         probe = torch.empty(rows, 1, dtype=dtype, device=device)
-        return cls(budget_bytes=0 if cpu_gemv.covers(probe) else None)
+        return cls(budget_bytes=0 if gemv_covers(probe) else None)
 
     @contextlib.contextmanager
     def active(self) -> Iterator[DequantCache]:
@@ -118,11 +115,19 @@ def active_cache() -> DequantCache | None:
     return _current[-1]
 
 
-def cached_weight(w: NF4Weight, dtype: torch.dtype) -> torch.Tensor | None:
-    """The dequantized weight from the active cache, or None: no active cache (see `active_cache`),
-    over budget, or not the host's auto path (a GPU's fused 4-bit kernels read less memory than a
-    dense copy would; a forced reference or triton path runs as forced)."""
-    cache = active_cache()
-    if cache is None or not use_host(w.packed):
-        return None
-    return cache.dense(w.tensors(), w.numel, dtype, lambda: ops.dequantize(w, dtype))
+def gemv_covers(x: torch.Tensor) -> bool:
+    """Whether `ops.linear` on input `x` (..., in) takes the CPU GEMV kernel now (cpu_gemv.py's
+    module doc says which calls do)."""
+    if not x.is_cpu or x.dtype not in cpu_gemv.DTYPES:
+        return False
+    path = dispatch.requested()
+    if path == "cpu":
+        return True
+    if path != "auto" or "cpu" in dispatch.AUTO_TRITON_DEVICES:  # (tests) auto takes Triton there
+        return False
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows > cpu_gemv.MAX_ROWS:
+        cache = active_cache()
+        if rows > cpu_gemv.MAX_ROWS_PER_CALL or (cache is not None and cache.budget > 0):
+            return False
+    return self_check.cpu_gemv_trusted(x.dtype)

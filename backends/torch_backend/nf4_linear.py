@@ -10,9 +10,10 @@ from torch import nn
 import nf4core
 from nf4core.state_dict import nf4_to_state_dict
 
-from . import cpu_gemv, ops
+from . import cpu_gemv, dequant_cache, ops
 from .cpu_matmul import frozen_matmul_dtype
-from .dequant_cache import active_cache, cached_weight
+from .dequant_cache import active_cache
+from .dispatch import use_host
 from .nf4_weight import NF4Weight
 
 _BUFFERS = ("packed", "absmax", "nested_codes", "nested_scales", "nested_quant_map", "quant_map")
@@ -55,13 +56,23 @@ def base_matmul_grad_input(
     return grad_out.to(matmul_dtype) @ ops.dequantize(weight, matmul_dtype)
 
 
+def cached_weight(w: NF4Weight, dtype: torch.dtype) -> torch.Tensor | None:
+    """The dequantized weight from the active DequantCache, or None: no active cache (see
+    `active_cache`), over budget, or not the host's auto path (a GPU's fused 4-bit kernels read less
+    memory than a dense copy would; a forced reference or triton path runs as forced)."""
+    cache = active_cache()
+    if cache is None or not use_host(w.packed):
+        return None
+    return cache.dense(w.tensors(), w.numel, dtype, lambda: ops.dequantize(w, dtype))
+
+
 def nf4_linear(
     x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Functional form: x (..., in) -> (..., out), computed in x's dtype. With autograd off inside
     an active `DequantCache` (generation), the cached dequantized weight is used, unless the CPU
     GEMV kernel covers x (few rows): it reads the 4-bit codes and needs no dense copy."""
-    dense = None if cpu_gemv.covers(x) else cached_weight(weight, x.dtype)
+    dense = None if dequant_cache.gemv_covers(x) else cached_weight(weight, x.dtype)
     if dense is not None:
         y = F.linear(x, dense)
     else:
@@ -164,7 +175,7 @@ class NF4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         held = self._buffers  # skips Module.__getattr__ per buffer (per-token overhead)
-        if not torch.is_grad_enabled() and cpu_gemv.covers(x):  # decoding: the 4-bit GEMV
+        if not torch.is_grad_enabled() and dequant_cache.gemv_covers(x):  # decoding: the 4-bit GEMV
             if x.shape[-1] != self.in_features or held["packed"].device != x.device:
                 return nf4_linear(x, self.weight, self.bias)  # ops.linear's checks say why
             m, bias = self._meta, held["bias"]

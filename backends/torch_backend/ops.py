@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import cpu_gemv, ops_host, ops_reference, self_check
+from . import cpu_gemv, dequant_cache, ops_host, ops_reference, self_check
 from .dispatch import auto_mode, use_host, use_triton
 from .nf4_weight import NF4Weight
 from .op_checks import check_dtype, check_matmul, check_weight
@@ -44,7 +44,7 @@ def block_absmax(w: NF4Weight) -> torch.Tensor:
 def linear(x: torch.Tensor, w: NF4Weight) -> torch.Tensor:
     """x (..., in) @ W^T -> (..., out) in x's dtype (fused kernel or dequantize-then-matmul)."""
     check_matmul("linear", x, w, w.shape[-1])
-    if cpu_gemv.covers(x):
+    if dequant_cache.gemv_covers(x):
         return cpu_gemv.linear(x, w)
     return _impl(x.reshape(-1, x.shape[-1]), x.dtype, "linear").linear(x, w)
 

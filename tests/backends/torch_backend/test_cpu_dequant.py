@@ -1,12 +1,14 @@
 """The C decoder (cpu_dequant.py) against nf4core bit for bit, and the auto path's use of it."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
 
 import nf4core
 from backends import kernel_self_check
-from backends.torch_backend import cpu_dequant, ops, ops_host
+from backends.torch_backend import cpu_dequant, native_build, ops, ops_host
 from backends.torch_backend.nf4_weight import NF4Weight
 from backends.torch_backend.self_check import c_decoder_trusted
 from tests.backends.torch_backend.conftest import BLOCKSIZES, bits, quantized
@@ -16,7 +18,7 @@ from tests.backends.torch_backend.conftest import BLOCKSIZES, bits, quantized
 def library():
     try:
         return cpu_dequant.library()
-    except RuntimeError as exc:
+    except native_build.NativeUnavailable as exc:
         pytest.skip(f"no C decoder here: {exc}")
 
 
@@ -81,9 +83,25 @@ def test_auto_path_uses_the_trusted_decoder(library, rng, monkeypatch):
 
 def test_a_decoder_that_does_not_build_falls_back_with_one_warning(rng, monkeypatch):
     kernel_self_check.reset()
-    monkeypatch.setattr(cpu_dequant, "library", lambda: (_ for _ in ()).throw(RuntimeError("x")))
+    monkeypatch.setattr(
+        cpu_dequant, "library", lambda: (_ for _ in ()).throw(native_build.NativeUnavailable("x"))
+    )
     _, t = quantized(rng, (8, 64))
     with pytest.warns(RuntimeWarning, match="c dequantize kernel"):
         got = ops_host.dequantize(NF4Weight.from_nf4(t), torch.float32)
     assert np.array_equal(bits(got), bits(nf4core.dequantize(t)))
+    kernel_self_check.reset()
+
+
+def test_no_c_compiler_falls_back_with_one_warning_naming_it(rng, monkeypatch, tmp_path):
+    kernel_self_check.reset()
+    monkeypatch.setattr(native_build, "_libs", {})
+    monkeypatch.setattr(cpu_dequant, "library", functools.cache(cpu_dequant.library.__wrapped__))
+    monkeypatch.setenv("NF4_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    _, t = quantized(rng, (8, 64))
+    with pytest.warns(RuntimeWarning, match="NativeUnavailable.*no-such-cc"):
+        got = ops_host.dequantize(NF4Weight.from_nf4(t), torch.float32)
+    assert np.array_equal(bits(got), bits(nf4core.dequantize(t)))
+    assert not list(tmp_path.iterdir())  # nothing half-built left behind
     kernel_self_check.reset()

@@ -3,7 +3,7 @@ reference twin and nf4core: every ISA variant this CPU can run, odd shapes, bloc
 with and without double quant, 1..9 rows, float32 and bfloat16; the dequantized values it uses are
 nf4core's bit for bit; decoding takes it (and keeps no dense copy); the self-check falls back, with
 one warning, when the kernel is wrong or cannot be compiled. Each variant compiles once per machine
-(cached under the torch extensions directory; a few seconds with g++)."""
+(cached by native_build.py; a few seconds with g++)."""
 
 import platform
 import shutil
@@ -15,7 +15,14 @@ import torch
 
 import nf4core
 from backends import kernel_self_check
-from backends.torch_backend import cpu_gemv, dispatch, ops, ops_reference, self_check
+from backends.torch_backend import (
+    cpu_gemv,
+    dispatch,
+    native_build,
+    ops,
+    ops_reference,
+    self_check,
+)
 from backends.torch_backend.dequant_cache import DequantCache
 from backends.torch_backend.generate import SamplingConfig, generate, greedy_steps
 from backends.torch_backend.model import CausalLM
@@ -26,7 +33,7 @@ from tests.backends.torch_backend.tiny_models import hf_model, state_of
 
 
 def test_source_is_found_and_has_its_header():
-    head = cpu_gemv.source_path().read_text().split("#include")[0]
+    head = native_build.source_path(cpu_gemv.SOURCE).read_text().split("#include")[0]
     for words in ("What it computes", "Layout assumptions", "How to test it"):
         assert words in head
 
@@ -45,7 +52,7 @@ def _variants() -> dict[str, tuple[str, ...]]:
 def variants():
     try:
         built = {name: (flags, cpu_gemv.isa(flags)) for name, flags in _variants().items()}
-    except cpu_gemv.GemvUnavailable as exc:
+    except native_build.NativeUnavailable as exc:
         pytest.skip(f"the CPU GEMV kernel cannot be built here: {exc}")
     return built
 
@@ -217,9 +224,9 @@ def test_a_wrong_kernel_costs_one_warning_and_runs_the_reference(
 def test_no_compiler_costs_one_warning_and_runs_the_reference(
     rng, fresh_verdicts, monkeypatch, tmp_path
 ):
-    monkeypatch.setattr(cpu_gemv, "_libs", {})
+    monkeypatch.setattr(native_build, "_libs", {})
     monkeypatch.setattr(cpu_gemv, "_functions", {})
-    monkeypatch.setattr(cpu_gemv, "_build_dir", lambda: tmp_path)
+    monkeypatch.setenv("NF4_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
     layer = NF4Linear.from_nf4(quantized(rng, (16, 64))[1])
     x = torch.randn(1, 64)
@@ -227,7 +234,7 @@ def test_no_compiler_costs_one_warning_and_runs_the_reference(
         warnings.simplefilter("always")
         ys = [layer(x), layer(x), ops.linear(x, layer.weight)]
     lines = [str(c.message) for c in caught]
-    assert len(lines) == 1 and "GemvUnavailable" in lines[0], lines
+    assert len(lines) == 1 and "NativeUnavailable" in lines[0], lines
     assert "using the reference path" in lines[0]
     for y in ys:
         torch.testing.assert_close(y, x @ layer.dequantize().T, rtol=1e-5, atol=1e-5)
@@ -240,9 +247,9 @@ def test_a_compile_error_is_one_line_naming_the_source(monkeypatch, tmp_path):
     bad = tmp_path / cpu_gemv.SOURCE
     bad.write_text("this is not C++\n")
     monkeypatch.setenv("NF4_QLORA_CPU_KERNEL_DIR", str(tmp_path))
-    monkeypatch.setattr(cpu_gemv, "_libs", {})
-    monkeypatch.setattr(cpu_gemv, "_build_dir", lambda: tmp_path / "build")
-    with pytest.raises(cpu_gemv.GemvUnavailable, match=f"compiling {cpu_gemv.SOURCE} failed"):
+    monkeypatch.setattr(native_build, "_libs", {})
+    monkeypatch.setenv("NF4_KERNEL_CACHE", str(tmp_path / "build"))
+    with pytest.raises(native_build.NativeUnavailable, match=f"compiling {cpu_gemv.SOURCE} failed"):
         cpu_gemv.build()
 
 
@@ -255,9 +262,9 @@ def test_a_compiler_without_openmp_builds_a_one_thread_kernel(variants, rng, mon
     )
     fake.chmod(0o755)
     monkeypatch.setenv("CXX", str(fake))
-    monkeypatch.setattr(cpu_gemv, "_libs", {})
+    monkeypatch.setattr(native_build, "_libs", {})
     monkeypatch.setattr(cpu_gemv, "_functions", {})
-    monkeypatch.setattr(cpu_gemv, "_build_dir", lambda: tmp_path / "build")
+    monkeypatch.setenv("NF4_KERNEL_CACHE", str(tmp_path / "build"))
     w = NF4Weight.from_nf4(quantized(rng, (300, 1000), 64, True)[1])
     x = torch.randn(3, 1000)
     torch.testing.assert_close(

@@ -7,18 +7,18 @@ import pytest
 import torch
 
 import nf4core
-from backends.torch_backend import cpu_gemv, dispatch
-from backends.torch_backend.dequant_cache import DequantCache, budget_from_env, cached_weight
+from backends.torch_backend import dequant_cache, dispatch
+from backends.torch_backend.dequant_cache import DequantCache, budget_from_env
 from backends.torch_backend.generate import SamplingConfig, generate, greedy_steps
 from backends.torch_backend.model import CausalLM
-from backends.torch_backend.nf4_linear import NF4Linear, nf4_linear
+from backends.torch_backend.nf4_linear import NF4Linear, cached_weight, nf4_linear
 from tests.backends.torch_backend.conftest import bits, quantized
 from tests.backends.torch_backend.tiny_models import hf_model, state_of
 
 
 @pytest.fixture(autouse=True)
 def no_gemv_kernel(monkeypatch):
-    monkeypatch.setattr(cpu_gemv, "covers", lambda x: False)
+    monkeypatch.setattr(dequant_cache, "gemv_covers", lambda x: False)
 
 
 CASES = [

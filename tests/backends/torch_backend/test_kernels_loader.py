@@ -31,6 +31,15 @@ def test_every_kernel_file_has_its_header():
             assert word in head, (path.name, word)
 
 
+def test_every_cpu_kernel_file_has_its_header():
+    sources = sorted((REPO / "cpu").glob("*.c*"))
+    assert {p.name for p in sources} >= {"nf4_gemv.cpp", "nf4_dequant.c"}
+    for path in sources:
+        head = path.read_text().split("#include")[0]
+        for words in ("What it computes", "Layout assumptions", "How to test it"):
+            assert words in head, (path.name, words)
+
+
 def test_override_and_missing_dir(tmp_path, monkeypatch):
     (tmp_path / "nf4_kernels.py").write_text("")
     monkeypatch.setenv("NF4_QLORA_KERNEL_DIR", str(tmp_path))
@@ -67,7 +76,8 @@ def test_non_editable_install_ships_and_finds_the_kernels(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.endswith("data/share/nf4-qlora/cuda/nf4_kernels.py") for n in names), names
-    assert any(n.endswith("data/share/nf4-qlora/cpu/nf4_gemv.cpp") for n in names), names
+    for cpu_source in ("nf4_gemv.cpp", "nf4_dequant.c"):
+        assert any(n.endswith(f"data/share/nf4-qlora/cpu/{cpu_source}") for n in names), names
     assert not any(n.startswith("cuda/") for n in names)  # no top-level `cuda` package
     prefix = tmp_path / "prefix"
     # --ignore-installed: never uninstall the developer's own (editable) install of the project
@@ -88,10 +98,10 @@ def test_non_editable_install_ships_and_finds_the_kernels(tmp_path):
     (site,) = prefix.glob("lib/python*/site-packages")
     code = (
         "import backends.torch_backend.kernels as k, pathlib, sys\n"
-        "import backends.torch_backend.cpu_gemv as g\n"
+        "import backends.torch_backend.native_build as b\n"
         "assert 'site-packages' in k.__file__, k.__file__\n"
         "print(k.kernel_dir())\n"
-        "print(g.source_path().parent)\n"
+        "print(b.source_path('nf4_gemv.cpp').parent, b.source_path('nf4_dequant.c').parent)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(site), "NF4_QLORA_KERNEL_DIR": ""}
     out = subprocess.run(
@@ -103,4 +113,4 @@ def test_non_editable_install_ships_and_finds_the_kernels(tmp_path):
         text=True,
     ).stdout.split()
     assert Path(out[0]) == prefix / "share" / "nf4-qlora" / "cuda"
-    assert Path(out[1]) == prefix / "share" / "nf4-qlora" / "cpu"
+    assert Path(out[1]) == Path(out[2]) == prefix / "share" / "nf4-qlora" / "cpu"
