@@ -68,9 +68,9 @@ def _inject_nan_at(monkeypatch, backend: str, bad_call: int) -> None:
 
         real = Trainer.gradients
 
-        def gradients(self, micro_batches):
+        def gradients(self, micro_batches, *args):
             calls.append(1)
-            grads, loss, tokens = real(self, micro_batches)
+            grads, loss, tokens = real(self, micro_batches, *args)
             if len(calls) == bad_call:
                 return tree_map(lambda g: g * float("nan"), grads), float("nan"), tokens
             return grads, loss, tokens
