@@ -322,7 +322,8 @@ def finetune(config_file, quiet, export, report_to, **options) -> None:
         try:
             result = api.finetune(cfg, echo=click.echo, progress=not quiet)
         except api.RunInterrupted as e:  # saved; 130 is the shell's code for an interrupt
-            click.echo(str(e), err=True)
+            if str(e):  # empty on the other ranks of a multi-process run: rank 0 speaks
+                click.echo(str(e), err=True)
             sys.exit(130)
         except KeyboardInterrupt:  # a second interrupt: aborted at once
             click.echo("aborted", err=True)

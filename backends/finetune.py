@@ -54,7 +54,8 @@ from .world import World, check_launcher, check_split, launched_rank
 
 
 class RunInterrupted(Exception):
-    """The run stopped at the user's request (SIGINT), after saving; the message says how to go on."""
+    """The run stopped at the user's request (SIGINT): after saving in one process, at once with
+    several ranks; the message says how to go on (empty on the ranks other than the main one)."""
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ def finetune(
     phases.mark("load")
     if not world.is_main:
         run = _Run(cfg, engine, out, steps, start, echo, model_path, (None, None), display, world)
-        return run.train(data, valid_set, heldout, tokenizer, pad, progress, phases, t0)
+        return _train(run, data, valid_set, heldout, tokenizer, pad, progress, phases, t0)
     if cfg.overwrite and not continuing and not is_empty(out):
         check_not_locked(out)
         echo(f"moved the earlier contents of {out} to {move_aside(out)} (--overwrite)")
@@ -186,9 +187,20 @@ def finetune(
             world,
         )
         try:
-            return run.train(data, valid_set, heldout, tokenizer, pad, progress, phases, t0)
+            return _train(run, data, valid_set, heldout, tokenizer, pad, progress, phases, t0)
         finally:
             run.reporters.close()
+
+
+def _train(run: _Run, *args) -> FinetuneResult:
+    """`run.train`; with several ranks a SIGINT aborts every rank at once (they could not stop at
+    one step together), and the main rank says which checkpoint stays (the others say nothing)."""
+    try:
+        return run.train(*args)
+    except KeyboardInterrupt:
+        if run.engine.world.size == 1:
+            raise
+        raise RunInterrupted(run.aborted() if run.main else "") from None
 
 
 class _Run:
@@ -485,6 +497,16 @@ class _Run:
             self.cfg.to_dict(),
             {"micro_batches": step * self.cfg.grad_accum},
             self.engine.choice.backend,
+        )
+
+    def aborted(self) -> str:
+        try:
+            kept = find_checkpoint(self.out)
+        except CheckpointError:
+            return f"interrupted: all {self.engine.world.size} processes stopped; no checkpoint was saved"
+        return (
+            f"interrupted: all {self.engine.world.size} processes stopped at once; the latest "
+            f"checkpoint stays {kept}; continue with: python cli.py finetune --resume {self.out}"
         )
 
     def _stopped(self, step: int, what: str) -> str:

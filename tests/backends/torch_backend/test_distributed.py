@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from backends.checkpoint import load_checkpoint
 from tests.backends.finetune_fixtures import tiny_setup
 from tests.backends.run_helpers import ROOT, cli_command, cli_env, run_cli, tiny_run_args
 
@@ -197,3 +198,50 @@ def test_a_rank_that_dies_ends_the_other_with_one_line(runs, tmp_path):
     assert ranks[0].returncode == 1
     last = [x for x in err.splitlines() if x.strip()][-1]
     assert last.startswith("Error: rank 0 of 2: lost the other processes of the run"), err
+
+
+def test_ctrl_c_stops_every_rank_and_rank_0_names_the_checkpoint_that_stays(runs, tmp_path):
+    """A SIGINT (the terminal sends it to every rank) ends both at once; rank 0 alone says which
+    checkpoint stays, the other rank says nothing, and the run resumes from it."""
+    model, data, _, _ = runs
+    out = tmp_path / "out"
+    args = tiny_run_args(model, data, out, "--steps", "2000", "--save-every", "2", *RUN[4:])
+    common = {
+        **cli_env(),
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "TORCHELASTIC_RUN_ID": "test",
+        "NF4_QLORA_DIST_TIMEOUT": "60",
+    }
+    ranks = [
+        subprocess.Popen(
+            cli_command(*args),
+            cwd=ROOT,
+            env={**common, "RANK": str(i), "LOCAL_RANK": str(i)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in (0, 1)
+    ]
+    try:
+        deadline = time.monotonic() + 180
+        while not list((out / "checkpoints").glob("step-*")):
+            assert time.monotonic() < deadline and ranks[0].poll() is None, ranks[0].stderr
+            time.sleep(0.2)
+        for p in ranks:
+            os.kill(p.pid, signal.SIGINT)
+        errs = [p.communicate(timeout=90)[1] for p in ranks]
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert [p.returncode for p in ranks] == [130, 130], errs
+    said = [x for x in errs[0].splitlines() if x.strip()]
+    assert len(said) == 1 and said[0].startswith("interrupted: all 2 processes stopped"), errs[0]
+    assert f"--resume {out}" in said[0] and "checkpoints/step-" in said[0]
+    assert not errs[1].strip(), errs[1]
+    kept = said[0].split("checkpoint stays ", 1)[1].split(";", 1)[0]
+    assert load_checkpoint(kept).state.step >= 2  # complete: a resume can start from it
