@@ -62,6 +62,7 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.in_features, self.out_features = in_features, b.shape[0]
         self.lora_magnitude_vector = None
+        self.output_unused = False  # see `output_unused` below
         if magnitude is not None:
             if tuple(magnitude.shape) != (self.out_features,):
                 raise ValueError(
@@ -97,7 +98,7 @@ class LoRALinear(nn.Module):
         if self._fusable():
             weight, bias = self.base.weight, self.base.bias
             matmul = frozen_matmul_dtype(x, x.numel() // max(x.shape[-1], 1))
-            y = lora_nf4_linear(x, a, b, weight, self.scale, matmul)
+            y = lora_nf4_linear(x, a, b, weight, self.scale, matmul, not self.output_unused)
             return y if bias is None else y + bias.to(y.dtype)
         y = self.base(x)
         dropped = self.dropout(x)

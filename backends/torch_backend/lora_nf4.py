@@ -28,13 +28,15 @@ class _LoRANF4(torch.autograd.Function):
         weight: NF4Weight,
         scale: float,
         matmul_dtype: torch.dtype,
+        base_output: bool,
     ) -> torch.Tensor:
         # x (..., in); a (r, in); b (out, r); all in x's dtype
         rows = x.reshape(-1, x.shape[-1])  # (M, in)
         h = rows @ a.t()  # (M, r)
         scaled_b = b * scale  # (out, r)
         y = h @ scaled_b.t()  # (M, out)
-        y += base_matmul(rows, weight, matmul_dtype)  # a BF16 base output is added as FP32
+        if base_output:
+            y += base_matmul(rows, weight, matmul_dtype)  # a BF16 base output is added as FP32
         ctx.save_for_backward(rows, h, a, scaled_b)
         ctx.weight, ctx.scale, ctx.matmul_dtype = weight, scale, matmul_dtype
         return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -53,7 +55,7 @@ class _LoRANF4(torch.autograd.Function):
             grad_x = grad_h @ a  # (M, in)
             grad_x += base_matmul_grad_input(g, ctx.weight, ctx.matmul_dtype)
             grad_x = grad_x.reshape(*grad_out.shape[:-1], grad_x.shape[-1])
-        return grad_x, grad_a, grad_b, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None
 
 
 def lora_nf4_linear(
@@ -63,7 +65,11 @@ def lora_nf4_linear(
     weight: NF4Weight,
     scale: float,
     matmul_dtype: torch.dtype,
+    base_output: bool = True,
 ) -> torch.Tensor:
     """x (..., in) -> (..., out) = x W^T + scale * x A^T B^T in x's dtype, the base matmuls in
-    `matmul_dtype` (see nf4_linear.base_matmul); a (r, in) and b (out, r) in x's dtype."""
-    return _LoRANF4.apply(x, a, b, weight, scale, matmul_dtype)
+    `matmul_dtype` (see nf4_linear.base_matmul); a (r, in) and b (out, r) in x's dtype.
+
+    `base_output=False` leaves x W^T out of the output (only the adapter term remains) while
+    backward is the same: for a recompute that needs what this node saves, not what it returns."""
+    return _LoRANF4.apply(x, a, b, weight, scale, matmul_dtype, base_output)

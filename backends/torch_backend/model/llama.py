@@ -8,7 +8,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from nf4core import ModelConfig, ModelSource
 from nf4core.rope import inverse_frequencies
@@ -20,6 +19,7 @@ from ..cpu_matmul import frozen_matmul_dtype
 from ..kv_cache import KVCache
 from .attention import Attention
 from .chunked_loss import chunked_head_loss
+from .layer_checkpoint import checkpointed
 from .layers import MLP, RMSNorm, make_linear
 from .masks import attention_mask
 from .rope import rope_cos_sin
@@ -198,7 +198,7 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids).to(self.compute_dtype)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, cache, mask, use_reentrant=False)
+                x = checkpointed(layer, x, cos, sin, cache, mask)
             else:
                 x = layer(x, cos, sin, cache, mask)
         if cache is not None:

@@ -123,3 +123,34 @@ def test_generation_stops_at_eos_and_validates(pair):
             SamplingConfig(**bad)
     with pytest.raises(ValueError, match="prompt"):
         generate(ours, [], SamplingConfig())
+
+
+def test_checkpoint_recompute_leaves_out_only_the_down_projections_base_matmul(monkeypatch):
+    """Backward of a checkpointed layer recomputes six of its seven frozen base matmuls: the down
+    projection's output is never read there, only the input it saves."""
+    import backends.torch_backend.lora_nf4 as lora_nf4
+
+    hf, cfg = hf_model("llama", seed=2)
+    ours = CausalLM.from_state(cfg, state_of(hf))
+    apply_lora(ours, LoRASettings(r=4))
+    ours.train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 10))
+    real, shapes = lora_nf4.base_matmul, []
+
+    def counting(rows, weight, matmul_dtype):
+        shapes.append(tuple(weight.shape))
+        return real(rows, weight, matmul_dtype)
+
+    monkeypatch.setattr(lora_nf4, "base_matmul", counting)
+    calls = {}
+    for ckpt in (False, True):
+        ours.gradient_checkpointing = ckpt
+        shapes.clear()
+        ours(ids).square().mean().backward()
+        calls[ckpt] = list(shapes)
+    layers = cfg.num_hidden_layers
+    down = (cfg.hidden_size, cfg.intermediate_size)
+    assert len(calls[False]) == 7 * layers
+    assert len(calls[True]) == 7 * layers + 6 * layers
+    assert calls[True].count(down) == layers
+    assert not any(m.output_unused for m in ours.modules() if hasattr(m, "output_unused"))
