@@ -111,6 +111,10 @@ def vs_peft_rows(r: dict) -> list[Row]:
                 peer.get("peak_rss_mib"),
             ),
         ]
+    plain, mem = r["ours"]["median_tokens_per_s"], r["ours_memory_options"]["median_tokens_per_s"]
+    rows.append(
+        Row("QLoRA step, ours with --grad-checkpoint", "tokens/s", mem, "ours without", plain)
+    )
     return rows
 
 

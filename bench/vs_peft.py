@@ -1,6 +1,7 @@
 """QLoRA training on the CPU side by side: `cli.py finetune` vs transformers + peft + bitsandbytes.
 
-    python bench/vs_peft.py [--steps 6] [--batch 4] [--seq 128] [--hf-dir DIR] [--quick] [--json PATH]
+    python bench/vs_peft.py [--steps 6] [--batch 4] [--seq 128] [--rounds 2] [--hf-dir DIR]
+                            [--quick] [--no-peer] [--json PATH]
 
 The default model (the embedded SmolLM2-135M-Instruct GGUF) is exported once, through transformers'
 GGUF loader, to a 32-bit Hugging Face directory (kept in --hf-dir and reused); both sides load that
@@ -8,8 +9,9 @@ directory. Settings of both sides: batch x seq tokens per step (every row full),
 on all seven projections, FP32 compute, AdamW at lr 2e-4, no gradient checkpointing. The peer is
 transformers + peft + bitsandbytes 4-bit NF4 with double quant on the CPU. Each side runs in its own
 fresh process and reports tokens/s of every step (the first one is warmup and not counted) and the
-process's peak RSS (VmHWM, loading included). A third run is ours with our memory options on
-(gradient checkpointing). --quick: a 2-layer cut of the model and 2 steps (a smoke test).
+process's peak RSS (VmHWM, loading included). Ours runs with and without our memory options
+(gradient checkpointing), the two alternating --rounds times; each figure is the median over all of
+its runs' steps and the highest peak. --quick: a 2-layer cut of the model, 2 steps, one round.
 """
 
 from __future__ import annotations
@@ -143,15 +145,23 @@ def write_data(path: Path, rows: int, seq: int) -> None:
             f.write(json.dumps({"text": text}) + "\n")
 
 
+def merge_runs(runs: list[dict]) -> dict:
+    """One side's runs as one: every run's steps but its first (warmup), the highest peak."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    rates = [x for r in runs for x in r["tokens_per_s"][1:] or r["tokens_per_s"]]
+    return dict(runs[0], tokens_per_s=rates, peak_rss_mib=max(r["peak_rss_mib"] for r in runs))
+
+
 def summary(name: str, r: dict) -> dict:
     if "error" in r:
         print(f"{name}: failed: {r['error']}")
         return r
-    rates = r["tokens_per_s"][1:] or r["tokens_per_s"]
-    r["median_tokens_per_s"] = statistics.median(rates)
+    r["median_tokens_per_s"] = statistics.median(r["tokens_per_s"])
     print(
         f"{name}: tokens/s per step {[round(x, 1) for x in r['tokens_per_s']]} "
-        f"(median after the first: {r['median_tokens_per_s']:.1f}); "
+        f"(median: {r['median_tokens_per_s']:.1f}); "
         f"peak RSS {r['peak_rss_mib']} MiB (after imports {r['imports_rss_mib']} MiB)"
     )
     return r
@@ -170,9 +180,14 @@ def main() -> None:
     )
     ap.add_argument("--quick", action="store_true", help="2 layers, 2 steps (smoke test)")
     ap.add_argument("--no-peer", action="store_true", help="only our runs")
+    ap.add_argument(
+        "--rounds", type=int, default=2, help="our two runs alternate this many times [2]"
+    )
     add_json_option(ap)
     args = ap.parse_args()
     layers, steps = (2, 2) if args.quick else (0, args.steps)
+    if args.quick:
+        args.rounds = 1
     hf_dir = args.hf_dir or Path(tempfile.gettempdir()) / f"nf4-bench-hf32-{layers or 'full'}"
     export(hf_dir, layers)
     print(f"machine: {describe()}")
@@ -187,14 +202,16 @@ def main() -> None:
         common = (str(hf_dir), str(data))
         size = (str(steps), str(args.batch), str(args.seq))
         prelude = f"TARGETS = {TARGETS!r}\n"
-        ours = summary(
-            "ours (cli.py finetune)",
-            run_child(prelude + OURS, *common, f"{tmp}/ours", *size, "--no-grad-checkpoint"),
-        )
-        ours_mem = summary(
-            "ours, memory options on (--grad-checkpoint)",
-            run_child(prelude + OURS, *common, f"{tmp}/ours_mem", *size, "--grad-checkpoint"),
-        )
+        ours_runs, mem_runs = [], []
+        for i in range(args.rounds):  # alternated, so drift on a shared machine hits both alike
+            ours_runs.append(
+                run_child(prelude + OURS, *common, f"{tmp}/ours{i}", *size, "--no-grad-checkpoint")
+            )
+            mem_runs.append(
+                run_child(prelude + OURS, *common, f"{tmp}/mem{i}", *size, "--grad-checkpoint")
+            )
+        ours = summary("ours (cli.py finetune)", merge_runs(ours_runs))
+        ours_mem = summary("ours, memory options on (--grad-checkpoint)", merge_runs(mem_runs))
         peer = None
         if not args.no_peer:
             peer = summary(
