@@ -62,7 +62,7 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.in_features, self.out_features = in_features, b.shape[0]
         self.lora_magnitude_vector = None
-        self.output_unused = False  # see `output_unused` below
+        self.output_unused = False  # set while a checkpoint recompute discards the output
         if magnitude is not None:
             if tuple(magnitude.shape) != (self.out_features,):
                 raise ValueError(
