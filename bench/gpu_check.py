@@ -15,7 +15,8 @@ self-checks all pass and NF4Linear takes the kernels on CUDA by itself; paged Ad
 host memory) equals torch.optim.AdamW.
 Benchmarks (ours / peer in the same run): dequantize bandwidth vs a device-to-device copy; fused NF4
 matmul vs BF16 F.linear at batch 1, 16, 512 for 4096x4096 and 4096x14336; QLoRA training step
-tokens/s and peak memory vs BF16 LoRA on the same model.
+tokens/s and peak memory vs BF16 LoRA on the same model. Last, what autotuning chose per kernel and
+shape (autotune.py) and every candidate's time.
 Each section is guarded: a failure is recorded and the next section runs. Results are rewritten to
 OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.md after every section.
 """
@@ -87,8 +88,8 @@ def check_launch_configs() -> dict:
                 dict(
                     dtype=str(dtype),
                     m=m,
-                    matmul=str(configs[0]),
-                    gemv=str(launch_config.gemv_config(cap)),
+                    matmul=[str(c) for c in configs],
+                    gemv=[str(c) for c in launch_config.gemv_configs(cap)],
                 )
             )
     sync()
@@ -330,6 +331,20 @@ def bench_train() -> list[dict]:
     return rows
 
 
+def report_autotune() -> dict:
+    """What autotuning chose for each kernel and shape the sections above ran, and the timings of
+    every candidate (ms), from this process (autotune.py; on by default on CUDA)."""
+    from backends.torch_backend import autotune
+
+    tuner = autotune.tuner(DEVICE)
+    return dict(
+        enabled=autotune.enabled(DEVICE),
+        file=str(tuner.path),
+        choices=tuner.choices(),
+        timings_ms=tuner.timings,
+    )
+
+
 def to_markdown(results: dict) -> str:
     lines = [f"# gpu_check ({results['device']})", ""]
     for name, value in results["sections"].items():
@@ -367,6 +382,7 @@ def main() -> int:
         ("bench: dequantize", bench_dequant),
         ("bench: fused matmul", bench_matmul),
         ("bench: training step", bench_train),
+        ("autotune: choices and timings", report_autotune),
     ]
     failed = False
     began = time.time()

@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from . import launch_config, ops_reference
+from . import autotune, launch_config, ops_reference
 from .kernels import load_kernel_module
 from .launch_config import GEMV_MAX_ROWS
 from .nf4_weight import NF4Weight
@@ -118,6 +118,25 @@ def _launch(
     return False
 
 
+def _chosen(
+    kernel, grid_of, args: tuple, constants: dict, candidates: tuple, key: tuple, device
+) -> tuple:
+    """The configuration to launch (the autotuned one, else the first candidate), then the smallest
+    candidate as the fallback after an OutOfResources."""
+    first = candidates[0]
+    if len(candidates) > 1 and autotune.enabled(device):
+        from triton.runtime.errors import OutOfResources
+
+        def run(config) -> None:
+            extra = {} if _interpreting() else config.options()
+            kernel[grid_of(config)](*args, **constants, **config.tiles(), **extra)
+
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        tag = "|".join(map(str, (*key, name)))
+        first = autotune.tuner(device).choose(tag, candidates, run, skip=(OutOfResources,))
+    return (first,) if first == candidates[-1] else (first, candidates[-1])
+
+
 def _matmul(a: torch.Tensor, w: NF4Weight, transposed: bool) -> torch.Tensor:
     """(M, R) @ W^T (transposed) or @ W; W's shape (N, R) or (R, N)."""
     kernels = load_kernel_module("nf4_kernels.py")
@@ -129,9 +148,9 @@ def _matmul(a: torch.Tensor, w: NF4Weight, transposed: bool) -> torch.Tensor:
         return c
     capability = _capability(a)
     if capability is None and _interpreting():
-        configs = (launch_config.INTERPRETER_MATMUL,)
+        candidates = launch_config.INTERPRETER_MATMUL
     else:
-        configs = launch_config.matmul_configs(capability, a.element_size(), m)
+        candidates = launch_config.matmul_configs(capability, a.element_size(), m)
     args = (
         a,
         w.packed,
@@ -157,7 +176,10 @@ def _matmul(a: torch.Tensor, w: NF4Weight, transposed: bool) -> torch.Tensor:
     grid_of = lambda cfg: (_cdiv(m, cfg.BM), _cdiv(n, cfg.BN))  # noqa: E731
     what = "forward matmul" if transposed else "input-gradient matmul"
     key = (what, capability, a.dtype)
-    if _launch(kernels.nf4_matmul_kernel, grid_of, args, constants, configs, what, key):
+    shape = (*key, f"m{autotune.row_class(m)}", f"n{n}", f"r{r}", f"bs{w.blocksize}")
+    kernel = kernels.nf4_matmul_kernel
+    configs = _chosen(kernel, grid_of, args, constants, candidates, shape, a.device)
+    if _launch(kernel, grid_of, args, constants, configs, what, key):
         return c
     dense = ops_reference.dequantize(w, a.dtype)
     return a @ dense.t() if transposed else a @ dense
@@ -174,14 +196,17 @@ def gemv(x2d: torch.Tensor, w: NF4Weight) -> torch.Tensor:
         return y
     capability = _capability(x2d)
     if capability is None and _interpreting():
-        config = launch_config.INTERPRETER_GEMV
+        candidates = launch_config.INTERPRETER_GEMV
     else:
-        config = launch_config.gemv_config(capability)
+        candidates = launch_config.gemv_configs(capability)
     args = (x2d, w.packed, block_absmax(w), w.quant_map, y, n, k, x2d.stride(0), y.stride(0))
     constants = dict(BLOCKSIZE=w.blocksize, WHILE_LOOP=_while_loop())
     grid_of = lambda cfg: (_cdiv(n, cfg.BN), m)  # noqa: E731
     key = ("GEMV", capability, x2d.dtype)
-    if _launch(kernels.nf4_gemv_kernel, grid_of, args, constants, (config,), "GEMV", key):
+    shape = (*key, f"m{m}", f"n{n}", f"k{k}", f"bs{w.blocksize}")
+    kernel = kernels.nf4_gemv_kernel
+    config = _chosen(kernel, grid_of, args, constants, candidates, shape, x2d.device)[0]
+    if _launch(kernel, grid_of, args, constants, (config,), "GEMV", key):
         return y
     return x2d @ ops_reference.dequantize(w, x2d.dtype).t()
 

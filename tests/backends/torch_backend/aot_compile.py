@@ -33,10 +33,11 @@ MATMUL_ROWS = (launch_config.GEMV_MAX_ROWS + 1, launch_config.SMALL_M + 1)
 def jobs(archs: tuple[int, ...], everything: bool) -> list[dict]:
     """The (kernel, arch, dtype, constants, options) the launchers can compile, once each.
 
-    everything=False (CI, ~1 minute): per architecture the absmax kernel as launched, the GEMV, and
-    the preferred forward matmul of every row class, in float32 and bfloat16 (float16 has
-    bfloat16's shared memory); plus controls that show the checks can fail. everything=True adds
-    float16, the input-gradient matmul (W not transposed), the fallback tiles and dequantize."""
+    everything=False (CI): per architecture the absmax kernel as launched, every GEMV candidate,
+    and every forward matmul candidate (the ones autotuning times and the fallback) of every row
+    class, in float32 and bfloat16 (float16 has bfloat16's shared memory); plus controls that show
+    the checks can fail. everything=True adds float16, the input-gradient matmul (W not
+    transposed) and dequantize."""
     out = []
     for arch in archs:
         cap = divmod(arch, 10)
@@ -46,12 +47,18 @@ def jobs(archs: tuple[int, ...], everything: bool) -> list[dict]:
                 continue
             if everything:
                 out.append(dict(kernel="dequant", arch=arch, dtype=dt))
-            gemv = launch_config.gemv_config(cap)
-            out.append(
-                dict(kernel="gemv", arch=arch, dtype=dt, tiles=gemv.tiles(), launch=gemv.options())
-            )
+            for gemv in launch_config.gemv_configs(cap):
+                out.append(
+                    dict(
+                        kernel="gemv",
+                        arch=arch,
+                        dtype=dt,
+                        tiles=gemv.tiles(),
+                        launch=gemv.options(),
+                    )
+                )
             configs = [launch_config.matmul_configs(cap, size, m) for m in MATMUL_ROWS]
-            chosen = {c for options in configs for c in (options if everything else options[:1])}
+            chosen = {c for options in configs for c in options}
             for config in sorted(chosen, key=str):
                 for transposed in (True, False) if everything else (True,):
                     out.append(

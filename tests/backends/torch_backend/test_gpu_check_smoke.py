@@ -43,9 +43,11 @@ def test_gpu_check_smoke_without_gguf(tmp_path, python):
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     results = json.loads((tmp_path / "gpu_check.json").read_text())
     sections = results["sections"]
-    assert len(sections) == 7 and (tmp_path / "gpu_check.md").is_file()
+    assert len(sections) == 8 and (tmp_path / "gpu_check.md").is_file()
     assert sections["device and launch configurations"]["ok"]
     dequant = sections["correctness: dequantize"]
     assert dequant["ok"] and dequant["cases"] == 48
     assert sections["correctness: matmuls"]["ok"]
     assert sections["bench: training step"][0]["tokens_per_s"] > 0
+    tuned = sections["autotune: choices and timings"]
+    assert tuned["enabled"] is False and tuned["timings_ms"] == {}  # on by default on CUDA only
