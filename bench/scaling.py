@@ -1,47 +1,84 @@
 """How the cost of a QLoRA training step and of batch-1 decoding grows with model size (torch, CPU,
-FP32 compute), and whether each is bound by compute or by memory.
+FP32 compute), and what bounds each: compute or memory.
 
     python bench/scaling.py [--quick]
 
-Three sizes: a tiny random Llama, the default model (SmolLM2-135M-Instruct, NF4), and a random
-Llama shaped like Llama-3.2-1B (hidden 2048, MLP 8192, 32/8 heads, vocab 128256, tied embeddings)
-built with 1 and with 2 layers: the difference is the cost of one layer, and the 16-layer figure is
-extrapolated as cost(1) + 15 * (cost(2) - cost(1)).
-- Training: one step of batch 4 x 128 tokens, LoRA r 8 on all seven projections, no gradient
-  checkpointing, median of 3 after a warmup step. Achieved GFLOP/s counts 4 FLOPs per frozen base
-  weight per token (forward, and the backward to the activations: a frozen weight has no weight
-  gradient) plus attention; it is compared with this machine's FP32 matmul peak (a 2048^3 `mm`).
-- Decoding: `generate`, greedy, 128 new tokens (32 with --quick) from a 16-token prompt, the faster of
-  two calls. Achieved GB/s counts the dense FP32 weights that each token reads (the dequant cache
-  holds them in FP32 during generation); it is compared with this machine's copy bandwidth (a
-  256 MiB tensor copy: read + write).
-Each is printed as a fraction of the peak that would bound it: near 1, the phase is bound by it;
-far below, the time goes elsewhere (dequantize, small ops, Python; see bench/profile_step.py).
---quick: the tiny model and a 1-layer cut of the default model only (a smoke test).
+Three sizes: a tiny random Llama (2 layers), the default model (SmolLM2-135M-Instruct, NF4, 30
+layers), and a random Llama shaped like Llama-3.2-1B (hidden 2048, MLP 8192, 32/8 heads, vocab
+128256, tied embeddings) built with 2 layers and modelled at its 16.
+
+Each model's cost is split into parts measured directly, never as a difference of two runs:
+- per layer: the built layers' forward + backward (training: batch 4 x 128 tokens, LoRA r 8 on all
+  seven projections, no gradient checkpointing, plus the adapters' clip + AdamW), or one token
+  through them (decoding, KV cache at the middle of a 128-token decode), divided by their number;
+- fixed: everything else, through the model's own code with the layers taken out (training:
+  embedding, final norm, LM head and loss forward + backward; decoding: embedding row, norm, LM
+  head, argmax).
+model(L layers) = fixed + L x per layer, set beside the whole step and the whole decode measured in
+the same rounds (the parts and the whole alternate; each figure is a median over the rounds).
+
+Bounds: a training layer's FLOPs (scaling_counts.py) against the peak of the dtype its frozen
+matmuls run in (cpu_matmul.py: BF16 inputs on CPUs with native BF16, else FP32; a 2048^3 `mm` as
+nf4_linear.base_matmul calls it), the LM head against its own dtype's peak; a decode layer's NF4
+bytes (read by the CPU GEMV, ~4.13 bits per weight) and the fixed part's FP32 head bytes against
+the copy bandwidth (a 256 MiB copy, read + write). Near 1: bound by that peak; far below: the time
+goes elsewhere (dequantize, small ops, dispatch; see bench/profile_step.py).
+--quick: the tiny model and a small random model modelled at 16 layers, one round (a smoke test).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
+from torch import nn
 
 import nf4core
 from backends.engine import LoRASettings
-from backends.torch_backend.generate import SamplingConfig, generate
+from backends.torch_backend import cpu_matmul, dequant_cache
+from backends.torch_backend.dequant_cache import DequantCache
+from backends.torch_backend.generate import SamplingConfig, generate_tokens, last_logits
 from backends.torch_backend.lora import apply_lora
 from backends.torch_backend.model import CausalLM
+from backends.torch_backend.model.masks import attention_mask
+from backends.torch_backend.model.rope import rope_cos_sin
+from backends.torch_backend.nf4_linear import NF4Linear
 from backends.torch_backend.train_step import Batch, TrainConfig, Trainer
-from bench._timing import median_seconds
+from bench import scaling_counts as counts
 from bench.machine import describe
 from bench.random_llama import random_llama_state
 
 BATCH, SEQ, PROMPT = 4, 128, 16
+SIZE = 2048  # of the peak matmul
+COPY_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class Size:
+    name: str
+    build: Callable[[], CausalLM]
+    modelled_layers: int | None = None  # also print fixed + this many layers
+
+
+@dataclass
+class Parts:
+    """Seconds: per layer and fixed (modelled), whole (measured with the built layers)."""
+
+    layer: float
+    fixed: float
+    whole: float
+
+    def model(self, layers: int) -> float:
+        return self.fixed + layers * self.layer
 
 
 def llama(hidden, mlp, heads, kv_heads, layers, vocab) -> nf4core.ModelConfig:
@@ -61,132 +98,333 @@ def random_model(cfg: nf4core.ModelConfig) -> CausalLM:
     return CausalLM.from_state(cfg, random_llama_state(cfg), compute_dtype=torch.float32)
 
 
-def default_model(layers: int | None) -> CausalLM:
-    model = CausalLM.from_source(nf4core.open_model(nf4core.default_model_path()))
-    if layers is not None:
-        del model.model.layers[layers:]
-    return model
+def default_model() -> CausalLM:
+    return CausalLM.from_source(nf4core.open_model(nf4core.default_model_path()))
 
 
-def base_params(cfg: nf4core.ModelConfig) -> tuple[int, int]:
-    """(weights of one layer's seven projections, weights of the LM head)."""
-    c, f = cfg.hidden_size, cfg.intermediate_size
-    kv = cfg.num_key_value_heads * cfg.resolved_head_dim
-    return 2 * c * c + 2 * kv * c + 3 * c * f, cfg.vocab_size * c
+def timed(fn: Callable[[], object]) -> Callable[[], float]:
+    def run() -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    return run
 
 
-def train_flops(cfg: nf4core.ModelConfig, layers: int) -> float:
-    per_layer, head = base_params(cfg)
-    tokens = BATCH * SEQ
-    attention = 2 * 2 * SEQ * cfg.hidden_size * tokens  # QK^T and PV, forward + backward halves
-    return 4 * tokens * (layers * per_layer + head) + 2 * layers * attention
+def interleaved_medians(fns: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
+    """Each fn returns the seconds it measured; after one warmup call each, every round calls each
+    fn once in turn (so a slow spell of a shared machine touches all of them), and each gets the
+    median over the rounds."""
+    for fn in fns.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            samples[name].append(fn())
+    return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def decode_bytes_per_token(cfg: nf4core.ModelConfig, layers: int) -> float:
-    per_layer, head = base_params(cfg)
-    return 4 * (layers * per_layer + head)
+def machine_peaks(rounds: int) -> dict[torch.dtype | str, float]:
+    """GFLOP/s of a 2048^3 `mm` in FP32 and in BF16 (BF16 in and out, FP32 accumulation: what the
+    frozen matmuls of training call when they take BF16), copy GB/s (read + write)."""
+    a, b = torch.randn(SIZE, SIZE), torch.randn(SIZE, SIZE)
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    src = torch.empty(COPY_BYTES // 4)
+    dst = torch.empty_like(src)
+    t = interleaved_medians(
+        {
+            "float32": timed(lambda: a @ b),
+            "bfloat16": timed(lambda: a16 @ b16),
+            "copy": timed(lambda: dst.copy_(src)),
+        },
+        max(rounds, 5),
+    )
+    flops = 2 * SIZE**3
+    return {
+        torch.float32: flops / t["float32"] / 1e9,
+        torch.bfloat16: flops / t["bfloat16"] / 1e9,
+        "copy": 2 * COPY_BYTES / t["copy"] / 1e9,
+    }
 
 
-def train_seconds(model: CausalLM, vocab: int, repeat: int) -> float:
+class _GradEntry(nn.Module):
+    """Stands in for the layers: hands on the embedding output as a leaf that wants its gradient,
+    so the fixed part's backward runs as far as the layers' would start."""
+
+    def forward(self, x, cos, sin, cache, mask):
+        return x.detach().requires_grad_()
+
+
+@contextlib.contextmanager
+def layers_replaced(model: CausalLM, layers: list[nn.Module]) -> Iterator[None]:
+    kept = model.model.layers
+    model.model.layers = nn.ModuleList(layers)
+    try:
+        yield
+    finally:
+        model.model.layers = kept
+
+
+def rope_and_mask(model: CausalLM, length: int, past: int):
+    positions = torch.arange(past, past + length)
+    cos, sin = rope_cos_sin(model.inv_freq, positions, model.compute_dtype)
+    return cos, sin, attention_mask(length, past, model.config.sliding_window, "cpu")
+
+
+def decode_parts(model: CausalLM, new: int, rounds: int, calls: int) -> Parts:
+    """Seconds per decoded token: per layer, fixed, and the whole of `generate`'s steps after the
+    first token (the prompt's prefill is left out)."""
+    cfg = model.config
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, cfg.vocab_size, (PROMPT,), generator=gen).tolist()
+    past = PROMPT + new // 2
+    cache = model.new_cache(1, past + 1)
+    cos, sin, mask = rope_and_mask(model, 1, past)
+    x = torch.randn(1, 1, cfg.hidden_size, generator=gen) * 0.02
+    token = torch.tensor([[prompt[0]]])
+    weights = DequantCache.for_decoding(1, model.compute_dtype, torch.device("cpu"))
+
+    def whole() -> float:
+        steps = generate_tokens(model, prompt, SamplingConfig(max_new_tokens=new))
+        next(steps)
+        start = time.perf_counter()
+        n = sum(1 for _ in steps)
+        if n != new - 1:
+            raise SystemExit(f"decode stopped after {n + 1} of {new} tokens")
+        return (time.perf_counter() - start) / n
+
+    def layers() -> float:
+        model.eval()
+        with torch.no_grad(), weights.active():
+            start = time.perf_counter()
+            for _ in range(calls):
+                cache.length = past
+                h = x
+                for layer in model.model.layers:
+                    h = layer(h, cos, sin, cache, mask)
+            return (time.perf_counter() - start) / calls
+
+    def fixed() -> float:
+        model.eval()
+        with torch.no_grad(), weights.active(), layers_replaced(model, []):
+            start = time.perf_counter()
+            for _ in range(calls):
+                cache.length = past
+                int(torch.argmax(last_logits(model, token, cache)[0]))
+            return (time.perf_counter() - start) / calls
+
+    t = interleaved_medians({"whole": whole, "layers": layers, "fixed": fixed}, rounds)
+    return Parts(t["layers"] / cfg.num_hidden_layers, t["fixed"], t["whole"])
+
+
+def train_parts(model: CausalLM, rounds: int) -> Parts:
+    """Seconds per training step: per layer (forward + backward, and its adapters' share of clip
+    + AdamW), fixed, and the whole `Trainer.train_step`."""
+    cfg = model.config
     apply_lora(model, LoRASettings(r=8, alpha=16.0))
     trainer = Trainer(model, TrainConfig())
-    ids = torch.randint(0, vocab, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
-    return median_seconds(lambda: trainer.train_step([Batch(ids)], 1e-4), repeat)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (BATCH, SEQ), generator=gen)
+    x = torch.randn(BATCH, SEQ, cfg.hidden_size, generator=gen)
+    grad_out = torch.randn(BATCH, SEQ, cfg.hidden_size, generator=gen) * 1e-3
+    cos, sin, mask = rope_and_mask(model, SEQ, 0)
+    grads = [torch.randn(p.shape, generator=gen) * 1e-3 for p in trainer.params]
 
+    def layers() -> None:
+        model.train()
+        h = x.detach().requires_grad_()
+        for layer in model.model.layers:
+            h = layer(h, cos, sin, None, mask)
+        h.backward(grad_out)
+        trainer.optimizer.zero_grad(set_to_none=True)
 
-def decode_seconds(model: CausalLM, vocab: int, new: int) -> float:
-    ids = torch.randint(0, vocab, (PROMPT,), generator=torch.Generator().manual_seed(1)).tolist()
-    cfg = SamplingConfig(max_new_tokens=new)
-    generate(model, ids, SamplingConfig(max_new_tokens=4))
-    times = []
-    for _ in range(2):
-        start = time.perf_counter()
-        out = generate(model, ids, cfg)
-        times.append(time.perf_counter() - start)
-    if len(out) != new:
-        raise SystemExit(f"decode stopped after {len(out)} of {new} tokens")
-    return min(times)
+    def fixed() -> None:
+        model.train()
+        with layers_replaced(model, [_GradEntry()]):
+            summed, n = model.loss(ids)
+            (summed / n).backward()
 
+    def optimizer() -> None:  # train_step's part after the backward
+        for p, g in zip(trainer.params, grads):
+            p.grad = g
+        torch.nn.utils.clip_grad_norm_(trainer.params, trainer.config.max_grad_norm)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
 
-def machine_peaks() -> tuple[float, float]:
-    """(FP32 matmul GFLOP/s, copy GB/s counting read + write)."""
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    mm = median_seconds(lambda: a @ b, 5)
-    src = torch.empty(64 << 20)
-    dst = torch.empty_like(src)
-    copy = median_seconds(lambda: dst.copy_(src), 5)
-    return 2 * 2048**3 / mm / 1e9, 2 * src.numel() * 4 / copy / 1e9
-
-
-def measure(name, build, cfg, layers, new, repeat) -> dict:
-    model = build()
-    step = train_seconds(model, cfg.vocab_size, repeat)
-    del model
-    model = build()
-    decode = decode_seconds(model, cfg.vocab_size, new)
-    return dict(name=name, cfg=cfg, layers=layers, step=step, decode=decode / new)
-
-
-def extrapolate(one: dict, two: dict, layers: int) -> dict:
-    return dict(
-        name=f"{one['name'].split(',')[0]}, {layers} layers (extrapolated)",
-        cfg=one["cfg"],
-        layers=layers,
-        step=one["step"] + (layers - 1) * (two["step"] - one["step"]),
-        decode=one["decode"] + (layers - 1) * (two["decode"] - one["decode"]),
+    t = interleaved_medians(
+        {
+            "whole": timed(lambda: trainer.train_step([Batch(ids)], 1e-4)),
+            "layers": timed(layers),
+            "fixed": timed(fixed),
+            "optimizer": timed(optimizer),
+        },
+        rounds,
     )
+    per_layer = (t["layers"] + t["optimizer"]) / cfg.num_hidden_layers
+    return Parts(per_layer, t["fixed"], t["whole"])
+
+
+def quantization(model: CausalLM) -> tuple[int, bool]:
+    """(blocksize, double quant) of the model's NF4 linears."""
+    w = next(m for m in model.modules() if isinstance(m, NF4Linear)).weight
+    return w.blocksize, w.double_quant
+
+
+def head_matmul_dtype(model: CausalLM) -> torch.dtype:
+    """The dtype of the training LM head's matmuls (llama.py `loss`: BF16 only through the chunked
+    loss's frozen_matmul_dtype; the plain head is an FP32 nn.Linear)."""
+    if not model.chunked_loss:
+        return model.compute_dtype
+    probe = torch.empty(1, model.config.hidden_size, dtype=model.compute_dtype)
+    with torch.enable_grad():
+        return cpu_matmul.frozen_matmul_dtype(probe, BATCH * (SEQ - 1))
+
+
+@dataclass
+class Result:
+    name: str
+    cfg: nf4core.ModelConfig
+    built: int  # layers measured
+    train: Parts
+    decode: Parts
+    quant: tuple[int, bool]
+    head_dtype: torch.dtype
+
+
+def measure(size: Size, new: int, rounds: int, calls: int) -> Result:
+    model = size.build()
+    quant = quantization(model)
+    decode = decode_parts(model, new, rounds, calls)  # before LoRA: decoding the base model
+    train = train_parts(model, rounds)
+    built = model.config.num_hidden_layers
+    return Result(size.name, model.config, built, train, decode, quant, head_matmul_dtype(model))
+
+
+def fraction(value: float, peak: float) -> str:
+    return f"{value:.1f} ({value / peak:.2f})"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "FP32", torch.bfloat16: "BF16"}[dtype]
+
+
+def rows_of(results: list[Result], sizes: list[Size]) -> list[tuple[Result, int, bool]]:
+    """(result, layers, measured) for each row: the built model, then any modelled depth."""
+    out = []
+    for r, s in zip(results, sizes):
+        out.append((r, r.built, True))
+        if s.modelled_layers and s.modelled_layers != r.built:
+            out.append((r, s.modelled_layers, False))
+    return out
+
+
+def print_training(results, sizes, peaks, layer_dtype) -> None:
+    lp, ln = peaks[layer_dtype], dtype_name(layer_dtype)
+    print(
+        f"Training step: batch {BATCH} x {SEQ}, LoRA r 8 on all seven projections, frozen layer "
+        f"matmuls in {ln}; GFLOP/s (fraction of that dtype's 2048^3 mm peak)\n"
+    )
+    print(
+        f"| model | layers | per layer ms | layer GFLOP/s (/ {ln} peak) | fixed ms "
+        "| head GFLOP/s (/ its dtype's peak) | step s: fixed + L x layer | measured | tokens/s "
+        "| layers' share |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r, layers, measured in rows_of(results, sizes):
+        t = r.train
+        layer_gf = counts.train_layer_flops(r.cfg, BATCH, SEQ) / t.layer / 1e9
+        head_gf = counts.train_head_flops(r.cfg, BATCH, SEQ) / t.fixed / 1e9
+        step = t.model(layers)
+        name = r.name if measured else f"{r.name}, modelled"
+        print(
+            f"| {name} | {layers} | {t.layer * 1e3:.1f} | {fraction(layer_gf, lp)} | "
+            f"{t.fixed * 1e3:.1f} | {fraction(head_gf, peaks[r.head_dtype])} "
+            f"{dtype_name(r.head_dtype)} | {step:.2f} | {f'{t.whole:.2f}' if measured else '-'} "
+            f"| {BATCH * SEQ / step:.0f} | {layers * t.layer / step:.2f} |"
+        )
+
+
+def print_decoding(results, sizes, peaks, weights, new) -> None:
+    bw = peaks["copy"]
+    what = "NF4 codes through the CPU GEMV" if weights == "nf4" else "FP32 dequant-cache copies"
+    print(
+        f"\nDecoding: batch 1, greedy, {new} new tokens from a {PROMPT}-token prompt; the layers "
+        f"read {what}, the fixed part the FP32 LM head; GB/s (fraction of the copy bandwidth)\n"
+    )
+    print(
+        "| model | layers | per layer ms | layer GB/s (/ copy) | fixed ms | fixed GB/s (/ copy) "
+        "| ms/token: fixed + L x layer | measured | tokens/s | MB/token | layers' share |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r, layers, measured in rows_of(results, sizes):
+        d = r.decode
+        layer_bytes = counts.layer_weight_bytes(r.cfg, weights, *r.quant)
+        fixed_bytes = counts.fixed_decode_bytes(r.cfg)
+        per_token = d.model(layers)
+        name = r.name if measured else f"{r.name}, modelled"
+        mb = (fixed_bytes + layers * layer_bytes) / 1e6
+        print(
+            f"| {name} | {layers} | {d.layer * 1e3:.2f} | "
+            f"{fraction(layer_bytes / d.layer / 1e9, bw)} | {d.fixed * 1e3:.2f} | "
+            f"{fraction(fixed_bytes / d.fixed / 1e9, bw)} | {per_token * 1e3:.1f} | "
+            f"{f'{d.whole * 1e3:.1f}' if measured else '-'} | {1 / per_token:.1f} | {mb:.1f} | "
+            f"{layers * d.layer / per_token:.2f} |"
+        )
+
+
+def bound(value: float, peak: float, what: str) -> str:
+    share = value / peak
+    if share >= 0.6:
+        return f"{share:.2f} of the {what}: bound by it"
+    if share >= 0.3:
+        return f"{share:.2f} of the {what}: partly bound by it, partly by other work"
+    return f"{share:.2f} of the {what}: far from it, the time goes to other work"
+
+
+def print_bounds(results, peaks, layer_dtype, weights) -> None:
+    print("\nWhat bounds what (each model's parts as measured):")
+    for r in results:
+        layer_gf = counts.train_layer_flops(r.cfg, BATCH, SEQ) / r.train.layer / 1e9
+        head_gf = counts.train_head_flops(r.cfg, BATCH, SEQ) / r.train.fixed / 1e9
+        layer_gb = counts.layer_weight_bytes(r.cfg, weights, *r.quant) / r.decode.layer / 1e9
+        head_gb = counts.fixed_decode_bytes(r.cfg) / r.decode.fixed / 1e9
+        print(
+            f"- {r.name}: train layer {bound(layer_gf, peaks[layer_dtype], dtype_name(layer_dtype) + ' mm peak')}; "
+            f"train fixed {bound(head_gf, peaks[r.head_dtype], dtype_name(r.head_dtype) + ' mm peak')}; "
+            f"decode layer {bound(layer_gb, peaks['copy'], 'copy bandwidth')}; "
+            f"decode fixed {bound(head_gb, peaks['copy'], 'copy bandwidth')}"
+        )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    new, repeat = (32, 1) if args.quick else (128, 3)
-    print(f"machine: {describe()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    peaks = machine_peaks()
-    print(f"peaks: FP32 matmul {peaks[0]:.0f} GFLOP/s, copy {peaks[1]:.1f} GB/s\n")
+    new, rounds, calls = (8, 1, 2) if args.quick else (128, 3, 10)
     torch.manual_seed(0)
-    tiny = llama(64, 128, 4, 2, 2, 256)
-    default_cfg = nf4core.open_model(nf4core.default_model_path()).config
-    rows = [measure("tiny", lambda: random_model(tiny), tiny, 2, new, repeat)]
+    print(f"machine: {describe()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(cpu_matmul.describe())
+    peaks = machine_peaks(rounds)
+    probe = torch.empty(BATCH * SEQ, 64)
+    with torch.enable_grad():
+        layer_dtype = cpu_matmul.frozen_matmul_dtype(probe, BATCH * SEQ)
+    weights = "nf4" if dequant_cache.gemv_covers(torch.empty(1, 64)) else "fp32"
+    print(
+        f"peaks: FP32 mm {peaks[torch.float32]:.0f} GFLOP/s, BF16 mm {peaks[torch.bfloat16]:.0f} "
+        "GFLOP/s "
+        f"(BF16 in and out, FP32 accumulation), copy {peaks['copy']:.1f} GB/s (read + write)\n"
+    )
+    sizes = [Size("tiny", lambda: random_model(llama(64, 128, 4, 2, 2, 256)))]
     if args.quick:
-        rows.append(
-            measure("default, 1 layer", lambda: default_model(1), default_cfg, 1, new, repeat)
-        )
+        sizes.append(Size("small", lambda: random_model(llama(128, 256, 4, 2, 2, 512)), 16))
     else:
-        layers = default_cfg.num_hidden_layers
-        rows.append(
-            measure("default 135M", lambda: default_model(None), default_cfg, layers, new, repeat)
-        )
-        big = [llama(2048, 8192, 32, 8, n, 128256) for n in (1, 2)]
-        one, two = (
-            measure(
-                f"1B-shaped, {n} layer{'s' * (n > 1)}",
-                lambda c=c: random_model(c),
-                c,
-                n,
-                new,
-                repeat,
-            )
-            for n, c in zip((1, 2), big)
-        )
-        rows += [one, two, extrapolate(one, two, 16)]
-    print(
-        f"Training step (batch {BATCH} x {SEQ}, LoRA r 8, FP32) and decoding (batch 1, greedy):\n"
-    )
-    print(
-        "| model | layers | step s | train tokens/s | train GFLOP/s | / matmul peak "
-        "| decode ms/token | decode tokens/s | weight GB/s | / copy bandwidth |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        gflops = train_flops(r["cfg"], r["layers"]) / r["step"] / 1e9
-        gbs = decode_bytes_per_token(r["cfg"], r["layers"]) / r["decode"] / 1e9
-        print(
-            f"| {r['name']} | {r['layers']} | {r['step']:.2f} | {BATCH * SEQ / r['step']:.0f} | "
-            f"{gflops:.1f} | {gflops / peaks[0]:.2f} | {r['decode'] * 1e3:.1f} | "
-            f"{1 / r['decode']:.1f} | {gbs:.2f} | {gbs / peaks[1]:.2f} |"
-        )
+        sizes.append(Size("default 135M", default_model))
+        big = llama(2048, 8192, 32, 8, 2, 128256)
+        sizes.append(Size("1B-shaped", lambda: random_model(big), 16))
+    results = [measure(s, new, rounds, calls) for s in sizes]
+    print_training(results, sizes, peaks, layer_dtype)
+    print_decoding(results, sizes, peaks, weights, new)
+    print_bounds(results, peaks, layer_dtype, weights)
 
 
 if __name__ == "__main__":
