@@ -8,9 +8,10 @@ layers), and a random Llama shaped like Llama-3.2-1B (hidden 2048, MLP 8192, 32/
 128256, tied embeddings) built with 2 layers and modelled at its 16.
 
 Each model's cost is split into parts measured directly, never as a difference of two runs:
-- per layer: the built layers' forward + backward (training: batch 4 x 128 tokens, LoRA r 8 on all
-  seven projections, no gradient checkpointing, plus the adapters' clip + AdamW), or one token
-  through them (decoding, KV cache at the middle of a 128-token decode), divided by their number;
+- per layer: the built layers' forward + backward and the adapters' clip + AdamW (training as the
+  engine runs it: batch 4 x 128 tokens, LoRA r 8 on all seven projections, chunked loss, its
+  malloc settings, no gradient checkpointing), or one token through them (decoding, KV cache at
+  the middle of a 128-token decode), divided by their number;
 - fixed: everything else, through the model's own code with the layers taken out (training:
   embedding, final norm, LM head and loss forward + backward; decoding: embedding row, norm, LM
   head, argmax).
@@ -19,10 +20,11 @@ the same rounds (the parts and the whole alternate; each figure is a median over
 
 Bounds: a training layer's FLOPs (scaling_counts.py) against the peak of the dtype its frozen
 matmuls run in (cpu_matmul.py: BF16 inputs on CPUs with native BF16, else FP32; a 2048^3 `mm` as
-nf4_linear.base_matmul calls it), the LM head against its own dtype's peak; a decode layer's NF4
-bytes (read by the CPU GEMV, ~4.13 bits per weight) and the fixed part's FP32 head bytes against
-the copy bandwidth (a 256 MiB copy, read + write). Near 1: bound by that peak; far below: the time
-goes elsewhere (dequantize, small ops, dispatch; see bench/profile_step.py).
+nf4_linear.base_matmul calls it), the LM head's FLOPs against its own dtype's peak (llama.py
+`loss`); a decode layer's NF4 bytes (read by the CPU GEMV, ~4.13 bits per weight) and the fixed
+part's FP32 head bytes against the copy bandwidth (a 256 MiB copy, read + write). Near 1: bound by
+that peak; far below: the time goes elsewhere (dequantize, small ops, dispatch; see
+bench/profile_step.py).
 --quick: the tiny model and a small random model modelled at 16 layers, one round (a smoke test).
 """
 
@@ -48,6 +50,7 @@ from backends.torch_backend import cpu_matmul, dequant_cache
 from backends.torch_backend.dequant_cache import DequantCache
 from backends.torch_backend.generate import SamplingConfig, generate_tokens, last_logits
 from backends.torch_backend.lora import apply_lora
+from backends.torch_backend.malloc_tuning import keep_freed_memory
 from backends.torch_backend.model import CausalLM
 from backends.torch_backend.model.masks import attention_mask
 from backends.torch_backend.model.rope import rope_cos_sin
@@ -222,6 +225,7 @@ def train_parts(model: CausalLM, rounds: int) -> Parts:
     + AdamW), fixed, and the whole `Trainer.train_step`."""
     cfg = model.config
     apply_lora(model, LoRASettings(r=8, alpha=16.0))
+    model.chunked_loss = True  # as the engine trains (backends/torch_backend/engine.py)
     trainer = Trainer(model, TrainConfig())
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (BATCH, SEQ), generator=gen)
@@ -270,14 +274,16 @@ def quantization(model: CausalLM) -> tuple[int, bool]:
     return w.blocksize, w.double_quant
 
 
-def head_matmul_dtype(model: CausalLM) -> torch.dtype:
-    """The dtype of the training LM head's matmuls (llama.py `loss`: BF16 only through the chunked
-    loss's frozen_matmul_dtype; the plain head is an FP32 nn.Linear)."""
+def training_head(model: CausalLM) -> tuple[torch.dtype, int]:
+    """The dtype of the training LM head's matmuls and the rows they take, as llama.py `loss` runs
+    them: the chunked loss multiplies the counted targets in frozen_matmul_dtype's choice, the
+    plain head every position in the compute dtype."""
     if not model.chunked_loss:
-        return model.compute_dtype
+        return model.compute_dtype, BATCH * SEQ
+    rows = BATCH * (SEQ - 1)
     probe = torch.empty(1, model.config.hidden_size, dtype=model.compute_dtype)
     with torch.enable_grad():
-        return cpu_matmul.frozen_matmul_dtype(probe, BATCH * (SEQ - 1))
+        return cpu_matmul.frozen_matmul_dtype(probe, rows), rows
 
 
 @dataclass
@@ -288,7 +294,7 @@ class Result:
     train: Parts
     decode: Parts
     quant: tuple[int, bool]
-    head_dtype: torch.dtype
+    head: tuple[torch.dtype, int]  # training_head
 
 
 def measure(size: Size, new: int, rounds: int, calls: int) -> Result:
@@ -297,11 +303,35 @@ def measure(size: Size, new: int, rounds: int, calls: int) -> Result:
     decode = decode_parts(model, new, rounds, calls)  # before LoRA: decoding the base model
     train = train_parts(model, rounds)
     built = model.config.num_hidden_layers
-    return Result(size.name, model.config, built, train, decode, quant, head_matmul_dtype(model))
+    return Result(size.name, model.config, built, train, decode, quant, training_head(model))
 
 
-def fraction(value: float, peak: float) -> str:
-    return f"{value:.1f} ({value / peak:.2f})"
+@dataclass(frozen=True)
+class Rates:
+    """One model's parts against their bounds: (achieved rate, fraction of the peak) each."""
+
+    train_layer: tuple[float, float]  # GFLOP/s, of the layer matmul dtype's peak
+    train_fixed: tuple[float, float]  # GFLOP/s (head FLOPs only), of the head dtype's peak
+    decode_layer: tuple[float, float]  # GB/s, of the copy bandwidth
+    decode_fixed: tuple[float, float]
+
+
+def rates(r: Result, peaks: dict, layer_dtype: torch.dtype, weights: str) -> Rates:
+    def of(value: float, peak: float) -> tuple[float, float]:
+        return value, value / peak
+
+    head_dtype, head_rows = r.head
+    layer_bytes = counts.layer_weight_bytes(r.cfg, weights, *r.quant)
+    return Rates(
+        of(counts.train_layer_flops(r.cfg, BATCH, SEQ) / r.train.layer / 1e9, peaks[layer_dtype]),
+        of(counts.train_head_flops(r.cfg, head_rows) / r.train.fixed / 1e9, peaks[head_dtype]),
+        of(layer_bytes / r.decode.layer / 1e9, peaks["copy"]),
+        of(counts.fixed_decode_bytes(r.cfg) / r.decode.fixed / 1e9, peaks["copy"]),
+    )
+
+
+def shown(rate: tuple[float, float]) -> str:
+    return f"{rate[0]:.1f} ({rate[1]:.2f})"
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -318,34 +348,32 @@ def rows_of(results: list[Result], sizes: list[Size]) -> list[tuple[Result, int,
     return out
 
 
-def print_training(results, sizes, peaks, layer_dtype) -> None:
-    lp, ln = peaks[layer_dtype], dtype_name(layer_dtype)
+def print_training(results, sizes, peaks, layer_dtype, weights) -> None:
+    ln, hn = dtype_name(layer_dtype), dtype_name(results[0].head[0])
     print(
-        f"Training step: batch {BATCH} x {SEQ}, LoRA r 8 on all seven projections, frozen layer "
-        f"matmuls in {ln}; GFLOP/s (fraction of that dtype's 2048^3 mm peak)\n"
+        f"Training step: batch {BATCH} x {SEQ}, LoRA r 8 on all seven projections, chunked loss "
+        f"(as the engine trains); frozen matmuls of the layers in {ln}, of the LM head in {hn}; "
+        "GFLOP/s (fraction of that dtype's 2048^3 mm peak)\n"
     )
     print(
         f"| model | layers | per layer ms | layer GFLOP/s (/ {ln} peak) | fixed ms "
-        "| head GFLOP/s (/ its dtype's peak) | step s: fixed + L x layer | measured | tokens/s "
+        f"| head GFLOP/s (/ {hn} peak) | step s: fixed + L x layer | measured | tokens/s "
         "| layers' share |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r, layers, measured in rows_of(results, sizes):
-        t = r.train
-        layer_gf = counts.train_layer_flops(r.cfg, BATCH, SEQ) / t.layer / 1e9
-        head_gf = counts.train_head_flops(r.cfg, BATCH, SEQ) / t.fixed / 1e9
+        t, rate = r.train, rates(r, peaks, layer_dtype, weights)
         step = t.model(layers)
         name = r.name if measured else f"{r.name}, modelled"
         print(
-            f"| {name} | {layers} | {t.layer * 1e3:.1f} | {fraction(layer_gf, lp)} | "
-            f"{t.fixed * 1e3:.1f} | {fraction(head_gf, peaks[r.head_dtype])} "
-            f"{dtype_name(r.head_dtype)} | {step:.2f} | {f'{t.whole:.2f}' if measured else '-'} "
-            f"| {BATCH * SEQ / step:.0f} | {layers * t.layer / step:.2f} |"
+            f"| {name} | {layers} | {t.layer * 1e3:.1f} | {shown(rate.train_layer)} | "
+            f"{t.fixed * 1e3:.1f} | {shown(rate.train_fixed)} | {step:.2f} | "
+            f"{f'{t.whole:.2f}' if measured else '-'} | {BATCH * SEQ / step:.0f} | "
+            f"{layers * t.layer / step:.2f} |"
         )
 
 
-def print_decoding(results, sizes, peaks, weights, new) -> None:
-    bw = peaks["copy"]
+def print_decoding(results, sizes, peaks, layer_dtype, weights, new) -> None:
     what = "NF4 codes through the CPU GEMV" if weights == "nf4" else "FP32 dequant-cache copies"
     print(
         f"\nDecoding: batch 1, greedy, {new} new tokens from a {PROMPT}-token prompt; the layers "
@@ -357,42 +385,38 @@ def print_decoding(results, sizes, peaks, weights, new) -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r, layers, measured in rows_of(results, sizes):
-        d = r.decode
+        d, rate = r.decode, rates(r, peaks, layer_dtype, weights)
         layer_bytes = counts.layer_weight_bytes(r.cfg, weights, *r.quant)
-        fixed_bytes = counts.fixed_decode_bytes(r.cfg)
+        mb = (counts.fixed_decode_bytes(r.cfg) + layers * layer_bytes) / 1e6
         per_token = d.model(layers)
         name = r.name if measured else f"{r.name}, modelled"
-        mb = (fixed_bytes + layers * layer_bytes) / 1e6
         print(
-            f"| {name} | {layers} | {d.layer * 1e3:.2f} | "
-            f"{fraction(layer_bytes / d.layer / 1e9, bw)} | {d.fixed * 1e3:.2f} | "
-            f"{fraction(fixed_bytes / d.fixed / 1e9, bw)} | {per_token * 1e3:.1f} | "
+            f"| {name} | {layers} | {d.layer * 1e3:.2f} | {shown(rate.decode_layer)} | "
+            f"{d.fixed * 1e3:.2f} | {shown(rate.decode_fixed)} | {per_token * 1e3:.1f} | "
             f"{f'{d.whole * 1e3:.1f}' if measured else '-'} | {1 / per_token:.1f} | {mb:.1f} | "
             f"{layers * d.layer / per_token:.2f} |"
         )
 
 
-def bound(value: float, peak: float, what: str) -> str:
-    share = value / peak
-    if share >= 0.6:
-        return f"{share:.2f} of the {what}: bound by it"
-    if share >= 0.3:
-        return f"{share:.2f} of the {what}: partly bound by it, partly by other work"
-    return f"{share:.2f} of the {what}: far from it, the time goes to other work"
+def verdict(rate: tuple[float, float], kind: str) -> str:
+    """kind "compute" or "memory": bound (>= 0.6 of the peak), partly (>= 0.3), or not."""
+    share = rate[1]
+    word = "" if share >= 0.6 else "partly " if share >= 0.3 else "not "
+    return f"{share:.2f}, {word}{kind}-bound"
 
 
 def print_bounds(results, peaks, layer_dtype, weights) -> None:
-    print("\nWhat bounds what (each model's parts as measured):")
+    ln, hn = dtype_name(layer_dtype), dtype_name(results[0].head[0])
+    print(
+        f"\nWhat bounds what (fraction of the peak; training: of the {ln} mm peak for the layers, "
+        f"{hn} for the head; decoding: of the copy bandwidth):"
+    )
     for r in results:
-        layer_gf = counts.train_layer_flops(r.cfg, BATCH, SEQ) / r.train.layer / 1e9
-        head_gf = counts.train_head_flops(r.cfg, BATCH, SEQ) / r.train.fixed / 1e9
-        layer_gb = counts.layer_weight_bytes(r.cfg, weights, *r.quant) / r.decode.layer / 1e9
-        head_gb = counts.fixed_decode_bytes(r.cfg) / r.decode.fixed / 1e9
+        rate = rates(r, peaks, layer_dtype, weights)
         print(
-            f"- {r.name}: train layer {bound(layer_gf, peaks[layer_dtype], dtype_name(layer_dtype) + ' mm peak')}; "
-            f"train fixed {bound(head_gf, peaks[r.head_dtype], dtype_name(r.head_dtype) + ' mm peak')}; "
-            f"decode layer {bound(layer_gb, peaks['copy'], 'copy bandwidth')}; "
-            f"decode fixed {bound(head_gb, peaks['copy'], 'copy bandwidth')}"
+            f"- {r.name}: training layers {verdict(rate.train_layer, 'compute')}, head "
+            f"{verdict(rate.train_fixed, 'compute')}; decoding layers "
+            f"{verdict(rate.decode_layer, 'memory')}, head {verdict(rate.decode_fixed, 'memory')}"
         )
 
 
@@ -402,6 +426,7 @@ def main() -> None:
     args = ap.parse_args()
     new, rounds, calls = (8, 1, 2) if args.quick else (128, 3, 10)
     torch.manual_seed(0)
+    keep_freed_memory()  # as the engine does for CPU training
     print(f"machine: {describe()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(cpu_matmul.describe())
     peaks = machine_peaks(rounds)
@@ -422,8 +447,8 @@ def main() -> None:
         big = llama(2048, 8192, 32, 8, 2, 128256)
         sizes.append(Size("1B-shaped", lambda: random_model(big), 16))
     results = [measure(s, new, rounds, calls) for s in sizes]
-    print_training(results, sizes, peaks, layer_dtype)
-    print_decoding(results, sizes, peaks, weights, new)
+    print_training(results, sizes, peaks, layer_dtype, weights)
+    print_decoding(results, sizes, peaks, layer_dtype, weights, new)
     print_bounds(results, peaks, layer_dtype, weights)
 
 

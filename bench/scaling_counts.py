@@ -60,7 +60,8 @@ def train_layer_flops(cfg: nf4core.ModelConfig, batch: int, seq: int) -> int:
     return 4 * batch * seq * weights + 12 * batch * seq * seq * heads
 
 
-def train_head_flops(cfg: nf4core.ModelConfig, batch: int, seq: int) -> int:
-    """The LM head's forward + input gradient over every position (the frozen head has no weight
-    gradient)."""
-    return 4 * batch * seq * cfg.vocab_size * cfg.hidden_size
+def train_head_flops(cfg: nf4core.ModelConfig, rows: int) -> int:
+    """The LM head's forward + input gradient over `rows` positions (every position through the
+    plain head; only the counted targets through the chunked loss). The frozen head has no weight
+    gradient."""
+    return 4 * rows * cfg.vocab_size * cfg.hidden_size
