@@ -127,27 +127,40 @@ def interleaved_medians(fns: dict[str, Callable[[], float]], rounds: int) -> dic
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def machine_peaks(rounds: int) -> dict[torch.dtype | str, float]:
-    """GFLOP/s of a 2048^3 `mm` in FP32 and in BF16 (BF16 in and out, FP32 accumulation: what the
-    frozen matmuls of training call when they take BF16), copy GB/s (read + write)."""
-    a, b = torch.randn(SIZE, SIZE), torch.randn(SIZE, SIZE)
-    a16, b16 = a.bfloat16(), b.bfloat16()
-    src = torch.empty(COPY_BYTES // 4)
-    dst = torch.empty_like(src)
-    t = interleaved_medians(
-        {
-            "float32": timed(lambda: a @ b),
-            "bfloat16": timed(lambda: a16 @ b16),
-            "copy": timed(lambda: dst.copy_(src)),
-        },
-        max(rounds, 5),
-    )
-    flops = 2 * SIZE**3
-    return {
-        torch.float32: flops / t["float32"] / 1e9,
-        torch.bfloat16: flops / t["bfloat16"] / 1e9,
-        "copy": 2 * COPY_BYTES / t["copy"] / 1e9,
-    }
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "FP32", torch.bfloat16: "BF16"}[dtype]
+
+
+class Peaks:
+    """Timers of what bounds the parts, to run in the same rounds as the parts they bound: a
+    2048^3 `mm` per dtype (BF16 in and out with FP32 accumulation, as the frozen matmuls of
+    training call it when they take BF16) and a 256 MiB copy."""
+
+    def __init__(self) -> None:
+        a, b = torch.randn(SIZE, SIZE), torch.randn(SIZE, SIZE)
+        self._mm = {torch.float32: (a, b), torch.bfloat16: (a.bfloat16(), b.bfloat16())}
+        self._src = torch.empty(COPY_BYTES // 4)
+        self._dst = torch.empty_like(self._src)
+
+    def timers(self, dtypes: set[torch.dtype], copy: bool) -> dict[str, Callable[[], float]]:
+        out = {}
+        for dtype in dtypes:
+            a, b = self._mm[dtype]
+            out[f"peak {dtype_name(dtype)}"] = timed(lambda a=a, b=b: a @ b)
+        if copy:
+            out["peak copy"] = timed(lambda: self._dst.copy_(self._src))
+        return out
+
+    @staticmethod
+    def rates(seconds: dict[str, float]) -> dict[str, float]:
+        """GFLOP/s of each mm and GB/s of the copy (read + write), by name ("FP32", "copy")."""
+        out = {}
+        for name, t in seconds.items():
+            if name.startswith("peak "):
+                kind = name.removeprefix("peak ")
+                work = 2 * COPY_BYTES if kind == "copy" else 2 * SIZE**3
+                out[kind] = work / t / 1e9
+        return out
 
 
 class _GradEntry(nn.Module):
@@ -174,9 +187,11 @@ def rope_and_mask(model: CausalLM, length: int, past: int):
     return cos, sin, attention_mask(length, past, model.config.sliding_window, "cpu")
 
 
-def decode_parts(model: CausalLM, new: int, rounds: int, calls: int) -> Parts:
+def decode_parts(
+    model: CausalLM, new: int, rounds: int, calls: int, peaks: Peaks
+) -> tuple[Parts, dict[str, float]]:
     """Seconds per decoded token: per layer, fixed, and the whole of `generate`'s steps after the
-    first token (the prompt's prefill is left out)."""
+    first token (the prompt's prefill is left out); the copy bandwidth in the same rounds."""
     cfg = model.config
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, cfg.vocab_size, (PROMPT,), generator=gen).tolist()
@@ -216,16 +231,20 @@ def decode_parts(model: CausalLM, new: int, rounds: int, calls: int) -> Parts:
                 int(torch.argmax(last_logits(model, token, cache)[0]))
             return (time.perf_counter() - start) / calls
 
-    t = interleaved_medians({"whole": whole, "layers": layers, "fixed": fixed}, rounds)
-    return Parts(t["layers"] / cfg.num_hidden_layers, t["fixed"], t["whole"])
+    fns = {"whole": whole, "layers": layers, "fixed": fixed, **peaks.timers(set(), copy=True)}
+    t = interleaved_medians(fns, rounds)
+    parts = Parts(t["layers"] / cfg.num_hidden_layers, t["fixed"], t["whole"])
+    return parts, Peaks.rates(t)
 
 
-def train_parts(model: CausalLM, rounds: int) -> Parts:
+def train_parts(
+    model: CausalLM, rounds: int, peaks: Peaks, dtypes: set[torch.dtype]
+) -> tuple[Parts, dict[str, float]]:
     """Seconds per training step: per layer (forward + backward, and its adapters' share of clip
-    + AdamW), fixed, and the whole `Trainer.train_step`."""
+    + AdamW), fixed, and the whole `Trainer.train_step`; the mm peaks of `dtypes` in the same
+    rounds."""
     cfg = model.config
     apply_lora(model, LoRASettings(r=8, alpha=16.0))
-    model.chunked_loss = True  # as the engine trains (backends/torch_backend/engine.py)
     trainer = Trainer(model, TrainConfig())
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (BATCH, SEQ), generator=gen)
@@ -261,11 +280,12 @@ def train_parts(model: CausalLM, rounds: int) -> Parts:
             "layers": timed(layers),
             "fixed": timed(fixed),
             "optimizer": timed(optimizer),
+            **peaks.timers(dtypes, copy=False),
         },
         rounds,
     )
     per_layer = (t["layers"] + t["optimizer"]) / cfg.num_hidden_layers
-    return Parts(per_layer, t["fixed"], t["whole"])
+    return Parts(per_layer, t["fixed"], t["whole"]), Peaks.rates(t)
 
 
 def quantization(model: CausalLM) -> tuple[int, bool]:
@@ -295,15 +315,21 @@ class Result:
     decode: Parts
     quant: tuple[int, bool]
     head: tuple[torch.dtype, int]  # training_head
+    peaks: dict[str, float]  # Peaks.rates, measured in this model's rounds
 
 
-def measure(size: Size, new: int, rounds: int, calls: int) -> Result:
+def measure(
+    size: Size, new: int, rounds: int, calls: int, peaks: Peaks, layer_dtype: torch.dtype
+) -> Result:
     model = size.build()
     quant = quantization(model)
-    decode = decode_parts(model, new, rounds, calls)  # before LoRA: decoding the base model
-    train = train_parts(model, rounds)
+    # the base model decodes, before LoRA is applied for training
+    decode, copy = decode_parts(model, new, rounds, calls, peaks)
+    model.chunked_loss = True  # as the engine trains (backends/torch_backend/engine.py)
+    head = training_head(model)
+    train, mm = train_parts(model, rounds, peaks, {layer_dtype, head[0], torch.float32})
     built = model.config.num_hidden_layers
-    return Result(size.name, model.config, built, train, decode, quant, training_head(model))
+    return Result(size.name, model.config, built, train, decode, quant, head, {**copy, **mm})
 
 
 @dataclass(frozen=True)
@@ -316,26 +342,24 @@ class Rates:
     decode_fixed: tuple[float, float]
 
 
-def rates(r: Result, peaks: dict, layer_dtype: torch.dtype, weights: str) -> Rates:
+def rates(r: Result, layer_dtype: torch.dtype, weights: str) -> Rates:
     def of(value: float, peak: float) -> tuple[float, float]:
         return value, value / peak
 
     head_dtype, head_rows = r.head
     layer_bytes = counts.layer_weight_bytes(r.cfg, weights, *r.quant)
+    train_layer = counts.train_layer_flops(r.cfg, BATCH, SEQ)
+    train_head = counts.train_head_flops(r.cfg, head_rows)
     return Rates(
-        of(counts.train_layer_flops(r.cfg, BATCH, SEQ) / r.train.layer / 1e9, peaks[layer_dtype]),
-        of(counts.train_head_flops(r.cfg, head_rows) / r.train.fixed / 1e9, peaks[head_dtype]),
-        of(layer_bytes / r.decode.layer / 1e9, peaks["copy"]),
-        of(counts.fixed_decode_bytes(r.cfg) / r.decode.fixed / 1e9, peaks["copy"]),
+        of(train_layer / r.train.layer / 1e9, r.peaks[dtype_name(layer_dtype)]),
+        of(train_head / r.train.fixed / 1e9, r.peaks[dtype_name(head_dtype)]),
+        of(layer_bytes / r.decode.layer / 1e9, r.peaks["copy"]),
+        of(counts.fixed_decode_bytes(r.cfg) / r.decode.fixed / 1e9, r.peaks["copy"]),
     )
 
 
 def shown(rate: tuple[float, float]) -> str:
     return f"{rate[0]:.1f} ({rate[1]:.2f})"
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "FP32", torch.bfloat16: "BF16"}[dtype]
 
 
 def rows_of(results: list[Result], sizes: list[Size]) -> list[tuple[Result, int, bool]]:
@@ -348,7 +372,17 @@ def rows_of(results: list[Result], sizes: list[Size]) -> list[tuple[Result, int,
     return out
 
 
-def print_training(results, sizes, peaks, layer_dtype, weights) -> None:
+def print_peaks(results: list[Result]) -> None:
+    print(
+        "Peaks, each measured in the rounds of the model it bounds (GFLOP/s of a 2048^3 mm; BF16: "
+        "BF16 in and out, FP32 accumulation; GB/s of a 256 MiB copy, read + write):"
+    )
+    for r in results:
+        print(f"- {r.name}: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(r.peaks.items())))
+    print()
+
+
+def print_training(results, sizes, layer_dtype, weights) -> None:
     ln, hn = dtype_name(layer_dtype), dtype_name(results[0].head[0])
     print(
         f"Training step: batch {BATCH} x {SEQ}, LoRA r 8 on all seven projections, chunked loss "
@@ -362,7 +396,7 @@ def print_training(results, sizes, peaks, layer_dtype, weights) -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r, layers, measured in rows_of(results, sizes):
-        t, rate = r.train, rates(r, peaks, layer_dtype, weights)
+        t, rate = r.train, rates(r, layer_dtype, weights)
         step = t.model(layers)
         name = r.name if measured else f"{r.name}, modelled"
         print(
@@ -373,7 +407,7 @@ def print_training(results, sizes, peaks, layer_dtype, weights) -> None:
         )
 
 
-def print_decoding(results, sizes, peaks, layer_dtype, weights, new) -> None:
+def print_decoding(results, sizes, layer_dtype, weights, new) -> None:
     what = "NF4 codes through the CPU GEMV" if weights == "nf4" else "FP32 dequant-cache copies"
     print(
         f"\nDecoding: batch 1, greedy, {new} new tokens from a {PROMPT}-token prompt; the layers "
@@ -385,7 +419,7 @@ def print_decoding(results, sizes, peaks, layer_dtype, weights, new) -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r, layers, measured in rows_of(results, sizes):
-        d, rate = r.decode, rates(r, peaks, layer_dtype, weights)
+        d, rate = r.decode, rates(r, layer_dtype, weights)
         layer_bytes = counts.layer_weight_bytes(r.cfg, weights, *r.quant)
         mb = (counts.fixed_decode_bytes(r.cfg) + layers * layer_bytes) / 1e6
         per_token = d.model(layers)
@@ -405,14 +439,14 @@ def verdict(rate: tuple[float, float], kind: str) -> str:
     return f"{share:.2f}, {word}{kind}-bound"
 
 
-def print_bounds(results, peaks, layer_dtype, weights) -> None:
+def print_bounds(results, layer_dtype, weights) -> None:
     ln, hn = dtype_name(layer_dtype), dtype_name(results[0].head[0])
     print(
         f"\nWhat bounds what (fraction of the peak; training: of the {ln} mm peak for the layers, "
         f"{hn} for the head; decoding: of the copy bandwidth):"
     )
     for r in results:
-        rate = rates(r, peaks, layer_dtype, weights)
+        rate = rates(r, layer_dtype, weights)
         print(
             f"- {r.name}: training layers {verdict(rate.train_layer, 'compute')}, head "
             f"{verdict(rate.train_fixed, 'compute')}; decoding layers "
@@ -429,16 +463,11 @@ def main() -> None:
     keep_freed_memory()  # as the engine does for CPU training
     print(f"machine: {describe()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(cpu_matmul.describe())
-    peaks = machine_peaks(rounds)
     probe = torch.empty(BATCH * SEQ, 64)
     with torch.enable_grad():
         layer_dtype = cpu_matmul.frozen_matmul_dtype(probe, BATCH * SEQ)
     weights = "nf4" if dequant_cache.gemv_covers(torch.empty(1, 64)) else "fp32"
-    print(
-        f"peaks: FP32 mm {peaks[torch.float32]:.0f} GFLOP/s, BF16 mm {peaks[torch.bfloat16]:.0f} "
-        "GFLOP/s "
-        f"(BF16 in and out, FP32 accumulation), copy {peaks['copy']:.1f} GB/s (read + write)\n"
-    )
+    peaks = Peaks()
     sizes = [Size("tiny", lambda: random_model(llama(64, 128, 4, 2, 2, 256)))]
     if args.quick:
         sizes.append(Size("small", lambda: random_model(llama(128, 256, 4, 2, 2, 512)), 16))
@@ -446,10 +475,11 @@ def main() -> None:
         sizes.append(Size("default 135M", default_model))
         big = llama(2048, 8192, 32, 8, 2, 128256)
         sizes.append(Size("1B-shaped", lambda: random_model(big), 16))
-    results = [measure(s, new, rounds, calls) for s in sizes]
-    print_training(results, sizes, peaks, layer_dtype, weights)
-    print_decoding(results, sizes, peaks, layer_dtype, weights, new)
-    print_bounds(results, peaks, layer_dtype, weights)
+    results = [measure(s, new, rounds, calls, peaks, layer_dtype) for s in sizes]
+    print_peaks(results)
+    print_training(results, sizes, layer_dtype, weights)
+    print_decoding(results, sizes, layer_dtype, weights, new)
+    print_bounds(results, layer_dtype, weights)
 
 
 if __name__ == "__main__":
