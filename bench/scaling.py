@@ -11,7 +11,8 @@ Each model's cost is split into parts measured directly, never as a difference o
 - per layer: the built layers' forward + backward and the adapters' clip + AdamW (training as the
   engine runs it: batch 4 x 128 tokens, LoRA r 8 on all seven projections, chunked loss, its
   malloc settings, no gradient checkpointing), or one token through them (decoding, KV cache at
-  the middle of a 128-token decode), divided by their number;
+  the middle of a 128-token decode), divided by their number; decoding also times the layers'
+  linears alone (the GEMV calls as a layer makes them), to tell the kernel from the rest;
 - fixed: everything else, through the model's own code with the layers taken out (training:
   embedding, final norm, LM head and loss forward + backward; decoding: embedding row, norm, LM
   head, argmax).
@@ -79,6 +80,7 @@ class Parts:
     layer: float
     fixed: float
     whole: float
+    linears: float = 0.0  # decoding: the layer's seven linears alone, per layer
 
     def model(self, layers: int) -> float:
         return self.fixed + layers * self.layer
@@ -199,7 +201,8 @@ def decode_parts(
     cache = model.new_cache(1, past + 1)
     cos, sin, mask = rope_and_mask(model, 1, past)
     x = torch.randn(1, 1, cfg.hidden_size, generator=gen) * 0.02
-    token = torch.tensor([[prompt[0]]])
+    linears = [m for m in model.model.layers.modules() if isinstance(m, NF4Linear)]
+    inputs = [torch.randn(1, 1, m.in_features, generator=gen) for m in linears]
     weights = DequantCache.for_decoding(1, model.compute_dtype, torch.device("cpu"))
 
     def whole() -> float:
@@ -222,18 +225,30 @@ def decode_parts(
                     h = layer(h, cos, sin, cache, mask)
             return (time.perf_counter() - start) / calls
 
-    def fixed() -> float:
+    def linears_alone() -> float:
+        with torch.no_grad(), weights.active():
+            start = time.perf_counter()
+            for _ in range(calls):
+                for m, v in zip(linears, inputs):
+                    m(v)
+            return (time.perf_counter() - start) / calls
+
+    def fixed() -> float:  # generate_tokens' loop with no layers
         model.eval()
-        with torch.no_grad(), weights.active(), layers_replaced(model, []):
+        token = prompt[0]
+        with torch.no_grad(), layers_replaced(model, []):
             start = time.perf_counter()
             for _ in range(calls):
                 cache.length = past
-                int(torch.argmax(last_logits(model, token, cache)[0]))
+                with weights.active():
+                    logits = last_logits(model, torch.tensor([[token]]), cache)[0]
+                token = int(torch.argmax(logits))
             return (time.perf_counter() - start) / calls
 
-    fns = {"whole": whole, "layers": layers, "fixed": fixed, **peaks.timers(set(), copy=True)}
-    t = interleaved_medians(fns, rounds)
-    parts = Parts(t["layers"] / cfg.num_hidden_layers, t["fixed"], t["whole"])
+    fns = {"whole": whole, "layers": layers, "linears": linears_alone, "fixed": fixed}
+    t = interleaved_medians({**fns, **peaks.timers(set(), copy=True)}, rounds)
+    n = cfg.num_hidden_layers
+    parts = Parts(t["layers"] / n, t["fixed"], t["whole"], t["linears"] / n)
     return parts, Peaks.rates(t)
 
 
@@ -338,7 +353,8 @@ class Rates:
 
     train_layer: tuple[float, float]  # GFLOP/s, of the layer matmul dtype's peak
     train_fixed: tuple[float, float]  # GFLOP/s (head FLOPs only), of the head dtype's peak
-    decode_layer: tuple[float, float]  # GB/s, of the copy bandwidth
+    decode_layer: tuple[float, float]  # GB/s of the linears' weights, of the copy bandwidth
+    decode_linears: tuple[float, float]  # the same bytes over the linears' own time
     decode_fixed: tuple[float, float]
 
 
@@ -354,6 +370,7 @@ def rates(r: Result, layer_dtype: torch.dtype, weights: str) -> Rates:
         of(train_layer / r.train.layer / 1e9, r.peaks[dtype_name(layer_dtype)]),
         of(train_head / r.train.fixed / 1e9, r.peaks[dtype_name(head_dtype)]),
         of(layer_bytes / r.decode.layer / 1e9, r.peaks["copy"]),
+        of(layer_bytes / r.decode.linears / 1e9, r.peaks["copy"]),
         of(counts.fixed_decode_bytes(r.cfg) / r.decode.fixed / 1e9, r.peaks["copy"]),
     )
 
@@ -414,10 +431,11 @@ def print_decoding(results, sizes, layer_dtype, weights, new) -> None:
         f"read {what}, the fixed part the FP32 LM head; GB/s (fraction of the copy bandwidth)\n"
     )
     print(
-        "| model | layers | per layer ms | layer GB/s (/ copy) | fixed ms | fixed GB/s (/ copy) "
-        "| ms/token: fixed + L x layer | measured | tokens/s | MB/token | layers' share |"
+        "| model | layers | per layer ms | layer GB/s (/ copy) | its linears alone ms "
+        "| linears GB/s (/ copy) | fixed ms | fixed GB/s (/ copy) | ms/token: fixed + L x layer "
+        "| measured | tokens/s | MB/token | layers' share |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r, layers, measured in rows_of(results, sizes):
         d, rate = r.decode, rates(r, layer_dtype, weights)
         layer_bytes = counts.layer_weight_bytes(r.cfg, weights, *r.quant)
@@ -426,6 +444,7 @@ def print_decoding(results, sizes, layer_dtype, weights, new) -> None:
         name = r.name if measured else f"{r.name}, modelled"
         print(
             f"| {name} | {layers} | {d.layer * 1e3:.2f} | {shown(rate.decode_layer)} | "
+            f"{d.linears * 1e3:.2f} | {shown(rate.decode_linears)} | "
             f"{d.fixed * 1e3:.2f} | {shown(rate.decode_fixed)} | {per_token * 1e3:.1f} | "
             f"{f'{d.whole * 1e3:.1f}' if measured else '-'} | {1 / per_token:.1f} | {mb:.1f} | "
             f"{layers * d.layer / per_token:.2f} |"
@@ -450,7 +469,9 @@ def print_bounds(results, layer_dtype, weights) -> None:
         print(
             f"- {r.name}: training layers {verdict(rate.train_layer, 'compute')}, head "
             f"{verdict(rate.train_fixed, 'compute')}; decoding layers "
-            f"{verdict(rate.decode_layer, 'memory')}, head {verdict(rate.decode_fixed, 'memory')}"
+            f"{verdict(rate.decode_layer, 'memory')} (their linears alone "
+            f"{verdict(rate.decode_linears, 'memory')}), head "
+            f"{verdict(rate.decode_fixed, 'memory')}"
         )
 
 
