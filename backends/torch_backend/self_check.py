@@ -1,7 +1,8 @@
 """The kernels' self-checks (see backends/kernel_self_check.py): each Triton op family on a tiny
 weight against ops_reference, on the device the caller's tensor is on; the CPU GEMV (cpu_gemv.py)
-on two tiny weights (even and odd K); the C decoder (cpu_dequant.py). Dequantize (and the block
-scales) must match bit for bit; the matmuls, GEMV and tiled, within the dtype's tolerance."""
+on two tiny weights (even and odd K), alone and as a group of two; the C decoder (cpu_dequant.py).
+Dequantize (and the block scales) must match bit for bit; the matmuls, GEMV and tiled, within the
+dtype's tolerance."""
 
 from __future__ import annotations
 
@@ -77,9 +78,12 @@ def _gemv_pairs(dtype: torch.dtype) -> kernel_self_check.Pairs:
     pairs = []
     for t in (_nf4(), _nf4_odd()):
         w = NF4Weight.from_nf4(t)
+        group = cpu_gemv.GemvGroup([w, w])  # the fast decoder's q/k/v and gate/up calls
         for rows in (1, cpu_gemv.MAX_ROWS):
             x = torch.randn(rows, w.shape[1], generator=gen).to(dtype)
-            pairs.append((_host(cpu_gemv.linear(x, w)), _host(ops_reference.linear(x, w))))
+            want = _host(ops_reference.linear(x, w))
+            pairs.append((_host(cpu_gemv.linear(x, w)), want))
+            pairs.append((_host(group(x)), np.concatenate([want, want], axis=-1)))
     return pairs
 
 

@@ -1,0 +1,209 @@
+"""Decode steps (one new token per row, after the prefill) on the CPU GEMV kernel without the module
+tree: the same numbers as `CausalLM.hidden_states` + the LM head, in fewer calls.
+
+At batch 1 a decode step of the default model spends as much time in Python and small torch ops
+(~100 per layer: module calls, RoPE recomputed per layer and per q/k, the KV cache's slicing) and in
+the per-call wrapper of the 7 NF4 linears as in the kernel itself (BENCHMARKS.md, decoding). Here a
+step runs per layer: the RMSNorm ops, one kernel call for q/k/v (cpu_gemv.GemvGroup: the three
+weights side by side, x rearranged once), RoPE on q and k together from a table of every position
+computed once per decode, k and v written straight into the KV cache, the same SDPA call, o_proj,
+one call for gate/up, SiLU(gate) * up, down_proj. Every float op is the module path's op on the same
+values (each GEMV column is summed as its own call would; RoPE's `-x2 * sin` becomes `x2 * -sin`,
+exact), so logits are equal bit for bit; tests/backends/torch_backend/test_fast_decode.py checks it.
+
+Taken when every block is the plain Llama layout on NF4 linears (LoRA adapters on them are added
+per output slice as LoRALinear adds them; DoRA, dense or sharded linears keep the module path), the
+model computes on the CPU in a dtype the kernel takes, and the kernel covers the rows now
+(`dequant_cache.gemv_covers`: auto mode after its self-check, or forced). NF4_QLORA_FAST_DECODE=0
+turns it off (the module path, for comparison).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import dequant_cache
+from .cpu_gemv import GemvGroup
+from .kv_cache import KVCache
+from .lora import LoRALinear
+from .model import CausalLM
+from .model.attention import Attention
+from .model.layers import MLP, RMSNorm
+from .model.llama import DecoderLayer
+from .model.masks import attention_mask
+from .model.rope import rope_cos_sin
+from .nf4_linear import NF4Linear
+
+
+def enabled() -> bool:
+    """NF4_QLORA_FAST_DECODE: "1" (default) or "0"."""
+    raw = os.environ.get("NF4_QLORA_FAST_DECODE", "1")
+    if raw not in ("0", "1"):
+        raise ValueError(f"NF4_QLORA_FAST_DECODE must be 0 or 1, got {raw!r}")
+    return raw == "1"
+
+
+def _nf4_base(m: nn.Module) -> NF4Linear | None:
+    """The NF4Linear a projection computes with, if the fast path can run it: a plain NF4Linear, or
+    a LoRALinear over one (LoRA, not DoRA; dropout is off in eval mode). Subclasses (the sharded
+    linear) are not taken."""
+    if type(m) is NF4Linear:
+        return m
+    if (
+        type(m) is LoRALinear
+        and type(m.base) is NF4Linear
+        and m.lora_magnitude_vector is None
+        and not m.training
+    ):
+        return m.base
+    return None
+
+
+class _Projections:
+    """Linears that read the same input as one kernel call; biases and LoRA terms are then added to
+    their slices of the joint output, in LoRALinear's order: (x W^T + bias) + scale * (x A^T) B^T."""
+
+    def __init__(self, modules: Sequence[nn.Module], bases: Sequence[NF4Linear]) -> None:
+        self.group = GemvGroup([b.weight for b in bases])
+        self.extras = []  # (start, end, bias or None, LoRALinear or None)
+        start = 0
+        for module, base in zip(modules, bases, strict=True):
+            end = start + base.out_features
+            lora = module if module is not base else None
+            if base.bias is not None or lora is not None:
+                self.extras.append((start, end, base.bias, lora))
+            start = end
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (B, in) -> (B, sum of out)
+        y = self.group(x)
+        for start, end, bias, lora in self.extras:
+            part = y[:, start:end]
+            if bias is not None:
+                part += bias.to(y.dtype)
+            if lora is not None:
+                a = lora.lora_A.weight.to(x.dtype)
+                b = lora.lora_B.weight.to(x.dtype)
+                part += F.linear(F.linear(x, a), b) * lora.scale
+        return y
+
+
+def _rms_norm(x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+    """RMSNorm.forward's ops, without the module call."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps)
+    return norm.weight * h.to(x.dtype)
+
+
+class _Layer:
+    def __init__(self, layer: DecoderLayer, bases: list[NF4Linear]) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
+        self.index = attn.layer_index
+        modules = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
+        self.qkv = _Projections(modules[:3], bases[:3])
+        self.o = _Projections(modules[3:], bases[3:4])
+        mlp_modules = [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        self.gate_up = _Projections(mlp_modules[:2], bases[4:6])
+        self.down = _Projections(mlp_modules[2:], bases[6:])
+        self.intermediate = bases[4].out_features
+
+
+def _layer_bases(layer: nn.Module) -> list[NF4Linear] | None:
+    """The 7 NF4 bases of a plain decoder layer (q, k, v, o, gate, up, down), or None."""
+    if not (
+        type(layer) is DecoderLayer
+        and type(layer.self_attn) is Attention
+        and type(layer.mlp) is MLP
+        and type(layer.input_layernorm) is RMSNorm
+        and type(layer.post_attention_layernorm) is RMSNorm
+    ):
+        return None
+    a, m = layer.self_attn, layer.mlp
+    modules = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
+    bases = [_nf4_base(p) for p in modules]
+    if any(b is None for b in bases):
+        return None
+    if bases[4].out_features != bases[5].out_features:
+        return None
+    return bases
+
+
+class FastDecoder:
+    """`step(ids)`: ids (B, 1) -> logits (B, vocab) of the next position, advancing `cache` by one,
+    as `last_logits(model, ids, cache)` computes them. Made by `decoder_for`."""
+
+    def __init__(self, model: CausalLM, cache: KVCache, layers: list[_Layer]) -> None:
+        self.model, self.cache, self.layers = model, cache, layers
+        attn = model.model.layers[0].self_attn
+        self.heads, self.kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        positions = torch.arange(cache.max_len, device=model.inv_freq.device)
+        cos, sin = rope_cos_sin(model.inv_freq, positions, model.compute_dtype)  # (max_len, D)
+        half = self.head_dim // 2
+        self.cos = cos
+        self.sin = torch.cat(
+            [-sin[:, :half], sin[:, half:]], dim=-1
+        )  # rotate_half's sign folded in
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        model, cache = self.model, self.cache
+        b, h, kv, d = ids.shape[0], self.heads, self.kv_heads, self.head_dim
+        p = cache.length
+        if p + 1 > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; {p + 1} requested")
+        mask = attention_mask(1, p, model.config.sliding_window, ids.device)
+        cos, sin, half, qk_width = self.cos[p], self.sin[p], d // 2, (h + kv) * d
+        x = model.model.embed_tokens(ids[:, 0]).to(model.compute_dtype)  # (B, C)
+        for layer in self.layers:
+            qkv = layer.qkv(_rms_norm(x, layer.norm1))  # (B, (H + 2 H_kv) D)
+            qk = qkv[:, :qk_width].view(b, h + kv, d)
+            qk = qk * cos + torch.cat([qk[..., half:], qk[..., :half]], dim=-1) * sin
+            keys, values = cache.keys[layer.index], cache.values[layer.index]
+            keys[:, :, p] = qk[:, h:]
+            values[:, :, p] = qkv[:, qk_width:].view(b, kv, d)
+            out = F.scaled_dot_product_attention(
+                qk[:, :h, None],  # (B, H, 1, D)
+                keys[:, :, : p + 1],
+                values[:, :, : p + 1],
+                attn_mask=mask,
+                enable_gqa=kv != h,
+            )
+            x = x + layer.o(out.reshape(b, h * d))
+            gate_up = layer.gate_up(_rms_norm(x, layer.norm2))
+            i = layer.intermediate
+            x = x + layer.down(F.silu(gate_up[:, :i]) * gate_up[:, i:])
+        cache.advance(1)
+        return model.lm_head(model.model.norm(x))
+
+
+def decoder_for(model: CausalLM, cache: KVCache, rows: int) -> FastDecoder | None:
+    """The fast decoder for steps of `rows` rows, or None where the module path must run (see the
+    module doc). Call it with autograd off, inside the DequantCache the steps will run in."""
+    if not enabled() or type(model) is not CausalLM or type(cache) is not KVCache:
+        return None
+    if torch.is_grad_enabled() or model.training or not model.inv_freq.is_cpu:
+        return None
+    probe = torch.empty(rows, model.config.hidden_size, dtype=model.compute_dtype)
+    if not dequant_cache.gemv_covers(probe):
+        return None
+    layers = []
+    for layer in model.model.layers:
+        bases = _layer_bases(layer)
+        if bases is None or any(b.packed.device != probe.device for b in bases):
+            return None
+        layers.append(_Layer(layer, bases))
+    if not layers or type(model.model.norm) is not RMSNorm:
+        return None
+    return FastDecoder(model, cache, layers)
+
+
+def decode_steps(
+    model: CausalLM, cache: KVCache, rows: int, module_path: Callable[[torch.Tensor], torch.Tensor]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The step function: the fast decoder's, or `module_path` where it does not apply."""
+    fast = decoder_for(model, cache, rows)
+    return module_path if fast is None else fast.step
