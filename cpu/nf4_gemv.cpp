@@ -28,6 +28,7 @@
 // columns against per-weight calls. The plain C ABI is called through
 // ctypes (backends/torch_backend/cpu_gemv.py), so the build needs only a C++ compiler, no torch headers.
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -444,6 +445,99 @@ int nf4_gemv_group(const float* x, int64_t M, int64_t K, const nf4_group_weight*
                    g.N, K, width};
   }
   return gemv(ws, count, x, M, K, y);
+}
+
+
+// One projection of a decode step (backends/torch_backend/fast_decode.py), around a group call: the
+// input RMS-normalised first (optional), the output written or added to y (a residual), then RoPE on
+// its first rope_heads heads and the key and value heads copied into a KV cache at position p.
+// Each float op is the one the torch ops do, rounded the same way (-ffp-contract=off): RMSNorm as
+// weight * (x * (1 / sqrt(sum(x^2) / K + eps))) (only the order of that sum differs), RoPE as
+// y * cos + rotate_half(y) * sin with sin's first half already negated (exact), the residual as y + out.
+struct nf4_decode_projection {
+  const nf4_group_weight* group;
+  int64_t count;
+  int64_t K;
+  const float* norm_weight;  // (K,), or nullptr: no RMSNorm
+  float eps;
+  float* y;                  // (M, width), width = the group's summed N
+  int64_t accumulate;        // 1: y += x W^T (a residual stream); 0: y = x W^T
+  int64_t rope_heads;        // heads of head_dim columns rotated (q then k heads), 0: no RoPE
+  int64_t kv_heads;          // the last kv_heads rotated heads are keys; the kv_heads after them values
+  int64_t head_dim;
+  const float* cos;          // (max_len, head_dim)
+  const float* sin;          // (max_len, head_dim), first half negated
+  float* k_cache;            // (M, kv_heads, max_len, head_dim), or nullptr
+  float* v_cache;
+  int64_t max_len;
+};
+
+int nf4_decode_project(const nf4_decode_projection* c, const float* x, int64_t M, int64_t p) {
+  if (c->count <= 0 || c->count > 64 || M <= 0 || p < 0 || (c->rope_heads && p >= c->max_len)) return -1;
+  const int64_t K = c->K;
+  int64_t width = 0;
+  for (int64_t j = 0; j < c->count; ++j) width += c->group[j].N;
+  std::vector<float> normed;
+  const float* in = x;
+  if (c->norm_weight) {
+    normed.resize(M * K);
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * K;
+      float lanes[16] = {};
+      for (int64_t k = 0; k < K; ++k) lanes[k & 15] += xm[k] * xm[k];
+      float sum = 0.0f;
+      for (int l = 0; l < 16; ++l) sum += lanes[l];
+      const float mean = sum / float(K);
+      const float r = 1.0f / std::sqrt(mean + c->eps);
+      for (int64_t k = 0; k < K; ++k) {
+        const float h = xm[k] * r;
+        normed[m * K + k] = c->norm_weight[k] * h;
+      }
+    }
+    in = normed.data();
+  }
+  Weight ws[64];
+  for (int64_t j = 0; j < c->count; ++j) {
+    const nf4_group_weight& g = c->group[j];
+    ws[j] = Weight{g.packed, g.absmax, g.nested_codes, g.nested_scales, g.nested_map, g.nested_offset,
+                   g.nested_blocksize, log2_or_minus_one(g.nested_blocksize), g.quant_map, g.blocksize,
+                   g.N, K, width};
+  }
+  if (c->accumulate) {
+    std::vector<float> out(M * width);
+    const int status = gemv(ws, c->count, in, M, K, out.data());
+    if (status) return status;
+    for (int64_t i = 0; i < M * width; ++i) c->y[i] = c->y[i] + out[i];
+  } else {
+    const int status = gemv(ws, c->count, in, M, K, c->y);
+    if (status) return status;
+  }
+  const int64_t D = c->head_dim, half = D / 2;
+  if (c->rope_heads) {
+    const float* cs = c->cos + p * D;
+    const float* sn = c->sin + p * D;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t h = 0; h < c->rope_heads; ++h) {
+        float* v = c->y + m * width + h * D;
+        for (int64_t i = 0; i < half; ++i) {
+          const float a = v[i], b = v[i + half];
+          const float a_cos = a * cs[i], b_sin = b * sn[i];
+          const float b_cos = b * cs[i + half], a_sin = a * sn[i + half];
+          v[i] = a_cos + b_sin;
+          v[i + half] = b_cos + a_sin;
+        }
+      }
+  }
+  if (c->k_cache) {
+    const int64_t first_k = c->rope_heads - c->kv_heads;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t h = 0; h < c->kv_heads; ++h) {
+        const int64_t at = ((m * c->kv_heads + h) * c->max_len + p) * D;
+        std::memcpy(c->k_cache + at, c->y + m * width + (first_k + h) * D, D * sizeof(float));
+        std::memcpy(c->v_cache + at, c->y + m * width + (c->rope_heads + h) * D, D * sizeof(float));
+      }
+  }
+  return 0;
 }
 
 }  // extern "C"

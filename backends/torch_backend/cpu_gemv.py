@@ -42,6 +42,8 @@ def build(flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL:
     lib.nf4_block_scales.restype = None
     lib.nf4_gemv_group.argtypes = [p, i64, i64, p, i64, p]
     lib.nf4_gemv_group.restype = ctypes.c_int
+    lib.nf4_decode_project.argtypes = [p, p, i64, i64]
+    lib.nf4_decode_project.restype = ctypes.c_int
     return lib
 
 
@@ -198,6 +200,7 @@ class GemvGroup:
         )
         self._address = ctypes.addressof(self._array)
         self._count = len(weights)
+        self._flags = flags
         self._fn = build(flags).nf4_gemv_group
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -218,3 +221,88 @@ class GemvGroup:
         if status != 0:
             raise ValueError("nf4 gemv group: the CPU kernel refused the weights")
         return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+class _Projection(ctypes.Structure):
+    """cpu/nf4_gemv.cpp's nf4_decode_projection."""
+
+    _fields_ = [
+        ("group", ctypes.c_void_p),
+        ("count", ctypes.c_int64),
+        ("K", ctypes.c_int64),
+        ("norm_weight", ctypes.c_void_p),
+        ("eps", ctypes.c_float),
+        ("y", ctypes.c_void_p),
+        ("accumulate", ctypes.c_int64),
+        ("rope_heads", ctypes.c_int64),
+        ("kv_heads", ctypes.c_int64),
+        ("head_dim", ctypes.c_int64),
+        ("cos", ctypes.c_void_p),
+        ("sin", ctypes.c_void_p),
+        ("k_cache", ctypes.c_void_p),
+        ("v_cache", ctypes.c_void_p),
+        ("max_len", ctypes.c_int64),
+    ]
+
+
+class DecodeProjection:
+    """One projection of a float32 decode step in one kernel call (nf4_decode_project): `y` (rows,
+    width) = or += RMSNorm(x) @ W^T for a GemvGroup, then optionally RoPE on y's first `rope_heads`
+    heads and the key/value heads written into a KV cache at the step's position. Every float op is
+    the torch op's, rounded alike; only the order of the RMSNorm's sum of squares differs.
+
+    `y`, the norm weight, the RoPE tables and the cache tensors must be contiguous float32 CPU
+    tensors that stay where they are (the object holds them and passes their addresses)."""
+
+    def __init__(
+        self,
+        group: GemvGroup,
+        y: torch.Tensor,
+        accumulate: bool,
+        norm: tuple[torch.Tensor, float] | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor, int, int] | None = None,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        held = (
+            [y] + ([norm[0]] if norm else []) + list(rope[:2] if rope else []) + list(cache or [])
+        )
+        for t in held:
+            if t.dtype != torch.float32 or not t.is_contiguous() or not t.is_cpu:
+                raise ValueError("decode projection: tensors must be contiguous float32 on the CPU")
+        if y.dim() != 2 or y.shape[1] != group.out_features:
+            raise ValueError(f"decode projection: y {tuple(y.shape)} does not fit the group")
+        self.rows, self._group, self._held = y.shape[0], group, held
+        cos, sin, rope_heads, kv_heads = rope if rope else (None, None, 0, 0)
+        head_dim = cos.shape[-1] if rope else 0
+        if rope and (rope_heads + kv_heads) * head_dim > group.out_features:
+            raise ValueError("decode projection: more RoPE and value heads than outputs")
+        if cache and (not rope or cache[0].shape != (self.rows, kv_heads, cos.shape[0], head_dim)):
+            raise ValueError("decode projection: the KV cache does not fit the RoPE heads")
+        self._args = _Projection(
+            group._address,
+            group._count,
+            group.in_features,
+            _ptr(norm[0]) if norm else None,
+            norm[1] if norm else 0.0,
+            y.data_ptr(),
+            int(accumulate),
+            rope_heads,
+            kv_heads,
+            head_dim,
+            _ptr(cos),
+            _ptr(sin),
+            _ptr(cache[0]) if cache else None,
+            _ptr(cache[1]) if cache else None,
+            cos.shape[0] if rope else 0,
+        )
+        self._address = ctypes.addressof(self._args)
+        self._fn = build(group._flags).nf4_decode_project
+
+    def __call__(self, x: torch.Tensor, position: int) -> None:
+        """Run it on x (rows, in): contiguous float32, checked here."""
+        if x.shape != (self.rows, self._group.in_features) or x.dtype != torch.float32:
+            raise ValueError(f"decode projection: input {tuple(x.shape)} {x.dtype} does not fit")
+        if not x.is_contiguous():
+            raise ValueError("decode projection: the input must be contiguous")
+        if self._fn(self._address, x.data_ptr(), self.rows, position) != 0:
+            raise ValueError(f"decode projection: the kernel refused position {position}")

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dequant_cache
-from .cpu_gemv import GemvGroup
+from .cpu_gemv import DecodeProjection, GemvGroup
 from .kv_cache import KVCache
 from .lora import LoRALinear
 from .model import CausalLM
@@ -100,10 +100,13 @@ def _rms_norm(x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
 
 
 class _Layer:
-    def __init__(self, layer: DecoderLayer, bases: list[NF4Linear]) -> None:
+    """A layer through torch ops around GEMV groups: any compute dtype, biases, LoRA adapters."""
+
+    def __init__(self, layer: DecoderLayer, bases: list[NF4Linear], decoder: FastDecoder) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
-        self.index = attn.layer_index
+        self.keys = decoder.cache.keys[attn.layer_index]
+        self.values = decoder.cache.values[attn.layer_index]
         modules = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
         self.qkv = _Projections(modules[:3], bases[:3])
         self.o = _Projections(modules[3:], bases[3:4])
@@ -111,6 +114,86 @@ class _Layer:
         self.gate_up = _Projections(mlp_modules[:2], bases[4:6])
         self.down = _Projections(mlp_modules[2:], bases[6:])
         self.intermediate = bases[4].out_features
+        self.decoder = decoder
+
+    def run(self, x: torch.Tensor, p: int, mask: torch.Tensor | None) -> None:
+        """Adds the layer's attention and MLP outputs to the residual stream x (B, C) in place."""
+        dec = self.decoder
+        b, h, kv, d = x.shape[0], dec.heads, dec.kv_heads, dec.head_dim
+        qk_width, half = (h + kv) * d, d // 2
+        qkv = self.qkv(_rms_norm(x, self.norm1))  # (B, (H + 2 H_kv) D)
+        qk = qkv[:, :qk_width].view(b, h + kv, d)
+        qk = qk * dec.cos[p] + torch.cat([qk[..., half:], qk[..., :half]], dim=-1) * dec.sin[p]
+        self.keys[:, :, p] = qk[:, h:]
+        self.values[:, :, p] = qkv[:, qk_width:].view(b, kv, d)
+        out = F.scaled_dot_product_attention(
+            qk[:, :h, None],  # (B, H, 1, D)
+            self.keys[:, :, : p + 1],
+            self.values[:, :, : p + 1],
+            attn_mask=mask,
+            enable_gqa=kv != h,
+        )
+        x += self.o(out.reshape(b, h * d))
+        gate_up = self.gate_up(_rms_norm(x, self.norm2))
+        i = self.intermediate
+        x += self.down(F.silu(gate_up[:, :i]) * gate_up[:, i:])
+
+
+class _FusedLayer:
+    """A float32 layer of plain NF4 linears in four kernel calls (cpu_gemv.DecodeProjection):
+    RMSNorm + q/k/v + RoPE + the KV cache write; o_proj added to the residual; RMSNorm + gate/up;
+    down_proj added to the residual. SDPA and SiLU(gate) * up stay torch's."""
+
+    def __init__(self, layer: DecoderLayer, bases: list[NF4Linear], decoder: FastDecoder) -> None:
+        attn, x = layer.self_attn, decoder.x
+        rows, h, kv, d = x.shape[0], decoder.heads, decoder.kv_heads, decoder.head_dim
+        self.keys = decoder.cache.keys[attn.layer_index]
+        self.values = decoder.cache.values[attn.layer_index]
+        self.heads, self.kv_heads = h, kv
+        qkv = GemvGroup([b.weight for b in bases[:3]])
+        self.qkv_out = torch.empty(rows, qkv.out_features)
+        self.qkv = DecodeProjection(
+            qkv,
+            self.qkv_out,
+            accumulate=False,
+            norm=_norm_args(layer.input_layernorm),
+            rope=(decoder.cos, decoder.sin, h + kv, kv),
+            cache=(self.keys, self.values),
+        )
+        self.q = self.qkv_out[:, : h * d].view(rows, h, 1, d)
+        self.o = DecodeProjection(GemvGroup([bases[3].weight]), x, accumulate=True)
+        gate_up = GemvGroup([b.weight for b in bases[4:6]])
+        self.gate_up_out = torch.empty(rows, gate_up.out_features)
+        self.gate_up = DecodeProjection(
+            gate_up, self.gate_up_out, False, norm=_norm_args(layer.post_attention_layernorm)
+        )
+        i = bases[4].out_features
+        self.gate, self.up = self.gate_up_out[:, :i], self.gate_up_out[:, i:]
+        self.act = torch.empty(rows, i)
+        self.down = DecodeProjection(GemvGroup([bases[6].weight]), x, accumulate=True)
+
+    def run(self, x: torch.Tensor, p: int, mask: torch.Tensor | None) -> None:
+        self.qkv(x, p)
+        out = F.scaled_dot_product_attention(
+            self.q,
+            self.keys[:, :, : p + 1],
+            self.values[:, :, : p + 1],
+            attn_mask=mask,
+            enable_gqa=self.kv_heads != self.heads,
+        )
+        self.o(out.reshape(x.shape[0], -1).contiguous(), p)
+        self.gate_up(x, p)
+        torch.mul(F.silu(self.gate), self.up, out=self.act)
+        self.down(self.act, p)
+
+
+def _norm_args(norm: RMSNorm) -> tuple[torch.Tensor, float]:
+    return norm.weight.detach().contiguous(), norm.eps
+
+
+def _plain(modules: Sequence[nn.Module]) -> bool:
+    """Plain NF4Linear modules without a bias: what a _FusedLayer computes."""
+    return all(type(m) is NF4Linear and m.bias is None for m in modules)
 
 
 def _layer_bases(layer: nn.Module) -> list[NF4Linear] | None:
@@ -123,9 +206,7 @@ def _layer_bases(layer: nn.Module) -> list[NF4Linear] | None:
         and type(layer.post_attention_layernorm) is RMSNorm
     ):
         return None
-    a, m = layer.self_attn, layer.mlp
-    modules = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
-    bases = [_nf4_base(p) for p in modules]
+    bases = [_nf4_base(p) for p in _projections(layer)]
     if any(b is None for b in bases):
         return None
     if bases[4].out_features != bases[5].out_features:
@@ -137,47 +218,46 @@ class FastDecoder:
     """`step(ids)`: ids (B, 1) -> logits (B, vocab) of the next position, advancing `cache` by one,
     as `last_logits(model, ids, cache)` computes them. Made by `decoder_for`."""
 
-    def __init__(self, model: CausalLM, cache: KVCache, layers: list[_Layer]) -> None:
-        self.model, self.cache, self.layers = model, cache, layers
+    def __init__(
+        self, model: CausalLM, cache: KVCache, rows: int, layers: list[tuple[nn.Module, list]]
+    ) -> None:
+        self.model, self.cache = model, cache
         attn = model.model.layers[0].self_attn
         self.heads, self.kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         positions = torch.arange(cache.max_len, device=model.inv_freq.device)
         cos, sin = rope_cos_sin(model.inv_freq, positions, model.compute_dtype)  # (max_len, D)
         half = self.head_dim // 2
-        self.cos = cos
+        self.cos = cos.contiguous()
         self.sin = torch.cat(
             [-sin[:, :half], sin[:, half:]], dim=-1
         )  # rotate_half's sign folded in
+        self.x = torch.zeros(rows, model.config.hidden_size, dtype=model.compute_dtype)  # residual
+        fused = model.compute_dtype == torch.float32
+        self.layers = [
+            _FusedLayer(layer, bases, self)
+            if fused and _plain(bases) and all(b is m for b, m in zip(bases, _projections(layer)))
+            else _Layer(layer, bases, self)
+            for layer, bases in layers
+        ]
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
-        model, cache = self.model, self.cache
-        b, h, kv, d = ids.shape[0], self.heads, self.kv_heads, self.head_dim
+        model, cache, x = self.model, self.cache, self.x
+        if ids.shape != (x.shape[0], 1):
+            raise ValueError(f"fast decoder: ids {tuple(ids.shape)}, built for {x.shape[0]} rows")
         p = cache.length
         if p + 1 > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {p + 1} requested")
         mask = attention_mask(1, p, model.config.sliding_window, ids.device)
-        cos, sin, half, qk_width = self.cos[p], self.sin[p], d // 2, (h + kv) * d
-        x = model.model.embed_tokens(ids[:, 0]).to(model.compute_dtype)  # (B, C)
+        x.copy_(model.model.embed_tokens(ids[:, 0]))  # (B, C)
         for layer in self.layers:
-            qkv = layer.qkv(_rms_norm(x, layer.norm1))  # (B, (H + 2 H_kv) D)
-            qk = qkv[:, :qk_width].view(b, h + kv, d)
-            qk = qk * cos + torch.cat([qk[..., half:], qk[..., :half]], dim=-1) * sin
-            keys, values = cache.keys[layer.index], cache.values[layer.index]
-            keys[:, :, p] = qk[:, h:]
-            values[:, :, p] = qkv[:, qk_width:].view(b, kv, d)
-            out = F.scaled_dot_product_attention(
-                qk[:, :h, None],  # (B, H, 1, D)
-                keys[:, :, : p + 1],
-                values[:, :, : p + 1],
-                attn_mask=mask,
-                enable_gqa=kv != h,
-            )
-            x = x + layer.o(out.reshape(b, h * d))
-            gate_up = layer.gate_up(_rms_norm(x, layer.norm2))
-            i = layer.intermediate
-            x = x + layer.down(F.silu(gate_up[:, :i]) * gate_up[:, i:])
+            layer.run(x, p, mask)
         cache.advance(1)
         return model.lm_head(model.model.norm(x))
+
+
+def _projections(layer: DecoderLayer) -> list[nn.Module]:
+    a, m = layer.self_attn, layer.mlp
+    return [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
 
 
 def decoder_for(model: CausalLM, cache: KVCache, rows: int) -> FastDecoder | None:
@@ -190,15 +270,17 @@ def decoder_for(model: CausalLM, cache: KVCache, rows: int) -> FastDecoder | Non
     probe = torch.empty(rows, model.config.hidden_size, dtype=model.compute_dtype)
     if not dequant_cache.gemv_covers(probe):
         return None
+    if cache.keys[0].shape[0] != rows or cache.keys[0].dtype != model.compute_dtype:
+        return None
     layers = []
     for layer in model.model.layers:
         bases = _layer_bases(layer)
         if bases is None or any(b.packed.device != probe.device for b in bases):
             return None
-        layers.append(_Layer(layer, bases))
+        layers.append((layer, bases))
     if not layers or type(model.model.norm) is not RMSNorm:
         return None
-    return FastDecoder(model, cache, layers)
+    return FastDecoder(model, cache, rows, layers)
 
 
 def decode_steps(
