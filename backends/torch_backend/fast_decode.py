@@ -1,21 +1,25 @@
 """Decode steps (one new token per row, after the prefill) on the CPU GEMV kernel without the module
-tree: the same numbers as `CausalLM.hidden_states` + the LM head, in fewer calls.
+tree: the module path's numbers (`CausalLM.hidden_states` + the LM head) in far fewer calls.
 
-At batch 1 a decode step of the default model spends as much time in Python and small torch ops
-(~100 per layer: module calls, RoPE recomputed per layer and per q/k, the KV cache's slicing) and in
-the per-call wrapper of the 7 NF4 linears as in the kernel itself (BENCHMARKS.md, decoding). Here a
-step runs per layer: the RMSNorm ops, one kernel call for q/k/v (cpu_gemv.GemvGroup: the three
-weights side by side, x rearranged once), RoPE on q and k together from a table of every position
-computed once per decode, k and v written straight into the KV cache, the same SDPA call, o_proj,
-one call for gate/up, SiLU(gate) * up, down_proj. Every float op is the module path's op on the same
-values (each GEMV column is summed as its own call would; RoPE's `-x2 * sin` becomes `x2 * -sin`,
-exact), so logits are equal bit for bit; tests/backends/torch_backend/test_fast_decode.py checks it.
+Through the modules, a batch-1 decode step of the default model spent as long in Python, ~100 small
+torch ops per layer (module calls, RMSNorm, RoPE recomputed per layer for q and for k, the KV cache's
+slicing) and the wrapper of 7 NF4 linear calls per layer as in the kernel itself (BENCHMARKS.md,
+decoding). Here a float32 layer of plain NF4 linears (`_FusedLayer`) is four kernel calls
+(cpu_gemv.DecodeProjection): RMSNorm + q/k/v (the three weights as one group, x rearranged once) +
+RoPE from a table of every position made once per decode + k and v written into the KV cache;
+o_proj added to the residual stream in place; RMSNorm + gate/up; down_proj added to the residual;
+between them the same SDPA call and SiLU(gate) * up as the module path. Each float op is the module
+path's, rounded alike, except the order of the RMSNorm's sum of squares (and each GEMV column is
+summed as a call of its own would). Layers with LoRA adapters (added per output slice as LoRALinear
+adds them), biases or a bfloat16 compute dtype take `_Layer`: the same steps as torch ops around
+GEMV groups, bit for bit the module path's. tests/backends/torch_backend/test_fast_decode.py
+compares both with the module path.
 
-Taken when every block is the plain Llama layout on NF4 linears (LoRA adapters on them are added
-per output slice as LoRALinear adds them; DoRA, dense or sharded linears keep the module path), the
-model computes on the CPU in a dtype the kernel takes, and the kernel covers the rows now
-(`dequant_cache.gemv_covers`: auto mode after its self-check, or forced). NF4_QLORA_FAST_DECODE=0
-turns it off (the module path, for comparison).
+Taken when every block is the plain Llama layout on NF4 linears (DoRA, dense or sharded linears
+keep the module path), on the CPU in a dtype the kernel takes, and the kernel covers the rows now
+(`dequant_cache.gemv_covers`: auto mode after its self-check, or forced; so no compiler, a failed
+self-check, NF4_KERNELS=reference or more rows than the kernel takes keep the module path too).
+NF4_QLORA_FAST_DECODE=0 turns it off (the module path, for comparison).
 """
 
 from __future__ import annotations

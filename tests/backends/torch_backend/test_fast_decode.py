@@ -94,9 +94,9 @@ def test_group_refuses_what_does_not_fit(rng):
         cpu_gemv.GemvGroup([a])(torch.randn(1, 64), out=torch.empty(1, 7))
 
 
-def _model(arch: str, lora: bool, **kw) -> CausalLM:
+def _model(arch: str, lora: bool, dtype: torch.dtype = torch.float32, **kw) -> CausalLM:
     hf, cfg = hf_model(arch, **kw)
-    model = CausalLM.from_state(cfg, state_of(hf), quantize=True)
+    model = CausalLM.from_state(cfg, state_of(hf), quantize=True, compute_dtype=dtype)
     if lora:
         apply_lora(model, LoRASettings(r=4, alpha=8.0, seed=3))
         gen = torch.Generator().manual_seed(7)
@@ -116,8 +116,10 @@ MODELS = [
 
 
 @pytest.mark.parametrize("arch, lora, kw", MODELS)
-def test_steps_give_the_module_paths_logits(arch, lora, kw):
-    model = _model(arch, lora, **kw)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_steps_give_the_module_paths_logits(arch, lora, kw, dtype):
+    model = _model(arch, lora, dtype, **kw)
+    tol = 1e-5 if dtype == torch.float32 else 0.0  # bfloat16 layers are torch ops: the same bits
     prompts = [[3, 17, 42, 5], [9, 1, 60, 33]]
     with torch.no_grad():
         for rows in (1, 2):
@@ -126,19 +128,21 @@ def test_steps_give_the_module_paths_logits(arch, lora, kw):
             first = last_logits(model, ids, fast_cache)
             assert torch.equal(first, last_logits(model, ids, module_cache))
             decoder = fast_decode.decoder_for(model, fast_cache, rows)
-            assert decoder is not None
+            fused = not lora and arch != "qwen2" and dtype == torch.float32  # no bias, no adapter
+            kind = fast_decode._FusedLayer if fused else fast_decode._Layer
+            assert [type(layer) for layer in decoder.layers] == [kind] * 2
             ids = first.argmax(-1, keepdim=True)
             for _ in range(10):
                 fast = decoder.step(ids)
                 slow = last_logits(model, ids, module_cache)
-                torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(fast, slow, rtol=tol, atol=tol)
                 assert torch.equal(fast.argmax(-1), slow.argmax(-1))
                 ids = slow.argmax(-1, keepdim=True)
             assert fast_cache.length == module_cache.length
             for a, b in zip(
                 fast_cache.keys + fast_cache.values, module_cache.keys + module_cache.values
             ):
-                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -195,6 +199,35 @@ def test_what_the_fast_path_does_not_cover_keeps_the_module_path(monkeypatch):
     monkeypatch.setenv("NF4_QLORA_FAST_DECODE", "yes")
     with pytest.raises(ValueError, match="NF4_QLORA_FAST_DECODE must be 0 or 1"):
         _decoder(model)
+
+
+def test_decode_projection_refuses_what_does_not_fit(rng):
+    group = cpu_gemv.GemvGroup(_weights(rng, (8, 8), 64, 64, True))
+    y = torch.zeros(1, 16)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        cpu_gemv.DecodeProjection(group, y.double(), accumulate=False)
+    with pytest.raises(ValueError, match="does not fit the group"):
+        cpu_gemv.DecodeProjection(group, torch.zeros(1, 15), accumulate=False)
+    table = torch.zeros(4, 4)
+    with pytest.raises(ValueError, match="more RoPE and value heads"):
+        cpu_gemv.DecodeProjection(group, y, False, rope=(table, table, 4, 1))
+    cache = torch.zeros(1, 1, 4, 4)
+    with pytest.raises(ValueError, match="KV cache does not fit"):
+        cpu_gemv.DecodeProjection(group, y, False, rope=(table, table, 2, 2), cache=(cache, cache))
+    keys, values = torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4)
+    ones = torch.ones(4, 4)  # cos 1, sin 0: RoPE leaves y as it is
+    proj = cpu_gemv.DecodeProjection(
+        group, y, False, rope=(ones, table, 3, 1), cache=(keys, values)
+    )
+    with pytest.raises(ValueError, match="does not fit"):
+        proj(torch.zeros(2, 64), 0)
+    with pytest.raises(ValueError, match="refused position 4"):
+        proj(torch.zeros(1, 64), 4)  # past the 4 positions of the tables
+    x = torch.randn(1, 64)
+    proj(x, 3)
+    assert torch.equal(y, group(x))
+    assert torch.equal(keys[0, 0, 3], y[0, 8:12]) and torch.equal(values[0, 0, 3], y[0, 12:16])
+    assert not keys[0, 0, :3].any() and not values[0, 0, :3].any()
 
 
 def test_rope_table_rows_are_the_per_step_values():
