@@ -12,8 +12,9 @@ between them the same SDPA call and SiLU(gate) * up as the module path. Each flo
 path's, rounded alike, except the order of the RMSNorm's sum of squares (and each GEMV column is
 summed as a call of its own would). Layers with LoRA adapters (added per output slice as LoRALinear
 adds them), biases or a bfloat16 compute dtype take `_Layer`: the same steps as torch ops around
-GEMV groups, bit for bit the module path's. tests/backends/torch_backend/test_fast_decode.py
-compares both with the module path.
+GEMV groups, bit for bit the module path's; so do float32 layers when the projection call failed
+its self-check (self_check.cpu_decode_trusted: one warning). test_fast_decode.py compares both with
+the module path.
 
 Taken when every block is the plain Llama layout on NF4 linears (DoRA, dense or sharded linears
 keep the module path), on the CPU in a dtype the kernel takes, and the kernel covers the rows now
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import dequant_cache
+from . import dequant_cache, dispatch, self_check
 from .cpu_gemv import DecodeProjection, GemvGroup
 from .kv_cache import KVCache
 from .lora import LoRALinear
@@ -236,7 +237,9 @@ class FastDecoder:
             [-sin[:, :half], sin[:, half:]], dim=-1
         )  # rotate_half's sign folded in
         self.x = torch.zeros(rows, model.config.hidden_size, dtype=model.compute_dtype)  # residual
-        fused = model.compute_dtype == torch.float32
+        fused = model.compute_dtype == torch.float32 and (
+            dispatch.requested() == "cpu" or self_check.cpu_decode_trusted()
+        )
         self.layers = [
             _FusedLayer(layer, bases, self)
             if fused and _plain(bases) and all(b is m for b, m in zip(bases, _projections(layer)))

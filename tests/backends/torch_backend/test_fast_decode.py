@@ -2,13 +2,17 @@
 (cpu_gemv.GemvGroup, nf4_gemv_group in cpu/nf4_gemv.cpp): a group's columns are the per-weight
 kernel calls' bits and agree with the reference; decode steps give the module path's logits and the
 same greedy tokens (tiny Llama, Qwen2 with q/k/v biases, Mistral with a sliding window; with and
-without LoRA adapters); and every case the fast path does not cover keeps the module path."""
+without LoRA adapters; float32 and bfloat16); every case the fast path does not cover keeps the
+module path; a projection call that fails its self-check leaves the torch-op layers."""
+
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
 import nf4core
+from backends import kernel_self_check
 from backends.engine import LoRASettings
 from backends.torch_backend import (
     cpu_gemv,
@@ -17,6 +21,7 @@ from backends.torch_backend import (
     fast_decode,
     native_build,
     ops_reference,
+    self_check,
 )
 from backends.torch_backend.dequant_cache import DequantCache
 from backends.torch_backend.generate import SamplingConfig, generate, greedy_steps, last_logits
@@ -240,3 +245,25 @@ def test_rope_table_rows_are_the_per_step_values():
         half = cos.shape[-1] // 2
         assert torch.equal(decoder.cos[p], cos[0])
         assert torch.equal(decoder.sin[p], torch.cat([-sin[0, :half], sin[0, half:]]))
+
+
+def test_a_wrong_projection_call_costs_one_warning_and_runs_torch_layers(monkeypatch):
+    monkeypatch.setattr(kernel_self_check, "_verdicts", {})
+    real = cpu_gemv.DecodeProjection.__call__
+
+    def wrong(self, x, position):
+        real(self, x, position)
+        self._held[0].add_(0.5)  # y
+
+    monkeypatch.setattr(cpu_gemv.DecodeProjection, "__call__", wrong)
+    model = _model("llama", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        decoder, again = _decoder(model), _decoder(model)
+    lines = [str(c.message) for c in caught]
+    assert len(lines) == 1 and "cpu decode projection kernel (float32) disagrees" in lines[0], lines
+    assert {type(layer) for layer in decoder.layers + again.layers} == {fast_decode._Layer}
+    monkeypatch.setattr(cpu_gemv.DecodeProjection, "__call__", real)
+    kernel_self_check.reset()
+    assert self_check.cpu_decode_trusted()
+    assert {type(layer) for layer in _decoder(model).layers} == {fast_decode._FusedLayer}
