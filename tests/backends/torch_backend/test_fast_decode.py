@@ -29,6 +29,7 @@ from backends.torch_backend.lora import apply_lora
 from backends.torch_backend.model import CausalLM
 from backends.torch_backend.nf4_linear import NF4Linear
 from backends.torch_backend.nf4_weight import NF4Weight
+from tests.backends.torch_backend.test_cpu_gemv import _variants
 from tests.backends.torch_backend.tiny_models import hf_model, state_of
 
 
@@ -85,6 +86,16 @@ def test_group_columns_are_the_per_weight_calls(rng, outs, k, blocksize, double_
     out = torch.full((3, sum(outs)), float("nan"))
     x = torch.randn(3, k)
     assert group(x, out=out) is out and torch.equal(out, group(x))
+
+
+def test_group_on_every_build_variant(rng):
+    """The AVX2 and generic builds (test_cpu_gemv.py's variants) give the per-weight calls too."""
+    for flags in _variants().values():
+        for k, blocksize in ((576, 64), (70, 32)):
+            weights = _weights(rng, (9, 24), k, blocksize, True)
+            x = torch.randn(3, k)
+            alone = torch.cat([cpu_gemv.linear(x, w, flags) for w in weights], dim=-1)
+            assert torch.equal(cpu_gemv.GemvGroup(weights, flags)(x), alone)
 
 
 def test_group_refuses_what_does_not_fit(rng):
