@@ -21,12 +21,15 @@
 // path. The ISA is picked at compile time (the build uses -march=native); nf4_gemv_isa() says which.
 // nf4_gemv_group runs several weights that read the same x (a layer's q/k/v, gate/up) in one call,
 // rearranging x once; each output column is summed exactly as a call for its weight alone would.
+// nf4_decode_project wraps a group call with what a decode step does around it (fast_decode.py):
+// RMSNorm of x first, the output added to a residual, RoPE and the KV cache write after.
 //
 // How to test it: tests/backends/torch_backend/test_cpu_gemv.py builds it (and its AVX2 and generic
 // variants, with -mno-avx512f / -march=x86-64) and compares it with ops_reference.linear on odd shapes,
 // blocksizes 32..4096, with and without double quant, 1..9 rows; test_fast_decode.py checks a group's
-// columns against per-weight calls. The plain C ABI is called through
-// ctypes (backends/torch_backend/cpu_gemv.py), so the build needs only a C++ compiler, no torch headers.
+// columns against per-weight calls and decode steps against the torch module path. The plain C ABI is
+// called through ctypes (backends/torch_backend/cpu_gemv.py), so the build needs only a C++ compiler,
+// no torch headers.
 
 #include <cmath>
 #include <cstdint>
