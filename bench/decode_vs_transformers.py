@@ -5,13 +5,15 @@ one token vs a dense FP32 `F.linear`.
 
 1. The default model (SmolLM2-135M-Instruct GGUF), the same prompt ids, greedy, exactly
    --new-tokens new tokens (no stop token) on both sides, FP32 compute: ours (NF4 weights, torch
-   backend) as `generate` runs now (the 4-bit CPU GEMV kernel, cpu_gemv.py) and as it ran before
-   it (the kernel off: the dequant cache of FP32 weights), vs transformers' `generate` on the model
+   backend) as `generate` runs now (the 4-bit CPU GEMV kernel under the fast decode path,
+   fast_decode.py), the same kernel through the modules (NF4_QLORA_FAST_DECODE=0) and as it ran
+   before the kernel (the dequant cache of FP32 weights), vs transformers' `generate` on the model
    loaded from the GGUF in float32. Each timed after a short warmup generate, the faster of two
    calls; tokens/s = new tokens / wall time of the call (prefill included).
-2. Where a decode step's time goes, both ways: the NF4 linears (210 calls), the LM head (the tied
-   FP32 embedding, 576x49152), the rest (attention, norms, RoPE, Python); and the bytes of dense
-   weights the dequant cache holds while decoding.
+2. Where a decode step's time goes, each way: the NF4 linears (210 calls through the modules; 120
+   kernel calls on the fast path, which also do the RMSNorms, RoPE and the KV cache writes), the LM
+   head (the tied FP32 embedding, 576x49152), the rest (attention, SiLU, Python); and the bytes of
+   dense weights the dequant cache holds while decoding.
 3. NF4Linear (double quant, blocksize 64) on one token, no grad, for 576x1536, 1536x576 and
    4096x4096 (out x in): the GEMV kernel, the per-call path (dequantize, then multiply), the cached
    path (inside an active DequantCache) and FP32 `F.linear` on the dense weight; then the same at
@@ -39,8 +41,10 @@ from backends.torch_backend import (
     cpu_gemv,  # noqa: E402
     dequant_cache,  # noqa: E402
 )
+from backends.torch_backend.cpu_gemv import DecodeProjection, GemvGroup  # noqa: E402
 from backends.torch_backend.dequant_cache import DequantCache  # noqa: E402
 from backends.torch_backend.dispatch import force_path  # noqa: E402
+from backends.torch_backend.fast_decode import decode_steps  # noqa: E402
 from backends.torch_backend.generate import SamplingConfig, generate, last_logits  # noqa: E402
 from backends.torch_backend.model import CausalLM  # noqa: E402
 from backends.torch_backend.nf4_linear import NF4Linear  # noqa: E402
@@ -50,8 +54,26 @@ from bench.results import add_json_option, write_json  # noqa: E402
 
 PROMPT = "Write a short story about a robot who learns to paint."
 SHAPES = ((576, 1536), (1536, 576), (4096, 4096))
-KERNEL = "ours, 4-bit GEMV kernel (generate's default)"
+KERNEL = "ours, 4-bit GEMV kernel, fast decode path (generate's default)"
+MODULES = "ours, 4-bit GEMV kernel through the modules (fast decode off)"
 OLD = "ours, kernel off: dequant cache (the previous default)"
+
+
+@contextlib.contextmanager
+def fast_decode_off() -> Iterator[None]:
+    """The GEMV kernel through the module tree: what `generate` ran before fast_decode.py."""
+    before = os.environ.get("NF4_QLORA_FAST_DECODE")
+    os.environ["NF4_QLORA_FAST_DECODE"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["NF4_QLORA_FAST_DECODE"]
+        else:
+            os.environ["NF4_QLORA_FAST_DECODE"] = before
+
+
+VARIANTS = ((KERNEL, contextlib.nullcontext), (MODULES, fast_decode_off))
 
 
 @contextlib.contextmanager
@@ -80,7 +102,7 @@ def ours(model: CausalLM, ids: list[int], new: int) -> dict:
     """Each variant: the faster of two timed calls (other jobs share the machine)."""
     cfg = SamplingConfig(max_new_tokens=new)
     rows = {}
-    for name, ctx in ((KERNEL, contextlib.nullcontext), (OLD, kernel_off)):
+    for name, ctx in (*VARIANTS, (OLD, kernel_off)):
         with ctx():
             generate(model, ids, SamplingConfig(max_new_tokens=4))  # warmup
             seconds, tokens = min(time_call(lambda: generate(model, ids, cfg)) for _ in range(2))
@@ -105,31 +127,36 @@ class _Split:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
-        forward = NF4Linear.forward
-        NF4Linear.forward = self._timed(forward, "linear_s")
+        timed = ((NF4Linear, "forward"), (GemvGroup, "__call__"), (DecodeProjection, "__call__"))
+        originals = [getattr(cls, attr) for cls, attr in timed]
+        for (cls, attr), fn in zip(timed, originals, strict=True):
+            setattr(cls, attr, self._timed(fn, "linear_s"))
         self.model.lm_head.forward = self._timed(self.model.lm_head.forward, "head_s")
         try:
             yield
         finally:
-            NF4Linear.forward = forward
+            for (cls, attr), fn in zip(timed, originals, strict=True):
+                setattr(cls, attr, fn)
             del self.model.lm_head.forward
 
 
 def decode_profile(model: CausalLM, ids: list[int], steps: int) -> dict:
     """Per decode step (batch 1, after the prefill): total, NF4 linears, LM head, the rest; and
     the dense bytes the dequant cache holds. Timers add ~1 us per call."""
+    model.eval()  # as generate runs it (the fast decode path takes eval-mode models only)
     out = {}
-    for name, ctx in ((KERNEL, contextlib.nullcontext), (OLD, kernel_off)):
+    for name, ctx in (*VARIANTS, (OLD, kernel_off)):
         with ctx(), torch.no_grad():
             cache = model.new_cache(1, len(ids) + 2 * steps + 1)
             weights = DequantCache.for_decoding(1, torch.float32, torch.device("cpu"))
             with weights.active():
                 token = int(last_logits(model, torch.tensor([ids]), cache).argmax())
+                logits = decode_steps(model, cache, 1, lambda t: last_logits(model, t, cache))
 
             def step():
                 nonlocal token
                 with weights.active():
-                    token = int(last_logits(model, torch.tensor([[token]]), cache).argmax())
+                    token = int(logits(torch.tensor([[token]])).argmax())
 
             for _ in range(steps // 2):
                 step()  # warm: the cache (if any) is full
@@ -238,11 +265,11 @@ def main() -> None:
             f"{ref['seconds'] / r['seconds']:.2f} | {'yes' if same else 'no'} |"
         )
     kernel_vs_old = rows[OLD]["seconds"] / rows[KERNEL]["seconds"]
-    print(f"\nkernel / previous default: {kernel_vs_old:.2f}x the tokens/s")
-    print(
-        f"same tokens, kernel and previous default: "
-        f"{'yes' if rows[KERNEL]['tokens'] == rows[OLD]['tokens'] else 'no'}"
-    )
+    fast_vs_modules = rows[MODULES]["seconds"] / rows[KERNEL]["seconds"]
+    print(f"\nfast decode path / previous default: {kernel_vs_old:.2f}x the tokens/s")
+    print(f"fast decode path / the kernel through the modules: {fast_vs_modules:.2f}x the tokens/s")
+    same = rows[KERNEL]["tokens"] == rows[MODULES]["tokens"] == rows[OLD]["tokens"]
+    print(f"same tokens, all three of ours: {'yes' if same else 'no'}")
     profile = decode_profile(model, ids, 8 if args.quick else 40)
     print("\nOne decode step (batch 1, after the prefill), ms:\n")
     print("| decoder | step | NF4 linears | LM head | rest | dense cache held (MiB) |")

@@ -19,12 +19,19 @@
 // and odd columns (done once per call, so the codes are never interleaved). Rows of W are spread over
 // OpenMP threads (the OpenMP runtime torch itself loaded). Odd K (rows starting mid-byte) takes a scalar
 // path. The ISA is picked at compile time (the build uses -march=native); nf4_gemv_isa() says which.
+// nf4_gemv_group runs several weights that read the same x (a layer's q/k/v, gate/up) in one call,
+// rearranging x once; each output column is summed exactly as a call for its weight alone would.
+// nf4_decode_project wraps a group call with what a decode step does around it (fast_decode.py):
+// RMSNorm of x first, the output added to a residual, RoPE and the KV cache write after.
 //
 // How to test it: tests/backends/torch_backend/test_cpu_gemv.py builds it (and its AVX2 and generic
 // variants, with -mno-avx512f / -march=x86-64) and compares it with ops_reference.linear on odd shapes,
-// blocksizes 32..4096, with and without double quant, 1..9 rows. The plain C ABI is called through
-// ctypes (backends/torch_backend/cpu_gemv.py), so the build needs only a C++ compiler, no torch headers.
+// blocksizes 32..4096, with and without double quant, 1..9 rows; test_fast_decode.py checks a group's
+// columns against per-weight calls and decode steps against the torch module path. The plain C ABI is
+// called through ctypes (backends/torch_backend/cpu_gemv.py), so the build needs only a C++ compiler,
+// no torch headers.
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -57,6 +64,7 @@ struct Weight {
   const float* quant_map;        // 16 values
   int64_t blocksize;
   int64_t N, K;
+  int64_t ldy;                   // y's row stride (N, or the width of a group's joint output)
 };
 
 // The block scale, rounded exactly as ops_reference.block_absmax does: multiply, round, add, round
@@ -88,7 +96,7 @@ void rows_scalar(const Weight& w, const float* x, int64_t M, float* y, int64_t n
         const float value = w.quant_map[code] * scale;
         acc += value * xm[k];
       }
-      y[m * w.N + n] = acc;
+      y[m * w.ldy + n] = acc;
     }
   }
 }
@@ -98,7 +106,7 @@ void rows_scalar(const Weight& w, const float* x, int64_t M, float* y, int64_t n
 // the row's bytes [i0, i1) that lie in one block (when K % blocksize == 0, whole blocks).
 //
 // Each ISA section defines Acc<M>: Acc(quant_map) (zeroed), segment(row, xe, xo, half, i0, i1, scale)
-// (adds one stretch of a block) and store(y, N, n). rows_even below walks the blocks.
+// (adds one stretch of a block) and store(y, ldy, n). rows_even below walks the blocks.
 #if defined(NF4_AVX512)
 constexpr const char* kIsa = "avx512";
 
@@ -131,8 +139,8 @@ struct Acc {
       step(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, row + i)), table, xe + i, xo + i, half, mask);
     }
   }
-  inline void store(float* y, int64_t N, int64_t n) {
-    for (int m = 0; m < M; ++m) y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(hi[m], lo[m]));
+  inline void store(float* y, int64_t ldy, int64_t n) {
+    for (int m = 0; m < M; ++m) y[m * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(hi[m], lo[m]));
   }
 };
 
@@ -170,7 +178,7 @@ void rows_wide(const Weight& w, const float* xq, float* y, int64_t n0, int64_t n
       }
     }
     for (int m = 0; m < M; ++m)
-      y[m * w.N + n] = _mm512_reduce_add_ps(
+      y[m * w.ldy + n] = _mm512_reduce_add_ps(
           _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3])));
   }
 }
@@ -225,8 +233,8 @@ struct Acc {
       for (int m = 0; m < M; ++m) tail[m] += vh * xe[m * half + i] + vl * xo[m * half + i];
     }
   }
-  inline void store(float* y, int64_t N, int64_t n) {
-    for (int m = 0; m < M; ++m) y[m * N + n] = hsum(_mm256_add_ps(hi[m], lo[m])) + tail[m];
+  inline void store(float* y, int64_t ldy, int64_t n) {
+    for (int m = 0; m < M; ++m) y[m * ldy + n] = hsum(_mm256_add_ps(hi[m], lo[m])) + tail[m];
   }
 };
 
@@ -247,11 +255,11 @@ struct Acc {
       for (int m = 0; m < M; ++m) acc[m][i & 7] += vh * xe[m * half + i] + vl * xo[m * half + i];
     }
   }
-  inline void store(float* y, int64_t N, int64_t n) {
+  inline void store(float* y, int64_t ldy, int64_t n) {
     for (int m = 0; m < M; ++m) {
       float s = 0.0f;
       for (int j = 0; j < 8; ++j) s += acc[m][j];
-      y[m * N + n] = s;
+      y[m * ldy + n] = s;
     }
   }
 };
@@ -282,7 +290,7 @@ void rows_even(const Weight& w, const float* xe, const float* xo, float* y, int6
         k0 = k1;
       }
     }
-    acc.store(y, w.N, n);
+    acc.store(y, w.ldy, n);
   }
 }
 
@@ -306,6 +314,83 @@ void run(const Weight& w, Rows&& rows) {
   }
 }
 
+inline int log2_or_minus_one(int64_t v) {
+  for (int s = 0; s < 62; ++s)
+    if (v == (int64_t{1} << s)) return s;
+  return -1;
+}
+
+// y (M, ldy) gets x (M, K) @ W_j^T for each weight j of ws, side by side: weight j's outputs in the
+// columns after those of weights 0..j-1. x is rearranged once for all of them (they share K and the
+// blocksize's wide/narrow choice); each weight's rows are summed exactly as a call of its own would.
+int gemv(const Weight* ws, int64_t count, const float* x, int64_t M, int64_t K, float* y) {
+  if (count <= 0) return -1;
+  int64_t width = 0;
+  bool wide = kWide && K % 64 == 0;
+  for (int64_t j = 0; j < count; ++j) {
+    const Weight& w = ws[j];
+    if (M < 0 || K <= 0 || w.K != K || w.N < 0 || w.blocksize <= 0 || w.blocksize % 2 ||
+        (!w.absmax && w.nested_blocksize <= 0))
+      return -1;
+    wide = wide && w.blocksize % 64 == 0;
+    width += w.N;
+  }
+  for (int64_t j = 0; j < count; ++j)
+    if (ws[j].ldy != width || (j > 0 && (ws[j].blocksize % 64 == 0) != (ws[0].blocksize % 64 == 0)))
+      return -1;
+  if (K % 2) {
+    int64_t col = 0;
+    for (int64_t j = 0; j < count; col += ws[j].N, ++j) {
+      const Weight& w = ws[j];
+#pragma omp parallel for schedule(static) if (worth_threads(w))
+      for (int64_t n = 0; n < w.N; ++n) rows_scalar(w, x, M, y + col, n, n + 1);
+    }
+    return 0;
+  }
+  std::vector<float> split(kMaxRows * K);  // kMaxRows rows of x, rearranged for the row kernel
+  const int64_t half = K / 2;
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+    const int rows = M - m0 < kMaxRows ? int(M - m0) : kMaxRows;
+    float* xq = split.data();
+    float* xe = split.data();  // narrow: even columns, then odd columns
+    float* xo = split.data() + kMaxRows * half;
+    for (int m = 0; m < rows; ++m) {
+      const float* src = x + (m0 + m) * K;
+      if (wide) {
+        for (int64_t g = 0; g < K; g += 64)
+          for (int r = 0; r < 4; ++r)
+            for (int j = 0; j < 16; ++j) xq[m * K + g + 16 * r + j] = src[g + 4 * j + r];
+      } else {
+        for (int64_t i = 0; i < half; ++i) {
+          xe[m * half + i] = src[2 * i];
+          xo[m * half + i] = src[2 * i + 1];
+        }
+      }
+    }
+    int64_t col = 0;
+    for (int64_t j = 0; j < count; col += ws[j].N, ++j) {
+      const Weight& w = ws[j];
+      float* out = y + m0 * width + col;
+      if (wide) {
+        switch (rows) {
+          case 1: run(w, [&](int64_t a, int64_t b) { rows_wide<1>(w, xq, out, a, b); }); break;
+          case 2: run(w, [&](int64_t a, int64_t b) { rows_wide<2>(w, xq, out, a, b); }); break;
+          case 3: run(w, [&](int64_t a, int64_t b) { rows_wide<3>(w, xq, out, a, b); }); break;
+          default: run(w, [&](int64_t a, int64_t b) { rows_wide<4>(w, xq, out, a, b); }); break;
+        }
+      } else {
+        switch (rows) {
+          case 1: run(w, [&](int64_t a, int64_t b) { rows_even<1>(w, xe, xo, out, a, b); }); break;
+          case 2: run(w, [&](int64_t a, int64_t b) { rows_even<2>(w, xe, xo, out, a, b); }); break;
+          case 3: run(w, [&](int64_t a, int64_t b) { rows_even<3>(w, xe, xo, out, a, b); }); break;
+          default: run(w, [&](int64_t a, int64_t b) { rows_even<4>(w, xe, xo, out, a, b); }); break;
+        }
+      }
+    }
+  }
+  return 0;
+}
+
 }  // namespace
 
 extern "C" {
@@ -316,11 +401,9 @@ const char* nf4_gemv_isa() { return kIsa; }
 // compare it bit for bit with ops_reference.block_absmax.
 void nf4_block_scales(const uint8_t* nested_codes, const float* nested_scales, const float* nested_map,
                       float nested_offset, int64_t nested_blocksize, int64_t n_blocks, float* out) {
-  int shift = -1;
-  for (int s = 0; s < 62; ++s)
-    if (nested_blocksize == (int64_t{1} << s)) shift = s;
+  const int shift = log2_or_minus_one(nested_blocksize);
   const Weight w{nullptr, nullptr, nested_codes, nested_scales, nested_map, nested_offset,
-                 nested_blocksize, shift, nullptr, 0, 0, 0};
+                 nested_blocksize, shift, nullptr, 0, 0, 0, 0};
   for (int64_t b = 0; b < n_blocks; ++b) out[b] = block_scale(w, b);
 }
 
@@ -330,55 +413,132 @@ int nf4_gemv_f32(const float* x, int64_t M, int64_t K, const uint8_t* packed, in
                  const uint8_t* nested_codes, const float* nested_scales, const float* nested_map,
                  float nested_offset, int64_t nested_blocksize, const float* quant_map, int64_t blocksize,
                  float* y) {
-  if (M < 0 || K <= 0 || N < 0 || blocksize <= 0 || blocksize % 2 || (!absmax && nested_blocksize <= 0))
-    return -1;
-  int shift = -1;
-  for (int s = 0; s < 62; ++s)
-    if (nested_blocksize == (int64_t{1} << s)) shift = s;
   const Weight w{packed, absmax, nested_codes, nested_scales, nested_map, nested_offset,
-                 nested_blocksize, shift, quant_map, blocksize, N, K};
-  if (K % 2) {
-#pragma omp parallel for schedule(static) if (worth_threads(w))
-    for (int64_t n = 0; n < N; ++n) rows_scalar(w, x, M, y, n, n + 1);
-    return 0;
+                 nested_blocksize, log2_or_minus_one(nested_blocksize), quant_map, blocksize, N, K, N};
+  return gemv(&w, 1, x, M, K, y);
+}
+
+// One weight of a group, as nf4_gemv_f32 takes it (ctypes mirrors this struct in cpu_gemv.py).
+struct nf4_group_weight {
+  const uint8_t* packed;
+  int64_t N;
+  const float* absmax;
+  const uint8_t* nested_codes;
+  const float* nested_scales;
+  const float* nested_map;
+  float nested_offset;
+  int64_t nested_blocksize;
+  const float* quant_map;
+  int64_t blocksize;
+};
+
+// Several weights that read the same x (q, k and v; gate and up) in one call: y (M, N_0 + ... ) holds
+// x @ W_0^T, x @ W_1^T, ... side by side, each column the same bits as nf4_gemv_f32 gives it. All
+// weights need the same K and all or none of their blocksizes a multiple of 64. 0, or -1 (refused).
+int nf4_gemv_group(const float* x, int64_t M, int64_t K, const nf4_group_weight* group, int64_t count,
+                   float* y) {
+  if (count <= 0 || count > 64) return -1;
+  Weight ws[64];
+  int64_t width = 0;
+  for (int64_t j = 0; j < count; ++j) width += group[j].N;
+  for (int64_t j = 0; j < count; ++j) {
+    const nf4_group_weight& g = group[j];
+    ws[j] = Weight{g.packed, g.absmax, g.nested_codes, g.nested_scales, g.nested_map, g.nested_offset,
+                   g.nested_blocksize, log2_or_minus_one(g.nested_blocksize), g.quant_map, g.blocksize,
+                   g.N, K, width};
   }
-  std::vector<float> split(kMaxRows * K);  // kMaxRows rows of x, rearranged for the row kernel
-  const bool wide = kWide && K % 64 == 0 && blocksize % 64 == 0;
-  const int64_t half = K / 2;
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-    const int rows = M - m0 < kMaxRows ? int(M - m0) : kMaxRows;
-    float* out = y + m0 * N;
-    if (wide) {
-      float* xq = split.data();
-      for (int m = 0; m < rows; ++m) {
-        const float* src = x + (m0 + m) * K;
-        for (int64_t g = 0; g < K; g += 64)
-          for (int r = 0; r < 4; ++r)
-            for (int j = 0; j < 16; ++j) xq[m * K + g + 16 * r + j] = src[g + 4 * j + r];
+  return gemv(ws, count, x, M, K, y);
+}
+
+
+// One projection of a decode step (backends/torch_backend/fast_decode.py), around a group call: the
+// input RMS-normalised first (optional), the output written or added to y (a residual), then RoPE on
+// its first rope_heads heads and the key and value heads copied into a KV cache at position p.
+// Each float op is the one the torch ops do, rounded the same way (-ffp-contract=off): RMSNorm as
+// weight * (x * (1 / sqrt(sum(x^2) / K + eps))) (only the order of that sum differs), RoPE as
+// y * cos + rotate_half(y) * sin with sin's first half already negated (exact), the residual as y + out.
+struct nf4_decode_projection {
+  const nf4_group_weight* group;
+  int64_t count;
+  int64_t K;
+  const float* norm_weight;  // (K,), or nullptr: no RMSNorm
+  float eps;
+  float* y;                  // (M, width), width = the group's summed N
+  int64_t accumulate;        // 1: y += x W^T (a residual stream); 0: y = x W^T
+  int64_t rope_heads;        // heads of head_dim columns rotated (q then k heads), 0: no RoPE
+  int64_t kv_heads;          // the last kv_heads rotated heads are keys; the kv_heads after them values
+  int64_t head_dim;
+  const float* cos;          // (max_len, head_dim)
+  const float* sin;          // (max_len, head_dim), first half negated
+  float* k_cache;            // (M, kv_heads, max_len, head_dim), or nullptr
+  float* v_cache;
+  int64_t max_len;
+};
+
+int nf4_decode_project(const nf4_decode_projection* c, const float* x, int64_t M, int64_t p) {
+  if (c->count <= 0 || c->count > 64 || M <= 0 || p < 0 || (c->rope_heads && p >= c->max_len)) return -1;
+  const int64_t K = c->K;
+  int64_t width = 0;
+  for (int64_t j = 0; j < c->count; ++j) width += c->group[j].N;
+  std::vector<float> normed;
+  const float* in = x;
+  if (c->norm_weight) {
+    normed.resize(M * K);
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * K;
+      float lanes[16] = {};
+      for (int64_t k = 0; k < K; ++k) lanes[k & 15] += xm[k] * xm[k];
+      float sum = 0.0f;
+      for (int l = 0; l < 16; ++l) sum += lanes[l];
+      const float mean = sum / float(K);
+      const float r = 1.0f / std::sqrt(mean + c->eps);
+      for (int64_t k = 0; k < K; ++k) {
+        const float h = xm[k] * r;
+        normed[m * K + k] = c->norm_weight[k] * h;
       }
-      switch (rows) {
-        case 1: run(w, [&](int64_t a, int64_t b) { rows_wide<1>(w, xq, out, a, b); }); break;
-        case 2: run(w, [&](int64_t a, int64_t b) { rows_wide<2>(w, xq, out, a, b); }); break;
-        case 3: run(w, [&](int64_t a, int64_t b) { rows_wide<3>(w, xq, out, a, b); }); break;
-        default: run(w, [&](int64_t a, int64_t b) { rows_wide<4>(w, xq, out, a, b); }); break;
+    }
+    in = normed.data();
+  }
+  Weight ws[64];
+  for (int64_t j = 0; j < c->count; ++j) {
+    const nf4_group_weight& g = c->group[j];
+    ws[j] = Weight{g.packed, g.absmax, g.nested_codes, g.nested_scales, g.nested_map, g.nested_offset,
+                   g.nested_blocksize, log2_or_minus_one(g.nested_blocksize), g.quant_map, g.blocksize,
+                   g.N, K, width};
+  }
+  if (c->accumulate) {
+    std::vector<float> out(M * width);
+    const int status = gemv(ws, c->count, in, M, K, out.data());
+    if (status) return status;
+    for (int64_t i = 0; i < M * width; ++i) c->y[i] = c->y[i] + out[i];
+  } else {
+    const int status = gemv(ws, c->count, in, M, K, c->y);
+    if (status) return status;
+  }
+  const int64_t D = c->head_dim, half = D / 2;
+  if (c->rope_heads) {
+    const float* cs = c->cos + p * D;
+    const float* sn = c->sin + p * D;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t h = 0; h < c->rope_heads; ++h) {
+        float* v = c->y + m * width + h * D;
+        for (int64_t i = 0; i < half; ++i) {
+          const float a = v[i], b = v[i + half];
+          const float a_cos = a * cs[i], b_sin = b * sn[i];
+          const float b_cos = b * cs[i + half], a_sin = a * sn[i + half];
+          v[i] = a_cos + b_sin;
+          v[i + half] = b_cos + a_sin;
+        }
       }
-      continue;
-    }
-    float* xe = split.data();  // even columns, then odd columns
-    float* xo = split.data() + kMaxRows * half;
-    for (int m = 0; m < rows; ++m) {
-      const float* src = x + (m0 + m) * K;
-      for (int64_t i = 0; i < half; ++i) {
-        xe[m * half + i] = src[2 * i];
-        xo[m * half + i] = src[2 * i + 1];
+  }
+  if (c->k_cache) {
+    const int64_t first_k = c->rope_heads - c->kv_heads;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t h = 0; h < c->kv_heads; ++h) {
+        const int64_t at = ((m * c->kv_heads + h) * c->max_len + p) * D;
+        std::memcpy(c->k_cache + at, c->y + m * width + (first_k + h) * D, D * sizeof(float));
+        std::memcpy(c->v_cache + at, c->y + m * width + (c->rope_heads + h) * D, D * sizeof(float));
       }
-    }
-    switch (rows) {
-      case 1: run(w, [&](int64_t a, int64_t b) { rows_even<1>(w, xe, xo, out, a, b); }); break;
-      case 2: run(w, [&](int64_t a, int64_t b) { rows_even<2>(w, xe, xo, out, a, b); }); break;
-      case 3: run(w, [&](int64_t a, int64_t b) { rows_even<3>(w, xe, xo, out, a, b); }); break;
-      default: run(w, [&](int64_t a, int64_t b) { rows_even<4>(w, xe, xo, out, a, b); }); break;
-    }
   }
   return 0;
 }

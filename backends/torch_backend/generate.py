@@ -9,6 +9,7 @@ import torch
 
 from ..sampling import SamplingConfig, nucleus
 from .dequant_cache import DequantCache
+from .fast_decode import decode_steps
 from .model import CausalLM
 
 
@@ -36,13 +37,14 @@ def generate_tokens(model: CausalLM, prompt: Sequence[int], cfg: SamplingConfig)
         weights = DequantCache.for_decoding(1, model.compute_dtype, device)  # only inside forwards
         with weights.active():
             logits = last_logits(model, torch.tensor([list(prompt)], device=device), cache)[0]
-        for _ in range(cfg.max_new_tokens):
+            step = decode_steps(model, cache, 1, lambda ids: last_logits(model, ids, cache))
+        for i in range(cfg.max_new_tokens):
             token = _pick(logits, cfg, gen)
             yield token
-            if token in cfg.eos_token_ids:
-                return
+            if token in cfg.eos_token_ids or i == cfg.max_new_tokens - 1:
+                return  # (no forward for a token that will not be picked)
             with weights.active():
-                logits = last_logits(model, torch.tensor([[token]], device=device), cache)[0]
+                logits = step(torch.tensor([[token]], device=device))[0]
     finally:
         model.train(was_training)
 
@@ -65,9 +67,18 @@ def greedy_steps(
         cache = model.new_cache(len(prompts), len(prompts[0]) + max_new_tokens)
         ids = torch.tensor([list(p) for p in prompts], device=device)
         weights = DequantCache.for_decoding(len(prompts), model.compute_dtype, device)
+
+        def module_path(ids: torch.Tensor) -> torch.Tensor:
+            return last_logits(model, ids, cache)
+
+        step = None  # after the prefill: the fast decoder where it applies (fast_decode.py)
         for _ in range(max_new_tokens):
             with weights.active():
-                ids = last_logits(model, ids, cache).argmax(-1, keepdim=True)
+                if step is None:
+                    ids = module_path(ids).argmax(-1, keepdim=True)
+                    step = decode_steps(model, cache, len(prompts), module_path)
+                else:
+                    ids = step(ids).argmax(-1, keepdim=True)
             yield ids[:, 0].cpu().numpy()
     finally:
         model.train(was_training)

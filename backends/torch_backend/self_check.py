@@ -1,7 +1,8 @@
 """The kernels' self-checks (see backends/kernel_self_check.py): each Triton op family on a tiny
 weight against ops_reference, on the device the caller's tensor is on; the CPU GEMV (cpu_gemv.py)
-on two tiny weights (even and odd K); the C decoder (cpu_dequant.py). Dequantize (and the block
-scales) must match bit for bit; the matmuls, GEMV and tiled, within the dtype's tolerance."""
+on two tiny weights (even and odd K), alone and as a group of two; the C decoder (cpu_dequant.py).
+Dequantize (and the block scales) must match bit for bit; the matmuls, GEMV and tiled, within the
+dtype's tolerance."""
 
 from __future__ import annotations
 
@@ -77,9 +78,12 @@ def _gemv_pairs(dtype: torch.dtype) -> kernel_self_check.Pairs:
     pairs = []
     for t in (_nf4(), _nf4_odd()):
         w = NF4Weight.from_nf4(t)
+        group = cpu_gemv.GemvGroup([w, w])  # the fast decoder's q/k/v and gate/up calls
         for rows in (1, cpu_gemv.MAX_ROWS):
             x = torch.randn(rows, w.shape[1], generator=gen).to(dtype)
-            pairs.append((_host(cpu_gemv.linear(x, w)), _host(ops_reference.linear(x, w))))
+            want = _host(ops_reference.linear(x, w))
+            pairs.append((_host(cpu_gemv.linear(x, w)), want))
+            pairs.append((_host(group(x)), np.concatenate([want, want], axis=-1)))
     return pairs
 
 
@@ -112,3 +116,54 @@ def c_decoder_trusted(dtype: torch.dtype) -> bool:
         return pairs
 
     return kernel_self_check.trusted("c", "dequantize", dtype, "cpu", run, exact=True)
+
+
+def _decode_pairs() -> kernel_self_check.Pairs:
+    """The decode projection (RMSNorm, a group of three weights, RoPE on 4 heads of 10, the key and
+    value heads into a cache at position 1; then a residual add) against the torch ops."""
+    from . import cpu_gemv
+
+    gen = torch.Generator().manual_seed(7)
+    w = NF4Weight.from_nf4(_nf4())  # (20, 70): 3 of them are 6 heads of 10
+    rows, heads, kv, d, p = 2, 4, 1, 10, 1
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    x, norm, cos, sin = randn(rows, _IN), randn(_IN), randn(3, d), randn(3, d)
+    y, keys, values = (
+        torch.empty(rows, 3 * _OUT),
+        torch.zeros(rows, kv, 3, d),
+        torch.zeros(rows, kv, 3, d),
+    )
+    group = cpu_gemv.GemvGroup([w, w, w])
+    cpu_gemv.DecodeProjection(group, y, False, (norm, 1e-5), (cos, sin, heads, kv), (keys, values))(
+        x, p
+    )
+    h = norm * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    want = torch.cat([ops_reference.linear(h, w)] * 3, dim=-1)
+    qk = want[:, : heads * d].view(rows, heads, d)
+    qk = qk * cos[p] + torch.cat([qk[..., d // 2 :], qk[..., : d // 2]], dim=-1) * sin[p]
+    want[:, : heads * d] = qk.reshape(rows, -1)
+    residual = randn(rows, _OUT)
+    added = residual.clone()
+    cpu_gemv.DecodeProjection(cpu_gemv.GemvGroup([w]), added, True)(x, p)
+    return [
+        (_host(y), _host(want)),
+        (_host(keys[:, :, p]), _host(qk[:, heads - kv :])),
+        (_host(values[:, :, p]), _host(want[:, heads * d : (heads + kv) * d].view(rows, kv, d))),
+        (_host(added), _host(residual + ops_reference.linear(x, w))),
+    ]
+
+
+def cpu_decode_trusted() -> bool:
+    """Whether the CPU decode projection (cpu_gemv.DecodeProjection: RMSNorm, a GEMV group, RoPE
+    and the KV cache write in one call; float32) matches the torch ops (checked on first use)."""
+
+    def run() -> kernel_self_check.Pairs:
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            return _decode_pairs()
+
+    return kernel_self_check.trusted(
+        "cpu", "decode projection", torch.float32, "cpu", run, exact=False
+    )

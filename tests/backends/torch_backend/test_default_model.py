@@ -63,3 +63,24 @@ def test_chat_answer_and_short_training(loaded):
     text = torch.tensor([tok.encode("The answer to everything is forty-two, said the computer.")])
     losses = [trainer.train_step([Batch(text)], 2e-3).loss for _ in range(4)]
     assert losses[-1] < losses[0], losses
+
+
+def test_fast_decode_gives_the_previous_paths_greedy_tokens(loaded, monkeypatch):
+    """The fast decode path, the GEMV kernel through the modules and the previous default (the
+    kernel off: dequantized weights) pick the same 48 greedy tokens (bench/decode_vs_transformers.py
+    checks 128)."""
+    from backends.torch_backend import dequant_cache, fast_decode
+
+    source, model = loaded
+    ids = source.tokenizer().encode("Write a short story about a robot who learns to paint.")
+    sampling = SamplingConfig(max_new_tokens=48)
+    made = []
+    real = fast_decode.decoder_for
+    monkeypatch.setattr(fast_decode, "decoder_for", lambda *a: made.append(real(*a)) or made[-1])
+    fast = generate(model, ids, sampling)
+    assert made and made[-1] is not None
+    assert {type(layer) for layer in made[-1].layers} == {fast_decode._FusedLayer}
+    monkeypatch.setenv("NF4_QLORA_FAST_DECODE", "0")
+    assert generate(model, ids, sampling) == fast
+    monkeypatch.setattr(dequant_cache, "gemv_covers", lambda x: False)
+    assert generate(model, ids, sampling) == fast
