@@ -67,12 +67,13 @@ def median_ms(run: Callable[[], object], device: torch.device) -> float:
 class Autotuner:
     """Chooses among candidate configurations (frozen dataclasses) by timing; see the module doc."""
 
-    def __init__(self, path: Path, timer: Callable[[Callable[[], object]], float]) -> None:
-        self.path, self.timer = path, timer
+    def __init__(
+        self, path: Path, timer: Callable[[Callable[[], object]], float], device_name: str = ""
+    ) -> None:
+        self.path, self.timer, self.device_name = path, timer, device_name
         self._choices: dict[str, dict] | None = None
-        self.timings: dict[
-            str, dict[str, float]
-        ] = {}  # key -> config -> ms, what this process timed
+        self.timings: dict[str, dict[str, float]] = {}  # key -> config -> ms timed in this process
+        self.chosen: dict[tuple, object] = {}  # the launchers' lookup: one per kernel and shape
 
     def choose(
         self,
@@ -159,13 +160,15 @@ def _describe(config) -> dict:
     return {"type": type(config).__name__, **dataclasses.asdict(config)}
 
 
-_tuners: dict[tuple[Path, str], Autotuner] = {}
+_tuners: dict[torch.device, Autotuner] = {}
 
 
 def tuner(device: torch.device) -> Autotuner:
-    """The process's tuner for `device`'s kind, on the file in the kernel cache directory."""
-    path = native_build.cache_dir() / FILE_NAME
-    key = (path, device.type)
-    if key not in _tuners:
-        _tuners[key] = Autotuner(path, lambda run: median_ms(run, device))
-    return _tuners[key]
+    """The process's tuner for `device`, on the file in the kernel cache directory (looked up once:
+    the launchers ask on every call)."""
+    found = _tuners.get(device)
+    if found is None:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        path = native_build.cache_dir() / FILE_NAME
+        found = _tuners[device] = Autotuner(path, lambda run: median_ms(run, device), name)
+    return found

@@ -125,16 +125,24 @@ def _chosen(
     candidate as the fallback after an OutOfResources."""
     first = candidates[0]
     if len(candidates) > 1 and autotune.enabled(device):
-        from triton.runtime.errors import OutOfResources
-
-        def run(config) -> None:
-            extra = {} if _interpreting() else config.options()
-            kernel[grid_of(config)](*args, **constants, **config.tiles(), **extra)
-
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-        tag = "|".join(map(str, (*key, name)))
-        first = autotune.tuner(device).choose(tag, candidates, run, skip=(OutOfResources,))
+        tuner = autotune.tuner(device)
+        first = tuner.chosen.get(key)
+        if first is None:
+            first = tuner.chosen[key] = _tune(
+                tuner, kernel, grid_of, args, constants, candidates, key
+            )
     return (first,) if first == candidates[-1] else (first, candidates[-1])
+
+
+def _tune(tuner, kernel, grid_of, args: tuple, constants: dict, candidates: tuple, key: tuple):
+    from triton.runtime.errors import OutOfResources
+
+    def run(config) -> None:
+        extra = {} if _interpreting() else config.options()
+        kernel[grid_of(config)](*args, **constants, **config.tiles(), **extra)
+
+    tag = "|".join(map(str, (*key, tuner.device_name)))
+    return tuner.choose(tag, candidates, run, skip=(OutOfResources,))
 
 
 def _matmul(a: torch.Tensor, w: NF4Weight, transposed: bool) -> torch.Tensor:
