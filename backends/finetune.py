@@ -12,10 +12,7 @@ The others read what every rank needs to read: the model, the data, a checkpoint
 from __future__ import annotations
 
 import math
-import os
-import signal
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +40,7 @@ from .evaluate import ExactMatch, exact_match_score, perplexity
 from .export import write_model_gguf
 from .finetune_config import ConfigError, FinetuneConfig, learning_rate
 from .finetune_data import TrainBatches, load_data, task_files, total_steps
+from .interrupts import Interrupts
 from .nonfinite import NonFiniteError
 from .peft_adapter import Adapter, save_adapter
 from .registry import BackendChoice, build_engine, select_backend
@@ -275,7 +273,7 @@ class _Run:
         evaluated_at = None
         done = start
         # several ranks would see an interrupt at different steps: there it aborts at once
-        with _Interrupts(enabled=self.engine.world.size == 1) as interrupts:
+        with Interrupts(enabled=self.engine.world.size == 1) as interrupts:
             for step in range(start, steps):
                 micro = [data[step * cfg.grad_accum + k] for k in range(cfg.grad_accum)]
                 lr = learning_rate(cfg, step, steps)
@@ -518,31 +516,6 @@ class _Run:
             f"step {step}: non-finite {what}; stopped without saving this state ({latest}); "
             "lower --lr, check the data and model, or pass --skip-nonfinite N"
         )
-
-
-class _Interrupts:
-    """The first SIGINT asks the loop to stop after the current step and save; a second one aborts
-    at once (KeyboardInterrupt). Signals can only be handled in the main thread; elsewhere (or not
-    `enabled`) the default behaviour stays."""
-
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
-
-    def __enter__(self) -> _Interrupts:
-        self.requested, self._previous = False, None
-        if self.enabled and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        os.write(2, b"\ninterrupt: finishing this step, then saving (interrupt again to abort)\n")
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
 
 
 class _Phases:

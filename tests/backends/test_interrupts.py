@@ -5,12 +5,12 @@ import signal
 
 import pytest
 
-from backends.finetune import _Interrupts
+from backends.interrupts import Interrupts
 
 
 def test_first_interrupt_asks_the_loop_to_stop_and_the_second_aborts(capfd):
     before = signal.getsignal(signal.SIGINT)
-    with _Interrupts() as interrupts:
+    with Interrupts() as interrupts:
         os.kill(os.getpid(), signal.SIGINT)
         assert interrupts.requested
         with pytest.raises(KeyboardInterrupt):

@@ -156,11 +156,8 @@ def test_torchrun_with_the_mlx_backend_is_refused(runs, tmp_path):
     assert not out.exists()
 
 
-def test_a_rank_that_dies_ends_the_other_with_one_line(runs, tmp_path):
-    """Rank 1 is killed mid-run (no torchrun agent to stop rank 0): rank 0 says so and exits."""
-    model, data, _, _ = runs
-    out = tmp_path / "out"
-    args = tiny_run_args(model, data, out, "--steps", "2000", "--backend", "torch")
+def _start_two_ranks(args: list[str]) -> list[subprocess.Popen]:
+    """`cli.py *args` as ranks 0 and 1 of a torchrun-style world, started by hand (no agent)."""
     common = {
         **cli_env(),
         "WORLD_SIZE": "2",
@@ -169,7 +166,7 @@ def test_a_rank_that_dies_ends_the_other_with_one_line(runs, tmp_path):
         "TORCHELASTIC_RUN_ID": "test",
         "NF4_QLORA_DIST_TIMEOUT": "60",
     }
-    ranks = [
+    return [
         subprocess.Popen(
             cli_command(*args),
             cwd=ROOT,
@@ -180,6 +177,14 @@ def test_a_rank_that_dies_ends_the_other_with_one_line(runs, tmp_path):
         )
         for i in (0, 1)
     ]
+
+
+def test_a_rank_that_dies_ends_the_other_with_one_line(runs, tmp_path):
+    """Rank 1 is killed mid-run (no torchrun agent to stop rank 0): rank 0 says so and exits."""
+    model, data, _, _ = runs
+    out = tmp_path / "out"
+    args = tiny_run_args(model, data, out, "--steps", "2000", "--backend", "torch")
+    ranks = _start_two_ranks(args)
     try:
         deadline = time.monotonic() + 180
         metrics = out / "metrics.jsonl"
@@ -206,25 +211,7 @@ def test_ctrl_c_stops_every_rank_and_rank_0_names_the_checkpoint_that_stays(runs
     model, data, _, _ = runs
     out = tmp_path / "out"
     args = tiny_run_args(model, data, out, "--steps", "2000", "--save-every", "2", *RUN[4:])
-    common = {
-        **cli_env(),
-        "WORLD_SIZE": "2",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "TORCHELASTIC_RUN_ID": "test",
-        "NF4_QLORA_DIST_TIMEOUT": "60",
-    }
-    ranks = [
-        subprocess.Popen(
-            cli_command(*args),
-            cwd=ROOT,
-            env={**common, "RANK": str(i), "LOCAL_RANK": str(i)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in (0, 1)
-    ]
+    ranks = _start_two_ranks(args)
     try:
         deadline = time.monotonic() + 180
         while not list((out / "checkpoints").glob("step-*")):
