@@ -130,6 +130,9 @@ class Engine(Protocol):
         """Lines for the run's log on choices the backend made (e.g. the CPU matmul dtype)."""
         return []
 
+    def run_finished(self) -> None:
+        """This rank's run ended normally (a process with several ranks may then leave in step)."""
+
     def eval_loss(self, batches: Sequence[nf4core.Batch]) -> tuple[float, int]:
         """(summed loss over the target tokens, their count) over `batches`, dropout off."""
         was = self.model.training

@@ -194,11 +194,13 @@ def _train(run: _Run, *args) -> FinetuneResult:
     """`run.train`; with several ranks a SIGINT aborts every rank at once (they could not stop at
     one step together), and the main rank says which checkpoint stays (the others say nothing)."""
     try:
-        return run.train(*args)
+        result = run.train(*args)
     except KeyboardInterrupt:
         if run.engine.world.size == 1:
             raise
         raise RunInterrupted(run.aborted() if run.main else "") from None
+    run.engine.run_finished()
+    return result
 
 
 class _Run:

@@ -74,9 +74,25 @@ def join(device: str) -> tuple[World, torch.device]:
     return World(dist.get_rank(), dist.get_world_size(), "torchrun"), here
 
 
+_finished: list[bool] = []
+
+
+def run_finished() -> None:
+    """This rank's run ended normally: at exit it waits for the others (see `_leave`)."""
+    _finished.append(True)
+
+
 def _leave() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """At exit, after a run that ended normally, every rank waits for the others before the group
+    is torn down: a rank that tore down gloo while another was still working (the main rank writes
+    the outputs last) was killed by SIGABRT now and then ("terminate called without an active
+    exception", ~1 run in 20). After a failed or interrupted run a peer may be gone or stopped, so
+    nobody waits."""
+    if not dist.is_initialized():
+        return
+    if _finished and dist.get_backend() == "gloo":  # (NCCL's teardown was not seen to fail)
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 @contextlib.contextmanager

@@ -82,6 +82,9 @@ class TorchEngine(Engine):
             return []
         return [cpu_matmul.describe()] if self.model.compute_dtype == torch.float32 else []
 
+    def run_finished(self) -> None:
+        distributed.run_finished()
+
     def _batch(self, b) -> Batch:
         return Batch.from_numpy(b, self.device)
 
